@@ -1,0 +1,328 @@
+"""Plain-data description of an emulated GPU fabric.
+
+Nothing here imports Mininet or touches the kernel: schedulers, the oracle,
+the controller and unit tests all read the same description without root.
+
+Naming (the single place where names are defined)
+-------------------------------------------------
+* GPU hosts: ``g0`` .. ``g{N-1}``, numbered server by server, rack by rack,
+  pod by pod, so ``g8`` is the first GPU of the second server.
+* Switches: one letter per tier and an index counted across the fabric:
+  ``v`` tier 0 (the server's NVLink/PCIe domain), ``t`` tier 1 (top of rack),
+  ``a`` tier 2 (aggregation / pod), ``c`` tier 3 (core).  ``t1`` is the ToR of
+  the second rack.
+* The testbed prepends its instance prefix (default ``nk``) to every name when
+  it builds the network, so the Open vSwitch bridge of ``t1`` is ``nkt1`` and
+  its port 3 is the interface ``nkt1-eth3``.
+* GPU ``gN`` has IPv4 address ``10.0.x.y`` with ``x*256 + y - 1 == N`` and MAC
+  ``02:00:00:00:xx:yy`` with the same 16-bit value; both come from
+  :func:`gpu_ip` and :func:`gpu_mac`.
+* A switch's datapath id is ``(tier + 1) << 32 | (index + 1)``: never zero and
+  readable in hex (``0x0000000200000002`` is ``t1``).
+* Ports are numbered from 1 on each node in the order the links were added.
+
+Link tiers: a link's tier is the tier of its upper switch.  A GPU's link to its
+server switch is tier 0, a server switch's uplink to its ToR tier 1, ToR to
+aggregation tier 2, aggregation to core tier 3.  The tier distance of two GPUs
+is the highest link tier on the path between them.
+
+Rates are real-world figures in Gbit/s.  The testbed divides them by one scale
+factor when it emulates them, and divides KV payload sizes by the same factor,
+so transfer times keep their real-world values.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+SWITCH_LETTER_BY_TIER: Mapping[int, str] = {0: "v", 1: "t", 2: "a", 3: "c"}
+TIER_NAMES: Mapping[int, str] = {
+    0: "server (NVLink/PCIe)",
+    1: "rack (ToR)",
+    2: "pod (aggregation)",
+    3: "core",
+}
+MAX_GPUS = 65_000
+
+
+class TopologyError(ValueError):
+    """Raised when a topology's parameters do not fit together."""
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    kind: str  # "gpu" or "switch"
+    tier: int  # switches: 0..3; GPUs: -1 (below tier 0)
+    index: int  # position among the nodes of its kind and tier
+    server: int | None = None
+    rack: int | None = None
+    pod: int | None = None
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "gpu"
+
+    @property
+    def dpid(self) -> int:
+        if self.is_gpu:
+            raise TopologyError(f"{self.name} is a GPU host and has no datapath id")
+        return ((self.tier + 1) << 32) | (self.index + 1)
+
+
+@dataclass(frozen=True)
+class Link:
+    a: str  # lower node (GPU or lower-tier switch)
+    b: str  # upper switch
+    a_port: int
+    b_port: int
+    tier: int
+    rate_gbps: float
+
+    def other(self, name: str) -> str:
+        if name == self.a:
+            return self.b
+        if name == self.b:
+            return self.a
+        raise KeyError(f"{name} is not an end of link {self.a}-{self.b}")
+
+    def port_of(self, name: str) -> int:
+        if name == self.a:
+            return self.a_port
+        if name == self.b:
+            return self.b_port
+        raise KeyError(f"{name} is not an end of link {self.a}-{self.b}")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.a, self.b)
+
+
+# A directed hop: (from_node, to_node).
+Hop = tuple[str, str]
+
+
+def gpu_ip(index: int) -> str:
+    if not 0 <= index < MAX_GPUS:
+        raise TopologyError(f"GPU index {index} outside 0..{MAX_GPUS - 1}")
+    value = index + 1
+    return f"10.0.{value >> 8}.{value & 0xFF}"
+
+
+def gpu_mac(index: int) -> str:
+    value = index + 1
+    return f"02:00:00:00:{value >> 8:02x}:{value & 0xFF:02x}"
+
+
+@dataclass
+class Topology:
+    """Nodes, links and routes of one fabric.  Build it with a builder from
+    :mod:`topologies.catalog`; treat it as read-only afterwards."""
+
+    name: str
+    params: dict[str, object]
+    nodes: dict[str, Node] = field(default_factory=dict)
+    links: list[Link] = field(default_factory=list)
+    _ports: dict[str, int] = field(default_factory=dict, repr=False)
+    _adj: dict[str, list[Link]] = field(default_factory=dict, repr=False)
+    _path_cache: dict[tuple[str, str], list[list[str]]] = field(
+        default_factory=dict, repr=False
+    )
+
+    # -- construction -------------------------------------------------------
+    def add_node(self, node: Node) -> Node:
+        if node.name in self.nodes:
+            raise TopologyError(f"duplicate node name {node.name}")
+        self.nodes[node.name] = node
+        self._ports[node.name] = 0
+        self._adj[node.name] = []
+        return node
+
+    def add_link(self, lower: str, upper: str, rate_gbps: float) -> Link:
+        if rate_gbps <= 0:
+            raise TopologyError(f"link {lower}-{upper}: rate_gbps must be > 0, got {rate_gbps}")
+        lo, up = self.nodes[lower], self.nodes[upper]
+        if up.is_gpu:
+            raise TopologyError(f"link {lower}-{upper}: upper end must be a switch")
+        self._ports[lower] += 1
+        self._ports[upper] += 1
+        link = Link(lower, upper, self._ports[lower], self._ports[upper], up.tier, float(rate_gbps))
+        if lo.tier >= up.tier:
+            raise TopologyError(f"link {lower}-{upper} does not go up a tier")
+        self.links.append(link)
+        self._adj[lower].append(link)
+        self._adj[upper].append(link)
+        self._path_cache.clear()
+        return link
+
+    # -- queries --------------------------------------------------------------
+    @property
+    def gpus(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.is_gpu]
+
+    @property
+    def switches(self) -> list[Node]:
+        return [n for n in self.nodes.values() if not n.is_gpu]
+
+    def gpu_names(self) -> list[str]:
+        return [n.name for n in self.gpus]
+
+    def node(self, name: str) -> Node:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise KeyError(f"unknown node {name!r} in topology {self.name}") from None
+
+    def gpu_index(self, name: str) -> int:
+        node = self.node(name)
+        if not node.is_gpu:
+            raise KeyError(f"{name} is not a GPU host")
+        return node.index
+
+    def ip_of(self, name: str) -> str:
+        return gpu_ip(self.gpu_index(name))
+
+    def mac_of(self, name: str) -> str:
+        return gpu_mac(self.gpu_index(name))
+
+    def gpu_by_ip(self, ip: str) -> str:
+        for node in self.gpus:
+            if gpu_ip(node.index) == ip:
+                return node.name
+        raise KeyError(f"no GPU host has address {ip}")
+
+    def links_of(self, name: str) -> list[Link]:
+        return list(self._adj[self.node(name).name])
+
+    def link_between(self, x: str, y: str) -> Link:
+        for link in self._adj[x]:
+            if link.other(x) == y:
+                return link
+        raise KeyError(f"no link between {x} and {y}")
+
+    def port_to(self, node: str, neighbor: str) -> int:
+        return self.link_between(node, neighbor).port_of(node)
+
+    def neighbor_on_port(self, node: str, port: int) -> str:
+        for link in self._adj[node]:
+            if link.port_of(node) == port:
+                return link.other(node)
+        raise KeyError(f"{node} has no port {port}")
+
+    def count_by_tier(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for sw in self.switches:
+            out[sw.tier] = out.get(sw.tier, 0) + 1
+        return dict(sorted(out.items()))
+
+    def links_by_tier(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for link in self.links:
+            out[link.tier] = out.get(link.tier, 0) + 1
+        return dict(sorted(out.items()))
+
+    def oversubscription(self) -> dict[int, float]:
+        """Per switch tier: downlink capacity / uplink capacity (worst switch).
+
+        Tiers without uplinks (the top tier) are left out."""
+        out: dict[int, float] = {}
+        for sw in self.switches:
+            down = sum(l.rate_gbps for l in self._adj[sw.name] if l.b == sw.name)
+            up = sum(l.rate_gbps for l in self._adj[sw.name] if l.a == sw.name)
+            if up > 0:
+                out[sw.tier] = max(out.get(sw.tier, 0.0), down / up)
+        return dict(sorted(out.items()))
+
+    # -- routing -------------------------------------------------------------
+    def shortest_paths(self, src: str, dst: str) -> list[list[str]]:
+        """Every shortest node path from ``src`` to ``dst``, sorted by names."""
+        key = (src, dst)
+        cached = self._path_cache.get(key)
+        if cached is not None:
+            return cached
+        self.node(src)
+        self.node(dst)
+        dist = {src: 0}
+        order = deque([src])
+        while order:
+            cur = order.popleft()
+            for link in self._adj[cur]:
+                nxt = link.other(cur)
+                # GPU hosts never forward: only the destination may be a GPU.
+                if nxt in dist or (self.nodes[nxt].is_gpu and nxt != dst):
+                    continue
+                dist[nxt] = dist[cur] + 1
+                order.append(nxt)
+        if dst not in dist:
+            raise TopologyError(f"no path from {src} to {dst}")
+        paths: list[list[str]] = []
+
+        def extend(prefix: list[str]) -> None:
+            cur = prefix[-1]
+            if cur == dst:
+                paths.append(list(prefix))
+                return
+            for link in sorted(self._adj[cur], key=lambda l: l.other(cur)):
+                nxt = link.other(cur)
+                if dist.get(nxt) == dist[cur] + 1 and (not self.nodes[nxt].is_gpu or nxt == dst):
+                    # stay on a shortest path to dst: dst must be reachable in the rest
+                    prefix.append(nxt)
+                    extend(prefix)
+                    prefix.pop()
+
+        extend([src])
+        shortest = min(len(p) for p in paths)
+        result = sorted(p for p in paths if len(p) == shortest)
+        self._path_cache[key] = result
+        return result
+
+    def path(self, src: str, dst: str) -> list[str]:
+        """The one path the controller installs for traffic from src to dst.
+
+        Equal-cost shortest paths are spread deterministically per ordered
+        (src, dst) pair: the CRC32 of ``"src>dst"`` modulo the number of
+        candidates picks one of them in sorted order.  Anyone holding the
+        topology computes the same answer."""
+        candidates = self.shortest_paths(src, dst)
+        pick = zlib.crc32(f"{src}>{dst}".encode()) % len(candidates)
+        return candidates[pick]
+
+    def path_hops(self, src: str, dst: str) -> list[Hop]:
+        nodes = self.path(src, dst)
+        return list(zip(nodes, nodes[1:]))
+
+    def path_links(self, src: str, dst: str) -> list[Link]:
+        return [self.link_between(x, y) for x, y in self.path_hops(src, dst)]
+
+    def tier_distance(self, src: str, dst: str) -> int:
+        """Highest link tier crossed between two GPUs (0 = same server).
+        The same GPU is at distance -1."""
+        if src == dst:
+            return -1
+        return max(l.tier for l in self.path_links(src, dst))
+
+    def bottleneck_gbps(self, src: str, dst: str) -> float:
+        return min(l.rate_gbps for l in self.path_links(src, dst))
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "topology": self.name,
+            "params": dict(self.params),
+            "gpus": len(self.gpus),
+            "switches": len(self.switches),
+            "links": len(self.links),
+            "switches_by_tier": self.count_by_tier(),
+            "links_by_tier": self.links_by_tier(),
+            "oversubscription_by_tier": self.oversubscription(),
+        }
+
+
+def directed_hops(links: Iterable[Link]) -> list[Hop]:
+    out: list[Hop] = []
+    for link in links:
+        out.append((link.a, link.b))
+        out.append((link.b, link.a))
+    return out
