@@ -1,0 +1,76 @@
+"""Start the NetKV controller: ``python -m controller --help``.
+
+The testbed starts this process itself (``netkv up``); running it by hand is
+for debugging.  The OpenFlow listener and the REST API bind loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import topologies
+from topologies import TopologyError
+
+from .rest import require_loopback, serve
+from .state import ControllerState
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m controller", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--topology", default=topologies.DEFAULT_TOPOLOGY, choices=topologies.names(),
+                    help="topology to route (default: %(default)s)")
+    ap.add_argument("--param", action="append", metavar="KEY=VALUE", default=[],
+                    help="topology parameter, repeatable")
+    ap.add_argument("--scale", type=float, required=True,
+                    help="real bit/s per emulated bit/s, to report real-world link loads")
+    ap.add_argument("--of-host", default="127.0.0.1", help="OpenFlow listen address (loopback only)")
+    ap.add_argument("--of-port", type=int, default=6653, help="OpenFlow listen port")
+    ap.add_argument("--rest-host", default="127.0.0.1", help="REST API listen address (loopback only)")
+    ap.add_argument("--rest-port", type=int, default=8080, help="REST API listen port")
+    ap.add_argument("--poll-interval-s", type=float, default=0.5,
+                    help="port-statistics polling interval in seconds (0.1 .. 60)")
+    ap.add_argument("--verbose", action="store_true", help="debug logging")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        require_loopback(args.of_host)
+        require_loopback(args.rest_host)
+        topo = topologies.build(args.topology, topologies.parse_params(args.param))
+        state = ControllerState(topo, scale=args.scale, poll_interval_s=args.poll_interval_s)
+    except (TopologyError, ValueError) as exc:
+        print(f"controller: {exc}", file=sys.stderr)
+        return 2
+
+    from os_ken import cfg
+    from os_ken.base.app_manager import AppManager
+    import os_ken.controller.controller  # noqa: F401 - registers the ofp-* options
+
+    from . import app
+
+    cfg.CONF(args=["--ofp-listen-host", args.of_host, "--ofp-tcp-listen-port", str(args.of_port)],
+             project="os_ken")
+    app.RUNTIME = state
+    try:
+        server = serve(state, args.rest_host, args.rest_port)
+    except OSError as exc:
+        print(f"controller: cannot listen on {args.rest_host}:{args.rest_port}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        AppManager.run_apps(["controller.app"])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
