@@ -1,0 +1,454 @@
+"""Network cost oracle: estimated KV-transfer time for a prefill/decode pair.
+
+Every oracle answers ``estimate(src, dst, size_bytes, now_s)`` with an
+:class:`Estimate` whose transfer time is linear in the payload::
+
+    transfer_ms = base_latency_ms[tier] + size_bytes * 8 / (available_gbps * 1e6)
+
+``size_bytes`` are real bytes, ``available_gbps`` real Gbit/s (so
+``bits / (Gbit/s * 1e6)`` is milliseconds) and ``tier`` is
+``topology.tier_distance(src, dst)`` (0 same server, 1 same rack, 2 same pod,
+3 across the core; -1 the same GPU).
+
+* :class:`StaticOracle` uses the nominal bottleneck rate of the installed path
+  (``topology.bottleneck_gbps``): no telemetry.
+* :class:`TelemetryOracle` uses ``min over the path's directed hops of
+  max(capacity - measured load, MIN_AVAILABLE_FRACTION * capacity)``.  The
+  floor keeps estimates finite on saturated links (a saturated link still
+  drains at some rate: TCP/RDMA flows share it).  If any hop of the path has no
+  sample, or its sample is older than ``max_age_ms``, the answer is the static
+  estimate with ``source="static-fallback"`` and a ``reason``.
+* :class:`StaleOracle` is a :class:`TelemetryOracle` that sees every hop as it
+  was ``delay_ms`` earlier (a :class:`DelayedSource` keeps the history), to
+  study routing on stale telemetry.
+
+Per-tier base latency (:data:`BASE_LATENCY_MS_BY_TIER`) is the fixed cost of a
+transfer before bandwidth matters: RDMA/NVLink work-request setup and
+completion (about 1-2 us at the endpoints) plus the port-to-port latency of each
+switch crossed (about 0.5-1 us for a cut-through datacenter switch; tier 1
+crosses one ToR, tier 2 three switches, tier 3 five) plus fibre propagation
+(about 5 ns per metre).  These are modelled figures, not measurements of this
+testbed; pass ``base_latency_ms_by_tier`` to override them.
+
+Hot path: each oracle precomputes, per (src, dst) pair and on first use, the
+pair's tier, directed hops, nominal bottleneck and base latency, and per
+telemetry snapshot it computes each pair's available bandwidth once.
+:meth:`transfer_model` returns ``(tier, base_latency_ms, ms_per_byte)`` so a
+scheduler can price many payloads on one pair with one multiply-add; it is the
+same arithmetic :meth:`estimate` uses.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol, runtime_checkable
+
+from topologies.model import Hop, Topology
+
+from .telemetry import LinkSample, TelemetrySnapshot, TelemetrySource
+
+# tier distance -> fixed latency (ms) of one transfer; see the module docstring.
+BASE_LATENCY_MS_BY_TIER: Mapping[int, float] = {
+    -1: 0.0,  # same GPU: nothing crosses a link
+    0: 0.002,  # same server: NVLink/PCIe peer copy setup + completion (~2 us)
+    1: 0.004,  # same rack: NIC send/receive (~2 us) + PCIe + one ToR (~1 us) + cable
+    2: 0.006,  # same pod: + ToR -> aggregation -> ToR (two more switch hops)
+    3: 0.008,  # across the core: + aggregation -> core -> aggregation
+}
+# Available bandwidth on a hop never drops below this fraction of capacity.
+MIN_AVAILABLE_FRACTION = 0.01
+# Default maximum telemetry age: the controller polls every 0.5 s, so a live
+# sample is at most ~0.5 s plus polling latency old; 2 s is four polls.
+DEFAULT_MAX_AGE_MS = 2000.0
+
+SOURCES = ("telemetry", "static", "static-fallback")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    transfer_ms: float
+    available_gbps: float
+    base_latency_ms: float
+    tier: int
+    hops: int
+    telemetry_age_ms: float | None
+    source: str  # "telemetry" | "static" | "static-fallback"
+    reason: str = ""
+
+
+@runtime_checkable
+class Oracle(Protocol):
+    def estimate(self, src: str, dst: str, size_bytes: int, now_s: float) -> Estimate: ...
+
+
+@runtime_checkable
+class LinearOracle(Oracle, Protocol):
+    """An oracle whose transfer time is ``base_latency_ms + size_bytes * ms_per_byte``
+    and which can say so (the fast path schedulers use)."""
+
+    def transfer_model(self, src: str, dst: str, now_s: float) -> tuple[int, float, float]: ...
+
+    def tier(self, src: str, dst: str) -> int: ...
+
+
+def ms_per_byte(available_gbps: float) -> float:
+    """Milliseconds one byte takes at ``available_gbps`` real Gbit/s."""
+    return 8.0 / (available_gbps * 1e6)
+
+
+def _check_latencies(base_latency_ms_by_tier: Mapping[int, float] | None) -> dict[int, float]:
+    table = dict(BASE_LATENCY_MS_BY_TIER if base_latency_ms_by_tier is None else base_latency_ms_by_tier)
+    for tier in (-1, 0, 1, 2, 3):
+        if tier not in table:
+            raise ValueError(f"base_latency_ms_by_tier lacks tier {tier}; needs tiers -1..3, got {sorted(table)}")
+    for tier, value in table.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"base latency of tier {tier} must be finite and >= 0 ms, got {value}")
+    return table
+
+
+@dataclass(frozen=True)
+class PairInfo:
+    """Static facts about the installed path from one GPU to another."""
+
+    tier: int
+    hops: tuple[Hop, ...]
+    bottleneck_gbps: float  # nominal; inf for the same GPU
+    base_latency_ms: float
+    static_ms_per_byte: float  # at the nominal bottleneck; 0 for the same GPU
+
+
+class PathTable:
+    """Lazily filled per-pair table of tier, hops, bottleneck and base latency."""
+
+    def __init__(self, topology: Topology, base_latency_ms_by_tier: Mapping[int, float] | None = None) -> None:
+        self.topology = topology
+        self.base_latency_ms_by_tier = _check_latencies(base_latency_ms_by_tier)
+        self._pairs: dict[tuple[str, str], PairInfo] = {}
+        self._neighbors: dict[str, list[str]] | None = None
+        self._dist: dict[str, dict[str, int]] = {}
+
+    def get(self, src: str, dst: str) -> PairInfo:
+        key = (src, dst)
+        info = self._pairs.get(key)
+        if info is None:
+            info = self._pairs[key] = self._compute(src, dst)
+        return info
+
+    def _compute(self, src: str, dst: str) -> PairInfo:
+        topo = self.topology
+        for name in (src, dst):
+            if not topo.node(name).is_gpu:
+                raise ValueError(f"{name} is a switch; transfers go between GPU hosts")
+        if src == dst:
+            return PairInfo(-1, (), math.inf, self.base_latency_ms_by_tier[-1], 0.0)
+        nodes = self.route(src, dst)
+        hops = tuple(zip(nodes, nodes[1:]))
+        links = [topo.link_between(x, y) for x, y in hops]
+        tier = max(l.tier for l in links)
+        bottleneck = min(l.rate_gbps for l in links)
+        return PairInfo(tier, hops, bottleneck, self.base_latency_ms_by_tier[tier], ms_per_byte(bottleneck))
+
+    # The installed route of every pair, computed like ``Topology.path`` (same
+    # shortest paths, same sorted order, same CRC32 pick) but from one BFS per
+    # source instead of one per pair, so a 4096-GPU table builds in seconds.
+    # tests/unit/test_oracle.py checks it equals ``Topology.path`` pair by pair.
+    def _dist_from(self, src: str) -> dict[str, int]:
+        dist = self._dist.get(src)
+        if dist is not None:
+            return dist
+        if self._neighbors is None:
+            nb: dict[str, list[str]] = {name: [] for name in self.topology.nodes}
+            for link in self.topology.links:
+                nb[link.a].append(link.b)
+                nb[link.b].append(link.a)
+            self._neighbors = nb
+        nodes = self.topology.nodes
+        dist = {src: 0}
+        order = deque([src])
+        while order:
+            cur = order.popleft()
+            if cur != src and nodes[cur].is_gpu:
+                continue  # GPU hosts never forward
+            for nxt in self._neighbors[cur]:
+                if nxt not in dist:
+                    dist[nxt] = dist[cur] + 1
+                    order.append(nxt)
+        self._dist[src] = dist
+        return dist
+
+    def route(self, src: str, dst: str) -> list[str]:
+        dist = self._dist_from(src)
+        if dst not in dist:
+            raise ValueError(f"no path from {src} to {dst}")
+        nodes = self.topology.nodes
+        assert self._neighbors is not None
+        neighbors = self._neighbors
+        paths: list[list[str]] = []
+
+        def back(suffix: list[str]) -> None:
+            cur = suffix[-1]
+            if cur == src:
+                paths.append(suffix[::-1])
+                return
+            want = dist[cur] - 1
+            for prev in neighbors[cur]:
+                if dist.get(prev) == want and (prev == src or not nodes[prev].is_gpu):
+                    suffix.append(prev)
+                    back(suffix)
+                    suffix.pop()
+
+        back([dst])
+        paths.sort()
+        return paths[zlib.crc32(f"{src}>{dst}".encode()) % len(paths)]
+
+    def warm(self, src: str, dsts: list[str]) -> None:
+        for dst in dsts:
+            self.get(src, dst)
+
+
+class StaticOracle:
+    """Tier latency + nominal bottleneck rate of the installed path; no telemetry."""
+
+    def __init__(self, topology: Topology, base_latency_ms_by_tier: Mapping[int, float] | None = None) -> None:
+        self.paths = PathTable(topology, base_latency_ms_by_tier)
+
+    def tier(self, src: str, dst: str) -> int:
+        return self.paths.get(src, dst).tier
+
+    def transfer_model(self, src: str, dst: str, now_s: float) -> tuple[int, float, float]:
+        info = self.paths.get(src, dst)
+        return info.tier, info.base_latency_ms, info.static_ms_per_byte
+
+    def estimate(self, src: str, dst: str, size_bytes: int, now_s: float) -> Estimate:
+        _check_size(size_bytes)
+        info = self.paths.get(src, dst)
+        return Estimate(
+            transfer_ms=info.base_latency_ms + size_bytes * info.static_ms_per_byte,
+            available_gbps=info.bottleneck_gbps, base_latency_ms=info.base_latency_ms,
+            tier=info.tier, hops=len(info.hops), telemetry_age_ms=None, source="static",
+            reason="same GPU: no link crossed" if not info.hops else "",
+        )
+
+
+def _check_size(size_bytes: int) -> None:
+    if size_bytes < 0:
+        raise ValueError(f"size_bytes must be >= 0, got {size_bytes}")
+
+
+@dataclass(frozen=True)
+class _PairState:
+    """A pair's state under one snapshot: usable bandwidth or why not."""
+
+    available_gbps: float | None  # None: fall back to static
+    oldest_t_s: float | None  # oldest sample on the path (None if a hop is missing)
+    reason: str  # why it falls back ("" when usable)
+
+
+class TelemetryOracle:
+    """Available bandwidth from live per-hop telemetry; static fallback.
+
+    ``max_age_ms=None`` never falls back on age (used to study stale data).
+    The source is called at most once per distinct ``now_s`` (and at most once
+    every ``refresh_ms`` of ``now_s``), so one scheduling decision that asks
+    about many decodes at the same ``now_s`` reads telemetry once."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        source: TelemetrySource,
+        max_age_ms: float | None = DEFAULT_MAX_AGE_MS,
+        base_latency_ms_by_tier: Mapping[int, float] | None = None,
+        *,
+        min_available_fraction: float = MIN_AVAILABLE_FRACTION,
+        refresh_ms: float = 0.0,
+    ) -> None:
+        if max_age_ms is not None and not (max_age_ms > 0):
+            raise ValueError(f"max_age_ms must be > 0 or None, got {max_age_ms}")
+        if not 0 < min_available_fraction <= 1:
+            raise ValueError(f"min_available_fraction must be in (0, 1], got {min_available_fraction}")
+        if not (refresh_ms >= 0):
+            raise ValueError(f"refresh_ms must be >= 0, got {refresh_ms}")
+        self.paths = PathTable(topology, base_latency_ms_by_tier)
+        self.source = source
+        self.max_age_ms = max_age_ms
+        self.min_available_fraction = min_available_fraction
+        self.refresh_ms = refresh_ms
+        self.fetches = 0  # how many times the source was read
+        self._fetched_at_s: float | None = None
+        self._snapshot: TelemetrySnapshot | None = None
+        self._state: dict[tuple[str, str], _PairState] = {}
+
+    def tier(self, src: str, dst: str) -> int:
+        return self.paths.get(src, dst).tier
+
+    # -- telemetry ---------------------------------------------------------------
+    def _read_source(self, now_s: float) -> TelemetrySnapshot:
+        return self.source()
+
+    def snapshot(self, now_s: float) -> TelemetrySnapshot:
+        last = self._fetched_at_s
+        if (
+            self._snapshot is None
+            or last is None
+            or (now_s != last and (now_s < last or (now_s - last) * 1000.0 >= self.refresh_ms))
+        ):
+            snap = self._read_source(now_s)
+            self.fetches += 1
+            self._fetched_at_s = now_s
+            if snap is not self._snapshot:
+                self._snapshot = snap
+                self._state = {}
+        assert self._snapshot is not None
+        return self._snapshot
+
+    def _pair_state(self, info: PairInfo, key: tuple[str, str], snap: TelemetrySnapshot) -> _PairState:
+        state = self._state.get(key)
+        if state is not None:
+            return state
+        samples = snap.samples
+        frac = self.min_available_fraction
+        available = math.inf
+        oldest = math.inf
+        for hop in info.hops:
+            s: LinkSample | None = samples.get(hop)
+            if s is None:
+                state = _PairState(None, None, f"no telemetry for hop {hop[0]}->{hop[1]}")
+                break
+            free = s.capacity_gbps - s.load_gbps
+            floor = frac * s.capacity_gbps
+            if free < floor:
+                free = floor
+            if free < available:
+                available = free
+            if s.t_s < oldest:
+                oldest = s.t_s
+        else:
+            state = _PairState(available, oldest, "")
+        self._state[key] = state
+        return state
+
+    # -- answers -------------------------------------------------------------------
+    def _resolve(self, src: str, dst: str, now_s: float) -> tuple[PairInfo, float | None, float | None, str]:
+        """(pair, available_gbps or None for fallback, age_ms, reason)."""
+        info = self.paths.get(src, dst)
+        if not info.hops:
+            return info, None, None, "same GPU: no link crossed"
+        snap = self.snapshot(now_s)
+        state = self._pair_state(info, (src, dst), snap)
+        if state.oldest_t_s is None:
+            return info, None, None, state.reason
+        age_ms = (now_s - state.oldest_t_s) * 1000.0
+        if age_ms < 0:
+            age_ms = 0.0  # sample stamped after now_s (clock skew): treat as fresh
+        if self.max_age_ms is not None and age_ms > self.max_age_ms:
+            return info, None, age_ms, f"telemetry {age_ms:.1f} ms old > max_age_ms {self.max_age_ms:g}"
+        return info, state.available_gbps, age_ms, ""
+
+    def transfer_model(self, src: str, dst: str, now_s: float) -> tuple[int, float, float]:
+        info, available, _, _ = self._resolve(src, dst, now_s)
+        if available is None:
+            return info.tier, info.base_latency_ms, info.static_ms_per_byte
+        return info.tier, info.base_latency_ms, ms_per_byte(available)
+
+    def estimate(self, src: str, dst: str, size_bytes: int, now_s: float) -> Estimate:
+        _check_size(size_bytes)
+        info, available, age_ms, reason = self._resolve(src, dst, now_s)
+        if available is None:
+            return Estimate(
+                transfer_ms=info.base_latency_ms + size_bytes * info.static_ms_per_byte,
+                available_gbps=info.bottleneck_gbps, base_latency_ms=info.base_latency_ms,
+                tier=info.tier, hops=len(info.hops), telemetry_age_ms=age_ms,
+                source="static" if not info.hops else "static-fallback", reason=reason,
+            )
+        return Estimate(
+            transfer_ms=info.base_latency_ms + size_bytes * ms_per_byte(available),
+            available_gbps=available, base_latency_ms=info.base_latency_ms, tier=info.tier,
+            hops=len(info.hops), telemetry_age_ms=age_ms, source="telemetry",
+        )
+
+
+class DelayedSource:
+    """Replays a telemetry source ``delay_ms`` late.
+
+    Every read of the inner source is recorded per hop, keyed by the samples'
+    own ``t_s``; :meth:`at` returns, for each hop, the newest sample measured
+    at or before ``now_s - delay_ms``.  Hops with no sample that old are left
+    out (the oracle then falls back to static for paths using them).  Used as a
+    plain :data:`TelemetrySource` it reads the time from ``clock``."""
+
+    def __init__(self, source: TelemetrySource, delay_ms: float, clock: Callable[[], float] = time.time) -> None:
+        if not (delay_ms >= 0 and math.isfinite(delay_ms)):
+            raise ValueError(f"delay_ms must be finite and >= 0, got {delay_ms}")
+        self.source = source
+        self.delay_ms = delay_ms
+        self.clock = clock
+        self._times: dict[Hop, list[float]] = {}
+        self._samples: dict[Hop, list[LinkSample]] = {}
+        self._last_snapshot: TelemetrySnapshot | None = None
+
+    def ingest(self, snap: TelemetrySnapshot) -> None:
+        for hop, s in snap.samples.items():
+            times = self._times.get(hop)
+            if times is None:
+                self._times[hop] = [s.t_s]
+                self._samples[hop] = [s]
+            elif s.t_s > times[-1]:
+                times.append(s.t_s)
+                self._samples[hop].append(s)
+            elif s.t_s < times[-1]:
+                i = bisect.bisect_left(times, s.t_s)
+                if i == len(times) or times[i] != s.t_s:
+                    times.insert(i, s.t_s)
+                    self._samples[hop].insert(i, s)
+
+    def at(self, now_s: float) -> TelemetrySnapshot:
+        snap = self.source()
+        if snap is not self._last_snapshot:
+            self.ingest(snap)
+            self._last_snapshot = snap
+        cutoff = now_s - self.delay_ms / 1000.0
+        out: dict[Hop, LinkSample] = {}
+        for hop, times in self._times.items():
+            i = bisect.bisect_right(times, cutoff)
+            if i == 0:
+                continue
+            out[hop] = self._samples[hop][i - 1]
+            if i > 64:  # drop history nobody can ask for again (time only moves on)
+                del times[: i - 1]
+                del self._samples[hop][: i - 1]
+        return TelemetrySnapshot(out)
+
+    def __call__(self) -> TelemetrySnapshot:
+        return self.at(self.clock())
+
+
+class StaleOracle(TelemetryOracle):
+    """A :class:`TelemetryOracle` reading telemetry ``delay_ms`` old.
+
+    ``max_age_ms`` defaults to None here so the stale figures are used rather
+    than rejected; pass a number to study the fallback instead."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        source: TelemetrySource,
+        delay_ms: float,
+        max_age_ms: float | None = None,
+        base_latency_ms_by_tier: Mapping[int, float] | None = None,
+        *,
+        min_available_fraction: float = MIN_AVAILABLE_FRACTION,
+    ) -> None:
+        self.delayed = DelayedSource(source, delay_ms)
+        super().__init__(
+            topology, self.delayed, max_age_ms, base_latency_ms_by_tier,
+            min_available_fraction=min_available_fraction,
+        )
+
+    def _read_source(self, now_s: float) -> TelemetrySnapshot:
+        return self.delayed.at(now_s)
