@@ -32,6 +32,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rest-port", type=int, default=8080, help="REST API listen port")
     ap.add_argument("--poll-interval-s", type=float, default=0.5,
                     help="port-statistics polling interval in seconds (0.1 .. 60)")
+    ap.add_argument("--prefix", default="nk",
+                    help="the testbed instance's name prefix (bridges and interfaces carry it)")
+    ap.add_argument("--history-len", type=int, default=600,
+                    help="samples kept per directed link (ring buffer, %(default)s)")
+    ap.add_argument("--prefix", default=None,
+                    help="testbed name prefix (e.g. nk); switch interfaces are <prefix><switch>-eth<port>. "
+                         "Needed to report egress-queue occupancy")
+    ap.add_argument("--queue-interval-s", type=float, default=1.0,
+                    help="seconds between egress-queue reads with tc (0 = off; default %(default)s)")
     ap.add_argument("--verbose", action="store_true", help="debug logging")
     return ap.parse_args(argv)
 
@@ -44,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         require_loopback(args.of_host)
         require_loopback(args.rest_host)
         topo = topologies.build(args.topology, topologies.parse_params(args.param))
-        state = ControllerState(topo, scale=args.scale, poll_interval_s=args.poll_interval_s)
+        if args.prefix is not None and not (args.prefix.isalnum() and args.prefix.islower() and len(args.prefix) <= 8):
+            raise ValueError(f"--prefix must be 1..8 lowercase letters/digits, got {args.prefix!r}")
+        if not (args.queue_interval_s == 0 or 0.05 <= args.queue_interval_s <= 60):
+            raise ValueError(f"--queue-interval-s must be 0 or 0.05..60, got {args.queue_interval_s}")
+        state = ControllerState(topo, scale=args.scale, poll_interval_s=args.poll_interval_s,
+                                history_len=args.history_len, prefix=args.prefix)
     except (TopologyError, ValueError) as exc:
         print(f"controller: {exc}", file=sys.stderr)
         return 2
@@ -58,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.CONF(args=["--ofp-listen-host", args.of_host, "--ofp-tcp-listen-port", str(args.of_port)],
              project="os_ken")
     app.RUNTIME = state
+    app.QUEUE_INTERVAL_S = args.queue_interval_s
     try:
         server = serve(state, args.rest_host, args.rest_port)
     except OSError as exc:

@@ -1,0 +1,125 @@
+"""Testbed configuration: one dataclass, every field with its unit and help.
+
+The full configuration of a bring-up or a run is written as JSON beside its
+results so that it can be repeated (``TestbedConfig.from_json``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import topologies
+from topologies import Topology, TopologyError
+
+# 1 emulated bit stands for SCALE real bits; KV payloads are divided by the same
+# factor.  20,000 puts the default fat-tree's links at 10-80 Mbit/s, inside what
+# the userspace datapath forwards on a 2-core machine (docs/design.md, bench bringup).
+DEFAULT_SCALE = 20_000.0
+PREFIX_RE = re.compile(r"^[a-z]{2,4}$")
+IFNAME_MAX = 15  # Linux interface names
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which and what is allowed."""
+
+
+@dataclass
+class TestbedConfig:
+    topology: str = field(default=topologies.DEFAULT_TOPOLOGY, metadata={
+        "help": f"topology name, one of: {', '.join(topologies.names())}"})
+    params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "topology parameters (KEY=VALUE); see `netkv topo --help-params`"})
+    scale: float = field(default=DEFAULT_SCALE, metadata={
+        "help": "real bit/s per emulated bit/s; link rates and KV payload bytes are divided by it"})
+    prefix: str = field(default="nk", metadata={
+        "help": "2-4 lowercase letters put before every bridge, host and interface name; "
+                "cleanup removes exactly what carries it"})
+    datapath: str = field(default="auto", metadata={
+        "help": "Open vSwitch datapath: auto (kernel where the module exists, else user), kernel, user"})
+    of_port: int = field(default=6653, metadata={"help": "controller OpenFlow port on 127.0.0.1"})
+    rest_port: int = field(default=8080, metadata={"help": "controller REST API port on 127.0.0.1"})
+    poll_interval_s: float = field(default=0.5, metadata={
+        "help": "controller port-statistics polling interval, seconds (0.1 .. 60)"})
+    queue_packets: int = field(default=32, metadata={
+        "help": "packets each shaped egress queue holds before it drops (pfifo limit)"})
+    mtu_bytes: int = field(default=1500, metadata={"help": "MTU of every emulated link"})
+    ready_timeout_s: float = field(default=60.0, metadata={
+        "help": "seconds to wait for the controller to install every switch's routes"})
+
+    KNOWN_DATAPATHS = ("auto", "kernel", "user")
+
+    def validate(self) -> Topology:
+        """Check every field; returns the built topology.  Raises ConfigError."""
+        if not PREFIX_RE.match(self.prefix):
+            raise ConfigError(f"prefix must be 2-4 lowercase letters, got {self.prefix!r}")
+        if self.datapath not in self.KNOWN_DATAPATHS:
+            raise ConfigError(f"datapath must be one of {', '.join(self.KNOWN_DATAPATHS)}, got {self.datapath!r}")
+        if not (self.scale >= 1):
+            raise ConfigError(f"scale must be >= 1, got {self.scale}")
+        for name in ("of_port", "rest_port"):
+            port = getattr(self, name)
+            if not isinstance(port, int) or not 1024 <= port <= 65535:
+                raise ConfigError(f"{name} must be a port in 1024..65535, got {port!r}")
+        if self.of_port == self.rest_port:
+            raise ConfigError("of_port and rest_port must differ")
+        if not 0.1 <= self.poll_interval_s <= 60:
+            raise ConfigError(f"poll_interval_s must be 0.1 .. 60, got {self.poll_interval_s}")
+        if not 2 <= self.queue_packets <= 10_000:
+            raise ConfigError(f"queue_packets must be 2 .. 10000, got {self.queue_packets}")
+        if not 576 <= self.mtu_bytes <= 9000:
+            raise ConfigError(f"mtu_bytes must be 576 .. 9000, got {self.mtu_bytes}")
+        if not 1 <= self.ready_timeout_s <= 600:
+            raise ConfigError(f"ready_timeout_s must be 1 .. 600, got {self.ready_timeout_s}")
+        try:
+            topo = topologies.build(self.topology, self.params)
+        except TopologyError as exc:
+            raise ConfigError(str(exc)) from None
+        longest = max(len(self.prefix + n.name) for n in topo.nodes.values())
+        max_port = max(max(l.a_port, l.b_port) for l in topo.links)
+        if longest + len(f"-eth{max_port}") > IFNAME_MAX:
+            raise ConfigError(
+                f"names too long for Linux interfaces ({IFNAME_MAX} chars): "
+                f"use a shorter prefix or a smaller topology")
+        return topo
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TestbedConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown testbed setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(**dict(data))
+
+    @classmethod
+    def load(cls, path: Path) -> "TestbedConfig":
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read testbed configuration {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_json(data)
+
+    @staticmethod
+    def help_of(name: str) -> str:
+        for f in fields(TestbedConfig):
+            if f.name == name:
+                return str(f.metadata.get("help", ""))
+        raise KeyError(name)
+
+
+def emulated_mbps(rate_gbps: float, scale: float) -> float:
+    """Emulated link rate in Mbit/s for a real rate in Gbit/s."""
+    return rate_gbps * 1000.0 / scale
+
+
+def emulated_bytes(real_bytes: int, scale: float) -> int:
+    """Payload bytes put on the emulated wire for ``real_bytes`` of KV (at least 1)."""
+    return max(1, round(real_bytes / scale))

@@ -1,0 +1,405 @@
+"""Bring-up and teardown of one emulated fabric.
+
+``Testbed(config).up()`` does, in order (each step timed):
+
+1. validate the configuration and the machine (root, commands, Open vSwitch
+   running or startable, datapath, free loopback ports, prefix not in use);
+2. record itself in ``/run/netkv/<prefix>/state.json`` so that a crash at any
+   later point can be swept (:mod:`testbed.cleanup`);
+3. start the controller (``python -m controller``) on 127.0.0.1;
+4. build the topology in Mininet: one namespace per GPU host, one Open vSwitch
+   bridge per switch (kernel datapath where the module exists, else
+   ``datapath_type=netdev``), one veth pair per link with explicit port numbers;
+5. tune every interface: MTU, htb shaping at the emulated rate on both ends
+   (:mod:`testbed.shaping`), offloads off on the userspace datapath, IPv6 off,
+   slow start after idle off and static ARP inside every host;
+6. wait until the controller has installed and confirmed every switch's routes;
+7. check reachability between GPU hosts at every tier distance.
+
+``down()`` is :func:`testbed.cleanup.sweep` for this prefix, so a normal stop,
+an exception during bring-up, Ctrl-C and ``netkv down`` from another terminal
+all remove the same things.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from topologies import Link, Topology
+
+from . import cleanup, shaping, system
+from .config import ConfigError, TestbedConfig, emulated_mbps
+
+LOG = logging.getLogger("netkv.testbed")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATA_PORT = 7000  # the port every worker listens on inside its host namespace
+
+
+class BringUpError(RuntimeError):
+    """Bring-up failed; the network was removed again before this was raised."""
+
+
+@dataclass
+class BringUpReport:
+    topology: str
+    gpus: int
+    switches: int
+    links: int
+    datapath: str
+    scale: float
+    up_s: float = 0.0
+    verify_s: float = 0.0
+    steps_s: dict[str, float] = field(default_factory=dict)
+    pings_ok: int = 0
+    pings_total: int = 0
+    pings_by_tier: dict[int, int] = field(default_factory=dict)
+    failed_pairs: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _run_many(commands: Sequence[Sequence[str]], *, inputs: Sequence[str | None] | None = None,
+              workers: int = 16) -> list[subprocess.CompletedProcess[str]]:
+    ins = list(inputs) if inputs is not None else [None] * len(commands)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(system.run, argv, check=False, input_text=text)
+                   for argv, text in zip(commands, ins)]
+        return [f.result() for f in futures]
+
+
+def _check_all(results: list[subprocess.CompletedProcess[str]], what: str) -> None:
+    bad = [r for r in results if r.returncode != 0]
+    if bad:
+        first = bad[0]
+        raise BringUpError(f"{what} failed on {len(bad)} of {len(results)} commands; first: "
+                           f"{' '.join(first.args)}: {(first.stderr or first.stdout).strip()[:300]}")
+
+
+class Testbed:
+    """One emulated fabric.  Use as a context manager or call up()/down()."""
+
+    def __init__(self, config: TestbedConfig) -> None:
+        self.config = config
+        self.topo: Topology = config.validate()
+        self.prefix = config.prefix
+        self.net: Any = None  # mininet.net.Mininet once built
+        self.controller: subprocess.Popen[bytes] | None = None
+        self.datapath = ""
+        self.run_dir = cleanup.state_dir(self.prefix)
+        self.report = BringUpReport(self.topo.name, len(self.topo.gpus), len(self.topo.switches),
+                                    len(self.topo.links), "", config.scale)
+        self._ctl_log: Any = None
+
+    # -- names --------------------------------------------------------------
+    def mn_name(self, node: str) -> str:
+        return self.prefix + node
+
+    def intf(self, node: str, port: int) -> str:
+        return f"{self.prefix}{node}-eth{port}"
+
+    def host(self, name: str) -> Any:
+        return self.net.get(self.mn_name(name))
+
+    def host_pid(self, name: str) -> int:
+        return int(self.host(name).pid)
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.rest_port}"
+
+    def emulated_mbps(self, link: Link) -> float:
+        return emulated_mbps(link.rate_gbps, self.config.scale)
+
+    def data_addr(self, name: str) -> tuple[str, int]:
+        return self.topo.ip_of(name), DATA_PORT
+
+    def in_host(self, name: str, argv: Sequence[str]) -> list[str]:
+        """argv that runs a command inside a GPU host's namespaces."""
+        return ["mnexec", "-a", str(self.host_pid(name)), *argv]
+
+    def popen(self, name: str, argv: Sequence[str], *, kind: str, marker: str | None = None,
+              **popen_args: Any) -> subprocess.Popen[bytes]:
+        """Start a process inside a GPU host and record its pid for cleanup."""
+        proc: subprocess.Popen[bytes] = self.host(name).popen(list(argv), **popen_args)
+        cleanup.record_pid(self.prefix, proc.pid, marker or os.path.basename(argv[0]), kind)
+        return proc
+
+    # -- lifecycle ------------------------------------------------------------
+    def __enter__(self) -> "Testbed":
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self, *, verify: bool = True) -> BringUpReport:
+        t0 = time.monotonic()
+        steps = self.report.steps_s
+        self._preflight()
+        steps["preflight"] = time.monotonic() - t0
+        try:
+            self._write_state()
+            t = time.monotonic()
+            self._start_controller()
+            steps["controller"] = time.monotonic() - t
+            t = time.monotonic()
+            self._build()
+            steps["build"] = time.monotonic() - t
+            t = time.monotonic()
+            self._tune()
+            steps["tune"] = time.monotonic() - t
+            t = time.monotonic()
+            self._wait_routes()
+            steps["routes"] = time.monotonic() - t
+            self.report.up_s = time.monotonic() - t0
+            if verify:
+                t = time.monotonic()
+                self.verify_reachability()
+                self.report.verify_s = time.monotonic() - t
+        except BaseException:
+            self.down()
+            raise
+        return self.report
+
+    def down(self) -> cleanup.Leftovers:
+        """Remove everything this instance created (safe to call twice)."""
+        if self._ctl_log is not None:
+            self._ctl_log.close()
+            self._ctl_log = None
+        left = cleanup.sweep(self.prefix)
+        if self.controller is not None:
+            try:
+                self.controller.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            self.controller = None
+        self.net = None
+        return left
+
+    # -- steps ----------------------------------------------------------------
+    def _preflight(self) -> None:
+        system.require_root()
+        system.require_binaries()
+        system.ensure_ovs()
+        self.datapath = system.choose_datapath(self.config.datapath)
+        self.report.datapath = "kernel" if self.datapath == "kernel" else "userspace"
+        left = cleanup.leftovers(self.prefix)
+        if left.total:
+            owner = (cleanup.read_state(self.prefix) or {}).get("owner_pid")
+            if isinstance(owner, int) and system.process_alive(owner):
+                raise BringUpError(f"a testbed with prefix {self.prefix!r} is already up (pid {owner}); "
+                                   f"stop it with `netkv down --prefix {self.prefix}` or use another --prefix")
+            raise BringUpError(f"prefix {self.prefix!r} has leftovers of an earlier run "
+                               f"({left.total} objects); remove them with `netkv clean --prefix {self.prefix}`")
+        system.require_ports_free(self.config.of_port, self.config.rest_port)
+        if system.ip_forward_enabled():
+            LOG.warning("net.ipv4.ip_forward is 1 in the root namespace: emulated frames seen by its "
+                        "kernel could be routed out; the testbed itself never enables it")
+
+    def _write_state(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "prefix": self.prefix,
+            "owner_pid": os.getpid(),
+            "owner_cmdline": " ".join(sys.argv),
+            "started_s": time.time(),
+            "config": self.config.to_json(),
+            "rest_port": self.config.rest_port,
+            "datapath": self.report.datapath,
+        }
+        if self.controller is not None:
+            state["controller_pid"] = self.controller.pid
+        if self.net is not None:
+            state["node_pids"] = {n.name: n.pid for n in self.net.hosts + self.net.switches
+                                  + self.net.controllers if getattr(n, "pid", None)}
+        cleanup.write_state(self.prefix, state)
+
+    def _controller_argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "controller", "--topology", self.config.topology,
+                "--scale", repr(float(self.config.scale)),
+                "--of-port", str(self.config.of_port), "--rest-port", str(self.config.rest_port),
+                "--poll-interval-s", repr(float(self.config.poll_interval_s)),
+                "--prefix", self.prefix]
+        for key, value in sorted(self.config.params.items()):
+            argv += ["--param", f"{key}={value}"]
+        return argv
+
+    def _start_controller(self) -> None:
+        log_path = self.run_dir / "controller.log"
+        self._ctl_log = open(log_path, "wb")
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+        self.controller = subprocess.Popen(self._controller_argv(), stdout=self._ctl_log,
+                                           stderr=subprocess.STDOUT, cwd=str(PROJECT_ROOT),
+                                           env=env, start_new_session=True)
+        self._write_state()
+
+        def api_up() -> bool:
+            if self.controller is None or self.controller.poll() is not None:
+                return True
+            return self.rest_get("/status") is not None
+
+        system.wait_until(api_up, timeout_s=30)
+        if self.controller.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise BringUpError(f"the controller exited during start-up: {tail[0]} (log: {log_path})")
+        if self.rest_get("/status") is None:
+            raise BringUpError(f"the controller's API did not answer on {self.rest_url} within 30 s "
+                               f"(log: {log_path})")
+
+    def rest_get(self, path: str, timeout_s: float = 2.0) -> Any:
+        try:
+            with urllib.request.urlopen(self.rest_url + path, timeout=timeout_s) as resp:
+                return json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def _build(self) -> None:
+        from functools import partial
+
+        from mininet.link import Link as MnLink
+        from mininet.log import setLogLevel
+        from mininet.net import Mininet
+        from mininet.node import OVSSwitch, RemoteController
+
+        setLogLevel("error")
+        switch_cls = partial(OVSSwitch, datapath=self.datapath, protocols="OpenFlow13",
+                             failMode="secure", batch=True)
+        net = Mininet(topo=None, build=False, controller=None, switch=switch_cls, link=MnLink,
+                      autoSetMacs=False, autoStaticArp=False, ipBase="10.0.0.0/16", waitConnected=False)
+        self.net = net
+        net.addController(self.mn_name("ctl"), controller=RemoteController, ip="127.0.0.1",
+                          port=self.config.of_port)
+        for node in self.topo.nodes.values():
+            if node.is_gpu:
+                net.addHost(self.mn_name(node.name), ip=f"{self.topo.ip_of(node.name)}/16",
+                            mac=self.topo.mac_of(node.name))
+            else:
+                net.addSwitch(self.mn_name(node.name), dpid=f"{node.dpid:016x}")
+        self._write_state()  # node shells exist from here on
+        for link in self.topo.links:
+            net.addLink(self.mn_name(link.a), self.mn_name(link.b), port1=link.a_port, port2=link.b_port)
+        net.start()
+        self._write_state()
+
+    def _tune(self) -> None:
+        cfg = self.config
+        mtu = cfg.mtu_bytes
+        root_tc: list[str] = []
+        root_ip: list[str] = []
+        root_offload: list[list[str]] = []
+        host_ifs: dict[str, list[tuple[str, float]]] = {}
+        for link in self.topo.links:
+            mbps = self.emulated_mbps(link)
+            for node in (link.a, link.b):
+                ifname = self.intf(node, link.port_of(node))
+                if self.topo.node(node).is_gpu:
+                    host_ifs.setdefault(node, []).append((ifname, mbps))
+                    continue
+                root_ip.append(f"link set dev {ifname} mtu {mtu} up")
+                root_tc += shaping.tc_batch_lines(ifname, mbps, mtu, cfg.queue_packets)
+                if self.datapath == "user":
+                    root_offload.append(shaping.ethtool_offloads_off(ifname))
+        # Root namespace: switch ends.  No address is ever put on a switch port.
+        system.run(["ip", "-batch", "-"], input_text="\n".join(root_ip) + "\n")
+        system.run(["tc", "-batch", "-"], input_text="\n".join(root_tc) + "\n")
+        switch_ifs = [line.split()[3] for line in root_ip]
+        sysctl = ["sysctl", "-q", "-w"] + [f"net.ipv6.conf.{i}.disable_ipv6=1" for i in switch_ifs]
+        system.run(sysctl, check=False)
+        _check_all(_run_many(root_offload), "switching offloads off")
+        # Host namespaces.
+        commands: list[list[str]] = []
+        inputs: list[str | None] = []
+        arp_lines = [f"neigh replace {self.topo.ip_of(g.name)} lladdr {self.topo.mac_of(g.name)} "
+                     f"nud permanent dev {{dev}}" for g in self.topo.gpus]
+        for name, ifs in host_ifs.items():
+            commands.append(self.in_host(name, ["sysctl", "-q", "-w", *shaping.host_sysctls()]))
+            inputs.append(None)
+            lines = [f"link set dev {ifname} mtu {mtu} up" for ifname, _ in ifs]
+            lines += [line.format(dev=ifs[0][0]) for line in arp_lines
+                      if not line.startswith(f"neigh replace {self.topo.ip_of(name)} ")]
+            commands.append(self.in_host(name, ["ip", "-batch", "-"]))
+            inputs.append("\n".join(lines) + "\n")
+            tc_lines = [l for ifname, mbps in ifs
+                        for l in shaping.tc_batch_lines(ifname, mbps, mtu, cfg.queue_packets)]
+            commands.append(self.in_host(name, ["tc", "-batch", "-"]))
+            inputs.append("\n".join(tc_lines) + "\n")
+            if self.datapath == "user":
+                for ifname, _ in ifs:
+                    commands.append(self.in_host(name, shaping.ethtool_offloads_off(ifname)))
+                    inputs.append(None)
+        _check_all(_run_many(commands, inputs=inputs), "configuring the GPU hosts")
+
+    def _wait_routes(self) -> None:
+        status: dict[str, Any] = {}
+
+        def ready() -> bool:
+            nonlocal status
+            if self.controller is not None and self.controller.poll() is not None:
+                raise BringUpError("the controller exited; see " + str(self.run_dir / "controller.log"))
+            status = self.rest_get("/status") or {}
+            return bool(status.get("ready"))
+
+        if not system.wait_until(ready, timeout_s=self.config.ready_timeout_s, interval_s=0.2):
+            raise BringUpError(
+                f"routes not installed within {self.config.ready_timeout_s:.0f} s: "
+                f"{status.get('switches_ready', 0)} of {status.get('switches_expected', '?')} switches ready "
+                f"(controller log: {self.run_dir / 'controller.log'})")
+
+    # -- checks ---------------------------------------------------------------
+    def ping_pairs(self) -> list[tuple[str, str]]:
+        """Every GPU pings its farthest peer (all uplinks are crossed) and its
+        nearest one (all GPU links and server switches are crossed)."""
+        gpus = self.topo.gpu_names()
+        pairs: list[tuple[str, str]] = []
+        for src in gpus:
+            by_tier: dict[int, str] = {}
+            for dst in gpus:
+                if dst != src:
+                    by_tier.setdefault(self.topo.tier_distance(src, dst), dst)
+            tiers = sorted(by_tier)
+            pairs.append((src, by_tier[tiers[-1]]))
+            if tiers[0] != tiers[-1]:
+                pairs.append((src, by_tier[tiers[0]]))
+        return pairs
+
+    def ping(self, pairs: Sequence[tuple[str, str]], *, count: int = 1,
+             timeout_s: int = 2) -> list[tuple[str, str, bool]]:
+        commands = [self.in_host(src, ["ping", "-n", "-q", "-c", str(count), "-W", str(timeout_s),
+                                       self.topo.ip_of(dst)]) for src, dst in pairs]
+        results = _run_many(commands, workers=32)
+        return [(src, dst, r.returncode == 0) for (src, dst), r in zip(pairs, results)]
+
+    def verify_reachability(self, pairs: Sequence[tuple[str, str]] | None = None) -> None:
+        pairs = list(pairs) if pairs is not None else self.ping_pairs()
+        results = self.ping(pairs)
+        failed = [(s, d) for s, d, ok in results if not ok]
+        if failed:  # the first packet may race a late flow entry: one retry
+            retry = self.ping(failed, count=2)
+            failed = [(s, d) for s, d, ok in retry if not ok]
+        report = self.report
+        report.pings_total = len(pairs)
+        report.pings_ok = len(pairs) - len(failed)
+        report.failed_pairs = failed
+        for src, dst in pairs:
+            if (src, dst) not in failed:
+                tier = self.topo.tier_distance(src, dst)
+                report.pings_by_tier[tier] = report.pings_by_tier.get(tier, 0) + 1
+        if failed:
+            shown = ", ".join(f"{s}->{d}" for s, d in failed[:5])
+            raise BringUpError(f"{len(failed)} of {len(pairs)} GPU pairs cannot reach each other: {shown}")
+
+
+def config_error_line(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, (ConfigError, BringUpError, system.PreflightError)) else repr(exc)

@@ -1,0 +1,66 @@
+"""Commands that shape and tune the emulated links, built as argv lists.
+
+Nothing here runs anything: the functions return lists (or ``tc -batch`` /
+``ip -batch`` lines) that :mod:`testbed.net` executes, so they are unit-tested
+and logged as they are.
+
+Each end of a link gets an htb root with one class at the emulated rate and a
+pfifo leaf holding ``queue_packets`` packets.  Shaping both ends is what a
+physical link does (each side's transmitter is the limit); shaping the host
+end inside its namespace also lets the host's TCP stack feel back-pressure
+before the switch process does, which the userspace datapath needs.
+"""
+
+from __future__ import annotations
+
+import math
+
+HTB_HANDLE = "1:"
+HTB_CLASS = "1:1"
+LEAF_HANDLE = "10:"
+HZ = 250  # tc's timer granularity assumption for the htb burst
+
+
+def htb_burst_bytes(rate_mbps: float, mtu_bytes: int) -> int:
+    """Bucket size so that htb can keep the rate with a coarse timer: one
+    timer tick's worth of bytes, and never less than two full packets."""
+    per_tick = rate_mbps * 1e6 / 8 / HZ
+    return int(max(2 * (mtu_bytes + 14), math.ceil(per_tick)))
+
+
+def rate_kbit(rate_mbps: float) -> int:
+    if not rate_mbps > 0:
+        raise ValueError(f"link rate must be > 0 Mbit/s, got {rate_mbps}")
+    return max(8, round(rate_mbps * 1000))
+
+
+def tc_batch_lines(ifname: str, rate_mbps: float, mtu_bytes: int, queue_packets: int) -> list[str]:
+    """``tc -batch`` lines that shape one interface's egress."""
+    kbit = rate_kbit(rate_mbps)
+    burst = htb_burst_bytes(rate_mbps, mtu_bytes)
+    return [
+        f"qdisc replace dev {ifname} root handle {HTB_HANDLE} htb default 1",
+        f"class replace dev {ifname} parent {HTB_HANDLE} classid {HTB_CLASS} htb "
+        f"rate {kbit}kbit ceil {kbit}kbit burst {burst} cburst {burst} quantum {mtu_bytes + 14}",
+        f"qdisc replace dev {ifname} parent {HTB_CLASS} handle {LEAF_HANDLE} pfifo limit {queue_packets}",
+    ]
+
+
+def ethtool_offloads_off(ifname: str) -> list[str]:
+    """The userspace datapath forwards frames without checksums or segmentation:
+    TCP stalls unless every veth computes its own checksums and segments."""
+    return ["ethtool", "-K", ifname, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"]
+
+
+def host_sysctls() -> list[str]:
+    """``sysctl -w`` arguments for every GPU host namespace.
+
+    * slow start after idle off: KV connections are kept open between
+      transfers (as RDMA queue pairs would be); a pause must not reset cwnd.
+    * IPv6 off: only the IPv4 KV traffic the controller routes crosses the fabric.
+    """
+    return [
+        "net.ipv4.tcp_slow_start_after_idle=0",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ]
