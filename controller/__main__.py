@@ -33,12 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--poll-interval-s", type=float, default=0.5,
                     help="port-statistics polling interval in seconds (0.1 .. 60)")
     ap.add_argument("--prefix", default="nk",
-                    help="the testbed instance's name prefix (bridges and interfaces carry it)")
+                    help="the testbed instance's name prefix (bridges and interfaces carry it: switch t1's "
+                         "port 3 is <prefix>t1-eth3); used to read egress queues (default %(default)s)")
     ap.add_argument("--history-len", type=int, default=600,
                     help="samples kept per directed link (ring buffer, %(default)s)")
-    ap.add_argument("--prefix", default=None,
-                    help="testbed name prefix (e.g. nk); switch interfaces are <prefix><switch>-eth<port>. "
-                         "Needed to report egress-queue occupancy")
     ap.add_argument("--queue-interval-s", type=float, default=1.0,
                     help="seconds between egress-queue reads with tc (0 = off; default %(default)s)")
     ap.add_argument("--verbose", action="store_true", help="debug logging")

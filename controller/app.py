@@ -6,6 +6,9 @@
   marks the switch ready.  Hosts get static ARP entries from the testbed, so
   no ARP or broadcast is ever forwarded and anything unrouted is dropped by the
   table-miss behaviour of a secure-mode bridge.
+* Statistics: one thread polls port statistics from every switch each
+  interval (see :meth:`NetKVController._poll_loop`); a second reads egress
+  queues with ``tc`` and watches the first.
 * Everything the REST API serves comes from :class:`controller.state.ControllerState`,
   which knows nothing of os-ken.
 
@@ -32,6 +35,8 @@ LOG = logging.getLogger("netkv.controller")
 
 # Set by controller.__main__ before the app manager instantiates the app.
 RUNTIME: ControllerState | None = None
+# Seconds between reads of the switch interfaces' queues with tc (0: never).
+QUEUE_INTERVAL_S: float = 1.0
 
 
 class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
@@ -44,6 +49,7 @@ class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
         self.state: ControllerState = RUNTIME
         self.datapaths: dict[int, Any] = {}
         self.poller = hub.spawn(self._poll_loop)
+        self.queue_reader = hub.spawn(self._queue_loop)
 
     # -- connection tracking --------------------------------------------------
     @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
@@ -92,28 +98,76 @@ class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
 
     # -- statistics -----------------------------------------------------------
     def _poll_loop(self) -> None:
-        """One thread: request port statistics from every switch, then sleep.
+        """One thread: every interval, request port statistics from every
+        connected switch.  Rounds run on a fixed schedule (a slow round does not
+        shift the next ones).  A switch that has not answered when the next
+        round starts is counted as missing (see ``ControllerState``).  A failure
+        in one round is logged and counted and the loop goes on; if the thread
+        ever leaves the loop, it logs at CRITICAL and /status shows the poller
+        dead."""
+        try:
+            next_s = time.monotonic()
+            while True:
+                try:
+                    dps = list(self.datapaths.values())
+                    self.state.begin_poll_round(time.time(), [dp.id for dp in dps])
+                    for dp in dps:
+                        parser, ofp = dp.ofproto_parser, dp.ofproto
+                        dp.send_msg(parser.OFPPortStatsRequest(dp, 0, ofp.OFPP_ANY))
+                except Exception as exc:  # noqa: BLE001 - keep polling, but loudly
+                    LOG.exception("statistics poll round failed")
+                    self.state.on_poll_round_failed(time.time(), repr(exc))
+                next_s += self.state.poll_interval_s
+                delay = next_s - time.monotonic()
+                if delay < 0:  # overran: skip the missed ticks instead of bursting
+                    next_s = time.monotonic()
+                    delay = 0.0
+                hub.sleep(delay)
+        except BaseException as exc:
+            LOG.critical("statistics poller died: %r; link telemetry is frozen", exc)
+            self.state.on_poller_died(time.time(), repr(exc))
+            raise
 
-        A failure in one round is logged loudly and the loop goes on; it never
-        dies silently."""
+    def _queue_loop(self) -> None:
+        """Reads egress-queue figures with tc every ``queue_interval_s`` and
+        watches the poller thread: if it died, says so at CRITICAL every 10 s."""
+        from .queues import QueueReadError, read_queue_stats
+
+        interval = QUEUE_INTERVAL_S
+        last_warned = 0.0
+        failures = 0
         while True:
-            try:
-                for dp in list(self.datapaths.values()):
-                    parser, ofp = dp.ofproto_parser, dp.ofproto
-                    dp.send_msg(parser.OFPPortStatsRequest(dp, 0, ofp.OFPP_ANY))
-                self.state.on_poll_sent(time.time())
-            except Exception:  # noqa: BLE001 - keep polling, but loudly
-                LOG.exception("statistics poll round failed")
-            hub.sleep(self.state.poll_interval_s)
+            now = time.time()
+            if not self.poller.is_alive() and now - last_warned >= 10.0:
+                LOG.critical("statistics poller thread is dead: link telemetry is frozen")
+                self.state.on_poller_died(now, self.state.poller_error or "poller thread exited")
+                last_warned = now
+            if self.state.prefix and interval > 0:
+                try:
+                    self.state.on_queue_stats(read_queue_stats(self.state.prefix, now), now)
+                    failures = 0
+                except (QueueReadError, OSError) as exc:
+                    failures += 1
+                    self.state.on_queue_error(now, str(exc))
+                    if failures in (1, 10) or failures % 100 == 0:
+                        LOG.warning("cannot read queue statistics (%d failures): %s", failures, exc)
+            hub.sleep(interval if interval > 0 else 1.0)
 
     @set_ev_cls(ofp_event.EventOFPPortStatsReply, MAIN_DISPATCHER)
     def _on_port_stats(self, ev: Any) -> None:
         now = time.time()
-        dpid = ev.msg.datapath.id
-        for stat in ev.msg.body:
+        msg = ev.msg
+        dpid = msg.datapath.id
+        for stat in msg.body:
+            duration_s = None
+            if getattr(stat, "duration_sec", None) is not None and stat.duration_sec != 0xFFFFFFFF:
+                duration_s = stat.duration_sec + stat.duration_nsec / 1e9
             self.state.on_port_stats(
                 dpid, stat.port_no, now,
                 rx_bytes=stat.rx_bytes, tx_bytes=stat.tx_bytes,
                 rx_packets=stat.rx_packets, tx_packets=stat.tx_packets,
                 rx_dropped=stat.rx_dropped, tx_dropped=stat.tx_dropped,
-                rx_errors=stat.rx_errors, tx_errors=stat.tx_errors)
+                rx_errors=stat.rx_errors, tx_errors=stat.tx_errors,
+                duration_s=duration_s)
+        if not msg.flags & msg.datapath.ofproto.OFPMPF_REPLY_MORE:
+            self.state.on_stats_reply(dpid, now)

@@ -1,11 +1,15 @@
-"""The controller's HTTP/JSON API, bound to loopback only.
+"""The controller's HTTP API, bound to loopback only.
 
-Endpoints (all GET, JSON):
-  /status                     connection and route-installation progress
-  /topology                   the topology description (nodes, links, tiers, rates)
-  /links                      latest figures of every directed link, busiest first
-  /links/<src>/<dst>          one directed link's history (ring buffer)
-  /path?src=gA&dst=gB         the path the controller installed for that pair
+Endpoints (all GET; JSON unless noted; docs/telemetry.md has examples):
+  /status                       connections, route installation, poller health
+  /topology                     the topology description (nodes, links, tiers, rates)
+  /links[?tier=N][&group=tier][&limit=N]
+                                latest figures of every directed link, busiest first
+  /links/<src>/<dst>[?limit=N]  one directed link's history (ring buffer), oldest first
+  /path?src=gA&dst=gB           the path installed for that pair, with per-hop load
+  /oracle?src=gA&dst=gB&bytes=N the network cost oracle's estimate for N real bytes:
+                                telemetry-based and static
+  /metrics                      Prometheus text exposition
 Malformed queries get a 4xx with {"error": "..."}.
 """
 
@@ -15,11 +19,17 @@ import ipaddress
 import json
 import threading
 import time
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
-from .state import ControllerState
+from . import metrics
+from .state import ControllerState, hop_rate_json
+
+JSON_TYPE = "application/json"
+MAX_LIMIT = 100_000
+MAX_ORACLE_BYTES = 1 << 50  # 1 PiB: far above any KV payload
 
 
 class ApiError(Exception):
@@ -37,32 +47,60 @@ def require_loopback(host: str) -> None:
         raise ValueError(f"the API must listen on a loopback address, got {host!r}")
 
 
-class Api:
-    """Routes a path and query to a JSON answer; no sockets, easy to test."""
+Handler = Callable[[list[str], dict[str, list[str]]], Any]
 
-    def __init__(self, state: ControllerState) -> None:
+
+class Api:
+    """Routes a path and query to an answer; no sockets, easy to test."""
+
+    def __init__(self, state: ControllerState, clock: Callable[[], float] = time.time) -> None:
         self.state = state
-        self.routes: dict[str, Callable[[list[str], dict[str, list[str]]], Any]] = {
+        self.clock = clock
+        self.routes: dict[str, Handler] = {
             "status": self._status,
             "topology": self._topology,
             "links": self._links,
             "path": self._path,
+            "oracle": self._oracle,
+            "metrics": self._metrics,
+        }
+        self._allowed: dict[str, set[str]] = {
+            "status": set(), "topology": set(), "links": {"tier", "group", "limit"},
+            "path": {"src", "dst"}, "oracle": {"src", "dst", "bytes"}, "metrics": set(),
         }
 
     def handle(self, raw_path: str) -> tuple[int, Any]:
+        """JSON endpoints: (HTTP status, body).  /metrics returns its text as body."""
         url = urlparse(raw_path)
         parts = [p for p in url.path.split("/") if p]
         try:
             if not parts or parts[0] not in self.routes:
                 raise ApiError(404, f"unknown endpoint {url.path!r}; known: /{', /'.join(self.routes)}")
-            return 200, self.routes[parts[0]](parts[1:], parse_qs(url.query))
+            try:
+                query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
+            except ValueError:
+                raise ApiError(400, f"malformed query string {url.query!r}") from None
+            unknown = sorted(set(query) - self._allowed[parts[0]])
+            if unknown:
+                allowed = ", ".join(sorted(self._allowed[parts[0]])) or "none"
+                raise ApiError(400, f"unknown query parameter {unknown[0]!r} for /{parts[0]}; allowed: {allowed}")
+            return 200, self.routes[parts[0]](parts[1:], query)
         except ApiError as exc:
             return exc.status, {"error": str(exc)}
 
+    def respond(self, raw_path: str) -> tuple[int, str, bytes]:
+        """(HTTP status, content type, body bytes) for the HTTP server."""
+        status, body = self.handle(raw_path)
+        if isinstance(body, str):
+            return status, metrics.CONTENT_TYPE, body.encode()
+        return status, JSON_TYPE, json.dumps(body).encode()
+
+    # -- argument parsing ---------------------------------------------------------
     def _gpu(self, name: str) -> str:
         node = self.state.topo.nodes.get(name)
         if node is None or not node.is_gpu:
-            raise ApiError(404, f"unknown GPU host {name!r}")
+            gpus = self.state.topo.gpu_names()
+            raise ApiError(404, f"unknown GPU host {name!r}; known: {gpus[0]}..{gpus[-1]}")
         return name
 
     @staticmethod
@@ -72,10 +110,36 @@ class Api:
             raise ApiError(400, f"query parameter {key!r} is required exactly once")
         return values[0]
 
+    @classmethod
+    def _int(cls, query: dict[str, list[str]], key: str, lo: int, hi: int) -> int:
+        raw = cls._one(query, key)
+        text = raw.strip()
+        if not text.isdigit() and not (text.startswith("-") and text[1:].isdigit()):
+            raise ApiError(400, f"{key} must be a whole number in {lo}..{hi}, got {raw!r}")
+        value = int(text)
+        if not lo <= value <= hi:
+            raise ApiError(400, f"{key} must be in {lo}..{hi}, got {value}")
+        return value
+
+    def _pair(self, query: dict[str, list[str]]) -> tuple[str, str]:
+        src = self._gpu(self._one(query, "src"))
+        dst = self._gpu(self._one(query, "dst"))
+        if src == dst:
+            raise ApiError(400, f"src and dst are the same host {src!r}")
+        return src, dst
+
+    # -- endpoints -------------------------------------------------------------------
     def _status(self, rest: list[str], query: dict[str, list[str]]) -> Any:
-        return self.state.status()
+        self._no_rest("status", rest)
+        return self.state.status(self.clock())
+
+    @staticmethod
+    def _no_rest(name: str, rest: list[str]) -> None:
+        if rest:
+            raise ApiError(404, f"/{name} has no sub-resources, got /{name}/{'/'.join(rest)}")
 
     def _topology(self, rest: list[str], query: dict[str, list[str]]) -> Any:
+        self._no_rest("topology", rest)
         topo = self.state.topo
         return {
             **topo.summary(),
@@ -87,28 +151,101 @@ class Api:
         }
 
     def _links(self, rest: list[str], query: dict[str, list[str]]) -> Any:
-        now = time.time()
+        now = self.clock()
         if not rest:
-            return {"t_s": now, "scale": self.state.scale, "links": self.state.links_json(now)}
+            tiers = sorted({l.tier for l in self.state.topo.links})
+            rows = self.state.links_json(now)
+            if "tier" in query:
+                tier = self._int(query, "tier", min(tiers), max(tiers))
+                if tier not in tiers:
+                    raise ApiError(400, f"tier must be one of {tiers}, got {tier}")
+                rows = [r for r in rows if r["tier"] == tier]
+            if "limit" in query:
+                rows = rows[: self._int(query, "limit", 1, MAX_LIMIT)]
+            body: dict[str, Any] = {"t_s": now, "scale": self.state.scale,
+                                    "poll_interval_s": self.state.poll_interval_s,
+                                    "units": {"load_gbps": "real-world Gbit/s", "rate_bps": "emulated bit/s",
+                                              "utilization": "load / configured rate"},
+                                    "links": rows}
+            if "group" in query:
+                group = self._one(query, "group")
+                if group != "tier":
+                    raise ApiError(400, f"group must be 'tier', got {group!r}")
+                grouped: dict[str, list[dict[str, object]]] = {str(t): [] for t in tiers}
+                for row in rows:
+                    grouped[str(row["tier"])].append(row)
+                body["by_tier"] = grouped
+            return body
         if len(rest) != 2:
             raise ApiError(404, "use /links or /links/<src>/<dst>")
         src, dst = rest
+        for name in (src, dst):
+            if name not in self.state.topo.nodes:
+                raise ApiError(404, f"unknown node {name!r}")
         try:
-            self.state.topo.link_between(src, dst)
+            link = self.state.topo.link_between(src, dst)
         except KeyError:
             raise ApiError(404, f"no link from {src!r} to {dst!r}") from None
-        return {"src": src, "dst": dst,
-                "history": [r.__dict__ for r in self.state.history(src, dst)]}
+        history = self.state.history(src, dst)
+        if "limit" in query:
+            history = history[-self._int(query, "limit", 1, MAX_LIMIT):]
+        return {"src": src, "dst": dst, "tier": link.tier, "capacity_gbps": link.rate_gbps,
+                "interface": self.state.egress_interface(src, dst),
+                "history_len": self.state.history_len,
+                "history": [hop_rate_json(r) for r in history]}
 
     def _path(self, rest: list[str], query: dict[str, list[str]]) -> Any:
-        src = self._gpu(self._one(query, "src"))
-        dst = self._gpu(self._one(query, "dst"))
-        if src == dst:
-            raise ApiError(400, "src and dst are the same host")
+        self._no_rest("path", rest)
+        src, dst = self._pair(query)
         topo = self.state.topo
-        return {"src": src, "dst": dst, "nodes": topo.path(src, dst),
+        now = self.clock()
+        latest = {(r.src, r.dst): r for r in self.state.latest()}
+        hops = []
+        for x, y in topo.path_hops(src, dst):
+            link = topo.link_between(x, y)
+            r = latest.get((x, y))
+            hops.append({"src": x, "dst": y, "tier": link.tier, "capacity_gbps": link.rate_gbps,
+                         "interface": self.state.egress_interface(x, y),
+                         "load_gbps": None if r is None else r.load_gbps,
+                         "utilization": None if r is None else r.utilization,
+                         "age_ms": None if r is None else round((now - r.t_s) * 1000, 3)})
+        nodes = topo.path(src, dst)
+        return {"src": src, "dst": dst, "src_ip": topo.ip_of(src), "dst_ip": topo.ip_of(dst),
+                "nodes": nodes,
+                "alternatives": [p for p in topo.shortest_paths(src, dst) if p != nodes],
                 "tier_distance": topo.tier_distance(src, dst),
-                "bottleneck_gbps": topo.bottleneck_gbps(src, dst)}
+                "bottleneck_gbps": topo.bottleneck_gbps(src, dst), "hops": hops}
+
+    def _oracle(self, rest: list[str], query: dict[str, list[str]]) -> Any:
+        self._no_rest("oracle", rest)
+        src, dst = self._pair(query)
+        size = self._int(query, "bytes", 0, MAX_ORACLE_BYTES)
+        from netkv.oracle import StaticOracle, TelemetryOracle
+
+        now = self.clock()
+        snapshot = self.telemetry_snapshot()
+        # Four polls of age are still live telemetry, whatever the interval.
+        max_age_ms = max(2000.0, 4000.0 * self.state.poll_interval_s)
+        live = TelemetryOracle(self.state.topo, lambda: snapshot, max_age_ms=max_age_ms)
+        static = StaticOracle(self.state.topo)
+        return {"src": src, "dst": dst, "bytes": size, "units": {"bytes": "real-world bytes",
+                                                                  "transfer_ms": "real-world ms"},
+                "scale": self.state.scale, "max_age_ms": max_age_ms,
+                "telemetry": asdict(live.estimate(src, dst, size, now)),
+                "static": asdict(static.estimate(src, dst, size, now))}
+
+    def telemetry_snapshot(self) -> Any:
+        """The controller's latest samples as a :class:`netkv.telemetry.TelemetrySnapshot`."""
+        from netkv.telemetry import LinkSample, TelemetrySnapshot
+
+        return TelemetrySnapshot.of(
+            LinkSample(r.src, r.dst, r.t_s, max(0.0, r.load_gbps), r.capacity_gbps, r.utilization,
+                       r.drops, r.errors)
+            for r in self.state.latest())
+
+    def _metrics(self, rest: list[str], query: dict[str, list[str]]) -> Any:
+        self._no_rest("metrics", rest)
+        return metrics.render(self.state, self.clock())
 
 
 def serve(state: ControllerState, host: str, port: int) -> ThreadingHTTPServer:
@@ -116,12 +253,23 @@ def serve(state: ControllerState, host: str, port: int) -> ThreadingHTTPServer:
     require_loopback(host)
     api = Api(state)
 
-    class Handler(BaseHTTPRequestHandler):
+    class RequestHandler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server naming
-            status, body = api.handle(self.path)
-            data = json.dumps(body).encode()
+            try:
+                status, ctype, data = api.respond(self.path)
+            except Exception as exc:  # noqa: BLE001 - answer, never drop the connection
+                status, ctype = 500, JSON_TYPE
+                data = json.dumps({"error": f"internal error: {exc!r}"}).encode()
+            self._send(status, ctype, data)
+
+        def _refuse(self) -> None:
+            self._send(405, JSON_TYPE, json.dumps({"error": f"method {self.command} not allowed; use GET"}).encode())
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815
+
+        def _send(self, status: int, ctype: str, data: bytes) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -129,7 +277,7 @@ def serve(state: ControllerState, host: str, port: int) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: Any) -> None:  # quiet
             return
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = ThreadingHTTPServer((host, port), RequestHandler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="netkv-rest", daemon=True).start()
     return server

@@ -3,29 +3,64 @@
 Nothing here imports os-ken; every handler takes ``now`` (seconds, wall clock)
 as an argument, so the arithmetic is unit-tested without a switch.
 
-Link statistics.  Each directed hop ``(x, y)`` of the topology is measured at
-one port: at ``y``'s port towards ``x`` (its receive counters) when ``y`` is a
-switch, else at ``x``'s port towards ``y`` (its transmit counters).  Receive
-counters at the far end count what really crossed the link, after any queue
-drop at the sender.  Rates are computed from consecutive counter samples of the
-same port and kept per hop in a bounded ring buffer.  Rates are reported in
-emulated bit/s and in real-world Gbit/s (emulated x scale factor).
+Which counter measures which hop
+--------------------------------
+Each directed hop ``(x, y)`` of the topology is measured at exactly one port:
+
+* ``y``'s port towards ``x``, receive counters, when ``y`` is a switch.  What a
+  switch received is what really crossed the link, after any drop in ``x``'s
+  egress queue, so a congested link reads its delivered rate, not its offered
+  rate.
+* ``x``'s port towards ``y``, transmit counters, when ``y`` is a GPU host (the
+  controller has no counters inside host namespaces).
+
+Drops and errors of a hop are the transmit drops/errors of ``x``'s port (when
+``x`` is a switch) plus the receive drops/errors of ``y``'s port (when ``y`` is
+a switch).  The two ends are polled independently, so the other end's counter
+is charged to the hop's next sample after it changed; every drop is counted
+exactly once.
+
+Intervals come from the switch's own clock (the port's ``duration`` field of the
+port-stats reply) when it increases between two samples, else from the time
+the controller received the replies.  A counter that goes backwards (the switch
+or port restarted) starts a new baseline: no rate is produced for that
+interval and ``counter_resets`` counts it.
+
+Rates are kept per hop in a bounded ring buffer, in emulated bit/s and in
+real-world Gbit/s (emulated x scale factor).
+
+Poll rounds
+-----------
+:meth:`ControllerState.begin_poll_round` starts a round for a set of switches;
+a switch that has not answered by the time the next round begins counts as a
+missing reply (per switch and in total; both appear in :meth:`status`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping
 
 from topologies import Hop, Topology
 
 from .routing import FlowEntry, flow_entries
 
+LOG = logging.getLogger("netkv.controller.state")
+
+MIN_POLL_INTERVAL_S = 0.05
+MAX_POLL_INTERVAL_S = 60.0
+MIN_HISTORY_LEN = 2
+MAX_HISTORY_LEN = 100_000
+
 
 @dataclass(frozen=True)
 class PortCounters:
-    t_s: float
+    t_s: float  # controller receive time (wall clock)
+    duration_s: float | None  # switch clock: how long the port has existed
     rx_bytes: int
     tx_bytes: int
     rx_packets: int
@@ -38,20 +73,43 @@ class PortCounters:
 
 @dataclass(frozen=True)
 class HopRate:
-    """One measurement of a directed hop over [t_start_s, t_s]."""
+    """One measurement of a directed hop over the ``interval_s`` ending at ``t_s``."""
 
     src: str
     dst: str
     tier: int
-    t_s: float
+    t_s: float  # wall clock when the measuring reply arrived
     interval_s: float
     rate_bps: float  # emulated bit/s
     load_gbps: float  # real-world Gbit/s (rate_bps * scale / 1e9)
     capacity_gbps: float  # real-world configured rate
-    utilization: float
-    packets: int
-    drops: int
-    errors: int
+    utilization: float  # load_gbps / capacity_gbps
+    packets: int  # packets in the interval
+    drops: int  # port-counter drops charged to this interval
+    errors: int  # port-counter errors charged to this interval
+    port: str  # where it was measured, e.g. "t1:3 rx"
+    clock: str  # "switch" (port duration) or "controller" (receive times)
+
+
+@dataclass(frozen=True)
+class QueueSample:
+    """Egress queue of one switch interface (the root qdisc's figures)."""
+
+    interface: str
+    t_s: float
+    kind: str  # qdisc kind, e.g. "htb"
+    backlog_bytes: int
+    backlog_packets: int
+    drops_total: int  # cumulative since the qdisc was created
+    overlimits_total: int
+    sent_bytes_total: int
+
+
+@dataclass
+class _PollRound:
+    number: int
+    sent_s: float
+    outstanding: set[int]
 
 
 @dataclass
@@ -60,6 +118,7 @@ class ControllerState:
     scale: float
     poll_interval_s: float = 0.5
     history_len: int = 600
+    prefix: str | None = None  # testbed name prefix, for interface names
     routes: dict[str, list[FlowEntry]] = field(default_factory=dict)
     switch_by_dpid: dict[int, str] = field(default_factory=dict)
     connected: dict[int, float] = field(default_factory=dict)
@@ -70,14 +129,21 @@ class ControllerState:
     started_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.scale <= 0:
-            raise ValueError(f"scale must be > 0, got {self.scale}")
-        if not 0.05 <= self.poll_interval_s <= 60:
-            raise ValueError(f"poll interval must be 0.05..60 s, got {self.poll_interval_s}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {self.scale}")
+        if not MIN_POLL_INTERVAL_S <= self.poll_interval_s <= MAX_POLL_INTERVAL_S:
+            raise ValueError(f"poll interval must be {MIN_POLL_INTERVAL_S}..{MAX_POLL_INTERVAL_S} s, "
+                             f"got {self.poll_interval_s}")
+        if not MIN_HISTORY_LEN <= self.history_len <= MAX_HISTORY_LEN:
+            raise ValueError(f"history length must be {MIN_HISTORY_LEN}..{MAX_HISTORY_LEN} samples, "
+                             f"got {self.history_len}")
         self.routes = flow_entries(self.topo)
         self.switch_by_dpid = {sw.dpid: sw.name for sw in self.topo.switches}
-        # (switch, port) -> (hop, which counter) for the hop measured there.
+        # (switch, port) -> [(hop, which counter)] for the hops measured there.
         self._measured_at: dict[tuple[str, int], list[tuple[Hop, str]]] = {}
+        # hop -> the switch ports whose drop/error counters are charged to it.
+        self._drop_ports: dict[Hop, list[tuple[tuple[str, int], str]]] = {}
+        self._iface_hop: dict[str, Hop] = {}
         for link in self.topo.links:
             for x, y in ((link.a, link.b), (link.b, link.a)):
                 if not self.topo.node(y).is_gpu:
@@ -85,9 +151,50 @@ class ControllerState:
                 else:
                     key, counter = (x, link.port_of(x)), "tx"
                 self._measured_at.setdefault(key, []).append(((x, y), counter))
+                ends: list[tuple[tuple[str, int], str]] = []
+                if not self.topo.node(x).is_gpu:
+                    ends.append(((x, link.port_of(x)), "tx"))
+                    if self.prefix:
+                        self._iface_hop[self.interface_name(x, link.port_of(x))] = (x, y)
+                if not self.topo.node(y).is_gpu:
+                    ends.append(((y, link.port_of(y)), "rx"))
+                self._drop_ports[(x, y)] = ends
         self._last: dict[tuple[str, int], PortCounters] = {}
         self._history: dict[Hop, deque[HopRate]] = {}
+        # (hop, port key) -> (dropped, errors) already charged to the hop
+        self._drop_base: dict[tuple[Hop, tuple[str, int]], tuple[int, int]] = {}
+        self._drops_total: dict[Hop, int] = {}
+        self._errors_total: dict[Hop, int] = {}
+        self._queues: dict[Hop, QueueSample] = {}
+        self._queue_errors = 0
+        self._queue_rounds = 0
+        self._queue_last_error: str | None = None
+        self.counter_resets = 0
+        self.replies_received = 0
+        self.replies_late = 0
+        self.replies_missing = 0
+        self.missing_by_switch: dict[str, int] = {}
+        self._round: _PollRound | None = None
+        self._reply_latency_s: deque[float] = deque(maxlen=1000)
+        self.poller_alive = False
+        self.poller_error: str | None = None
+        self.poller_died_s: float | None = None
+        self.poll_round_failures = 0
         self._lock = threading.Lock()
+
+    # -- names ----------------------------------------------------------------
+    def interface_name(self, switch: str, port: int) -> str:
+        """The Linux interface of a switch port as the testbed names it."""
+        if not self.prefix:
+            raise ValueError("interface names need the testbed prefix (--prefix)")
+        return f"{self.prefix}{switch}-eth{port}"
+
+    def egress_interface(self, src: str, dst: str) -> str | None:
+        """The switch interface whose egress queue feeds hop src->dst (None
+        when src is a GPU host: that queue is inside the host's namespace)."""
+        if not self.prefix or self.topo.node(src).is_gpu:
+            return None
+        return self.interface_name(src, self.topo.port_to(src, dst))
 
     # -- connections and routes ---------------------------------------------
     def on_connect(self, dpid: int, now: float) -> None:
@@ -98,6 +205,13 @@ class ControllerState:
         with self._lock:
             self.connected.pop(dpid, None)
             self.routes_confirmed.pop(dpid, None)
+            if self._round is not None:
+                self._round.outstanding.discard(dpid)
+            name = self.switch_by_dpid.get(dpid)
+            if name is not None:
+                # A reconnecting switch restarts its counters: forget the baseline.
+                for key in [k for k in self._last if k[0] == name]:
+                    del self._last[key]
 
     def on_routes_sent(self, dpid: int, count: int, now: float) -> None:
         with self._lock:
@@ -109,7 +223,82 @@ class ControllerState:
             if dpid in self.routes_sent:
                 self.routes_confirmed[dpid] = now
 
-    def status(self) -> dict[str, object]:
+    # -- poller bookkeeping ---------------------------------------------------
+    def begin_poll_round(self, now: float, dpids: Iterable[int]) -> int:
+        """Start a statistics round for ``dpids``; closes the previous round,
+        counting every switch that did not answer it.  Returns the round number."""
+        with self._lock:
+            prev = self._round
+            if prev is not None:
+                for dpid in sorted(prev.outstanding):
+                    name = self.switch_by_dpid.get(dpid, hex(dpid))
+                    self.replies_missing += 1
+                    self.missing_by_switch[name] = self.missing_by_switch.get(name, 0) + 1
+                    LOG.warning("switch %s did not answer statistics round %d within %.3f s",
+                                name, prev.number, now - prev.sent_s)
+            number = (prev.number + 1) if prev is not None else 1
+            self._round = _PollRound(number, now, set(dpids))
+            self.polls_sent += 1
+            self.last_poll_s = now
+            self.poller_alive = True
+            return number
+
+    def on_poll_sent(self, now: float) -> None:
+        """Older interface: a round for every connected switch."""
+        self.begin_poll_round(now, list(self.connected))
+
+    def on_stats_reply(self, dpid: int, now: float) -> None:
+        """A (final part of a) port-stats reply from ``dpid`` arrived."""
+        with self._lock:
+            rnd = self._round
+            if rnd is not None and dpid in rnd.outstanding:
+                rnd.outstanding.discard(dpid)
+                self.replies_received += 1
+                self._reply_latency_s.append(max(0.0, now - rnd.sent_s))
+            else:
+                self.replies_late += 1
+
+    def on_poll_round_failed(self, now: float, error: str) -> None:
+        with self._lock:
+            self.poll_round_failures += 1
+            self.poller_error = error
+
+    def on_poller_died(self, now: float, error: str) -> None:
+        with self._lock:
+            self.poller_alive = False
+            self.poller_died_s = now
+            self.poller_error = error
+
+    def poller_health(self, now: float) -> dict[str, object]:
+        with self._lock:
+            return self._poller_health_locked(now)
+
+    def _poller_health_locked(self, now: float) -> dict[str, object]:
+        age = None if self.last_poll_s is None else now - self.last_poll_s
+        stalled = age is not None and age > 3 * self.poll_interval_s + 1.0
+        lat = sorted(self._reply_latency_s)
+        return {
+            "alive": self.poller_alive and not stalled,
+            "started": self.last_poll_s is not None,
+            "stalled": stalled,
+            "died_s": self.poller_died_s,
+            "last_round_age_s": None if age is None else round(age, 3),
+            "rounds": self.polls_sent,
+            "round_failures": self.poll_round_failures,
+            "replies_received": self.replies_received,
+            "replies_missing": self.replies_missing,
+            "replies_late": self.replies_late,
+            "missing_by_switch": dict(sorted(self.missing_by_switch.items())),
+            "reply_latency_ms_p50": _percentile_ms(lat, 0.5),
+            "reply_latency_ms_p95": _percentile_ms(lat, 0.95),
+            "counter_resets": self.counter_resets,
+            "last_error": self.poller_error,
+        }
+
+    def status(self, now: float | None = None) -> dict[str, object]:
+        import time
+
+        now = time.time() if now is None else now
         with self._lock:
             expected = len(self.switch_by_dpid)
             known_connected = [d for d in self.connected if d in self.switch_by_dpid]
@@ -124,24 +313,26 @@ class ControllerState:
                 "poll_interval_s": self.poll_interval_s,
                 "polls_sent": self.polls_sent,
                 "scale": self.scale,
+                "prefix": self.prefix,
+                "history_len": self.history_len,
+                "hops_measured": sum(1 for r in self._history.values() if r),
+                "hops_total": 2 * len(self.topo.links),
+                "poller": self._poller_health_locked(now),
+                "queues": {"rounds": self._queue_rounds, "errors": self._queue_errors,
+                           "interfaces": len(self._queues), "last_error": self._queue_last_error},
             }
 
     # -- statistics -----------------------------------------------------------
-    def on_poll_sent(self, now: float) -> None:
-        with self._lock:
-            self.polls_sent += 1
-            self.last_poll_s = now
-
     def on_port_stats(self, dpid: int, port_no: int, now: float, *, rx_bytes: int, tx_bytes: int,
                       rx_packets: int, tx_packets: int, rx_dropped: int, tx_dropped: int,
-                      rx_errors: int, tx_errors: int) -> list[HopRate]:
+                      rx_errors: int, tx_errors: int, duration_s: float | None = None) -> list[HopRate]:
         """Feed one port's counters; returns the hop rates it produced."""
         switch = self.switch_by_dpid.get(dpid)
         if switch is None:
             return []
         key = (switch, port_no)
         hops = self._measured_at.get(key)
-        sample = PortCounters(now, rx_bytes, tx_bytes, rx_packets, tx_packets,
+        sample = PortCounters(now, duration_s, rx_bytes, tx_bytes, rx_packets, tx_packets,
                               rx_dropped, tx_dropped, rx_errors, tx_errors)
         produced: list[HopRate] = []
         with self._lock:
@@ -149,7 +340,11 @@ class ControllerState:
             self._last[key] = sample
             if prev is None or hops is None:
                 return []
-            interval = now - prev.t_s
+            if _went_backwards(prev, sample):
+                self.counter_resets += 1
+                LOG.info("counters of %s port %d went backwards: new baseline", switch, port_no)
+                return []
+            interval, clock = _interval_s(prev, sample)
             if interval <= 0:
                 return []
             for (x, y), counter in hops:
@@ -160,14 +355,12 @@ class ControllerState:
                 else:
                     nbytes = tx_bytes - prev.tx_bytes
                     packets = tx_packets - prev.tx_packets
-                if nbytes < 0 or packets < 0:  # counters reset (switch restarted)
-                    continue
-                drops = max(0, (rx_dropped - prev.rx_dropped) + (tx_dropped - prev.tx_dropped))
-                errors = max(0, (rx_errors - prev.rx_errors) + (tx_errors - prev.tx_errors))
+                drops, errors = self._charge_drops((x, y))
                 rate_bps = nbytes * 8 / interval
                 load_gbps = rate_bps * self.scale / 1e9
                 rate = HopRate(x, y, link.tier, now, interval, rate_bps, load_gbps, link.rate_gbps,
-                               load_gbps / link.rate_gbps, packets, drops, errors)
+                               load_gbps / link.rate_gbps, packets, drops, errors,
+                               f"{switch}:{port_no} {counter}", clock)
                 ring = self._history.get((x, y))
                 if ring is None:
                     ring = self._history[(x, y)] = deque(maxlen=self.history_len)
@@ -175,6 +368,45 @@ class ControllerState:
                 produced.append(rate)
         return produced
 
+    def _charge_drops(self, hop: Hop) -> tuple[int, int]:
+        """Drops and errors of both ends of ``hop`` not yet charged to it."""
+        drops = errors = 0
+        for port_key, direction in self._drop_ports.get(hop, []):
+            cur = self._last.get(port_key)
+            if cur is None:
+                continue
+            d_now = cur.tx_dropped if direction == "tx" else cur.rx_dropped
+            e_now = cur.tx_errors if direction == "tx" else cur.rx_errors
+            base = self._drop_base.get((hop, port_key))
+            self._drop_base[(hop, port_key)] = (d_now, e_now)
+            if base is None:
+                continue
+            drops += max(0, d_now - base[0])
+            errors += max(0, e_now - base[1])
+        self._drops_total[hop] = self._drops_total.get(hop, 0) + drops
+        self._errors_total[hop] = self._errors_total.get(hop, 0) + errors
+        return drops, errors
+
+    def on_queue_stats(self, samples: Iterable[QueueSample], now: float) -> int:
+        """Feed egress-queue figures of switch interfaces; returns how many
+        belonged to a hop of the topology."""
+        used = 0
+        with self._lock:
+            self._queue_rounds += 1
+            for s in samples:
+                hop = self._iface_hop.get(s.interface)
+                if hop is None:
+                    continue
+                self._queues[hop] = s
+                used += 1
+        return used
+
+    def on_queue_error(self, now: float, error: str) -> None:
+        with self._lock:
+            self._queue_errors += 1
+            self._queue_last_error = error
+
+    # -- reading ----------------------------------------------------------------
     def latest(self) -> list[HopRate]:
         with self._lock:
             return [ring[-1] for ring in self._history.values() if ring]
@@ -183,11 +415,79 @@ class ControllerState:
         with self._lock:
             return list(self._history.get((src, dst), ()))
 
+    def totals(self) -> dict[Hop, tuple[int, int]]:
+        """Cumulative (drops, errors) per hop since the controller started."""
+        with self._lock:
+            return {hop: (self._drops_total.get(hop, 0), self._errors_total.get(hop, 0))
+                    for hop in self._drops_total}
+
+    def queues(self) -> dict[Hop, QueueSample]:
+        with self._lock:
+            return dict(self._queues)
+
     def links_json(self, now: float) -> list[dict[str, object]]:
+        """Latest figures of every measured hop, busiest first."""
+        queues = self.queues()
+        totals = self.totals()
         rows = []
         for rate in self.latest():
-            row = asdict(rate)
+            row = hop_rate_json(rate)
             row["age_ms"] = round((now - rate.t_s) * 1000, 3)
+            hop = (rate.src, rate.dst)
+            row["drops_total"], row["errors_total"] = totals.get(hop, (0, 0))
+            q = queues.get(hop)
+            row["queue"] = None if q is None else queue_json(q, now)
             rows.append(row)
         rows.sort(key=lambda r: (-float(r["utilization"]), str(r["src"]), str(r["dst"])))  # type: ignore[arg-type]
         return rows
+
+
+def hop_rate_json(rate: HopRate) -> dict[str, object]:
+    row: dict[str, object] = asdict(rate)
+    row["rate_mbps"] = rate.rate_bps / 1e6
+    return row
+
+
+def queue_json(q: QueueSample, now: float) -> dict[str, object]:
+    return {"interface": q.interface, "kind": q.kind, "backlog_bytes": q.backlog_bytes,
+            "backlog_packets": q.backlog_packets, "drops_total": q.drops_total,
+            "overlimits_total": q.overlimits_total, "age_ms": round((now - q.t_s) * 1000, 3)}
+
+
+def _went_backwards(prev: PortCounters, cur: PortCounters) -> bool:
+    if (cur.rx_bytes < prev.rx_bytes or cur.tx_bytes < prev.tx_bytes
+            or cur.rx_packets < prev.rx_packets or cur.tx_packets < prev.tx_packets):
+        return True
+    return prev.duration_s is not None and cur.duration_s is not None and cur.duration_s < prev.duration_s
+
+
+def _interval_s(prev: PortCounters, cur: PortCounters) -> tuple[float, str]:
+    if prev.duration_s is not None and cur.duration_s is not None and cur.duration_s > prev.duration_s:
+        return cur.duration_s - prev.duration_s, "switch"
+    return cur.t_s - prev.t_s, "controller"
+
+
+def _percentile_ms(sorted_s: list[float], q: float) -> float | None:
+    if not sorted_s:
+        return None
+    idx = min(len(sorted_s) - 1, max(0, math.ceil(q * len(sorted_s)) - 1))
+    return round(sorted_s[idx] * 1000, 3)
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..1) of ``values``; None when empty."""
+    if not 0 <= q <= 1:
+        raise ValueError(f"percentile q must be 0..1, got {q}")
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    idx = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[idx]
+
+
+def hop_tiers(topo: Topology) -> Mapping[Hop, int]:
+    out: dict[Hop, int] = {}
+    for link in topo.links:
+        out[(link.a, link.b)] = link.tier
+        out[(link.b, link.a)] = link.tier
+    return out
