@@ -1,0 +1,204 @@
+"""Read request traces in the Mooncake JSONL format.
+
+One JSON object per line::
+
+    {"timestamp": 3000, "input_length": 13544, "output_length": 71, "hash_ids": [0, 14, ...]}
+
+* ``timestamp``: arrival in milliseconds from the start of the trace (number >= 0,
+  never decreasing from one line to the next);
+* ``input_length`` (>= 1) and ``output_length`` (>= 1): tokens in and out (whole numbers);
+* ``hash_ids``: one non-negative whole number per 512-token prompt block, so exactly
+  ``ceil(input_length / 512)`` of them.
+
+Extra keys are allowed and ignored (other Mooncake releases add some).  Blank
+lines are not requests and are passed over.  Every other line that does not
+fit is *malformed*: by default reading stops with a :class:`TraceError` naming
+``file:line`` and what is wrong; with ``on_error="skip"`` the line is left out
+and reported in :attr:`TraceLoad.skipped` (nothing is dropped silently).
+
+Windowing and rate: a request is kept when ``start_s <= timestamp/1000 <
+start_s + duration_s``; its replay arrival is
+``(timestamp - start_s*1000) / rate_multiplier`` ms, so a multiplier of 2
+replays the window twice as fast (twice the request rate).  Request ids are
+``"L<line number>"``: stable across windows and unique within one file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .request import BLOCK_TOKENS, Request
+
+ON_ERROR_CHOICES = ("raise", "skip")
+REQUIRED_KEYS = ("timestamp", "input_length", "output_length", "hash_ids")
+
+
+class TraceError(ValueError):
+    """A trace line (or an argument of the reader) is not acceptable."""
+
+
+@dataclass(frozen=True)
+class TraceIssue:
+    path: str
+    line_no: int  # 1-based
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line_no}: {self.message}"
+
+
+@dataclass
+class TraceLoad:
+    requests: list[Request]
+    skipped: list[TraceIssue] = field(default_factory=list)
+
+
+def _whole(value: object, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ValueError(f"{key} must be a whole number >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{key} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_line(text: str) -> tuple[float, int, int, tuple[int, ...]]:
+    """``(timestamp_ms, input_tokens, output_tokens, hash_ids)`` of one line;
+    raises ValueError with a one-line reason."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    if missing:
+        raise ValueError(f"missing key {missing[0]!r} (required: {', '.join(REQUIRED_KEYS)})")
+    ts = obj["timestamp"]
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
+        raise ValueError(f"timestamp must be a finite number of ms >= 0, got {ts!r}")
+    input_tokens = _whole(obj["input_length"], "input_length", 1)
+    output_tokens = _whole(obj["output_length"], "output_length", 1)
+    raw_ids = obj["hash_ids"]
+    if not isinstance(raw_ids, list):
+        raise ValueError(f"hash_ids must be a list of whole numbers, got {type(raw_ids).__name__}")
+    ids = []
+    for pos, h in enumerate(raw_ids):
+        if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+            raise ValueError(f"hash_ids[{pos}] must be a whole number >= 0, got {h!r}")
+        ids.append(h)
+    expected = math.ceil(input_tokens / BLOCK_TOKENS)
+    if len(ids) != expected:
+        raise ValueError(
+            f"hash_ids has {len(ids)} blocks but input_length {input_tokens} needs "
+            f"ceil({input_tokens}/{BLOCK_TOKENS}) = {expected}"
+        )
+    return float(ts), input_tokens, output_tokens, tuple(ids)
+
+
+def _check_args(start_s: float, duration_s: float | None, rate_multiplier: float, on_error: str) -> None:
+    if not (isinstance(start_s, (int, float)) and math.isfinite(start_s) and start_s >= 0):
+        raise TraceError(f"start_s must be a finite number of seconds >= 0, got {start_s!r}")
+    if duration_s is not None and not (
+        isinstance(duration_s, (int, float)) and not math.isnan(duration_s) and duration_s > 0
+    ):
+        raise TraceError(f"duration_s must be > 0 seconds (or None for the rest of the trace), got {duration_s!r}")
+    if not (isinstance(rate_multiplier, (int, float)) and math.isfinite(rate_multiplier) and 0 < rate_multiplier <= 1e6):
+        raise TraceError(f"rate_multiplier must be in (0, 1e6], got {rate_multiplier!r}")
+    if on_error not in ON_ERROR_CHOICES:
+        raise TraceError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+
+
+def iter_trace(
+    path: str | Path,
+    *,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+    rate_multiplier: float = 1.0,
+    on_error: str = "raise",
+    skipped: list[TraceIssue] | None = None,
+    max_requests: int | None = None,
+) -> Iterator[Request]:
+    """Yield the window's requests in file order (see the module docstring).
+
+    With ``on_error="skip"`` every malformed line is appended to ``skipped``
+    (which must then be given).  Reading stops at the first timestamp at or
+    past the end of the window, or after ``max_requests`` requests."""
+    _check_args(start_s, duration_s, rate_multiplier, on_error)
+    if on_error == "skip" and skipped is None:
+        raise TraceError('on_error="skip" needs a list in skipped= to report the skipped lines')
+    if max_requests is not None and (isinstance(max_requests, bool) or max_requests < 1):
+        raise TraceError(f"max_requests must be >= 1 or None, got {max_requests!r}")
+    name = str(path)
+    start_ms = start_s * 1000.0
+    end_ms = math.inf if duration_s is None else (start_s + duration_s) * 1000.0
+    prev_ts = -math.inf
+    count = 0
+    try:
+        handle = open(path, "r", encoding="utf-8")
+    except OSError as exc:
+        raise TraceError(f"cannot read trace {name}: {exc.strerror}") from None
+    with handle:
+        line_no = 0
+        while True:
+            try:
+                text = handle.readline()
+            except UnicodeDecodeError as exc:
+                issue = TraceIssue(name, line_no + 1, f"not UTF-8 text ({exc.reason})")
+                raise TraceError(str(issue)) from None
+            if not text:
+                break
+            line_no += 1
+            if not text.strip():
+                continue
+            try:
+                ts, inp, out, ids = parse_line(text)
+                if ts < prev_ts:
+                    raise ValueError(f"timestamp {ts:g} ms is earlier than the previous line's {prev_ts:g} ms")
+            except ValueError as exc:
+                issue = TraceIssue(name, line_no, str(exc))
+                if on_error == "raise":
+                    raise TraceError(str(issue)) from None
+                assert skipped is not None
+                skipped.append(issue)
+                continue
+            prev_ts = ts
+            if ts < start_ms:
+                continue
+            if ts >= end_ms:
+                break
+            yield Request(f"L{line_no}", (ts - start_ms) / rate_multiplier, inp, out, ids)
+            count += 1
+            if max_requests is not None and count >= max_requests:
+                break
+
+
+def load_trace(
+    path: str | Path,
+    *,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+    rate_multiplier: float = 1.0,
+    on_error: str = "raise",
+    max_requests: int | None = None,
+) -> TraceLoad:
+    """All requests of the window plus the skipped lines (``on_error="skip"``)."""
+    skipped: list[TraceIssue] = []
+    requests = list(
+        iter_trace(
+            path,
+            start_s=start_s,
+            duration_s=duration_s,
+            rate_multiplier=rate_multiplier,
+            on_error=on_error,
+            skipped=skipped,
+            max_requests=max_requests,
+        )
+    )
+    return TraceLoad(requests, skipped)

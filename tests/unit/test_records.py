@@ -1,0 +1,105 @@
+"""Record schema, writer (one line per request, flushed), validator, summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netkv.records import (
+    FIELD_NAMES, RecordError, RecordWriter, check_record, empty_record, percentile, read_records,
+    summarize, validate_file,
+)
+
+
+def ok_record(rid: str, ttft_ms: float = 100.0) -> dict[str, Any]:
+    rec = empty_record(rid, "stub", 1000.0, 1000, 3)
+    t = 1000.0
+    rec.update(
+        status="ok", prefill="g0", decode="g1",
+        tier_distance=0, decision_us=12.0, prefill_cached_tokens=0, tokens_sent=1000,
+        queue_wait_ms=1.0, prefill_start_ms=t + 1, prefill_end_ms=t + 20, bytes_sent=131, kv_bytes=131072000,
+        transfer_start_ms=t + 20, transfer_end_ms=t + 30, decode_admit_ms=t + 30,
+        first_token_ms=t + ttft_ms, completion_ms=t + ttft_ms + 20, ttft_ms=ttft_ms,
+        tbt_mean_ms=10.0, tbt_p99_ms=10.0,
+    )
+    return rec
+
+
+def test_empty_record_has_every_field_and_failed_needs_reason() -> None:
+    rec = empty_record("L1", "stub", 0.0, 10, 1)
+    assert tuple(rec) == FIELD_NAMES
+    assert check_record(rec) == ["L1: failed record without a reason"]
+    rec["reason"] = "prefill worker g0 exited"
+    assert check_record(rec) == []
+
+
+def test_ok_record_order_is_checked() -> None:
+    assert check_record(ok_record("L1")) == []
+    rec = ok_record("L2")
+    rec["transfer_end_ms"] = rec["first_token_ms"] + 5  # arrives after its first token
+    problems = check_record(rec)
+    assert any("transfer_end_ms" in p and "is after decode_admit_ms" in p for p in problems)
+    rec = ok_record("L3")
+    rec["transfer_start_ms"] = None
+    assert check_record(rec) == ["L3: ok record lacks transfer_start_ms"]
+    rec = ok_record("L4")
+    rec["bytes_sent"] = 1.5
+    assert check_record(rec) == ["L4: bytes_sent must be int|null, got 1.5"]
+    rec = ok_record("L5")
+    rec["surprise"] = 1
+    assert check_record(rec) == ["L5: unknown fields surprise"]
+
+
+def test_writer_appends_flushes_and_refuses_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    writer = RecordWriter(path)
+    writer.write(ok_record("L1"))
+    # flushed: readable before close
+    assert [r["request_id"] for r in read_records(path)] == ["L1"]
+    with pytest.raises(RecordError, match="L1: a record was already written"):
+        writer.write(ok_record("L1"))
+    bad = ok_record("L2")
+    bad["status"] = "maybe"
+    with pytest.raises(RecordError, match="status must be one of"):
+        writer.write(bad)
+    writer.close()
+    assert len(path.read_text().splitlines()) == 1
+
+
+def test_validate_file_finds_duplicates_missing_and_extra(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    lines = [ok_record("L1"), ok_record("L1"), ok_record("L9")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    problems = validate_file(path, expected_ids=["L1", "L2"])
+    assert "L1: 2 records" in problems
+    assert "L2: no record" in problems
+    assert "L9: record for a request that was not replayed" in problems
+
+
+def test_summary_is_computed_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path) as writer:
+        for i, ttft in enumerate([100.0, 200.0, 300.0, 400.0]):
+            writer.write(ok_record(f"L{i}", ttft))
+        failed = empty_record("L9", "stub", 5.0, 10, 1)
+        failed["reason"] = "not finished by the drain deadline"
+        writer.write(failed)
+    s = summarize(path, ttft_slo_ms=250.0)
+    assert (s["requests"], s["ok"], s["failed"]) == (5, 4, 1)
+    assert s["ttft_mean_ms"] == 250.0
+    assert s["ttft_p50_ms"] == 250.0
+    assert s["ttft_p99_ms"] == pytest.approx(397.0)
+    assert s["ttft_slo_attainment"] == 2 / 5  # failures count as misses
+    assert s["failure_reasons"] == {"not finished by the drain deadline": 1}
+    with pytest.raises(ValueError, match="ttft_slo_ms must be"):
+        summarize(path, ttft_slo_ms=0)
+
+
+def test_percentile_matches_linear_interpolation() -> None:
+    assert percentile([], 50) is None
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 25) == 2.0
+    assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
