@@ -41,6 +41,7 @@ same arithmetic :meth:`estimate` uses.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import time
 import zlib
@@ -92,6 +93,8 @@ class LinearOracle(Oracle, Protocol):
     and which can say so (the fast path schedulers use)."""
 
     def transfer_model(self, src: str, dst: str, now_s: float) -> tuple[int, float, float]: ...
+
+    def transfer_table(self, src: str, now_s: float) -> "TransferTable": ...
 
     def tier(self, src: str, dst: str) -> int: ...
 
@@ -212,11 +215,36 @@ class PathTable:
             self.get(src, dst)
 
 
+_TABLE_EPOCHS = itertools.count(1)
+TransferModel = tuple[int, float, float]  # (tier, base_latency_ms, ms_per_byte)
+
+
+class TransferTable(dict[str, TransferModel]):
+    """``dst -> (tier, base_latency_ms, ms_per_byte)`` for one source, valid
+    while the oracle's telemetry and its freshness do not change; entries are
+    computed on first lookup.  ``epoch`` is unique per table, so callers may
+    cache anything derived from a table under it."""
+
+    def __init__(self, fill: Callable[[str], TransferModel], created_s: float) -> None:
+        super().__init__()
+        self._fill = fill
+        self.epoch = next(_TABLE_EPOCHS)
+        self.created_s = created_s
+        self.now_s = created_s
+        self.valid_until_s = math.inf
+
+    def __missing__(self, dst: str) -> TransferModel:
+        value = self._fill(dst)
+        self[dst] = value
+        return value
+
+
 class StaticOracle:
     """Tier latency + nominal bottleneck rate of the installed path; no telemetry."""
 
     def __init__(self, topology: Topology, base_latency_ms_by_tier: Mapping[int, float] | None = None) -> None:
         self.paths = PathTable(topology, base_latency_ms_by_tier)
+        self._tables: dict[str, TransferTable] = {}
 
     def tier(self, src: str, dst: str) -> int:
         return self.paths.get(src, dst).tier
@@ -224,6 +252,12 @@ class StaticOracle:
     def transfer_model(self, src: str, dst: str, now_s: float) -> tuple[int, float, float]:
         info = self.paths.get(src, dst)
         return info.tier, info.base_latency_ms, info.static_ms_per_byte
+
+    def transfer_table(self, src: str, now_s: float) -> TransferTable:
+        table = self._tables.get(src)
+        if table is None:
+            table = self._tables[src] = TransferTable(lambda dst: self.transfer_model(src, dst, 0.0), now_s)
+        return table
 
     def estimate(self, src: str, dst: str, size_bytes: int, now_s: float) -> Estimate:
         _check_size(size_bytes)
@@ -283,6 +317,8 @@ class TelemetryOracle:
         self._fetched_at_s: float | None = None
         self._snapshot: TelemetrySnapshot | None = None
         self._state: dict[tuple[str, str], _PairState] = {}
+        self._snapshot_epoch = 0
+        self._tables: dict[str, TransferTable] = {}
 
     def tier(self, src: str, dst: str) -> int:
         return self.paths.get(src, dst).tier
@@ -304,6 +340,8 @@ class TelemetryOracle:
             if snap is not self._snapshot:
                 self._snapshot = snap
                 self._state = {}
+                self._snapshot_epoch += 1
+                self._tables = {}
         assert self._snapshot is not None
         return self._snapshot
 
@@ -355,6 +393,33 @@ class TelemetryOracle:
         if available is None:
             return info.tier, info.base_latency_ms, info.static_ms_per_byte
         return info.tier, info.base_latency_ms, ms_per_byte(available)
+
+    def transfer_table(self, src: str, now_s: float) -> TransferTable:
+        """Per-destination transfer models for ``src`` at ``now_s``; reused
+        across calls while the snapshot is unchanged and no sample used has
+        aged past ``max_age_ms``."""
+        self.snapshot(now_s)
+        table = self._tables.get(src)
+        if table is None or now_s < table.created_s or now_s > table.valid_until_s:
+            table = self._tables[src] = self._new_table(src, now_s)
+        table.now_s = now_s
+        return table
+
+    def _new_table(self, src: str, now_s: float) -> TransferTable:
+        def fill(dst: str) -> TransferModel:
+            info, available, _, _ = self._resolve(src, dst, table.now_s)
+            if available is None:
+                return info.tier, info.base_latency_ms, info.static_ms_per_byte
+            if self.max_age_ms is not None:
+                oldest = self._state[(src, dst)].oldest_t_s
+                assert oldest is not None
+                expires = oldest + self.max_age_ms / 1000.0
+                if expires < table.valid_until_s:
+                    table.valid_until_s = expires
+            return info.tier, info.base_latency_ms, ms_per_byte(available)
+
+        table = TransferTable(fill, now_s)
+        return table
 
     def estimate(self, src: str, dst: str, size_bytes: int, now_s: float) -> Estimate:
         _check_size(size_bytes)

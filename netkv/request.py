@@ -45,6 +45,9 @@ class DecodeView:
     * ``cached_blocks``: prefix-block hash ids whose KV cache it holds.
     * ``max_queue``: waiting requests it accepts; a request is admitted when it
       can take a batch slot now or wait in a queue shorter than this.
+    * ``used_kv_tokens``: KV tokens held by the requests on the instance
+      (decoding and waiting); the ``kv_router`` baseline's "active blocks".
+      Producers that do not track it leave 0.
     """
 
     name: str
@@ -54,9 +57,10 @@ class DecodeView:
     free_kv_tokens: int
     cached_blocks: frozenset[int] = field(default_factory=frozenset)
     max_queue: int = 64
+    used_kv_tokens: int = 0
 
     def __post_init__(self) -> None:
-        for label in ("queue_len", "active_batch", "free_kv_tokens", "max_queue"):
+        for label in ("queue_len", "active_batch", "free_kv_tokens", "max_queue", "used_kv_tokens"):
             value = getattr(self, label)
             if value < 0:
                 raise ValueError(f"decode {self.name}: {label} must be >= 0, got {value}")
