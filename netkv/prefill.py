@@ -49,6 +49,7 @@ class PrefixCache:
             raise ValueError(f"capacity_blocks must be >= 1, got {capacity_blocks!r}")
         self.capacity_blocks = capacity_blocks
         self._blocks: OrderedDict[int, None] = OrderedDict()
+        self._snapshot: frozenset[int] | None = None
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -72,6 +73,7 @@ class PrefixCache:
 
     def insert(self, hash_ids: Iterable[int]) -> None:
         """Mark every block most recently used, evicting the least recent."""
+        self._snapshot = None
         for h in hash_ids:
             if h in self._blocks:
                 self._blocks.move_to_end(h)
@@ -81,7 +83,10 @@ class PrefixCache:
                     self._blocks.popitem(last=False)
 
     def snapshot(self) -> frozenset[int]:
-        return frozenset(self._blocks)
+        """The cached blocks as a frozenset (rebuilt only after an insert)."""
+        if self._snapshot is None:
+            self._snapshot = frozenset(self._blocks)
+        return self._snapshot
 
 
 @dataclass

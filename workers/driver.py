@@ -1,0 +1,488 @@
+"""The frontend of a replay: trace in, worker processes driven, records out.
+
+It runs in the caller's process (the testbed CLI or ``python -m
+workers.run``), not on the emulated network: it talks to every worker over
+one Unix-domain control socket in the run directory (filesystem paths work
+across network namespaces), so the KV payloads are the only traffic on the
+data network.
+
+Per request, at its arrival time:
+
+1. choose the prefill instance (:class:`netkv.prefill.PrefillChooser`, on
+   mirrors of every prefill's prefix cache and its predicted pending work);
+2. build a :class:`netkv.request.DecodeView` of every live decode instance from
+   the frontend's bookkeeping (waiting / decoding counts, reserved KV tokens,
+   a mirror of the prefix blocks it holds) and ask the scheduler under test;
+3. send ``expect`` to the decode worker and ``prefill`` to the prefill worker.
+
+Reports from the workers fill in the request's record; a record is written
+the moment its request finishes or fails, exactly once.  A worker whose
+control connection ends (it exited or was killed) fails every unfinished
+request that depends on it and is left out of later choices.  After the last
+arrival, requests not finished within ``drain_timeout_s`` fail with the stage
+they were stuck in.  Every worker process is then told to stop and, if it
+does not, ended by its pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netkv import perfmodel
+from netkv.oracle import StaticOracle
+from netkv.placement import make_placement, tier_mix
+from netkv.prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, PrefixCache
+from netkv.records import RecordWriter, empty_record, summarize, validate_file
+from netkv.request import DecodeView, Request
+from netkv.schedulers import NoEligibleDecode, create
+from netkv.traces import TraceIssue, load_trace
+from topologies import catalog
+
+from .launch import Launcher
+from .protocol import CONTROL_SOCKET_NAME, MAX_LINE_BYTES, UNIX_PATH_MAX, ProtocolError, decode, encode
+from .run import ReplayConfig
+
+STOP_GRACE_S = 5.0
+KILL_GRACE_S = 2.0
+
+
+class ReplayError(RuntimeError):
+    """The replay could not run (workers did not start, bad run directory...)."""
+
+
+@dataclass
+class Flight:
+    """A request between its dispatch and its record."""
+
+    req: Request
+    rec: dict[str, Any]
+    prefill: str
+    decode: str
+    predicted_prefill_ms: float
+    reserved_tokens: int
+    prefilled: bool = False
+    sent: bool = False
+    admitted: bool = False
+    done_msg: dict[str, Any] | None = None
+
+    def stage(self) -> str:
+        if not self.prefilled:
+            return "waiting for or in prefill"
+        if not self.sent:
+            return "KV transfer in progress"
+        if not self.admitted:
+            return "KV sent, not admitted to decode (payload incomplete or no room)"
+        return "decoding"
+
+
+@dataclass
+class DecodeState:
+    name: str
+    cache: PrefixCache
+    queued: int = 0
+    active: int = 0
+    reserved_tokens: int = 0
+    alive: bool = True
+    flights: set[str] = field(default_factory=set)
+
+
+class Frontend:
+    def __init__(
+        self,
+        config: ReplayConfig,
+        launcher: Launcher,
+        run_dir: Path,
+        *,
+        oracle: Any = None,
+        scheduler: Any = None,
+        topology: Any = None,
+    ) -> None:
+        config.validate()
+        self.cfg = config
+        self.launcher = launcher
+        self.run_dir = run_dir
+        self.topo = topology if topology is not None else catalog.build(config.topology, config.topology_params)
+        self.placement = make_placement(self.topo, config.placement)
+        self.perf = perfmodel.build(config.model, config.gpu, config.perf_overrides)
+        if config.oracle == "telemetry" and oracle is None:
+            raise ReplayError('oracle "telemetry" needs a telemetry oracle: pass oracle= to replay()')
+        self.oracle = oracle if oracle is not None else StaticOracle(self.topo)
+        self.scheduler = scheduler if scheduler is not None else create(
+            config.scheduler, config.scheduler_config, kv_bytes_per_token=self.perf.kv_bytes_per_token,
+            seed=config.seed,
+        )
+        self.chooser = PrefillChooser(self.perf, config.prefill_policy)
+        self.prefills = {h: PrefillInstance(h, PrefixCache(self.perf.prefix_cache_blocks)) for h in self.placement.prefill}
+        self.decodes = {h: DecodeState(h, PrefixCache(self.perf.prefix_cache_blocks)) for h in self.placement.decode}
+        self.prefill_flights: dict[str, set[str]] = {h: set() for h in self.placement.prefill}
+        self.flights: dict[str, Flight] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.writers: dict[str, asyncio.StreamWriter] = {}
+        self.hello: dict[str, asyncio.Event] = {}
+        self.addrs: dict[str, tuple[str, int]] = {}
+        self.late_reports = 0
+        self.max_dispatch_lag_ms = 0.0
+        self.t0 = 0.0
+        self.writer: RecordWriter | None = None
+        self.all_done = asyncio.Event()
+        self.dispatched_all = False
+        self.progress: Any = None
+        self.sock_path = run_dir.resolve() / CONTROL_SOCKET_NAME
+        self.stopping = False
+
+    # -- time ------------------------------------------------------------------
+    def ms(self, epoch_s: float) -> float:
+        return (epoch_s - self.t0) * 1000.0
+
+    # -- records ---------------------------------------------------------------
+    def _finish(self, rid: str, reason: str = "") -> None:
+        flight = self.flights.pop(rid)
+        if not flight.prefilled:
+            inst = self.prefills[flight.prefill]
+            inst.pending_ms = max(0.0, inst.pending_ms - flight.predicted_prefill_ms)
+            inst.queue_len -= 1
+        self.prefill_flights[flight.prefill].discard(rid)
+        d = self.decodes[flight.decode]
+        d.flights.discard(rid)
+        if flight.admitted:
+            d.active -= 1
+        else:
+            d.queued -= 1
+        d.reserved_tokens -= flight.reserved_tokens
+        rec = flight.rec
+        rec["status"] = "failed" if reason else "ok"
+        rec["reason"] = reason
+        self._write(rec)
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        assert self.writer is not None
+        self.writer.write(rec)
+        if self.progress is not None:
+            self.progress.update(1)
+        if self.dispatched_all and not self.flights:
+            self.all_done.set()
+
+    def _fail_undispatched(self, req: Request, reason: str, **extra: Any) -> None:
+        rec = empty_record(req.request_id, self.cfg.scheduler, req.arrival_ms, req.input_tokens, req.output_tokens)
+        rec.update(extra)
+        rec["reason"] = reason
+        self._write(rec)
+
+    # -- dispatch -------------------------------------------------------------
+    def dispatch(self, req: Request) -> None:
+        lag_ms = self.ms(time.time()) - req.arrival_ms
+        self.max_dispatch_lag_ms = max(self.max_dispatch_lag_ms, lag_ms)
+        try:
+            choice = self.chooser.choose(req.hash_ids, req.input_tokens, list(self.prefills.values()))
+        except PrefillChoiceError as exc:
+            self._fail_undispatched(req, f"no prefill: {exc}")
+            return
+        views = [
+            DecodeView(
+                d.name, d.queued, d.active, self.cfg.decode_max_batch,
+                max(0, self.perf.kv_capacity_tokens - d.reserved_tokens), d.cache.snapshot(),
+                self.cfg.decode_max_queue, used_kv_tokens=max(0, d.reserved_tokens),
+            )
+            for d in self.decodes.values() if d.alive
+        ]
+        if not views:
+            self._fail_undispatched(req, "no decode: no live decode instance", prefill=choice.name)
+            return
+        started = time.perf_counter()
+        try:
+            decision = self.scheduler.choose(req, choice.name, views, self.oracle, time.time())
+        except NoEligibleDecode as exc:
+            self._fail_undispatched(
+                req, f"no eligible decode: {exc}", prefill=choice.name,
+                decision_us=(time.perf_counter() - started) * 1e6,
+            )
+            return
+        decision_us = (time.perf_counter() - started) * 1e6
+        if decision.decode not in self.decodes or not self.decodes[decision.decode].alive:
+            raise ReplayError(f"scheduler chose {decision.decode!r}, which is not a live decode instance")
+        kv_bytes = int(decision.bytes_to_send)
+        wire_bytes = math.ceil(kv_bytes / self.cfg.scale_factor)
+        rec = empty_record(req.request_id, self.cfg.scheduler, req.arrival_ms, req.input_tokens, req.output_tokens)
+        est = decision.estimate
+        rec.update(
+            prefill=choice.name, decode=decision.decode,
+            tier_distance=self.topo.tier_distance(choice.name, decision.decode),
+            decision_us=decision_us, score_terms={k: float(v) for k, v in decision.score_terms.items()},
+            estimate_transfer_ms=None if est is None else float(est.transfer_ms),
+            tokens_sent=int(decision.tokens_to_send), kv_bytes=kv_bytes, bytes_sent=wire_bytes,
+        )
+        need = req.input_tokens + req.output_tokens
+        flight = Flight(req, rec, choice.name, decision.decode, choice.predicted_prefill_ms, need)
+        self.flights[req.request_id] = flight
+        inst = self.prefills[choice.name]
+        inst.cache.insert(req.hash_ids)
+        inst.pending_ms += choice.predicted_prefill_ms
+        inst.queue_len += 1
+        self.prefill_flights[choice.name].add(req.request_id)
+        d = self.decodes[decision.decode]
+        d.cache.insert(req.hash_ids)
+        d.queued += 1
+        d.reserved_tokens += need
+        d.flights.add(req.request_id)
+        self._send(decision.decode, {"t": "expect", "id": req.request_id, "input_tokens": req.input_tokens,
+                                     "output_tokens": req.output_tokens, "wire_bytes": wire_bytes})
+        self._send(choice.name, {"t": "prefill", "id": req.request_id, "input_tokens": req.input_tokens,
+                                 "hash_ids": list(req.hash_ids), "decode": decision.decode,
+                                 "addr": list(self.addrs[decision.decode]), "wire_bytes": wire_bytes})
+
+    def _send(self, host: str, msg: dict[str, Any]) -> None:
+        writer = self.writers.get(host)
+        if writer is not None and not writer.is_closing():
+            writer.write(encode(msg))
+
+    # -- reports ---------------------------------------------------------------
+    def on_report(self, host: str, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        rid = msg.get("id")
+        flight = self.flights.get(rid) if isinstance(rid, str) else None
+        if flight is None:
+            self.late_reports += 1  # the request already has its record (failed earlier)
+            return
+        rec = flight.rec
+        if kind == "prefilled":
+            flight.prefilled = True
+            inst = self.prefills[flight.prefill]
+            inst.pending_ms = max(0.0, inst.pending_ms - flight.predicted_prefill_ms)
+            inst.queue_len -= 1
+            rec["prefill_start_ms"] = self.ms(msg["start_s"])
+            rec["prefill_end_ms"] = self.ms(msg["end_s"])
+            rec["queue_wait_ms"] = rec["prefill_start_ms"] - rec["arrival_ms"]
+            rec["prefill_cached_tokens"] = int(msg["cached_tokens"])
+        elif kind == "sent":
+            flight.sent = True
+            self.prefill_flights[flight.prefill].discard(rid)  # type: ignore[arg-type]
+            rec["transfer_start_ms"] = self.ms(msg["start_s"])
+            if flight.done_msg is not None:
+                self._complete(flight, flight.done_msg)
+        elif kind == "send_failed":
+            self._finish(flight.req.request_id, f"transfer failed: {msg.get('reason', '')}")
+        elif kind == "admitted":
+            flight.admitted = True
+            d = self.decodes[flight.decode]
+            d.queued -= 1
+            d.active += 1
+        elif kind == "done":
+            if not flight.admitted:
+                self.on_report(host, {"t": "admitted", "id": rid})
+            if flight.sent:
+                self._complete(flight, msg)
+            else:
+                flight.done_msg = msg  # the sender's report is still on its way
+        elif kind == "rejected":
+            self._finish(flight.req.request_id, f"rejected by decode {host}: {msg.get('reason', '')}")
+        else:
+            raise ProtocolError(f"{host} sent an unknown report {kind!r}")
+
+    def _complete(self, flight: Flight, msg: dict[str, Any]) -> None:
+        rec = flight.rec
+        rec["transfer_end_ms"] = self.ms(msg["transfer_end_s"])
+        rec["decode_admit_ms"] = self.ms(msg["admit_s"])
+        rec["first_token_ms"] = self.ms(msg["first_token_s"])
+        rec["completion_ms"] = self.ms(msg["completion_s"])
+        rec["ttft_ms"] = rec["first_token_ms"] - rec["arrival_ms"]
+        rec["tbt_mean_ms"] = msg.get("tbt_mean_ms")
+        rec["tbt_p99_ms"] = msg.get("tbt_p99_ms")
+        self._finish(flight.req.request_id)
+
+    def worker_lost(self, host: str) -> None:
+        if self.stopping:
+            return  # told to stop; every request already has its record
+        proc = self.procs.get(host)
+        rc = proc.poll() if proc is not None else None
+        how = f"exited with code {rc}" if rc is not None else "closed its control connection"
+        if host in self.prefills:
+            self.prefills[host].alive = False
+            affected = sorted(self.prefill_flights[host])
+            reason = f"prefill worker {host} {how} before the KV transfer finished"
+        else:
+            self.decodes[host].alive = False
+            affected = sorted(self.decodes[host].flights)
+            reason = f"decode worker {host} {how} before the request finished"
+        print(f"netkv replay: worker {host} {how}; failing {len(affected)} request(s)", file=sys.stderr)
+        for rid in affected:
+            if rid in self.flights:
+                self._finish(rid, reason)
+
+    # -- control socket -----------------------------------------------------
+    async def on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host: str | None = None
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            hello = decode(line)
+            host = str(hello.get("host"))
+            if hello.get("t") != "hello" or host not in self.hello or host in self.writers:
+                raise ProtocolError(f"unexpected first control message {hello!r}")
+            self.writers[host] = writer
+            self.hello[host].set()
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                self.on_report(host, decode(line))
+        except (ConnectionError, ProtocolError, ValueError) as exc:
+            print(f"netkv replay: control connection of {host or '?'} failed: {exc}", file=sys.stderr)
+        finally:
+            writer.close()
+            if host is not None and self.writers.get(host) is writer:
+                await asyncio.sleep(0.05)  # let the process finish exiting so its code is known
+                self.worker_lost(host)
+
+    # -- processes ---------------------------------------------------------------
+    def _argv(self, host: str, role: str) -> list[str]:
+        argv = [sys.executable, "-m", f"workers.{role}", "--host", host, "--control", str(self.sock_path),
+                "--model", self.cfg.model, "--gpu", self.cfg.gpu, "--perf-json", json.dumps(self.cfg.perf_overrides)]
+        if role == "decode":
+            ip, port = self.addrs[host]
+            argv += ["--listen-ip", ip, "--listen-port", str(port), "--max-batch", str(self.cfg.decode_max_batch)]
+        return argv
+
+    async def start_workers(self) -> None:
+        logs = self.run_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        for host in self.placement.decode:
+            self.addrs[host] = self.launcher.data_addr(host)
+        for host in self.placement.hosts:
+            self.hello[host] = asyncio.Event()
+            role = self.placement.role_of(host)
+            self.procs[host] = self.launcher.popen(host, self._argv(host, role), logs / f"{host}.log")
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while not all(e.is_set() for e in self.hello.values()):
+            dead = [h for h, p in self.procs.items() if p.poll() is not None and not self.hello[h].is_set()]
+            if dead:
+                raise ReplayError(f"worker {dead[0]} exited with code {self.procs[dead[0]].returncode} "
+                                  f"before connecting:\n{self._log_tail(dead[0])}")
+            if time.monotonic() > deadline:
+                late = [h for h, e in self.hello.items() if not e.is_set()]
+                raise ReplayError(f"{len(late)} worker(s) did not connect within startup_timeout_s="
+                                  f"{self.cfg.startup_timeout_s}: {', '.join(late[:8])}\n{self._log_tail(late[0])}")
+            await asyncio.sleep(0.05)
+
+    def _log_tail(self, host: str, lines: int = 15) -> str:
+        path = self.run_dir / "logs" / f"{host}.log"
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def stop_workers(self) -> None:
+        self.stopping = True
+        for host in list(self.writers):
+            self._send(host, {"t": "stop"})
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(p.poll() is None for p in self.procs.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + KILL_GRACE_S
+        while any(p.poll() is None for p in self.procs.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    # -- the run ---------------------------------------------------------------
+    async def replay_requests(self, requests: list[Request]) -> None:
+        for req in requests:
+            delay = self.t0 + req.arrival_ms / 1000.0 - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.dispatch(req)
+        self.dispatched_all = True
+        if not self.flights:
+            self.all_done.set()
+        last_arrival_s = self.t0 + (requests[-1].arrival_ms / 1000.0 if requests else 0.0)
+        wait_s = last_arrival_s + self.cfg.drain_timeout_s - time.time()
+        try:
+            await asyncio.wait_for(self.all_done.wait(), timeout=max(0.0, wait_s))
+        except asyncio.TimeoutError:
+            for rid in sorted(self.flights):
+                stage = self.flights[rid].stage()
+                self._finish(rid, f"not finished within drain_timeout_s={self.cfg.drain_timeout_s:g} "
+                                  f"after the last arrival ({stage})")
+
+    async def main(self, requests: list[Request]) -> None:
+        server = await asyncio.start_unix_server(self.on_connection, path=str(self.sock_path), limit=MAX_LINE_BYTES)
+        try:
+            await self.start_workers()
+            self.t0 = time.time()
+            await self.replay_requests(requests)
+        finally:
+            self.dispatched_all = True
+            await self.stop_workers()
+            server.close()
+            for writer in list(self.writers.values()):
+                writer.close()
+            await asyncio.sleep(0.1)  # let the connection handlers see EOF
+
+    def run(self) -> dict[str, Any]:
+        run_dir = self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        records_path = run_dir / "records.jsonl"
+        if records_path.exists():
+            raise ReplayError(f"{records_path} already exists: use a fresh run directory")
+        if len(str(self.sock_path).encode()) > UNIX_PATH_MAX:
+            raise ReplayError(f"control socket path {self.sock_path} is longer than {UNIX_PATH_MAX} bytes; "
+                              "use a run directory with a shorter path")
+        if self.sock_path.exists():
+            self.sock_path.unlink()
+        self.cfg.write(run_dir / "config.json")
+        load = load_trace(self.cfg.trace_path, start_s=self.cfg.start_s, duration_s=self.cfg.duration_s,
+                          rate_multiplier=self.cfg.rate_multiplier, on_error=self.cfg.on_trace_error,
+                          max_requests=self.cfg.max_requests)
+        _write_skipped(run_dir / "trace_skipped.txt", load.skipped)
+        requests = load.requests
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=len(requests), unit="req", desc=f"replay {self.cfg.scheduler}")
+        self.writer = RecordWriter(records_path)
+        try:
+            asyncio.run(self.main(requests))
+        finally:
+            self.writer.close()
+            if self.progress is not None:
+                self.progress.close()
+            if self.sock_path.exists():
+                self.sock_path.unlink()
+        # One record per replayed request, checked from the file.
+        problems = validate_file(records_path, [r.request_id for r in requests])
+        run_info = {
+            "run_start_epoch_s": self.t0,
+            "placement": self.placement.as_dict(),
+            "tier_pairs": tier_mix(self.topo, self.placement),
+            "perf": self.perf.describe(),
+            "workers": {h: {"pid": p.pid, "returncode": p.returncode,
+                            "data_addr": list(self.addrs[h]) if h in self.addrs else None}
+                        for h, p in self.procs.items()},
+        }
+        (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        summary = summarize(records_path, self.cfg.ttft_slo_ms)
+        summary.update(
+            run_dir=str(run_dir), run_start_epoch_s=self.t0, scheduler=self.cfg.scheduler,
+            trace_lines_skipped=len(load.skipped), late_reports=self.late_reports,
+            max_dispatch_lag_ms=self.max_dispatch_lag_ms, problems=problems,
+        )
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def _write_skipped(path: Path, skipped: list[TraceIssue]) -> None:
+    if skipped:
+        path.write_text("".join(f"{issue}\n" for issue in skipped))

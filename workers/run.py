@@ -1,0 +1,198 @@
+"""Replay a trace window through real worker processes: the entry point.
+
+``replay(config, launcher, run_dir) -> summary`` is what the testbed CLI
+calls (with its Mininet launcher); ``python -m workers.run --config C.json
+--run-dir D`` runs the same thing on this machine with :class:`LocalLauncher`.
+
+A run directory holds afterwards:
+
+* ``config.json``: the :class:`ReplayConfig` (every field), enough to repeat the run;
+* ``run.json``: what the config resolved to (placement, perf-model figures,
+  worker pids and data addresses, the time origin);
+* ``records.jsonl``: one record per replayed request (:mod:`netkv.records`);
+* ``summary.json``: metrics read back from ``records.jsonl`` plus run facts;
+* ``trace_skipped.txt``: malformed trace lines left out (``on_trace_error="skip"``);
+* ``logs/<host>.log``: each worker's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from netkv import perfmodel
+from netkv.placement import DEFAULT_PLACEMENT
+from netkv.prefill import PREFILL_POLICIES
+from netkv.traces import ON_ERROR_CHOICES
+
+from .launch import REPO_ROOT, Launcher, LocalLauncher
+
+DEFAULT_TRACE = str((REPO_ROOT / ".." / "shared" / "traces" / "mooncake_conversation.jsonl").resolve())
+ORACLES = ("static", "telemetry")
+
+
+class ReplayConfigError(ValueError):
+    """A replay configuration value is missing, unknown or out of range."""
+
+
+def _f(default: Any, help: str, unit: str = "") -> Any:
+    meta = {"help": help, "unit": unit}
+    if isinstance(default, (dict, list)):
+        value = default
+        return field(default_factory=lambda: json.loads(json.dumps(value)), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ReplayConfig:
+    trace_path: str = _f(DEFAULT_TRACE, "Mooncake-format JSONL trace to replay", "path")
+    start_s: float = _f(0.0, "window start, offset into the trace", "s")
+    duration_s: float | None = _f(60.0, "window length (null: to the end of the trace)", "s")
+    rate_multiplier: float = _f(1.0, "replay speed: 2 halves every inter-arrival gap (twice the request rate)", "x")
+    max_requests: int | None = _f(None, "replay at most this many requests of the window (null: all)", "requests")
+    on_trace_error: str = _f("raise", "malformed trace line: 'raise' stops, 'skip' leaves it out and lists it", "")
+    topology: str = _f("fattree", "topology name in topologies.catalog", "")
+    topology_params: dict[str, Any] = _f({}, "topology builder parameters", "")
+    placement: dict[str, Any] = _f(dict(DEFAULT_PLACEMENT), "prefill/decode roles (netkv.placement)", "")
+    scheduler: str = _f("netkv", "decode scheduler under test (netkv.schedulers)", "")
+    scheduler_config: dict[str, Any] = _f({}, "the scheduler's configuration keys", "")
+    oracle: str = _f("static", "network oracle: 'static' (nominal rates) or 'telemetry' (needs a source)", "")
+    prefill_policy: str = _f("cache_load", "prefill chooser policy (netkv.prefill)", "")
+    model: str = _f(perfmodel.DEFAULT_MODEL, "model in netkv.perfmodel.MODELS", "")
+    gpu: str = _f(perfmodel.DEFAULT_GPU, "GPU in netkv.perfmodel.GPUS", "")
+    perf_overrides: dict[str, Any] = _f({}, "perf-model assumption overrides (netkv.perfmodel.PERF_OVERRIDE_KEYS)", "")
+    decode_max_batch: int = _f(128, "requests one decode instance decodes together at most", "requests")
+    decode_max_queue: int = _f(64, "requests waiting at one decode instance that the scheduler allows", "requests")
+    scale_factor: float = _f(1000.0, "emulated link rates and KV payload bytes are divided by this", "x")
+    drain_timeout_s: float = _f(120.0, "after the last arrival, wait this long before failing unfinished requests", "s")
+    startup_timeout_s: float = _f(30.0, "time allowed for every worker to connect", "s")
+    ttft_slo_ms: float | None = _f(None, "TTFT SLO for the summary's attainment figure (null: none)", "ms")
+    seed: int = _f(0, "seed for randomised schedulers", "")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- checking ------------------------------------------------------------
+    def validate(self) -> None:
+        def num(name: str, lo: float, hi: float, *, integer: bool = False, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok_type or not (math.isfinite(value) and lo <= value <= hi):
+                kind = "whole number" if integer else "number"
+                raise ReplayConfigError(f"{name} must be a {kind} in [{lo:g}, {hi:g}], got {value!r}")
+
+        num("start_s", 0, 1e9)
+        num("duration_s", 1e-3, 1e9, optional=True)
+        num("rate_multiplier", 1e-3, 1e6)
+        num("max_requests", 1, 1e9, integer=True, optional=True)
+        num("decode_max_batch", 1, 4096, integer=True)
+        num("decode_max_queue", 0, 1e6, integer=True)
+        num("scale_factor", 1, 1e9)
+        num("drain_timeout_s", 0, 86400)
+        num("startup_timeout_s", 1, 3600)
+        num("ttft_slo_ms", 1e-3, 1e9, optional=True)
+        num("seed", 0, 2**63, integer=True)
+        for name, allowed in (("on_trace_error", ON_ERROR_CHOICES), ("oracle", ORACLES),
+                              ("prefill_policy", PREFILL_POLICIES), ("model", tuple(perfmodel.MODELS)),
+                              ("gpu", tuple(perfmodel.GPUS))):
+            if getattr(self, name) not in allowed:
+                raise ReplayConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("trace_path", "topology", "scheduler"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ReplayConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("topology_params", "placement", "scheduler_config", "perf_overrides"):
+            if not isinstance(getattr(self, name), dict):
+                raise ReplayConfigError(f"{name} must be a JSON object, got {getattr(self, name)!r}")
+        try:
+            perfmodel.build(self.model, self.gpu, self.perf_overrides)
+        except perfmodel.PerfModelError as exc:
+            raise ReplayConfigError(str(exc)) from None
+
+    # -- (de)serialisation ---------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ReplayConfig":
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ReplayConfigError(f"unknown replay config key {unknown[0]!r}; known: {', '.join(known)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ReplayConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ReplayConfigError(f"cannot read replay config {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ReplayConfigError(f"replay config {path} must be a JSON object")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+    @classmethod
+    def help_text(cls) -> str:
+        lines = []
+        defaults = cls().to_dict()
+        for f in fields(cls):
+            default = defaults[f.name]
+            unit = f" [{f.metadata['unit']}]" if f.metadata.get("unit") else ""
+            lines.append(f"  {f.name}{unit} (default {json.dumps(default)}): {f.metadata['help']}")
+        return "\n".join(lines)
+
+
+def replay(
+    config: ReplayConfig,
+    launcher: Launcher,
+    run_dir: str | Path,
+    *,
+    oracle: Any = None,
+    scheduler: Any = None,
+    topology: Any = None,
+) -> dict[str, Any]:
+    """Run one replay and return its summary (also written to ``summary.json``).
+
+    ``oracle``: required when ``config.oracle == "telemetry"`` (the testbed
+    passes a :class:`netkv.oracle.TelemetryOracle` fed by its controller);
+    otherwise a :class:`netkv.oracle.StaticOracle` of the topology is used.
+    ``scheduler`` replaces ``netkv.schedulers.create(config.scheduler, ...)``
+    (tests, custom policies).  ``topology`` replaces building
+    ``config.topology`` from the catalog (it must be the same fabric the
+    launcher emulates)."""
+    from .driver import Frontend  # heavy imports (schedulers, numpy) only in the frontend
+
+    return Frontend(config, launcher, Path(run_dir), oracle=oracle, scheduler=scheduler, topology=topology).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers.run",
+        description="Replay a trace through NetKV workers on this machine (127.0.0.1).",
+        epilog="Config keys:\n" + ReplayConfig.help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="JSON file with ReplayConfig keys (others keep their defaults)")
+    parser.add_argument("--run-dir", required=True, help="directory for config.json, records.jsonl, logs")
+    args = parser.parse_args(argv)
+    try:
+        config = ReplayConfig.load(args.config) if args.config else ReplayConfig()
+    except ReplayConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = replay(config, LocalLauncher(), args.run_dir)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary.get("problems") == [] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
