@@ -1,0 +1,219 @@
+"""Link telemetry on a real emulated fabric (root: Mininet, Open vSwitch, os-ken, iperf3).
+
+A known UDP rate is pushed with iperf3 from one GPU host to another; the
+controller's API must report it on every hop of the installed path within 15%
+within two polling intervals, idle links must read (near) zero, an overloaded
+link must read its configured rate with its queue's drops visible, and the
+flow's packets must be seen on the switch interfaces of the path the API
+reports and on none of the equal-cost alternatives.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any, Iterator
+
+import pytest
+
+from bench.telemetry import (hop_samples_within, iperf_result, iperf_server, iperf_udp_client, rest_get,
+                             udp_wire_factor)
+from testbed.config import TestbedConfig
+from testbed.net import Testbed
+from tests.conftest import free_port, test_prefix
+
+pytestmark = pytest.mark.root
+POLL_INTERVAL_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Testbed]:
+    cfg = TestbedConfig(topology="tiny", params={}, prefix=test_prefix("t"), of_port=free_port(),
+                        rest_port=free_port(), poll_interval_s=POLL_INTERVAL_S)
+    bed = Testbed(cfg)
+    bed.up()
+    try:
+        yield bed
+    finally:
+        bed.down()
+
+
+def cross_pair(tb: Testbed, via: str) -> tuple[str, str]:
+    """A cross-rack GPU pair whose installed path crosses aggregation switch ``via``."""
+    for src in ("g0", "g1"):
+        for dst in ("g2", "g3"):
+            if via in tb.topo.path(src, dst):
+                return src, dst
+    raise AssertionError(f"no g0/g1 -> g2/g3 pair crosses {via}")
+
+
+def wait_for_samples(tb: Testbed, min_hops: int, timeout_s: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = rest_get(tb.rest_url, "/status")
+        if status["hops_measured"] >= min_hops:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"only {status.get('hops_measured')} of {min_hops} hops measured: {status}")
+
+
+def test_status_shows_a_live_poller(tb: Testbed) -> None:
+    status = wait_for_samples(tb, 2 * len(tb.topo.links))
+    poller = status["poller"]
+    assert poller["alive"] and not poller["stalled"]
+    assert poller["rounds"] >= 2 and poller["replies_received"] >= len(tb.topo.switches)
+    # a tiny idle fabric answers every round on this machine; a missing reply is a bug here
+    assert poller["replies_missing"] == 0, poller
+    assert status["queues"]["interfaces"] > 0, status["queues"]
+    rows = rest_get(tb.rest_url, "/links")["links"]
+    assert {r["clock"] for r in rows} == {"switch"}, "OVS reports port durations: intervals use the switch clock"
+
+
+def test_known_rate_is_reported_on_every_hop_of_the_path(tb: Testbed) -> None:
+    src, dst = cross_pair(tb, "a1")
+    topo = tb.topo
+    hops = topo.path_hops(src, dst)
+    reverse = set(topo.path_hops(dst, src))
+    bottleneck_mbps = min(tb.emulated_mbps(topo.link_between(x, y)) for x, y in hops)
+    rate_mbps = 0.5 * bottleneck_mbps  # payload; well under every hop's rate
+    wait_for_samples(tb, 2 * len(topo.links))
+    seconds = 6.0
+    server = iperf_server(tb, dst, 5201)
+    t_launch = time.time()
+    client = iperf_udp_client(tb, src, dst, 5201, rate_mbps, seconds)
+    time.sleep(seconds / 2)
+    mid = rest_get(tb.rest_url, "/links")
+    result = iperf_result(client)
+    server.wait(timeout=10)
+    t_done = time.time()
+    expected_bps = result["receiver_bps"] * udp_wire_factor()
+    assert result["lost_fraction"] < 0.01, result
+    assert expected_bps == pytest.approx(rate_mbps * 1e6 * udp_wire_factor(), rel=0.05)
+
+    for x, y in hops:
+        hist = rest_get(tb.rest_url, f"/links/{x}/{y}")["history"]
+        fresh = [h for h in hist if h["t_s"] >= t_launch]
+        busy = [h for h in fresh if h["rate_bps"] > 0.05 * expected_bps]
+        assert busy, f"{x}->{y}: no traffic seen"
+        # the flow began inside the interval of the first busy sample; two
+        # intervals later (plus reply jitter) a reading must be within 15%
+        began = busy[0]["t_s"] - busy[0]["interval_s"]
+        deadline = began + 2 * POLL_INTERVAL_S + 0.25
+        early = [h for h in busy if h["t_s"] <= deadline]
+        assert any(abs(h["rate_bps"] - expected_bps) <= 0.15 * expected_bps for h in early), \
+            (x, y, expected_bps, [(round(h["t_s"] - began, 3), h["rate_bps"]) for h in early])
+        steady = hop_samples_within(hist, began + POLL_INTERVAL_S, t_done - 1.0)
+        assert len(steady) >= 4, (x, y, len(steady))
+        med = statistics.median(h["rate_bps"] for h in steady)
+        print(f"{x}->{y}: expected {expected_bps / 1e6:.3f} Mbit/s; first busy sample at +"
+              f"{busy[0]['t_s'] - began:.2f} s; readings within 2 intervals "
+              f"{[round(h['rate_bps'] / 1e6, 3) for h in early]}; steady median {med / 1e6:.3f} "
+              f"({100 * (med - expected_bps) / expected_bps:+.1f}%)")
+        assert med == pytest.approx(expected_bps, rel=0.15), (x, y, med, expected_bps)
+        link = topo.link_between(x, y)
+        assert steady[-1]["load_gbps"] == pytest.approx(steady[-1]["rate_bps"] * tb.config.scale / 1e9)
+        assert steady[-1]["capacity_gbps"] == link.rate_gbps
+
+    # idle links read zero while the flow runs (the reverse path carries iperf3's control traffic)
+    idle = [r for r in mid["links"] if (r["src"], r["dst"]) not in set(hops) | reverse]
+    assert idle, "the tiny fabric has links off the flow's path"
+    worst = max(idle, key=lambda r: r["utilization"])
+    print(f"idle links: {len(idle)}, worst {worst['src']}->{worst['dst']} utilization {worst['utilization']:.5f}")
+    assert worst["utilization"] < 0.005, worst
+    on_path = {(r["src"], r["dst"]): r for r in mid["links"]}
+    assert on_path[hops[2]]["rate_bps"] == pytest.approx(expected_bps, rel=0.15)
+    assert mid["links"][0]["utilization"] >= on_path[hops[2]]["utilization"] - 1e-9  # busiest first
+
+
+def test_overloaded_link_reads_its_rate_and_queue_drops(tb: Testbed) -> None:
+    src, dst = cross_pair(tb, "a0")
+    topo = tb.topo
+    hops = topo.path_hops(src, dst)
+    # the narrowest hop past the sender's own (shaped) interface
+    narrow = min(hops[1:], key=lambda h: topo.link_between(*h).rate_gbps)
+    cap_mbps = tb.emulated_mbps(topo.link_between(*narrow))
+    assert narrow[0] != src and not topo.node(narrow[0]).is_gpu
+    before = {(r["src"], r["dst"]): r for r in rest_get(tb.rest_url, "/links")["links"]}
+    q_before = (before[narrow].get("queue") or {}).get("drops_total", 0)
+    # offer 1.4x the narrow hop's rate; upstream hops must be wider to deliver it
+    rate_mbps = 1.4 * cap_mbps / udp_wire_factor()
+    upstream = min(tb.emulated_mbps(topo.link_between(*h)) for h in hops[: hops.index(narrow)])
+    assert upstream > 1.5 * cap_mbps, "pick a topology where the overload reaches the narrow hop"
+    server = iperf_server(tb, dst, 5202)
+    t_launch = time.time()
+    client = iperf_udp_client(tb, src, dst, 5202, rate_mbps, 5.0)
+    iperf_result(client)
+    server.wait(timeout=10)
+    time.sleep(1.5)  # at least one queue read and one poll after the flow
+    hist = rest_get(tb.rest_url, f"/links/{narrow[0]}/{narrow[1]}")["history"]
+    steady = hop_samples_within(hist, t_launch + 1.5, t_launch + 4.5)
+    assert steady
+    med = statistics.median(h["rate_bps"] for h in steady)
+    assert med == pytest.approx(cap_mbps * 1e6, rel=0.15)
+    util = statistics.median(h["utilization"] for h in steady)
+    print(f"overloaded {narrow}: capacity {cap_mbps:.3f} Mbit/s, offered {rate_mbps * udp_wire_factor():.3f} "
+          f"wire Mbit/s, read median {med / 1e6:.3f} Mbit/s, utilization {util:.3f}")
+    assert 0.85 <= util <= 1.1
+    after = {(r["src"], r["dst"]): r for r in rest_get(tb.rest_url, "/links")["links"]}
+    queue = after[narrow]["queue"]
+    assert queue is not None and queue["interface"] == tb.intf(narrow[0], topo.port_to(*narrow))
+    print(f"queue of {queue['interface']}: drops {q_before} -> {queue['drops_total']}")
+    assert queue["drops_total"] > q_before, queue
+    metrics = urlopen_text(tb.rest_url + "/metrics")
+    assert f'netkv_queue_drops_total{{src="{narrow[0]}",dst="{narrow[1]}"' in metrics
+
+
+def urlopen_text(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def test_packets_take_the_path_the_api_reports(tb: Testbed) -> None:
+    from scapy.all import IP, AsyncSniffer  # type: ignore[import-untyped]
+
+    src, dst = cross_pair(tb, "a1")
+    path = rest_get(tb.rest_url, f"/path?src={src}&dst={dst}")
+    assert path["alternatives"], "tiny has two equal-cost paths for cross-rack pairs"
+    src_ip, dst_ip = path["src_ip"], path["dst_ip"]
+
+    def switch_egress(nodes: list[str]) -> list[str]:
+        # every switch-to-switch hop's egress interface (root namespace)
+        return [tb.intf(x, tb.topo.port_to(x, y)) for x, y in zip(nodes[1:-2], nodes[2:-1])]
+
+    on_path = switch_egress(path["nodes"])
+    assert on_path == [h["interface"] for h in path["hops"][1:-1]]
+    off_path = sorted({i for alt in path["alternatives"] for i in switch_egress(alt)} - set(on_path))
+    assert off_path
+    counts: dict[str, int] = {i: 0 for i in on_path + off_path}
+    lock = threading.Lock()
+
+    def counter(iface: str) -> Any:
+        def on_packet(pkt: Any) -> None:
+            if IP in pkt and pkt[IP].src == src_ip and pkt[IP].dst == dst_ip:
+                with lock:
+                    counts[iface] += 1
+        return on_packet
+
+    sniffers = [AsyncSniffer(iface=i, prn=counter(i), store=False) for i in counts]
+    for s in sniffers:
+        s.start()
+    time.sleep(1.0)
+    try:
+        server = iperf_server(tb, dst, 5203)
+        client = iperf_udp_client(tb, src, dst, 5203, 1.0, 3.0)
+        result = iperf_result(client)
+        server.wait(timeout=10)
+        time.sleep(0.5)
+    finally:
+        for s in sniffers:
+            s.stop()
+    sent_packets = result["sender_bps"] * 3.0 / 8 / 1400
+    print(f"packets {src_ip}->{dst_ip} per interface (sent ~{sent_packets:.0f}): {counts}")
+    for iface in on_path:
+        assert counts[iface] >= 0.9 * sent_packets, (iface, counts, sent_packets)
+    for iface in off_path:
+        assert counts[iface] == 0, (iface, counts)
