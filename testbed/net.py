@@ -34,12 +34,15 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from topologies import Link, Topology
 
 from . import cleanup, shaping, system
 from .config import ConfigError, TestbedConfig, emulated_mbps
+
+if TYPE_CHECKING:
+    from controller.routing import FlowEntry
 
 LOG = logging.getLogger("netkv.testbed")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +104,9 @@ class Testbed:
         self.report = BringUpReport(self.topo.name, len(self.topo.gpus), len(self.topo.switches),
                                     len(self.topo.links), "", config.scale)
         self._ctl_log: Any = None
+        # True once preflight found the prefix free: from then on this object
+        # owns everything named with it, and only then may down() sweep it.
+        self.owns_prefix = False
 
     # -- names --------------------------------------------------------------
     def mn_name(self, node: str) -> str:
@@ -148,6 +154,7 @@ class Testbed:
         t0 = time.monotonic()
         steps = self.report.steps_s
         self._preflight()
+        self.owns_prefix = True
         steps["preflight"] = time.monotonic() - t0
         try:
             self._write_state()
@@ -174,7 +181,12 @@ class Testbed:
         return self.report
 
     def down(self) -> cleanup.Leftovers:
-        """Remove everything this instance created (safe to call twice)."""
+        """Remove everything this instance created (safe to call twice).
+
+        An instance that never got past preflight owns nothing and removes
+        nothing: the prefix may belong to another running testbed."""
+        if not self.owns_prefix:
+            return cleanup.Leftovers()
         if self._ctl_log is not None:
             self._ctl_log.close()
             self._ctl_log = None
@@ -358,6 +370,14 @@ class Testbed:
                 f"(controller log: {self.run_dir / 'controller.log'})")
 
     # -- checks ---------------------------------------------------------------
+    def flow_tables(self) -> dict[str, list["FlowEntry"]]:
+        """The controller's entries as Open vSwitch holds them, per switch name."""
+        tables = {}
+        for sw in self.topo.switches:
+            text = system.run(["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", self.mn_name(sw.name)]).stdout
+            tables[sw.name] = parse_flow_dump(sw.name, text)
+        return tables
+
     def ping_pairs(self) -> list[tuple[str, str]]:
         """Every GPU pings its farthest peer (all uplinks are crossed) and its
         nearest one (all GPU links and server switches are crossed)."""
@@ -403,3 +423,28 @@ class Testbed:
 
 def config_error_line(exc: Exception) -> str:
     return str(exc) if isinstance(exc, (ConfigError, BringUpError, system.PreflightError)) else repr(exc)
+
+
+def parse_flow_dump(switch: str, text: str) -> list["FlowEntry"]:
+    """Entries of ``ovs-ofctl -O OpenFlow13 dump-flows`` that carry this
+    controller's cookie, as :class:`controller.routing.FlowEntry`."""
+    from controller.routing import FLOW_COOKIE, FlowEntry
+
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("cookie="):
+            continue
+        match_part, _, actions = line.partition(" actions=")
+        fields: dict[str, str] = {}
+        for item in match_part.replace(" ", ",").split(","):
+            key, _, value = item.partition("=")
+            if key:
+                fields[key] = value
+        if int(fields.get("cookie", "0"), 16) != FLOW_COOKIE:
+            continue
+        if not actions.startswith("output:"):
+            raise ValueError(f"{switch}: unexpected actions {actions!r}")
+        out.append(FlowEntry(switch, int(fields.get("priority", "32768")), fields["nw_dst"],
+                             fields.get("nw_src"), int(actions[len("output:"):])))
+    return sorted(out)

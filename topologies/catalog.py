@@ -60,7 +60,7 @@ def _check(params: Mapping[str, object], spec: tuple[Param, ...], topo: str) -> 
             if p.kind is int:
                 if isinstance(raw, float) and not raw.is_integer():
                     raise ValueError
-                value: float | int = int(raw)  # type: ignore[arg-type]
+                value: float | int = int(raw)  # type: ignore[call-overload]
                 if isinstance(raw, str) and str(value) != raw.strip():
                     raise ValueError
             else:

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Install what the NetKV testbed needs, and only what is missing.  Idempotent:
+# a second run changes nothing and says so.  Used by the README, .ci/run and
+# the Vagrantfile alike.  Needs root on Debian 12 (or a Debian-12-like system).
+#
+#   bash scripts/install.sh          install / check
+#   NETKV_SKIP_APT=1 bash ...         skip the Debian package step (already done)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+changed=0
+say() { printf 'install: %s\n' "$*"; }
+die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (sudo bash scripts/install.sh): it installs Debian packages and starts Open vSwitch"
+
+# 1. Debian packages.  Mininet 2.3.0 from Debian installs mnexec and the mininet
+#    module for /usr/bin/python3; openvswitch-switch brings ovs-vswitchd/ovsdb.
+packages=(mininet openvswitch-switch iperf3 ethtool iputils-ping iproute2 net-tools
+          python3-venv python3-pip ruby procps)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ] && [ "${NETKV_SKIP_APT:-0}" != "1" ]; then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    # Do not start services from maintainer scripts in containers/CI without systemd.
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    changed=1
+elif [ "${#missing[@]}" -gt 0 ]; then
+    die "missing Debian packages: ${missing[*]}"
+fi
+
+# 2. Open vSwitch, started without systemd when it is not running.
+if ! ovs-vsctl --timeout=3 show >/dev/null 2>&1; then
+    say "starting Open vSwitch"
+    /usr/share/openvswitch/scripts/ovs-ctl start --system-id=random >/dev/null 2>&1 || true
+    ovs-vsctl --timeout=5 show >/dev/null 2>&1 || die "Open vSwitch did not start (see /var/log/openvswitch/)"
+    changed=1
+fi
+
+# 3. The virtual environment.  It must be made from Debian's /usr/bin/python3
+#    with system site packages: that interpreter is the one Debian's mininet
+#    package installs its Python module for.
+venv="$here/.venv"
+if ! "$venv/bin/python" -c 'import mininet.net' >/dev/null 2>&1; then
+    say "creating $venv from /usr/bin/python3 (with system site packages, for Mininet)"
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv --system-site-packages "$venv"
+    changed=1
+fi
+
+# 4. Pinned Python requirements and the project itself (editable: the `netkv`
+#    console command runs the code in this checkout).
+stamp="$venv/.netkv-install-stamp"
+want="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$venv/bin/netkv" ]; then
+    say "installing pinned Python requirements into .venv"
+    log="$(mktemp)"
+    pip_in_venv() {
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 \
+            || { grep -v "^WARNING: Location" "$log" | tail -20 >&2; die "pip install $* failed"; }
+    }
+    pip_in_venv -r requirements.txt
+    pip_in_venv --no-deps --no-build-isolation -e .
+    rm -f "$log"
+    "$venv/bin/python" -c 'import os_ken, mininet.net, testbed.cli' \
+        || die "the virtual environment is incomplete after installing requirements"
+    echo "$want" > "$stamp"
+    changed=1
+fi
+
+if [ "$changed" -eq 0 ]; then
+    say "nothing to do: packages, Open vSwitch, .venv and requirements are in place"
+else
+    say "done"
+fi

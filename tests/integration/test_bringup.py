@@ -1,0 +1,199 @@
+"""Bring-up of real emulated fabrics (root: Mininet, Open vSwitch, os-ken, iperf3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from controller.routing import flow_entries, walk
+from testbed import cleanup, system
+from testbed.config import TestbedConfig
+from testbed.net import Testbed
+from tests.conftest import free_port, test_prefix
+
+pytestmark = pytest.mark.root
+NETKV = [sys.executable, "-m", "testbed.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_config(topology: str, prefix: str | None = None, **extra: object) -> TestbedConfig:
+    return TestbedConfig(topology=topology, prefix=prefix or test_prefix(), of_port=free_port(),
+                         rest_port=free_port(), **extra)  # type: ignore[arg-type]
+
+
+def assert_nothing_left(prefix: str) -> None:
+    left = cleanup.leftovers(prefix)
+    assert left.total == 0, f"teardown left {left.as_dict()}"
+    own = re.compile(rf"^\d+: {prefix}[gvtac]\d+-eth\d+[@:]")
+    assert not [line for line in system.run(["ip", "-o", "link"]).stdout.splitlines()
+                if own.match(line)], "a veth of the testbed survived"
+
+
+def check_flow_tables(tb: Testbed) -> None:
+    tables = tb.flow_tables()
+    expected = {name: sorted(entries) for name, entries in flow_entries(tb.topo).items()}
+    assert tables == expected, "flow tables on the switches differ from the computed routes"
+    gpus = tb.topo.gpu_names()
+    for src in gpus:
+        for dst in gpus:
+            if src != dst:
+                assert walk(tb.topo, tables, src, dst) == tb.topo.path(src, dst)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Testbed:
+    tb = Testbed(make_config("tiny", prefix=test_prefix("m")))
+    tb.up()
+    yield tb  # type: ignore[misc]
+    tb.down()
+    assert_nothing_left(tb.prefix)
+
+
+def test_tiny_all_pairs_reach_each_other(tiny: Testbed) -> None:
+    gpus = tiny.topo.gpu_names()
+    pairs = [(s, d) for s in gpus for d in gpus if s != d]
+    results = tiny.ping(pairs, count=1)
+    assert all(ok for _, _, ok in results), [r for r in results if not r[2]]
+    assert {tiny.topo.tier_distance(s, d) for s, d in pairs} == {0, 2}
+
+
+def test_tiny_flow_tables_match_computed_paths(tiny: Testbed) -> None:
+    check_flow_tables(tiny)
+
+
+def test_tiny_links_are_shaped_on_both_ends(tiny: Testbed) -> None:
+    link = tiny.topo.link_between("t0", "a0")
+    for node in ("t0", "a0"):
+        out = system.run(["tc", "class", "show", "dev", tiny.intf(node, link.port_of(node))]).stdout
+        kbit = round(tiny.emulated_mbps(link) * 1000)
+        assert f"rate {kbit}Kbit" in out or f"rate {kbit // 1000}Mbit" in out, out
+    host_if = tiny.intf("g0", 1)
+    out = system.run(tiny.in_host("g0", ["tc", "class", "show", "dev", host_if])).stdout
+    assert "htb" in out
+    sysctl = system.run(tiny.in_host("g0", ["sysctl", "-n", "net.ipv4.tcp_slow_start_after_idle"])).stdout
+    assert sysctl.strip() == "0"
+
+
+def iperf_mbps(tb: Testbed, src: str, dst: str, seconds: int = 5) -> float:
+    server = tb.popen(dst, ["iperf3", "-s", "-1", "-B", tb.topo.ip_of(dst)], kind="iperf3",
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        out = system.run(tb.in_host(src, ["iperf3", "-c", tb.topo.ip_of(dst), "-t", str(seconds), "-J"]),
+                         timeout_s=seconds + 20).stdout
+        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e6
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_rate_limited_link_reaches_its_configured_rate(tiny: Testbed) -> None:
+    # g0 -> g2 crosses ToR-aggregation links, the bottleneck of the path.
+    bottleneck_mbps = tiny.topo.bottleneck_gbps("g0", "g2") * 1000 / tiny.config.scale
+    measured = iperf_mbps(tiny, "g0", "g2")
+    assert 0.90 * bottleneck_mbps <= measured <= 1.05 * bottleneck_mbps, (measured, bottleneck_mbps)
+
+
+def test_second_instance_with_same_prefix_is_refused(tiny: Testbed) -> None:
+    proc = subprocess.run(NETKV + ["up", "--topology", "tiny", "--prefix", tiny.prefix, "--check",
+                                   "--of-port", str(free_port()), "--rest-port", str(free_port())],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "already up" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2
+    assert cleanup.leftovers(tiny.prefix).bridges, "the refused attempt removed the running instance"
+
+
+def test_default_fattree_up_verify_routes_teardown() -> None:
+    cfg = make_config("fattree")
+    tb = Testbed(cfg)
+    try:
+        report = tb.up()
+        assert report.gpus == 64 and report.switches == 18 and report.links == 88
+        assert report.pings_ok == report.pings_total == 128
+        assert set(report.pings_by_tier) == {0, 3}
+        # every tier distance, explicitly
+        pairs = [("g0", "g1"), ("g0", "g9"), ("g0", "g17"), ("g0", "g33"), ("g63", "g2"), ("g40", "g47")]
+        assert all(ok for _, _, ok in tb.ping(pairs)), "a pair at some tier distance is unreachable"
+        assert {tb.topo.tier_distance(s, d) for s, d in pairs} == {0, 1, 2, 3}
+        check_flow_tables(tb)
+    finally:
+        tb.down()
+    assert_nothing_left(cfg.prefix)
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(NETKV + list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["up", "--topology", "tiny", "--param", "podz=2"], "unknown parameter 'podz'"),
+    (["up", "--topology", "fattree", "--param", "pods=2", "--param", "cores=0"], "needs cores >= 1"),
+    (["up", "--topology", "clos"], "unknown topology 'clos'"),
+    (["up", "--topology", "tiny", "--datapath", "fast"], "datapath must be one of"),
+    (["up", "--topology", "tiny", "--scale", "0"], "scale must be >= 1"),
+    (["up", "--topology", "tiny", "--config", "/nonexistent/testbed.json"], "cannot read testbed configuration"),
+])
+def test_bad_input_one_line_no_network(args: list[str], fragment: str) -> None:
+    prefix = test_prefix()
+    proc = run_cli(*args, "--prefix", prefix)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr
+    assert cleanup.leftovers(prefix).total == 0
+
+
+def test_kernel_datapath_request_is_refused_or_used() -> None:
+    cfg = make_config("tiny", datapath="kernel")
+    if system.kernel_datapath_available():
+        tb = Testbed(cfg)
+        try:
+            assert tb.up().datapath == "kernel"
+        finally:
+            tb.down()
+    else:
+        proc = run_cli("up", "--topology", "tiny", "--datapath", "kernel", "--prefix", cfg.prefix,
+                       "--check")
+        assert proc.returncode == 2 and "kernel datapath is not available" in proc.stderr
+    assert_nothing_left(cfg.prefix)
+
+
+def test_not_root_is_one_clear_line(tmp_path: Path) -> None:
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           *NETKV, "up", "--topology", "tiny", "--prefix", test_prefix(), "--check"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "HOME": str(tmp_path), "NETKV_STATE_ROOT": str(tmp_path)})
+    assert proc.returncode == 2 and "needs root" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["interrupt", "crash"])
+def test_interrupted_or_crashed_run_leaves_nothing(how: str) -> None:
+    prefix = test_prefix()
+    proc = subprocess.Popen(NETKV + ["up", "--topology", "tiny", "--prefix", prefix,
+                                     "--of-port", str(free_port()), "--rest-port", str(free_port())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 90
+    seen = ""
+    while "running;" not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += proc.stdout.readline()
+    assert "running;" in seen, seen + (proc.stderr.read() if proc.poll() is not None else "")
+    assert cleanup.leftovers(prefix).bridges
+    if how == "interrupt":
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    else:
+        proc.kill()  # no chance to clean up: the sweep must find everything
+        proc.wait(timeout=30)
+        assert cleanup.leftovers(prefix).total > 0
+        out = run_cli("clean", "--prefix", prefix)
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert_nothing_left(prefix)

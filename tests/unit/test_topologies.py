@@ -1,0 +1,107 @@
+"""Topology descriptions: counts, tiers, rates, oversubscription, paths. No root."""
+
+from __future__ import annotations
+
+import pytest
+
+import topologies
+from topologies import TopologyError
+
+
+@pytest.fixture(scope="module")
+def fattree() -> topologies.Topology:
+    return topologies.build("fattree")
+
+
+def test_default_fattree_counts_per_tier(fattree: topologies.Topology) -> None:
+    assert len(fattree.gpus) == 64
+    assert fattree.count_by_tier() == {0: 8, 1: 4, 2: 4, 3: 2}
+    assert fattree.links_by_tier() == {0: 64, 1: 8, 2: 8, 3: 8}
+    assert len(fattree.switches) == 18 and len(fattree.links) == 88
+
+
+def test_rates_and_oversubscription(fattree: topologies.Topology) -> None:
+    rates = {tier: {l.rate_gbps for l in fattree.links if l.tier == tier} for tier in range(4)}
+    assert rates == {0: {1600.0}, 1: {400.0}, 2: {400.0}, 3: {200.0}}
+    over = fattree.oversubscription()
+    assert over[1] == pytest.approx(1.0)  # ToR: 2 x 400 down, 2 x 400 up
+    assert over[2] == pytest.approx(2.0)  # aggregation: 2 x 400 down, 2 x 200 up
+    heavier = topologies.build("fattree", {"agg_oversub": 4, "tor_oversub": 2})
+    assert heavier.oversubscription()[1] == pytest.approx(2.0)
+    assert heavier.oversubscription()[2] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("src,dst,tier,switches", [
+    ("g0", "g1", 0, 1),     # same server
+    ("g0", "g8", 1, 3),     # same rack, other server
+    ("g0", "g16", 2, 5),    # same pod, other rack
+    ("g0", "g32", 3, 7),    # other pod
+    ("g63", "g0", 3, 7),
+])
+def test_path_length_by_tier(fattree: topologies.Topology, src: str, dst: str, tier: int, switches: int) -> None:
+    path = fattree.path(src, dst)
+    assert path[0] == src and path[-1] == dst
+    assert len(path) - 2 == switches
+    assert fattree.tier_distance(src, dst) == tier
+    tiers_on_path = [fattree.node(n).tier for n in path[1:-1]]
+    assert max(tiers_on_path) == tier
+
+
+def test_equal_cost_paths_are_spread_deterministically(fattree: topologies.Topology) -> None:
+    cross_pod = fattree.shortest_paths("g0", "g32")
+    assert len(cross_pod) == 8  # 2 aggs up x 2 cores x 2 aggs down
+    used = {tuple(fattree.path(f"g{s}", f"g{d}")[3:6]) for s in range(16) for d in range(32, 48)}
+    assert len(used) > 1, "every pair took the same core path: no spreading"
+    again = topologies.build("fattree")
+    assert all(again.path(f"g{s}", "g40") == fattree.path(f"g{s}", "g40") for s in range(32))
+
+
+def test_names_dpids_addresses_unique(fattree: topologies.Topology) -> None:
+    dpids = [s.dpid for s in fattree.switches]
+    assert len(set(dpids)) == len(dpids) and 0 not in dpids
+    ips = [fattree.ip_of(g.name) for g in fattree.gpus]
+    macs = [fattree.mac_of(g.name) for g in fattree.gpus]
+    assert len(set(ips)) == 64 and len(set(macs)) == 64
+    assert fattree.ip_of("g0") == "10.0.0.1" and fattree.gpu_by_ip("10.0.0.64") == "g63"
+    assert topologies.gpu_ip(300) == "10.0.1.45"
+
+
+def test_ports_match_links(fattree: topologies.Topology) -> None:
+    for node in fattree.nodes:
+        ports = [l.port_of(node) for l in fattree.links_of(node)]
+        assert sorted(ports) == list(range(1, len(ports) + 1))
+
+
+def test_leafspine_and_tiny() -> None:
+    ls = topologies.build("leafspine")
+    assert len(ls.gpus) == 16 and ls.count_by_tier() == {1: 4, 2: 2}
+    assert ls.tier_distance("g0", "g1") == 1 and ls.tier_distance("g0", "g4") == 2
+    assert ls.oversubscription()[1] == pytest.approx(2.0)
+    tiny = topologies.build("tiny")
+    assert len(tiny.gpus) == 4 and len(tiny.switches) == 6
+    assert len(tiny.shortest_paths("g0", "g2")) == 2
+
+
+@pytest.mark.parametrize("name,params,fragment", [
+    ("fattree", {"podz": 2}, "unknown parameter 'podz'"),
+    ("fattree", {"pods": 0}, "pods must be >= 1"),
+    ("fattree", {"pods": "two"}, "pods must be a whole number"),
+    ("fattree", {"pods": 2.5}, "whole number"),
+    ("fattree", {"pods": 2, "cores": 0}, "needs cores >= 1"),
+    ("fattree", {"pods": 1}, "no use for core switches"),
+    ("fattree", {"gpu_link_gbps": -1}, "gpu_link_gbps must be >="),
+    ("fattree", {"gpus_per_server": 1000, "servers_per_rack": 100}, "address plan"),
+    ("leafspine", {"spines": "x"}, "spines must be a whole number"),
+    ("tiny", {"pods": 1}, "unknown parameter 'pods'"),
+    ("clos", {}, "unknown topology 'clos'"),
+])
+def test_bad_parameters_raise_one_clear_error(name: str, params: dict[str, object], fragment: str) -> None:
+    with pytest.raises(TopologyError, match=fragment.replace("(", r"\(")):
+        topologies.build(name, params)
+
+
+def test_parse_params() -> None:
+    assert topologies.parse_params(["pods=4", " cores = 2"]) == {"pods": "4", "cores": "2"}
+    for bad in (["pods"], ["=3"], ["pods="], ["pods=1", "pods=2"]):
+        with pytest.raises(TopologyError):
+            topologies.parse_params(bad)
