@@ -4,7 +4,7 @@ NetKV's rule under its own formula (hypothesis) and its O(|D|) oracle use."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -215,7 +215,7 @@ def test_tuned_cache_load_weights() -> None:
 
 
 def test_tune_picks_min_and_guards_windows() -> None:
-    def cost(w: dict[str, float]) -> float:
+    def cost(w: Mapping[str, float]) -> float:
         return (w["w_cache"] - 2.0) ** 2 + (w["w_load"] - 0.5) ** 2
 
     best, table = tune(cost, tuning_window_ms=(0.0, 1000.0), evaluation_window_ms=(1000.0, 2000.0))
