@@ -101,6 +101,7 @@ class DecodeWorker:
 
     async def on_kv_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        log(self.host, f"KV connection from {peer}")
         try:
             while True:
                 try:
