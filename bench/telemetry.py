@@ -5,7 +5,10 @@ twice, once with the controller polling every 0.1 s and once every 1 s.  For
 each it measures, with a known UDP iperf3 flow crossing the core:
 
 * ``controller_cpu_pct``: CPU time (user + system, from /proc) the controller
-  process used over a measuring window, as a percentage of one core;
+  process used while the flow ran and nobody read the API, as a percentage of
+  one core (``controller_cpu_idle_pct``: without traffic;
+  ``controller_cpu_with_api_reads_pct``: while ``/links`` was read 4-20 times a
+  second for the age figures);
 * ``telemetry_age_ms_p50`` (and p95): the age of each link's latest sample
   when ``/links`` is read at random moments (what a scheduler reading the API
   sees);
@@ -190,14 +193,22 @@ def measure(poll_interval_s: float, *, prefix: str, scale: float, seconds: float
         client = iperf_udp_client(tb, src, dst, 5301, rate_mbps, seconds + 2)
         t_start = time.time()
         time.sleep(1.0)
+        # polling cost under traffic, nobody reading the API
+        half = seconds / 2
+        c0, w0 = proc_cpu_s(ctl_pid), time.monotonic()
+        time.sleep(half)
+        cpu = 100 * (proc_cpu_s(ctl_pid) - c0) / (time.monotonic() - w0)
+        # freshness as an API reader sees it (reading /links costs CPU too: reported apart)
         c0, w0 = proc_cpu_s(ctl_pid), time.monotonic()
         ages: list[float] = []
-        deadline = time.monotonic() + seconds
+        reads = 0
+        deadline = time.monotonic() + half
         while time.monotonic() < deadline:
             time.sleep(random.uniform(0.05, 0.25))
             links = rest_get(tb.rest_url, "/links")["links"]
             ages.extend(float(r["age_ms"]) for r in links)
-        cpu = 100 * (proc_cpu_s(ctl_pid) - c0) / (time.monotonic() - w0)
+            reads += 1
+        cpu_reading = 100 * (proc_cpu_s(ctl_pid) - c0) / (time.monotonic() - w0)
         result = iperf_result(client)
         server.wait(timeout=10)
         t_end = t_start + seconds + 2
@@ -205,17 +216,26 @@ def measure(poll_interval_s: float, *, prefix: str, scale: float, seconds: float
         inside = hop_samples_within(hist, t_start + 1.0, t_end - 0.5)
         expected_bps = result["receiver_bps"] * udp_wire_factor()
         errors = [abs(h["rate_bps"] - expected_bps) / expected_bps * 100 for h in inside]
+        # the same samples with the interval taken from controller receive times
+        errors_ctl = [abs(h["rate_bps"] * h["interval_s"] / h["controller_interval_s"] - expected_bps)
+                      / expected_bps * 100 for h in inside if h["controller_interval_s"] > 0]
         status = rest_get(tb.rest_url, "/status")
         ages.sort()
         return {
             "poll_interval_s": poll_interval_s,
             "controller_cpu_pct": round(cpu, 2),
             "controller_cpu_idle_pct": round(idle_cpu, 2),
+            "controller_cpu_with_api_reads_pct": round(cpu_reading, 2),
+            "api_reads": reads,
             "telemetry_age_ms_p50": round(statistics.median(ages), 1) if ages else None,
             "telemetry_age_ms_p95": round(ages[int(0.95 * (len(ages) - 1))], 1) if ages else None,
             "rate_error_pct": round(statistics.median(errors), 2) if errors else None,
+            "rate_error_pct_p95": round(sorted(errors)[int(0.95 * (len(errors) - 1))], 2) if errors else None,
             "rate_error_pct_max": round(max(errors), 2) if errors else None,
             "rate_samples": len(errors),
+            "rate_clock": sorted({h["clock"] for h in inside}),
+            "rate_error_pct_controller_clock": round(statistics.median(errors_ctl), 2) if errors_ctl else None,
+            "rate_error_pct_controller_clock_max": round(max(errors_ctl), 2) if errors_ctl else None,
             "iperf_receiver_mbps": round(result["receiver_bps"] / 1e6, 3),
             "expected_wire_mbps": round(expected_bps / 1e6, 3),
             "measured_hop": f"{measured_hop[0]}->{measured_hop[1]}",

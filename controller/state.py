@@ -89,6 +89,7 @@ class HopRate:
     errors: int  # port-counter errors charged to this interval
     port: str  # where it was measured, e.g. "t1:3 rx"
     clock: str  # "switch" (port duration) or "controller" (receive times)
+    controller_interval_s: float = 0.0  # the same interval by controller receive times
 
 
 @dataclass(frozen=True)
@@ -360,7 +361,7 @@ class ControllerState:
                 load_gbps = rate_bps * self.scale / 1e9
                 rate = HopRate(x, y, link.tier, now, interval, rate_bps, load_gbps, link.rate_gbps,
                                load_gbps / link.rate_gbps, packets, drops, errors,
-                               f"{switch}:{port_no} {counter}", clock)
+                               f"{switch}:{port_no} {counter}", clock, now - prev.t_s)
                 ring = self._history.get((x, y))
                 if ring is None:
                     ring = self._history[(x, y)] = deque(maxlen=self.history_len)

@@ -265,3 +265,56 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([], 0.5) is None
     with pytest.raises(ValueError, match="0..1"):
         percentile([1], 1.5)
+
+
+class _Boom(BaseException):
+    pass
+
+
+def test_poll_loop_survives_failed_rounds_and_reports_its_death(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The os-ken poll loop (no switch needed): a round that raises is counted
+    and polling goes on; leaving the loop is logged at CRITICAL and visible in
+    the state."""
+    from controller import app
+
+    state = make_state(poll_interval_s=0.05)
+    sent: list[int] = []
+
+    class FakeParser:
+        @staticmethod
+        def OFPPortStatsRequest(dp: object, flags: int, port: int) -> str:  # noqa: N802
+            return "req"
+
+    class FakeDatapath:
+        def __init__(self, dpid: int, fail: bool) -> None:
+            self.id, self.fail = dpid, fail
+            self.ofproto_parser, self.ofproto = FakeParser, type("ofp", (), {"OFPP_ANY": 0xFFFFFFFF})
+
+        def send_msg(self, msg: str) -> None:
+            if self.fail and len(sent) == 0:
+                sent.append(-1)
+                raise OSError("socket closed")
+            sent.append(self.id)
+
+    ctl = app.NetKVController.__new__(app.NetKVController)
+    ctl.state = state
+    ctl.datapaths = {1: FakeDatapath(1, fail=True)}
+    sleeps = []
+
+    def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            raise _Boom()
+
+    monkeypatch.setattr(app.hub, "sleep", fake_sleep)
+    with caplog.at_level("ERROR", logger="netkv.controller"):
+        with pytest.raises(_Boom):
+            ctl._poll_loop()
+    assert state.poll_round_failures == 1
+    assert any("socket closed" in r.getMessage() or "socket closed" in str(r.exc_info) for r in caplog.records)
+    assert state.poller_error == "_Boom()" and state.poller_died_s is not None
+    assert state.polls_sent == 3 and sent == [-1, 1, 1]
+    assert 0 <= sleeps[0] <= 0.05 and all(s >= 0 for s in sleeps)  # fixed schedule, never negative
+    assert state.poller_health(state.last_poll_s or 0.0)["alive"] is False
+    assert any(r.levelname == "CRITICAL" and "poller died" in r.getMessage() for r in caplog.records)
