@@ -15,11 +15,12 @@ where ``pending_ms`` is the predicted compute of the prefills already queued
 or running on it, and the uncached tokens are those beyond the longest
 leading run of the request's blocks found in the instance's cache.  The
 smallest cost wins; ties go to the longer cached prefix, then the shorter
-queue, then the host name.  This is the selection rule of Mooncake's
-Conductor (FAST'25, section 5: prefix-match length, queueing time and
-prefill time per instance, pick the lowest estimated TTFT) and the shape of
-the cost used by the Dynamo and SGLang cache-aware routers (cached-prefix
-overlap traded against load).
+queue, then the host name.  This is the prefill selection of Mooncake's
+Conductor (Qin et al., FAST'25, Algorithm 1 "KVCache-centric scheduling":
+per instance, prefix-match length, queueing time and prefill time give an
+estimated TTFT; the lowest wins) and the shape of the cost used by the
+Dynamo KV router and SGLang's cache-aware router (cached-prefix overlap
+traded against load).
 
 Policies (``prefill_policy``): ``"cache_load"`` (the rule above, default),
 ``"least_loaded"`` (ignore caches: smallest pending_ms), ``"round_robin"``
