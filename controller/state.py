@@ -41,9 +41,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable
 
 from topologies import Hop, Topology
 
@@ -297,8 +298,6 @@ class ControllerState:
         }
 
     def status(self, now: float | None = None) -> dict[str, object]:
-        import time
-
         now = time.time() if now is None else now
         with self._lock:
             expected = len(self.switch_by_dpid)
@@ -485,10 +484,3 @@ def percentile(values: Iterable[float], q: float) -> float | None:
     idx = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
     return ordered[idx]
 
-
-def hop_tiers(topo: Topology) -> Mapping[Hop, int]:
-    out: dict[Hop, int] = {}
-    for link in topo.links:
-        out[(link.a, link.b)] = link.tier
-        out[(link.b, link.a)] = link.tier
-    return out

@@ -183,7 +183,7 @@ def urlopen_text(url: str) -> str:
 
 
 def test_packets_take_the_path_the_api_reports(tb: Testbed) -> None:
-    from scapy.all import IP, AsyncSniffer, conf  # type: ignore[import-untyped]
+    from scapy.all import IP, AsyncSniffer, conf  # type: ignore[attr-defined,import-untyped,unused-ignore]
 
     conf.ifaces.reload()  # scapy caches interface indexes; this fabric's veths are new
 
