@@ -289,14 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes that mean "bad input": one line, exit status 2."""
+    errors: list[type[BaseException]] = [CliError, ConfigError, TopologyError, system.PreflightError]
+    for module, name in (("testbed.scenario", "ScenarioError"), ("testbed.experiment", "ExperimentError"),
+                         ("workers.run", "ReplayConfigError"), ("netkv.traces", "TraceError"),
+                         ("netkv.placement", "PlacementError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
+    USER_ERRORS = _user_errors()
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="netkv: %(levelname)s %(message)s")
     try:
         return int(args.func(args))
-    except (CliError, ConfigError, TopologyError, system.PreflightError) as exc:
+    except USER_ERRORS as exc:
         print(f"netkv: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

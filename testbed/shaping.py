@@ -18,14 +18,18 @@ import math
 HTB_HANDLE = "1:"
 HTB_CLASS = "1:1"
 LEAF_HANDLE = "10:"
-HZ = 250  # tc's timer granularity assumption for the htb burst
+BURST_S = 0.001  # htb bucket: one millisecond of the rate
 
 
 def htb_burst_bytes(rate_mbps: float, mtu_bytes: int) -> int:
-    """Bucket size so that htb can keep the rate with a coarse timer: one
-    timer tick's worth of bytes, and never less than two full packets."""
-    per_tick = rate_mbps * 1e6 / 8 / HZ
-    return int(max(2 * (mtu_bytes + 14), math.ceil(per_tick)))
+    """htb's bucket: what a link may send at once after it was idle.
+
+    A real link never bursts above its rate, so the bucket is kept small:
+    half a millisecond of the rate, and never less than two full frames
+    (htb needs room for one frame plus the one in flight).  With high-
+    resolution timers htb keeps the rate with such a bucket; a larger one
+    makes short transfers after an idle period faster than the link."""
+    return int(max(4 * (mtu_bytes + 14), math.ceil(rate_mbps * 1e6 / 8 * BURST_S)))
 
 
 def rate_kbit(rate_mbps: float) -> int:

@@ -36,9 +36,9 @@ def test_htb_commands() -> None:
     assert lines[0] == "qdisc replace dev nkt0-eth3 root handle 1: htb default 1"
     assert "rate 20000kbit ceil 20000kbit" in lines[1]
     assert lines[2].endswith("pfifo limit 32")
-    # burst: at least two full frames, and one 4 ms timer tick's worth at high rates
-    assert shaping.htb_burst_bytes(1.0, 1500) == 2 * 1514
-    assert shaping.htb_burst_bytes(1000.0, 1500) == 500_000
+    # bucket: at least four full frames, and one millisecond of the rate at high rates
+    assert shaping.htb_burst_bytes(1.0, 1500) == 4 * 1514
+    assert shaping.htb_burst_bytes(1000.0, 1500) == 125_000
     with pytest.raises(ValueError, match="must be > 0"):
         shaping.rate_kbit(0)
     assert shaping.ethtool_offloads_off("x")[:3] == ["ethtool", "-K", "x"]

@@ -1,0 +1,449 @@
+"""``netkv run``: replay a trace on the emulated fabric, once per scheduler,
+under scripted congestion, and compare.
+
+One run directory holds everything needed to read and to repeat it::
+
+    runs/<time>-<scenario>/
+      experiment.json      the full configuration (rerun: netkv run --config this)
+      scenario.json        the congestion script as it was used
+      <scheduler>/         one replay: config.json, records.jsonl, summary.json,
+                           envelope.json, worker and iperf3 logs
+      comparison.json      metrics per scheduler, read back from the records
+      *.png                plots made from comparison.json and the records
+
+The fabric is brought up once and kept for every scheduler; workers and the
+background flows are started afresh for each replay so that every scheduler
+meets the same congestion from the same start.  During each replay the
+switch process's CPU is sampled: a replay whose busiest second used more than
+``ENVELOPE_CPU_PCT`` of a core ran outside the emulator's envelope, and its
+figures say so (``envelope.json``, the comparison and the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from . import scenario as scenario_mod
+from .config import ConfigError, TestbedConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SCHEDULERS = ("round_robin", "tuned_cache_load", "netkv")
+DEFAULT_SCENARIO = "hotspots"
+ENVELOPE_CPU_PCT = 85.0
+OVS_PIDFILE = Path("/var/run/openvswitch/ovs-vswitchd.pid")
+
+
+class ExperimentError(RuntimeError):
+    """The experiment cannot run as configured; one clear line."""
+
+
+@dataclass
+class ExperimentConfig:
+    schedulers: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEDULERS), metadata={
+        "help": "decode schedulers to compare, each replayed once on the same fabric"})
+    scenario: str = field(default=DEFAULT_SCENARIO, metadata={
+        "help": "congestion script: a name in scenarios/ or a path to a JSON file"})
+    testbed: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "TestbedConfig fields (topology, scale, ...)"})
+    replay: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "workers.run.ReplayConfig fields (trace_path, start_s, duration_s, rate_multiplier, ...)"})
+    out_dir: str = field(default="", metadata={"help": "run directory (default runs/<time>-<scenario>)"})
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> "ExperimentConfig":
+        if not isinstance(data, dict):
+            raise ExperimentError("experiment configuration must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(data) - known)
+        if bad:
+            raise ExperimentError(f"unknown experiment setting {bad[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+# -- measuring the emulator itself ------------------------------------------------------
+def _cpu_ticks(pid: int) -> int | None:
+    try:
+        parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(parts[11]) + int(parts[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class SwitchCpuMeter:
+    """Samples ovs-vswitchd's CPU once a second while a replay runs.
+
+    On the userspace datapath that process forwards every emulated packet; its
+    busiest second says whether the emulator kept up.  On the kernel datapath
+    forwarding happens in the kernel and the figure is not meaningful."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.samples_pct: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            self.pid: int | None = int(OVS_PIDFILE.read_text().strip())
+        except (OSError, ValueError):
+            self.pid = None
+        self.hz = os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        if self.pid is None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="switch-cpu", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        assert self.pid is not None
+        last_ticks, last_t = _cpu_ticks(self.pid), time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            ticks, now = _cpu_ticks(self.pid), time.monotonic()
+            if ticks is None or last_ticks is None:
+                return
+            self.samples_pct.append(100.0 * (ticks - last_ticks) / self.hz / (now - last_t))
+            last_ticks, last_t = ticks, now
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        s = sorted(self.samples_pct)
+        out: dict[str, Any] = {"switch_pid": self.pid, "samples": len(s),
+                               "switch_cpu_pct_mean": round(sum(s) / len(s), 1) if s else None,
+                               "switch_cpu_pct_p95": round(s[int(0.95 * (len(s) - 1))], 1) if s else None,
+                               "switch_cpu_pct_max": round(s[-1], 1) if s else None,
+                               "envelope_cpu_pct": ENVELOPE_CPU_PCT}
+        out["within_envelope"] = None if not s else s[-1] <= ENVELOPE_CPU_PCT
+        return out
+
+
+# -- the launcher and the telemetry source the replay uses ------------------------------------
+class MininetLauncher:
+    """workers.launch.Launcher over a running Testbed: each worker runs inside
+    its GPU host's namespaces, listens on the host's emulated address, and its
+    pid is recorded for the testbed's sweep."""
+
+    def __init__(self, testbed: Any) -> None:
+        self.tb = testbed
+
+    def data_addr(self, host: str) -> tuple[str, int]:
+        return self.tb.data_addr(host)  # type: ignore[no-any-return]
+
+    def popen(self, host: str, argv: list[str], log_path: Path) -> subprocess.Popen:  # type: ignore[type-arg]
+        from workers.launch import worker_env
+
+        with open(log_path, "ab") as log:
+            return self.tb.popen(host, argv, kind="worker", marker="workers.", stdin=subprocess.DEVNULL,
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+                                 env=worker_env())  # type: ignore[no-any-return]
+
+
+class RestTelemetryPoller:
+    """A netkv.telemetry.TelemetrySource fed by the controller's ``/links``.
+
+    A thread fetches the table once per polling interval and the source
+    returns the latest copy, so a scheduler's decision never waits for HTTP.
+    Each sample keeps the time the switch was measured, so the oracle sees its
+    true age (and falls back to the static estimate when it is too old)."""
+
+    def __init__(self, testbed: Any, interval_s: float) -> None:
+        from netkv.telemetry import TelemetrySnapshot
+
+        self.tb = testbed
+        self.interval_s = interval_s
+        self.latest = TelemetrySnapshot()
+        self.fetches = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
+
+    def __call__(self) -> Any:
+        return self.latest
+
+    def start(self) -> "RestTelemetryPoller":
+        self._fetch()
+        self._thread.start()
+        return self
+
+    def _fetch(self) -> None:
+        from netkv.telemetry import TelemetrySnapshot
+
+        body = self.tb.rest_get("/links", timeout_s=max(1.0, self.interval_s))
+        if body is None:
+            self.failures += 1
+            return
+        try:
+            self.latest = TelemetrySnapshot.from_json(body)
+            self.fetches += 1
+        except ValueError:
+            self.failures += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._fetch()
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return {"telemetry_fetches": self.fetches, "telemetry_fetch_failures": self.failures}
+
+
+# -- running -------------------------------------------------------------------------------
+def _default_out_dir(scenario_name: str) -> Path:
+    return REPO_ROOT / "runs" / (time.strftime("%Y%m%d-%H%M%S") + f"-{scenario_name}")
+
+
+def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Scenario, Path]:
+    """Check everything that can be checked before a network is built."""
+    from netkv.schedulers import SCHEDULERS
+    from workers.run import ReplayConfig, ReplayConfigError
+
+    tb_cfg = TestbedConfig.from_json(exp.testbed)
+    topo = tb_cfg.validate()
+    if not exp.schedulers:
+        raise ExperimentError("give at least one scheduler")
+    for name in exp.schedulers:
+        if name not in SCHEDULERS:
+            raise ExperimentError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+    if len(set(exp.schedulers)) != len(exp.schedulers):
+        raise ExperimentError("a scheduler is listed twice")
+    replay_fields = {f.name for f in fields(ReplayConfig)}
+    managed = {"topology", "topology_params", "scale_factor", "scheduler"}
+    overlap = sorted(set(exp.replay) & managed)
+    if overlap:
+        raise ExperimentError(f"replay setting {overlap[0]!r} is set by the experiment itself "
+                              f"(use the testbed options or --schedulers)")
+    try:
+        base = ReplayConfig.from_dict({**exp.replay, "topology": tb_cfg.topology,
+                                       "topology_params": dict(tb_cfg.params),
+                                       "scale_factor": tb_cfg.scale, "scheduler": exp.schedulers[0]})
+    except ReplayConfigError as exc:
+        raise ExperimentError(str(exc)) from None
+    if not Path(base.trace_path).is_file():
+        raise ExperimentError(f"trace not found: {base.trace_path}")
+    scen = scenario_mod.load(exp.scenario, topo)
+    out = Path(exp.out_dir) if exp.out_dir else _default_out_dir(scen.name)
+    if out.exists() and any(out.iterdir()):
+        raise ExperimentError(f"run directory {out} exists and is not empty; choose another --out")
+    del replay_fields
+    return tb_cfg, base, scen, out
+
+
+def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from netkv.oracle import StaticOracle, TelemetryOracle
+    from workers.run import replay
+
+    from .net import Testbed
+    from .report import write_report
+
+    tb_cfg, base, scen, out = prepare(exp)
+    out.mkdir(parents=True, exist_ok=True)
+    exp.out_dir = str(out)
+    (out / "experiment.json").write_text(json.dumps(exp.to_json(), indent=2) + "\n")
+    (out / "scenario.json").write_text(json.dumps(scen.to_json(), indent=2) + "\n")
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(f"netkv: {text}", flush=True)
+
+    tb = Testbed(tb_cfg)
+    load_bg = scen.load_mbps_hops(tb.topo, tb_cfg.scale)
+    say(f"run directory {out}")
+    say(f"scenario {scen.name}: {len(scen.flows)} background flows, {load_bg:.0f} Mbit/s x hops "
+        f"on the emulator when all run")
+    results: dict[str, Any] = {}
+    try:
+        report = tb.up()
+        say(f"fabric up in {report.up_s:.1f} s ({report.datapath} datapath, "
+            f"{report.pings_ok}/{report.pings_total} pairs reachable)")
+        (out / "testbed.json").write_text(json.dumps({"config": tb_cfg.to_json(), "bringup": report.as_dict()},
+                                                     indent=2, default=str) + "\n")
+        for name in exp.schedulers:
+            cfg = replace(base, scheduler=name)
+            run_dir = out / name
+            run_dir.mkdir()
+            poller = None
+            if cfg.oracle == "telemetry":
+                poller = RestTelemetryPoller(tb, tb_cfg.poll_interval_s).start()
+                oracle: Any = TelemetryOracle(tb.topo, poller)
+            else:
+                oracle = StaticOracle(tb.topo)
+            runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
+            meter = SwitchCpuMeter()
+            say(f"replaying with {name} ...")
+            runner.start()
+            meter.start()
+            try:
+                summary = replay(cfg, MininetLauncher(tb), run_dir, oracle=oracle, topology=tb.topo)
+            finally:
+                envelope = meter.stop()
+                runner.stop()
+                if poller is not None:
+                    envelope.update(poller.stop())
+            envelope["background_flows_started"] = runner.started_flows
+            envelope["datapath"] = report.datapath
+            (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")
+            results[name] = summary
+            flag = "" if envelope["within_envelope"] is not False else "  [OUTSIDE the emulator's envelope]"
+            say(f"{name}: {summary['ok']}/{summary['requests']} ok, mean TTFT "
+                f"{_fmt(summary.get('ttft_mean_ms'))} ms, p99 {_fmt(summary.get('ttft_p99_ms'))} ms; "
+                f"switch CPU max {_fmt(envelope['switch_cpu_pct_max'])}%{flag}")
+    finally:
+        tb.down()
+    comparison = write_report(out)
+    say(f"comparison: {out / 'comparison.json'}; plots: {', '.join(p.name for p in sorted(out.glob('*.png')))}")
+    return comparison
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.1f}"
+
+
+# -- command line ------------------------------------------------------------------------
+def add_parser(sub: Any) -> None:
+    from .cli import add_testbed_options
+
+    p = sub.add_parser(
+        "run", help="replay a trace once per scheduler under scripted congestion and compare",
+        description="Bring the fabric up, then for each scheduler: start the scenario's background "
+                    "flows, replay the trace window through 64 worker processes that move real KV "
+                    "bytes over TCP, and write one record per request. Ends with a comparison "
+                    "(comparison.json and plots) in the run directory, beside the full configuration "
+                    "(experiment.json) that `netkv run --config` repeats.",
+        epilog="Replay settings (--set KEY=VALUE, value as JSON): see `python -m workers.run --help`.")
+    add_testbed_options(p)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--experiment", type=Path, metavar="FILE",
+                   help="repeat a run: its experiment.json (options given here override it)")
+    g.add_argument("--schedulers", help=f"comma-separated (default: {','.join(DEFAULT_SCHEDULERS)}); "
+                                        f"`netkv schedulers` lists them")
+    g.add_argument("--scenario", help=f"congestion script name or JSON path (default: {DEFAULT_SCENARIO}; "
+                                      f"known: {', '.join(scenario_mod.names())})")
+    g.add_argument("--trace", help="Mooncake-format JSONL trace (default: ../shared/traces/mooncake_conversation.jsonl)")
+    g.add_argument("--start-s", type=float, help="window start in the trace, seconds (default 0)")
+    g.add_argument("--duration-s", type=float, help="window length, seconds of trace time (default 60)")
+    g.add_argument("--rate-multiplier", type=float, help="replay speed-up of arrivals (default 1)")
+    g.add_argument("--max-requests", type=int, help="replay at most this many requests of the window")
+    g.add_argument("--oracle", choices=("static", "telemetry"),
+                   help="network cost oracle the schedulers consult (default: telemetry)")
+    g.add_argument("--ttft-slo-ms", type=float, help="TTFT SLO for attainment figures")
+    g.add_argument("--set", dest="replay_set", action="append", metavar="KEY=VALUE",
+                   help="any other replay setting, value as JSON (repeatable)")
+    g.add_argument("--out", help="run directory (default: runs/<time>-<scenario>)")
+    g.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("schedulers", help="list the decode schedulers",
+                       description="Every registered decode scheduler with its one-line description.")
+    p.set_defaults(func=cmd_schedulers)
+
+    p = sub.add_parser("scenarios", help="list the congestion scenarios",
+                       description="Scenarios in scenarios/ with their description and flows.")
+    p.add_argument("--topology", default="fattree", help="topology to check them against")
+    p.set_defaults(func=cmd_scenarios)
+
+
+DEFAULT_REPLAY = {"oracle": "telemetry", "duration_s": 60.0, "rate_multiplier": 1.0, "ttft_slo_ms": 2000.0}
+
+
+def experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    from .cli import CliError, config_from_args
+
+    if args.experiment:
+        try:
+            exp = ExperimentConfig.from_json(json.loads(args.experiment.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CliError(f"cannot read experiment {args.experiment}: {exc}") from None
+        exp.out_dir = ""
+        if args.config is None:
+            base_tb = TestbedConfig.from_json(exp.testbed)
+            for f in fields(TestbedConfig):
+                if getattr(args, f.name, None) is None:
+                    setattr(args, f.name, getattr(base_tb, f.name) if f.name != "params" else
+                            [f"{k}={v}" for k, v in base_tb.params.items()] or None)
+    else:
+        exp = ExperimentConfig(replay=dict(DEFAULT_REPLAY))
+    exp.testbed = config_from_args(args).to_json()
+    if args.schedulers:
+        exp.schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+    if args.scenario:
+        exp.scenario = args.scenario
+    for key, value in (("trace_path", args.trace), ("start_s", args.start_s), ("duration_s", args.duration_s),
+                       ("rate_multiplier", args.rate_multiplier), ("max_requests", args.max_requests),
+                       ("oracle", args.oracle), ("ttft_slo_ms", args.ttft_slo_ms)):
+        if value is not None:
+            exp.replay[key] = str(Path(value).resolve()) if key == "trace_path" else value
+    for item in args.replay_set or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--set {item!r} is not KEY=VALUE")
+        try:
+            exp.replay[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            exp.replay[key.strip()] = raw
+    if args.out:
+        exp.out_dir = str(Path(args.out).resolve())
+    return exp
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .system import require_root
+
+    exp = experiment_from_args(args)
+    try:
+        prepare(exp)  # every check that needs no network, before root is even asked for
+    except (scenario_mod.ScenarioError, ConfigError) as exc:
+        raise ExperimentError(str(exc)) from None
+    require_root()
+    import signal
+
+    from .cli import _raise_stop
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGHUP, _raise_stop)
+    comparison = run_experiment(exp, quiet=args.quiet)
+    if args.quiet:
+        print(json.dumps(comparison))
+    else:
+        from .report import render_table
+
+        print(render_table(comparison))
+    bad = [s for s, m in comparison.get("schedulers", {}).items() if m.get("problems")]
+    return 1 if bad else 0
+
+
+def cmd_schedulers(args: argparse.Namespace) -> int:
+    from netkv.schedulers import describe
+
+    for name, text in describe().items():
+        print(f"{name:22s} {text}")
+    return 0
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    import topologies
+
+    topo = topologies.build(args.topology)
+    for name in scenario_mod.names():
+        try:
+            scen = scenario_mod.load(name, topo)
+        except scenario_mod.ScenarioError as exc:
+            print(f"{name:16s} (does not fit {args.topology}: {exc})")
+            continue
+        print(f"{name:16s} {len(scen.flows)} flows, {scen.load_mbps_hops(topo, TestbedConfig().scale):.0f} "
+              f"Mbit/s x hops at the default scale: {scen.description}")
+    return 0

@@ -1,0 +1,225 @@
+"""``netkv report RUN_DIR``: the comparison of a run, made from its files.
+
+Everything is read back from disk (experiment.json, each scheduler's
+records.jsonl and envelope.json), never from a run's memory, so a report can be
+remade at any time, also of a run that was interrupted.
+
+Per scheduler: request counts, TTFT (mean, p50, p99) and SLO attainment over
+every request that entered (failed ones count as misses), time between tokens,
+KV transfer time, the transfer's ratio to its ideal (real KV bytes over the
+path's nominal bottleneck rate, i.e. what the transfer would take alone on an
+idle fabric), the tier distance of the chosen prefill/decode pairs, decision
+latency, and the switch process's CPU (the emulator's envelope).  Then, for
+every scheduler, the change of its mean TTFT against each other one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import topologies
+from netkv.records import percentile, read_records
+
+from .config import TestbedConfig
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, digits)
+
+
+def scheduler_metrics(run_dir: Path, topo: topologies.Topology, slo_ms: float | None) -> dict[str, Any]:
+    records = read_records(run_dir / "records.jsonl")
+    ok = [r for r in records if r.get("status") == "ok"]
+    ttft = [float(r["ttft_ms"]) for r in ok]
+    transfer = [float(r["transfer_end_ms"]) - float(r["transfer_start_ms"]) for r in ok]
+    ratios, by_tier_ms, tiers = [], {}, {}  # type: ignore[var-annotated]
+    for r in ok:
+        t = int(r["tier_distance"])
+        tiers[t] = tiers.get(t, 0) + 1
+        ms = float(r["transfer_end_ms"]) - float(r["transfer_start_ms"])
+        by_tier_ms.setdefault(t, []).append(ms)
+        if r["prefill"] != r["decode"] and int(r.get("kv_bytes") or 0) > 0:
+            ideal_ms = int(r["kv_bytes"]) * 8 / (topo.bottleneck_gbps(r["prefill"], r["decode"]) * 1e9) * 1e3
+            ratios.append(ms / ideal_ms)
+    decision = [float(r["decision_us"]) for r in records if r.get("decision_us") is not None]
+    tbt = [float(r["tbt_mean_ms"]) for r in ok if r.get("tbt_mean_ms") is not None]
+    reasons: dict[str, int] = {}
+    for r in records:
+        if r.get("status") != "ok":
+            key = str(r.get("reason", "")).split(":")[0] or "unknown"
+            reasons[key] = reasons.get(key, 0) + 1
+    out: dict[str, Any] = {
+        "requests": len(records), "ok": len(ok), "failed": len(records) - len(ok), "failure_reasons": reasons,
+        "ttft_mean_ms": _round(_mean(ttft)), "ttft_p50_ms": _round(percentile(ttft, 50)),
+        "ttft_p99_ms": _round(percentile(ttft, 99)),
+        "tbt_mean_ms": _round(_mean(tbt), 3),
+        "transfer_mean_ms": _round(_mean(transfer)), "transfer_p99_ms": _round(percentile(transfer, 99)),
+        "transfer_ratio_p50": _round(percentile(ratios, 50), 3),
+        "transfer_ratio_p99": _round(percentile(ratios, 99), 3),
+        "transfer_mean_ms_by_tier": {str(t): _round(_mean(v)) for t, v in sorted(by_tier_ms.items())},
+        "pairs_by_tier": {str(t): n for t, n in sorted(tiers.items())},
+        "decision_us_p50": _round(percentile(decision, 50)), "decision_us_p99": _round(percentile(decision, 99)),
+    }
+    if slo_ms is not None:
+        out["ttft_slo_ms"] = slo_ms
+        out["ttft_slo_attainment"] = _round(sum(1 for v in ttft if v <= slo_ms) / len(records), 4) \
+            if records else None
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        out["problems"] = json.loads(summary_path.read_text()).get("problems", [])
+    else:
+        out["problems"] = ["no summary.json: the replay did not finish"]
+    env_path = run_dir / "envelope.json"
+    out["envelope"] = json.loads(env_path.read_text()) if env_path.exists() else None
+    return out
+
+
+def compare(run: Path) -> dict[str, Any]:
+    exp = json.loads((run / "experiment.json").read_text())
+    tb_cfg = TestbedConfig.from_json(exp["testbed"])
+    topo = tb_cfg.validate()
+    slo = exp.get("replay", {}).get("ttft_slo_ms")
+    per: dict[str, Any] = {}
+    for name in exp["schedulers"]:
+        if (run / name / "records.jsonl").exists():
+            per[name] = scheduler_metrics(run / name, topo, slo)
+    changes: dict[str, dict[str, float | None]] = {}
+    for a, ma in per.items():
+        for b, mb in per.items():
+            if a == b or ma["ttft_mean_ms"] is None or not mb["ttft_mean_ms"]:
+                continue
+            changes.setdefault(a, {})[b] = _round(100.0 * (ma["ttft_mean_ms"] / mb["ttft_mean_ms"] - 1), 2)
+    outside = [s for s, m in per.items() if m["envelope"] and m["envelope"].get("within_envelope") is False]
+    return {"run_dir": str(run), "scenario": exp.get("scenario"), "topology": topo.name,
+            "scale": tb_cfg.scale, "schedulers": per,
+            "ttft_mean_change_pct": changes,
+            "outside_envelope": outside,
+            "note": ("TTFT change: (mean TTFT of row / mean TTFT of column - 1) x 100; negative is better. "
+                     "transfer_ratio: measured / ideal on the nominal path bottleneck.")}
+
+
+def plot(comparison: dict[str, Any], run: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(comparison["schedulers"])
+    if not names:
+        return []
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax = axes[0][0]
+    for name in names:
+        recs = [r for r in read_records(run / name / "records.jsonl") if r.get("status") == "ok"]
+        values = sorted(float(r["ttft_ms"]) for r in recs)
+        if values:
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=name)
+    slo = next((m.get("ttft_slo_ms") for m in comparison["schedulers"].values() if m.get("ttft_slo_ms")), None)
+    if slo:
+        ax.axvline(slo, color="grey", linestyle=":", label=f"SLO {slo:g} ms")
+    ax.set_xlabel("TTFT (ms)")
+    ax.set_ylabel("fraction of ok requests")
+    ax.set_title("TTFT distribution")
+    ax.legend()
+    ax = axes[0][1]
+    x = range(len(names))
+    means = [comparison["schedulers"][n]["ttft_mean_ms"] or 0 for n in names]
+    p99 = [comparison["schedulers"][n]["ttft_p99_ms"] or 0 for n in names]
+    ax.bar([i - 0.2 for i in x], means, width=0.4, label="mean")
+    ax.bar([i + 0.2 for i in x], p99, width=0.4, label="p99")
+    ax.set_xticks(list(x), names, rotation=15)
+    ax.set_ylabel("TTFT (ms)")
+    ax.set_title("TTFT by scheduler")
+    ax.legend()
+    ax = axes[1][0]
+    tiers = sorted({t for n in names for t in comparison["schedulers"][n]["transfer_mean_ms_by_tier"]})
+    width = 0.8 / max(1, len(names))
+    for k, name in enumerate(names):
+        by = comparison["schedulers"][name]["transfer_mean_ms_by_tier"]
+        ax.bar([i + k * width for i in range(len(tiers))], [by.get(t) or 0 for t in tiers], width=width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tiers))], [f"tier {t}" for t in tiers])
+    ax.set_ylabel("mean KV transfer (ms)")
+    ax.set_title("KV transfer time by P-D tier distance")
+    ax.legend()
+    ax = axes[1][1]
+    bottom = [0.0] * len(names)
+    for t in tiers:
+        counts = []
+        for name in names:
+            m = comparison["schedulers"][name]
+            counts.append(m["pairs_by_tier"].get(t, 0) / max(1, m["ok"]))
+        ax.bar(list(x), counts, bottom=bottom, label=f"tier {t}")
+        bottom = [b + c for b, c in zip(bottom, counts)]
+    ax.set_xticks(list(x), names, rotation=15)
+    ax.set_ylabel("share of requests")
+    ax.set_title("Tier distance of chosen prefill/decode pairs")
+    ax.legend()
+    title = f"{comparison['topology']}, scenario {comparison['scenario']}, scale 1:{comparison['scale']:g}"
+    if comparison["outside_envelope"]:
+        title += f"  (OUTSIDE envelope: {', '.join(comparison['outside_envelope'])})"
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = run / "comparison.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def write_report(run: Path) -> dict[str, Any]:
+    comparison = compare(run)
+    (run / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    plot(comparison, run)
+    return comparison
+
+
+def render_table(comparison: dict[str, Any]) -> str:
+    cols = [("ok", "ok/req"), ("ttft_mean_ms", "TTFT mean"), ("ttft_p50_ms", "p50"), ("ttft_p99_ms", "p99"),
+            ("ttft_slo_attainment", "SLO att."), ("transfer_mean_ms", "xfer mean"),
+            ("transfer_ratio_p50", "xfer/ideal p50"), ("tbt_mean_ms", "TBT mean"),
+            ("decision_us_p99", "decide p99 us")]
+    lines = [f"{'scheduler':20s}" + "".join(f"{h:>15s}" for _, h in cols)]
+    for name, m in comparison["schedulers"].items():
+        row = f"{name:20s}"
+        for key, _ in cols:
+            if key == "ok":
+                cell = f"{m['ok']}/{m['requests']}"
+            else:
+                v = m.get(key)
+                cell = "-" if v is None else (f"{100 * v:.1f}%" if key == "ttft_slo_attainment" else f"{v:.2f}")
+            row += f"{cell:>15s}"
+        env = m.get("envelope") or {}
+        if env.get("within_envelope") is False:
+            row += "  OUTSIDE ENVELOPE"
+        lines.append(row)
+    changes = comparison.get("ttft_mean_change_pct", {})
+    for a, row in changes.items():
+        lines.append(f"mean TTFT of {a} vs " + ", ".join(f"{b}: {v:+.1f}%" for b, v in row.items() if v is not None))
+    lines.append(f"files: {comparison['run_dir']}/comparison.json, comparison.png")
+    return "\n".join(lines)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="remake a run's comparison and plots from its files",
+                       description="Read a run directory (experiment.json, <scheduler>/records.jsonl) and "
+                                   "write comparison.json and comparison.png beside them. Needs no root.")
+    p.add_argument("run_dir", type=Path, help="a directory made by `netkv run`")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a table")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .cli import CliError
+
+    if not (args.run_dir / "experiment.json").is_file():
+        raise CliError(f"{args.run_dir} is not a run directory (no experiment.json)")
+    comparison = write_report(args.run_dir)
+    print(json.dumps(comparison) if args.json else render_table(comparison))
+    return 0

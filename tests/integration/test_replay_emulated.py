@@ -1,0 +1,147 @@
+"""Trace replay on the real emulated fabric (root): worker processes inside
+the GPU hosts' namespaces push real KV bytes over TCP through shaped links."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netkv.records import read_records, validate_file
+from testbed import shaping
+from testbed.config import TestbedConfig
+from testbed.experiment import MininetLauncher
+from testbed.net import Testbed
+from tests.conftest import free_port, test_prefix
+from workers.run import ReplayConfig, replay
+
+pytestmark = pytest.mark.root
+ROOT = Path(__file__).resolve().parents[2]
+TRACE = ROOT.parent / "shared" / "traces" / "mooncake_conversation.jsonl"
+IDLE_MIN_IDEAL_MS = 5.0  # below this, per-packet latency of the emulator dominates the ratio
+
+
+@pytest.fixture(scope="module")
+def tb() -> Any:
+    bed = Testbed(TestbedConfig(topology="tiny", prefix=test_prefix("r"), of_port=free_port(),
+                                rest_port=free_port()))
+    bed.up()
+    yield bed
+    bed.down()
+    assert bed.down().total == 0
+
+
+def ideal_ms(tb: Testbed, rec: dict[str, Any]) -> float:
+    bps = tb.topo.bottleneck_gbps(rec["prefill"], rec["decode"]) * 1e9 / tb.config.scale
+    return float(rec["bytes_sent"]) * 8 / bps * 1e3
+
+
+def bucket_ms(tb: Testbed, rec: dict[str, Any]) -> float:
+    """What htb lets a link send at once after an idle period, in ms of its
+    rate: an idle path can beat the ideal by at most this much."""
+    mbps = tb.topo.bottleneck_gbps(rec["prefill"], rec["decode"]) * 1000 / tb.config.scale
+    return shaping.htb_burst_bytes(mbps, tb.config.mtu_bytes) * 8 / (mbps * 1e6) * 1e3
+
+
+def shares_a_link(tb: Testbed, a: dict[str, Any], b: dict[str, Any]) -> bool:
+    hops_a = set(tb.topo.path_hops(a["prefill"], a["decode"]))
+    return bool(hops_a & set(tb.topo.path_hops(b["prefill"], b["decode"])))
+
+
+def test_replay_real_trace_all_ok_and_idle_transfers_near_ideal(tb: Testbed, tmp_path: Path) -> None:
+    cfg = ReplayConfig(trace_path=str(TRACE), duration_s=30.0, max_requests=24, topology="tiny",
+                       scheduler="round_robin", scale_factor=tb.config.scale, drain_timeout_s=60.0)
+    summary = replay(cfg, MininetLauncher(tb), tmp_path / "run", topology=tb.topo)
+    records = read_records(tmp_path / "run" / "records.jsonl")
+    assert len(records) == 24 == summary["requests"]
+    assert len({r["request_id"] for r in records}) == 24, "a request was recorded twice"
+    assert all(r["status"] == "ok" for r in records), [r["reason"] for r in records if r["status"] != "ok"]
+    assert validate_file(tmp_path / "run" / "records.jsonl") == []
+    for r in records:
+        assert r["prefill_end_ms"] <= r["transfer_start_ms"] <= r["transfer_end_ms"] <= r["first_token_ms"]
+        assert r["tier_distance"] == tb.topo.tier_distance(r["prefill"], r["decode"])
+    assert {r["tier_distance"] for r in records} == {0, 2}, "round robin should use both tiers of tiny"
+    # Idle path: no other transfer on a shared link during this one.
+    checked = 0
+    for r in records:
+        overlap = [o for o in records if o is not r and shares_a_link(tb, r, o)
+                   and o["transfer_start_ms"] < r["transfer_end_ms"] and r["transfer_start_ms"] < o["transfer_end_ms"]]
+        ideal = ideal_ms(tb, r)
+        if overlap or ideal < IDLE_MIN_IDEAL_MS:
+            continue
+        measured = r["transfer_end_ms"] - r["transfer_start_ms"]
+        assert ideal - bucket_ms(tb, r) <= measured <= 1.5 * ideal, (r["request_id"], measured, ideal)
+        checked += 1
+    assert checked >= 5, f"only {checked} idle transfers to check"
+
+
+def test_two_transfers_share_one_bottleneck(tb: Testbed, tmp_path: Path) -> None:
+    # Two prefill hosts in one server send to one decode host across the racks:
+    # both transfers take the same path after the server switch, bottleneck
+    # included, so together they should get its rate and each about half.
+    topo = tb.topo
+    trace = tmp_path / "two.jsonl"
+    lines = [{"timestamp": 0, "input_length": 16384, "output_length": 4, "hash_ids": list(range(100, 132))},
+             {"timestamp": 0, "input_length": 16384, "output_length": 4, "hash_ids": list(range(200, 232))},
+             {"timestamp": 6000, "input_length": 16384, "output_length": 4, "hash_ids": list(range(300, 332))}]
+    trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert topo.path_links("g0", "g2")[1:] == topo.path_links("g1", "g2")[1:]
+    cfg = ReplayConfig(trace_path=str(trace), duration_s=None, topology="tiny", scheduler="round_robin",
+                       placement={"scheme": "explicit", "prefill": ["g0", "g1"], "decode": ["g2"]},
+                       scale_factor=tb.config.scale, drain_timeout_s=60.0)
+    replay(cfg, MininetLauncher(tb), tmp_path / "run", topology=topo)
+    recs = sorted(read_records(tmp_path / "run" / "records.jsonl"), key=lambda r: r["arrival_ms"])
+    assert [r["status"] for r in recs] == ["ok"] * 3
+    first, second, alone = recs
+    assert {first["prefill"], second["prefill"]} == {"g0", "g1"}
+    dur = [r["transfer_end_ms"] - r["transfer_start_ms"] for r in recs]
+    overlap = min(first["transfer_end_ms"], second["transfer_end_ms"]) - \
+        max(first["transfer_start_ms"], second["transfer_start_ms"])
+    assert overlap > 0.8 * min(dur[0], dur[1]), "the two transfers did not run at the same time"
+    ideal = ideal_ms(tb, alone)
+    assert dur[2] <= 1.3 * ideal, (dur[2], ideal)
+    for d in dur[:2]:
+        assert 1.6 * ideal <= d <= 2.6 * ideal, (dur, ideal)
+
+
+def test_netkv_run_cli_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    prefix = test_prefix("c")
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "run", "--topology", "tiny", "--prefix", prefix,
+                           "--of-port", str(free_port()), "--rest-port", str(free_port()),
+                           "--scenario", "none", "--schedulers", "round_robin,netkv", "--max-requests", "12",
+                           "--duration-s", "20", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    comparison = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(comparison["schedulers"]) == {"round_robin", "netkv"}
+    for name, m in comparison["schedulers"].items():
+        assert m["requests"] == 12 and m["ok"] == 12, (name, m["failure_reasons"])
+        assert m["envelope"]["samples"] >= 1
+        assert len(read_records(out / name / "records.jsonl")) == 12
+    for f in ("experiment.json", "scenario.json", "testbed.json", "comparison.json", "comparison.png"):
+        assert (out / f).is_file(), f
+    saved = json.loads((out / "experiment.json").read_text())
+    assert saved["testbed"]["topology"] == "tiny" and saved["replay"]["max_requests"] == 12
+    # The report is remade from the files alone.
+    again = subprocess.run([sys.executable, "-m", "testbed.cli", "report", str(out), "--json"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0 and json.loads(again.stdout)["schedulers"] == comparison["schedulers"]
+
+
+def test_netkv_run_bad_input_before_any_network(tmp_path: Path) -> None:
+    for args, fragment in ((["--schedulers", "fastest"], "unknown scheduler 'fastest'"),
+                           (["--scenario", "nope"], "no scenario 'nope'"),
+                           (["--scenario", "hotspots"], "not a GPU host of tiny"),
+                           (["--set", "rate_multplier=2"], "unknown replay config key 'rate_multplier'"),
+                           (["--trace", str(tmp_path / "missing.jsonl")], "trace not found")):
+        proc = subprocess.run([sys.executable, "-m", "testbed.cli", "run", "--topology", "tiny",
+                               "--prefix", test_prefix("c"), "--out", str(tmp_path / "o"), *args],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "o").exists()
