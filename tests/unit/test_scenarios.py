@@ -1,0 +1,63 @@
+"""Congestion scenario files: every shipped one parses against the default
+fabric, and malformed ones are refused with the flow and the field named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import topologies
+from testbed import scenario
+from testbed.experiment import ExperimentConfig, ExperimentError
+
+
+@pytest.fixture(scope="module")
+def fattree() -> topologies.Topology:
+    return topologies.build("fattree")
+
+
+def test_shipped_scenarios_parse(fattree: topologies.Topology) -> None:
+    names = scenario.names()
+    assert {"none", "hotspots"} <= set(names)
+    for name in names:
+        scen = scenario.load(name, fattree)
+        assert scen.name == name
+    hot = scenario.load("hotspots", fattree)
+    # 2 cross-pod flows at 150 Gbit/s (8 links) + 1 in-rack at 300 Gbit/s (4 links), at 1:20000
+    assert hot.load_mbps_hops(fattree, 20_000) == pytest.approx(2 * 7.5 * 8 + 15 * 4)
+
+
+@pytest.mark.parametrize("flow,fragment", [
+    ({"src": "g0", "dst": "g99", "duration_s": 1, "rate_gbps": 1}, "dst 'g99' is not a GPU host"),
+    ({"src": "g0", "dst": "g0", "duration_s": 1, "rate_gbps": 1}, "same host"),
+    ({"src": "g0", "dst": "g32", "duration_s": 1, "rate_gbps": 500}, "exceeds the path's bottleneck"),
+    ({"src": "g0", "dst": "g32", "duration_s": 1, "rate_gbps": -1}, "rate_gbps must be a number"),
+    ({"src": "g0", "dst": "g32", "duration_s": 0.1, "rate_gbps": 1}, "duration_s must be"),
+    ({"src": "g0", "dst": "g32", "duration_s": 1, "rate_gbps": 1, "protocol": "sctp"}, "protocol must be"),
+    ({"src": "g0", "dst": "g32", "duration_s": 1, "rate_gbps": 1, "rate_gpbs": 2}, "unknown key 'rate_gpbs'"),
+])
+def test_bad_flows_refused(fattree: topologies.Topology, flow: dict[str, object], fragment: str) -> None:
+    with pytest.raises(scenario.ScenarioError, match=fragment.replace("(", r"\(")) as info:
+        scenario.parse({"name": "x", "flows": [flow]}, fattree, "x.json")
+    assert "flow 0" in str(info.value)
+
+
+def test_unknown_scenario_and_file_errors(fattree: topologies.Topology, tmp_path: Path) -> None:
+    with pytest.raises(scenario.ScenarioError, match="no scenario 'nope'"):
+        scenario.load("nope", fattree)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(scenario.ScenarioError, match="cannot read scenario"):
+        scenario.load(str(bad), fattree)
+    bad.write_text(json.dumps({"name": "x", "flowz": []}))
+    with pytest.raises(scenario.ScenarioError, match="unknown key 'flowz'"):
+        scenario.load(str(bad), fattree)
+
+
+def test_experiment_config_rejects_unknown_keys() -> None:
+    with pytest.raises(ExperimentError, match="unknown experiment setting 'schedulerz'"):
+        ExperimentConfig.from_json({"schedulerz": ["netkv"]})
+    exp = ExperimentConfig.from_json(ExperimentConfig().to_json())
+    assert exp.schedulers == ["round_robin", "tuned_cache_load", "netkv"]
