@@ -98,7 +98,7 @@ def render(snap: dict[str, Any], limit: int, width: int = 100) -> str:
         name = TIER_NAMES.get(int(tier), f"tier {tier}")
         busy = sum(1 for r in rows if r["utilization"] >= 0.01)
         lines.append("")
-        lines.append(f"tier {tier} - {name}: {len(rows)} links, {busy} carrying >= 1% of capacity")
+        lines.append(f"tier {tier} - {name}: {len(rows)} directed links, {busy} carrying >= 1% of capacity")
         lines.append(header)
         shown = rows if limit <= 0 else rows[:limit]
         for r in shown:
