@@ -145,6 +145,7 @@ def test_overloaded_link_reads_its_rate_and_queue_drops(tb: Testbed) -> None:
     narrow = min(hops[1:], key=lambda h: topo.link_between(*h).rate_gbps)
     cap_mbps = tb.emulated_mbps(topo.link_between(*narrow))
     assert narrow[0] != src and not topo.node(narrow[0]).is_gpu
+    wait_for_samples(tb, 2 * len(topo.links))
     before = {(r["src"], r["dst"]): r for r in rest_get(tb.rest_url, "/links")["links"]}
     q_before = (before[narrow].get("queue") or {}).get("drops_total", 0)
     # offer 1.4x the narrow hop's rate; upstream hops must be wider to deliver it
@@ -169,7 +170,8 @@ def test_overloaded_link_reads_its_rate_and_queue_drops(tb: Testbed) -> None:
     after = {(r["src"], r["dst"]): r for r in rest_get(tb.rest_url, "/links")["links"]}
     queue = after[narrow]["queue"]
     assert queue is not None and queue["interface"] == tb.intf(narrow[0], topo.port_to(*narrow))
-    print(f"queue of {queue['interface']}: drops {q_before} -> {queue['drops_total']}")
+    print(f"queue of {queue['interface']}: drops {q_before} -> {queue['drops_total']}; port-counter drops "
+          f"charged to the hop {before[narrow]['drops_total']} -> {after[narrow]['drops_total']}")
     assert queue["drops_total"] > q_before, queue
     metrics = urlopen_text(tb.rest_url + "/metrics")
     assert f'netkv_queue_drops_total{{src="{narrow[0]}",dst="{narrow[1]}"' in metrics
