@@ -51,6 +51,7 @@ class TestbedConfig:
         "help": "seconds to wait for the controller to install every switch's routes"})
 
     KNOWN_DATAPATHS = ("auto", "kernel", "user")
+    __test__ = False  # not a pytest test class, despite its name
 
     def validate(self) -> Topology:
         """Check every field; returns the built topology.  Raises ConfigError."""

@@ -93,6 +93,8 @@ def _check_all(results: list[subprocess.CompletedProcess[str]], what: str) -> No
 class Testbed:
     """One emulated fabric.  Use as a context manager or call up()/down()."""
 
+    __test__ = False  # not a pytest test class, despite its name
+
     def __init__(self, config: TestbedConfig) -> None:
         self.config = config
         self.topo: Topology = config.validate()
@@ -341,6 +343,7 @@ class Testbed:
             lines = [f"link set dev {ifname} mtu {mtu} up" for ifname, _ in ifs]
             lines += [line.format(dev=ifs[0][0]) for line in arp_lines
                       if not line.startswith(f"neigh replace {self.topo.ip_of(name)} ")]
+            lines.append(shaping.fabric_route(ifs[0][0], self.topo.ip_of(name)))
             commands.append(self.in_host(name, ["ip", "-batch", "-"]))
             inputs.append("\n".join(lines) + "\n")
             tc_lines = [l for ifname, mbps in ifs

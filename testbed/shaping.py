@@ -68,3 +68,21 @@ def host_sysctls() -> list[str]:
         "net.ipv6.conf.all.disable_ipv6=1",
         "net.ipv6.conf.default.disable_ipv6=1",
     ]
+
+
+# Minimum TCP retransmission timeout on the fabric's route.  Linux's default
+# (200 ms) is tuned for the wide area; one tail drop would then stall a KV
+# transfer of tens of milliseconds for 200 ms.  Datacenter stacks lower it,
+# and the RDMA transports that carry KV caches retransmit in microseconds to
+# milliseconds.  It is only a floor: the kernel's timeout still follows the
+# measured round trip, queueing included, so a full queue on a slow link
+# (32 frames at 10 Mbit/s hold 39 ms) raises it above the floor by itself.
+RTO_MIN_MS = 10
+
+
+def fabric_route(ifname: str, host_ip: str, prefix_len: int = 16) -> str:
+    """``ip -batch`` line for the host's route to the fabric, with rto_min."""
+    octets = host_ip.split(".")
+    net = ".".join(octets[:2] + ["0", "0"]) if prefix_len == 16 else host_ip
+    return (f"route replace {net}/{prefix_len} dev {ifname} proto kernel scope link src {host_ip} "
+            f"rto_min {RTO_MIN_MS}ms")
