@@ -44,9 +44,13 @@ class TestbedConfig:
     rest_port: int = field(default=8080, metadata={"help": "controller REST API port on 127.0.0.1"})
     poll_interval_s: float = field(default=0.5, metadata={
         "help": "controller port-statistics polling interval, seconds (0.1 .. 60)"})
-    queue_packets: int = field(default=32, metadata={
-        "help": "packets each shaped egress queue holds before it drops (pfifo limit)"})
+    queue_packets: int = field(default=64, metadata={
+        "help": "packets each shaped egress queue holds before it drops (pfifo limit); KV fabrics are "
+                "near-lossless (RoCE with PFC), so queues are deep enough that a KV burst rarely drops"})
     mtu_bytes: int = field(default=1500, metadata={"help": "MTU of every emulated link"})
+    tcp_congestion: str = field(default="", metadata={
+        "help": "TCP congestion control in every GPU host; empty: the kernel's default (recorded in the "
+                "bring-up report). A namespace may only choose one the root namespace allows."})
     ready_timeout_s: float = field(default=60.0, metadata={
         "help": "seconds to wait for the controller to install every switch's routes"})
 
@@ -73,6 +77,8 @@ class TestbedConfig:
             raise ConfigError(f"queue_packets must be 2 .. 10000, got {self.queue_packets}")
         if not 576 <= self.mtu_bytes <= 9000:
             raise ConfigError(f"mtu_bytes must be 576 .. 9000, got {self.mtu_bytes}")
+        if self.tcp_congestion and not re.match(r"^[a-z0-9_]{1,16}$", self.tcp_congestion):
+            raise ConfigError(f"tcp_congestion must be an algorithm name like cubic, got {self.tcp_congestion!r}")
         if not 1 <= self.ready_timeout_s <= 600:
             raise ConfigError(f"ready_timeout_s must be 1 .. 600, got {self.ready_timeout_s}")
         try:

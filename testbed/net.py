@@ -68,6 +68,7 @@ class BringUpReport:
     pings_total: int = 0
     pings_by_tier: dict[int, int] = field(default_factory=dict)
     failed_pairs: list[tuple[str, str]] = field(default_factory=list)
+    tcp_congestion: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -218,6 +219,11 @@ class Testbed:
             raise BringUpError(f"prefix {self.prefix!r} has leftovers of an earlier run "
                                f"({left.total} objects); remove them with `netkv clean --prefix {self.prefix}`")
         system.require_ports_free(self.config.of_port, self.config.rest_port)
+        available = system.tcp_congestion_controls()
+        self.report.tcp_congestion = self.config.tcp_congestion or system.default_tcp_congestion()
+        if self.config.tcp_congestion and available and self.config.tcp_congestion not in available:
+            raise BringUpError(f"TCP congestion control {self.config.tcp_congestion!r} is not available on this "
+                               f"kernel; available: {', '.join(available)}")
         if system.ip_forward_enabled():
             LOG.warning("net.ipv4.ip_forward is 1 in the root namespace: emulated frames seen by its "
                         "kernel could be routed out; the testbed itself never enables it")
@@ -338,7 +344,7 @@ class Testbed:
         arp_lines = [f"neigh replace {self.topo.ip_of(g.name)} lladdr {self.topo.mac_of(g.name)} "
                      f"nud permanent dev {{dev}}" for g in self.topo.gpus]
         for name, ifs in host_ifs.items():
-            commands.append(self.in_host(name, ["sysctl", "-q", "-w", *shaping.host_sysctls()]))
+            commands.append(self.in_host(name, ["sysctl", "-q", "-w", *shaping.host_sysctls(cfg.tcp_congestion)]))
             inputs.append(None)
             lines = [f"link set dev {ifname} mtu {mtu} up" for ifname, _ in ifs]
             lines += [line.format(dev=ifs[0][0]) for line in arp_lines

@@ -56,15 +56,18 @@ def ethtool_offloads_off(ifname: str) -> list[str]:
     return ["ethtool", "-K", ifname, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"]
 
 
-def host_sysctls() -> list[str]:
+def host_sysctls(tcp_congestion: str) -> list[str]:
     """``sysctl -w`` arguments for every GPU host namespace.
 
     * slow start after idle off: KV connections are kept open between
       transfers (as RDMA queue pairs would be); a pause must not reset cwnd.
+    * one named TCP congestion control for every host, whatever the machine's
+      default is (see TestbedConfig.tcp_congestion).
     * IPv6 off: only the IPv4 KV traffic the controller routes crosses the fabric.
     """
     return [
         "net.ipv4.tcp_slow_start_after_idle=0",
+        *([f"net.ipv4.tcp_congestion_control={tcp_congestion}"] if tcp_congestion else []),
         "net.ipv6.conf.all.disable_ipv6=1",
         "net.ipv6.conf.default.disable_ipv6=1",
     ]

@@ -154,3 +154,18 @@ def process_cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [p.decode(errors="replace") for p in raw.split(b"\0") if p]
+
+
+def tcp_congestion_controls() -> list[str]:
+    """Congestion control algorithms this kernel offers (empty if unknown)."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    except OSError:
+        return []
+
+
+def default_tcp_congestion() -> str:
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return ""
