@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -18,6 +19,7 @@ from testbed import cleanup, system
 from testbed.config import TestbedConfig
 from testbed.net import Testbed
 from tests.conftest import free_port, test_prefix
+from tests.integration.common import running_testbed
 
 pytestmark = pytest.mark.root
 NETKV = [sys.executable, "-m", "testbed.cli"]
@@ -49,12 +51,9 @@ def check_flow_tables(tb: Testbed) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> Testbed:
-    tb = Testbed(make_config("tiny", prefix=test_prefix("m")))
-    tb.up()
-    yield tb  # type: ignore[misc]
-    tb.down()
-    assert_nothing_left(tb.prefix)
+def tiny() -> Iterator[Testbed]:
+    yield from running_testbed("m")
+    assert_nothing_left(test_prefix("m"))
 
 
 def test_tiny_all_pairs_reach_each_other(tiny: Testbed) -> None:
@@ -189,7 +188,7 @@ def test_interrupted_or_crashed_run_leaves_nothing(how: str) -> None:
     seen = ""
     while "running;" not in seen and time.monotonic() < deadline and proc.poll() is None:
         seen += proc.stdout.readline()
-    assert "running;" in seen, seen + (proc.stderr.read() if proc.poll() is not None else "")
+    assert "running;" in seen, seen + (proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
     assert cleanup.leftovers(prefix).bridges
     if how == "interrupt":
         proc.send_signal(signal.SIGINT)

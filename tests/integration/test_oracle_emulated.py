@@ -16,9 +16,9 @@ from typing import Any, Iterator
 import pytest
 
 from bench.telemetry import iperf_server, iperf_udp_client, rest_get, tcp_transfer_s, udp_wire_factor
-from testbed.config import TestbedConfig, emulated_bytes
+from testbed.config import emulated_bytes
 from testbed.net import Testbed
-from tests.conftest import free_port, test_prefix
+from tests.integration.common import cross_pair, running_testbed
 
 pytestmark = pytest.mark.root
 POLL_INTERVAL_S = 0.5
@@ -27,22 +27,7 @@ TOLERANCE = 0.25
 
 @pytest.fixture(scope="module")
 def tb() -> Iterator[Testbed]:
-    cfg = TestbedConfig(topology="tiny", params={}, prefix=test_prefix("o"), of_port=free_port(),
-                        rest_port=free_port(), poll_interval_s=POLL_INTERVAL_S)
-    bed = Testbed(cfg)
-    bed.up()
-    try:
-        yield bed
-    finally:
-        bed.down()
-
-
-def pair_via(tb: Testbed, via: str) -> tuple[str, str]:
-    for src in ("g0", "g1"):
-        for dst in ("g2", "g3"):
-            if via in tb.topo.path(src, dst):
-                return src, dst
-    raise AssertionError(f"no cross-rack pair crosses {via}")
+    yield from running_testbed("o", poll_interval_s=POLL_INTERVAL_S)
 
 
 def oracle(tb: Testbed, src: str, dst: str, real_bytes: int) -> dict[str, Any]:
@@ -63,7 +48,7 @@ def settle(tb: Testbed) -> None:
 
 def test_oracle_ranks_idle_path_cheaper_and_predicts_transfer_times(tb: Testbed) -> None:
     topo = tb.topo
-    busy, idle = pair_via(tb, "a1"), pair_via(tb, "a0")
+    busy, idle = cross_pair(tb, "a1"), cross_pair(tb, "a0")
     assert len(topo.path(*busy)) == len(topo.path(*idle)), "the two paths must be equally long"
     narrow_busy = min(topo.path_links(*busy), key=lambda l: l.rate_gbps)
     cap_mbps = tb.emulated_mbps(narrow_busy)

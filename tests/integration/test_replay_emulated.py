@@ -12,17 +12,16 @@ from typing import Any
 import pytest
 
 from netkv.records import read_records, validate_file
-from testbed import shaping
 from testbed.config import TestbedConfig
 from testbed.experiment import MininetLauncher
 from testbed.net import Testbed
+from testbed.transfers import idle_transfers, ideal_ms
 from tests.conftest import free_port, test_prefix
 from workers.run import ReplayConfig, replay
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parents[2]
 TRACE = ROOT.parent / "shared" / "traces" / "mooncake_conversation.jsonl"
-IDLE_MIN_IDEAL_MS = 5.0  # below this, per-packet latency of the emulator dominates the ratio
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +32,6 @@ def tb() -> Any:
     yield bed
     bed.down()
     assert bed.down().total == 0
-
-
-def ideal_ms(tb: Testbed, rec: dict[str, Any]) -> float:
-    bps = tb.topo.bottleneck_gbps(rec["prefill"], rec["decode"]) * 1e9 / tb.config.scale
-    return float(rec["bytes_sent"]) * 8 / bps * 1e3
-
-
-def bucket_ms(tb: Testbed, rec: dict[str, Any]) -> float:
-    """What htb lets a link send at once after an idle period, in ms of its
-    rate: an idle path can beat the ideal by at most this much."""
-    mbps = tb.topo.bottleneck_gbps(rec["prefill"], rec["decode"]) * 1000 / tb.config.scale
-    return shaping.htb_burst_bytes(mbps, tb.config.mtu_bytes) * 8 / (mbps * 1e6) * 1e3
-
-
-def shares_a_link(tb: Testbed, a: dict[str, Any], b: dict[str, Any]) -> bool:
-    hops_a = set(tb.topo.path_hops(a["prefill"], a["decode"]))
-    return bool(hops_a & set(tb.topo.path_hops(b["prefill"], b["decode"])))
 
 
 def test_replay_real_trace_all_ok_and_idle_transfers_near_ideal(tb: Testbed, tmp_path: Path) -> None:
@@ -65,17 +47,11 @@ def test_replay_real_trace_all_ok_and_idle_transfers_near_ideal(tb: Testbed, tmp
         assert r["prefill_end_ms"] <= r["transfer_start_ms"] <= r["transfer_end_ms"] <= r["first_token_ms"]
         assert r["tier_distance"] == tb.topo.tier_distance(r["prefill"], r["decode"])
     assert {r["tier_distance"] for r in records} == {0, 2}, "round robin should use both tiers of tiny"
-    # Idle path: no other transfer on a shared link during this one.
-    checked = 0
-    for r in records:
-        overlap = [o for o in records if o is not r and shares_a_link(tb, r, o)
-                   and o["transfer_start_ms"] < r["transfer_end_ms"] and r["transfer_start_ms"] < o["transfer_end_ms"]]
-        ideal = ideal_ms(tb, r)
-        if overlap or ideal < IDLE_MIN_IDEAL_MS:
-            continue
-        measured = r["transfer_end_ms"] - r["transfer_start_ms"]
-        assert ideal - bucket_ms(tb, r) <= measured <= 1.5 * ideal, (r["request_id"], measured, ideal)
-        checked += 1
+    # Idle path: no other transfer on a shared link during this one (testbed.transfers).
+    idle = idle_transfers(tb.topo, tb.config.scale, tb.config.mtu_bytes, records)
+    for t in idle:
+        assert t.within(1.5), (t.request_id, t.measured_ms, t.ideal_ms)
+    checked = len(idle)
     assert checked >= 5, f"only {checked} idle transfers to check"
 
 
@@ -113,7 +89,7 @@ def test_two_transfers_share_one_bottleneck(tmp_path: Path) -> None:
     overlap = min(first["transfer_end_ms"], second["transfer_end_ms"]) - \
         max(first["transfer_start_ms"], second["transfer_start_ms"])
     assert overlap > 0.8 * min(dur[0], dur[1]), "the two transfers did not run at the same time"
-    ideal = ideal_ms(bed, alone)  # the three payloads are the same size
+    ideal = ideal_ms(bed.topo, bed.config.scale, alone)  # the three payloads are the same size
     assert dur[2] <= 1.3 * ideal, (dur[2], ideal)
     # Together the two got the path's rate, not twice it ...
     rate_bps = topo.bottleneck_gbps("g0", "g2") * 1e9 / bed.config.scale

@@ -19,9 +19,8 @@ import pytest
 
 from bench.telemetry import (hop_samples_within, iperf_result, iperf_server, iperf_udp_client, rest_get,
                              udp_wire_factor)
-from testbed.config import TestbedConfig
 from testbed.net import Testbed
-from tests.conftest import free_port, test_prefix
+from tests.integration.common import cross_pair, running_testbed
 
 pytestmark = pytest.mark.root
 
@@ -30,23 +29,7 @@ pytestmark = pytest.mark.root
 # it builds the next, so only one emulation runs at a time.
 @pytest.fixture(scope="module", params=[0.5, 0.1], ids=["poll-0.5s", "poll-0.1s"])
 def tb(request: pytest.FixtureRequest) -> Iterator[Testbed]:
-    cfg = TestbedConfig(topology="tiny", params={}, prefix=test_prefix("t"), of_port=free_port(),
-                        rest_port=free_port(), poll_interval_s=request.param)
-    bed = Testbed(cfg)
-    bed.up()
-    try:
-        yield bed
-    finally:
-        bed.down()
-
-
-def cross_pair(tb: Testbed, via: str) -> tuple[str, str]:
-    """A cross-rack GPU pair whose installed path crosses aggregation switch ``via``."""
-    for src in ("g0", "g1"):
-        for dst in ("g2", "g3"):
-            if via in tb.topo.path(src, dst):
-                return src, dst
-    raise AssertionError(f"no g0/g1 -> g2/g3 pair crosses {via}")
+    yield from running_testbed("t", poll_interval_s=request.param)
 
 
 def wait_for_samples(tb: Testbed, min_hops: int, timeout_s: float = 10.0) -> dict[str, Any]:
