@@ -118,8 +118,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         t0 = time.monotonic()
+        owned = tb.owns_prefix
         left = tb.down()
-        if not args.json:
+        if owned and not args.json:
             state = "clean" if left.total == 0 else f"LEFTOVERS {left.as_dict()}"
             print(f"netkv: torn down in {time.monotonic() - t0:.1f} s, {state}", file=sys.stderr)
 

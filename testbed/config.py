@@ -48,6 +48,9 @@ class TestbedConfig:
         "help": "packets each shaped egress queue holds before it drops (pfifo limit); KV fabrics are "
                 "near-lossless (RoCE with PFC), so queues are deep enough that a KV burst rarely drops"})
     mtu_bytes: int = field(default=1500, metadata={"help": "MTU of every emulated link"})
+    link_delay_ms: float = field(default=0.0, metadata={
+        "help": "one-way delay added at each link end's egress with netem (0: none); needs a kernel "
+                "with netem, refused with a clear message where it is missing"})
     tcp_congestion: str = field(default="", metadata={
         "help": "TCP congestion control in every GPU host; empty: the kernel's default (recorded in the "
                 "bring-up report). A namespace may only choose one the root namespace allows."})
@@ -79,6 +82,8 @@ class TestbedConfig:
             raise ConfigError(f"mtu_bytes must be 576 .. 9000, got {self.mtu_bytes}")
         if self.tcp_congestion and not re.match(r"^[a-z0-9_]{1,16}$", self.tcp_congestion):
             raise ConfigError(f"tcp_congestion must be an algorithm name like cubic, got {self.tcp_congestion!r}")
+        if not 0 <= self.link_delay_ms <= 1000:
+            raise ConfigError(f"link_delay_ms must be 0 .. 1000, got {self.link_delay_ms}")
         if not 1 <= self.ready_timeout_s <= 600:
             raise ConfigError(f"ready_timeout_s must be 1 .. 600, got {self.ready_timeout_s}")
         try:

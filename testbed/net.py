@@ -218,6 +218,10 @@ class Testbed:
                                    f"stop it with `netkv down --prefix {self.prefix}` or use another --prefix")
             raise BringUpError(f"prefix {self.prefix!r} has leftovers of an earlier run "
                                f"({left.total} objects); remove them with `netkv clean --prefix {self.prefix}`")
+        if self.config.link_delay_ms > 0 and not system.netem_available(self.prefix):
+            raise system.PreflightError(
+                f"link_delay_ms={self.config.link_delay_ms:g} needs the netem qdisc, which this kernel lacks "
+                f"(CONFIG_NET_SCH_NETEM); use link_delay_ms=0 here, or the Vagrant VM")
         system.require_ports_free(self.config.of_port, self.config.rest_port)
         available = system.tcp_congestion_controls()
         self.report.tcp_congestion = self.config.tcp_congestion or system.default_tcp_congestion()
@@ -328,7 +332,7 @@ class Testbed:
                     host_ifs.setdefault(node, []).append((ifname, mbps))
                     continue
                 root_ip.append(f"link set dev {ifname} mtu {mtu} up")
-                root_tc += shaping.tc_batch_lines(ifname, mbps, mtu, cfg.queue_packets)
+                root_tc += shaping.tc_batch_lines(ifname, mbps, mtu, cfg.queue_packets, cfg.link_delay_ms)
                 if self.datapath == "user":
                     root_offload.append(shaping.ethtool_offloads_off(ifname))
         # Root namespace: switch ends.  No address is ever put on a switch port.
@@ -353,7 +357,7 @@ class Testbed:
             commands.append(self.in_host(name, ["ip", "-batch", "-"]))
             inputs.append("\n".join(lines) + "\n")
             tc_lines = [l for ifname, mbps in ifs
-                        for l in shaping.tc_batch_lines(ifname, mbps, mtu, cfg.queue_packets)]
+                        for l in shaping.tc_batch_lines(ifname, mbps, mtu, cfg.queue_packets, cfg.link_delay_ms)]
             commands.append(self.in_host(name, ["tc", "-batch", "-"]))
             inputs.append("\n".join(tc_lines) + "\n")
             if self.datapath == "user":

@@ -94,9 +94,11 @@ def choose_datapath(requested: str) -> str:
     return "kernel" if available else "user"
 
 
-def netem_available() -> bool:
-    """Try a netem qdisc on the loopback of a throw-away namespace."""
-    ns = f"nkprobe{uuid.uuid4().hex[:6]}"
+def netem_available(prefix: str = "nk") -> bool:
+    """Try a netem qdisc on the loopback of a throw-away namespace named with
+    the instance prefix (so that the sweep of that prefix finds it if this
+    process dies in between)."""
+    ns = f"{prefix}probe{uuid.uuid4().hex[:6]}"
     if run(["ip", "netns", "add", ns], check=False).returncode != 0:
         return False
     try:

@@ -111,7 +111,7 @@ def test_second_instance_with_same_prefix_is_refused(tiny: Testbed) -> None:
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0
     assert "already up" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) <= 2
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert cleanup.leftovers(tiny.prefix).bridges, "the refused attempt removed the running instance"
 
 
@@ -200,3 +200,22 @@ def test_interrupted_or_crashed_run_leaves_nothing(how: str) -> None:
         out = run_cli("clean", "--prefix", prefix)
         assert out.returncode == 0, out.stdout + out.stderr
     assert_nothing_left(prefix)
+
+
+def test_link_delay_needs_netem() -> None:
+    cfg = make_config("tiny", link_delay_ms=2.0)
+    if system.netem_available(cfg.prefix):
+        tb = Testbed(cfg)
+        try:
+            tb.up()
+            out = system.run(tb.in_host("g0", ["ping", "-n", "-c", "3", "-i", "0.2", tb.topo.ip_of("g2")])).stdout
+            rtt_ms = float(out.strip().splitlines()[-1].split("=")[1].split("/")[1])
+            # g0 -> g2 crosses 6 links, each end delays 2 ms: at least 2 x 6 x 2 ms round trip
+            assert rtt_ms >= 24.0, out
+        finally:
+            tb.down()
+    else:
+        proc = run_cli("up", "--topology", "tiny", "--link-delay-ms", "2", "--prefix", cfg.prefix, "--check")
+        assert proc.returncode == 2 and "needs the netem qdisc" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert_nothing_left(cfg.prefix)

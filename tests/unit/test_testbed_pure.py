@@ -146,3 +146,31 @@ def test_vagrantfile_is_valid_and_provisions_with_the_ci_install_script() -> Non
     assert "scripts/test" in (ROOT / ".ci/run").read_text()
     assert "bash scripts/install.sh" in (ROOT / "scripts/test").read_text()
     assert "bash scripts/install.sh" in (ROOT / "scripts/run").read_text()
+
+
+def test_ovs_not_running_and_not_startable_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed import system
+
+    monkeypatch.setattr(system, "ovs_running", lambda: False)
+    monkeypatch.setattr(system, "OVS_CTL", "/nonexistent/ovs-ctl")
+    with pytest.raises(system.PreflightError, match="Open vSwitch is not running and ovs-ctl is missing"):
+        system.ensure_ovs()
+
+
+def test_kernel_datapath_refused_where_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed import system
+
+    monkeypatch.setattr(system, "kernel_datapath_available", lambda: False)
+    assert system.choose_datapath("auto") == "user"
+    assert system.choose_datapath("user") == "user"
+    with pytest.raises(system.PreflightError, match="kernel datapath is not available"):
+        system.choose_datapath("kernel")
+    monkeypatch.setattr(system, "kernel_datapath_available", lambda: True)
+    assert system.choose_datapath("auto") == "kernel"
+
+
+def test_netem_leaf_only_with_delay() -> None:
+    assert shaping.tc_batch_lines("x", 10, 1500, 64)[2].endswith("pfifo limit 64")
+    assert shaping.tc_batch_lines("x", 10, 1500, 64, delay_ms=0.5)[2].endswith("netem delay 0.5ms limit 64")
+    with pytest.raises(ValueError, match="delay_ms must be >= 0"):
+        shaping.tc_batch_lines("x", 10, 1500, 64, delay_ms=-1)

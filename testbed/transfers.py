@@ -1,0 +1,112 @@
+"""Measured KV transfers against their ideal time on the emulated fabric.
+
+One place for the arithmetic that the replay integration test and
+``bench/workers.py`` share:
+
+* the *ideal* time of a transfer is its emulated payload (``bytes_sent``) at the
+  emulated bottleneck rate of the installed path (real rate / scale);
+* htb lets an idle link send its bucket at once (:func:`shaping.htb_burst_bytes`),
+  so a transfer on an idle path may beat the ideal by at most that much;
+* a transfer is on an *idle path* when no other transfer of the run crossed a
+  directed hop of its path while it ran.
+
+Records are the dicts of :mod:`netkv.records` (``prefill``, ``decode``,
+``bytes_sent``, ``transfer_start_ms``, ``transfer_end_ms``, ``status``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+from topologies import Topology
+
+from . import shaping
+
+IDLE_MIN_IDEAL_MS = 5.0  # below this, per-packet latency of the emulator dominates the ratio
+
+
+def ideal_ms(topo: Topology, scale: float, rec: Mapping[str, Any]) -> float:
+    """Payload at the path's emulated bottleneck rate, in ms."""
+    bps = topo.bottleneck_gbps(rec["prefill"], rec["decode"]) * 1e9 / scale
+    return float(rec["bytes_sent"]) * 8 / bps * 1e3
+
+
+def bucket_ms(topo: Topology, scale: float, mtu_bytes: int, rec: Mapping[str, Any]) -> float:
+    """What htb lets the path's bottleneck send at once after an idle period,
+    in ms of its rate: an idle path can beat the ideal by at most this much."""
+    mbps = topo.bottleneck_gbps(rec["prefill"], rec["decode"]) * 1000 / scale
+    return shaping.htb_burst_bytes(mbps, mtu_bytes) * 8 / (mbps * 1e6) * 1e3
+
+
+def shares_a_link(topo: Topology, a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Do the installed paths of two transfers cross a common directed hop?"""
+    hops_a = set(topo.path_hops(a["prefill"], a["decode"]))
+    return bool(hops_a & set(topo.path_hops(b["prefill"], b["decode"])))
+
+
+@dataclass(frozen=True)
+class IdleTransfer:
+    request_id: str
+    tier_distance: int
+    measured_ms: float
+    ideal_ms: float
+    bucket_ms: float
+
+    @property
+    def ratio(self) -> float:
+        """Measured over ideal transfer time."""
+        return self.measured_ms / self.ideal_ms
+
+    def within(self, max_ratio: float) -> bool:
+        """At most ``max_ratio`` times the ideal and not faster than the
+        ideal less the htb bucket."""
+        return self.ideal_ms - self.bucket_ms <= self.measured_ms <= max_ratio * self.ideal_ms
+
+
+def _has_transfer(rec: Mapping[str, Any]) -> bool:
+    return rec.get("transfer_start_ms") is not None and rec.get("transfer_end_ms") is not None \
+        and bool(rec.get("prefill")) and bool(rec.get("decode"))
+
+
+def idle_transfers(topo: Topology, scale: float, mtu_bytes: int, records: Sequence[Mapping[str, Any]],
+                   *, min_ideal_ms: float = IDLE_MIN_IDEAL_MS) -> list[IdleTransfer]:
+    """The ok transfers whose path no other transfer used while they ran and
+    whose ideal time is at least ``min_ideal_ms``.  Any record with transfer
+    stamps (failed ones too) counts as a possible competitor."""
+    moved = [r for r in records if _has_transfer(r)]
+    hops: dict[tuple[str, str], frozenset[tuple[str, str]]] = {}
+
+    def hops_of(r: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+        key = (str(r["prefill"]), str(r["decode"]))
+        if key not in hops:
+            hops[key] = frozenset(topo.path_hops(*key))
+        return hops[key]
+
+    by_start = sorted(moved, key=lambda r: float(r["transfer_start_ms"]))
+    out: list[IdleTransfer] = []
+    for i, r in enumerate(by_start):
+        if r.get("status") != "ok":
+            continue
+        ideal = ideal_ms(topo, scale, r)
+        if ideal < min_ideal_ms:
+            continue
+        start, end = float(r["transfer_start_ms"]), float(r["transfer_end_ms"])
+        mine = hops_of(r)
+        busy = False
+        for j, o in enumerate(by_start):
+            if float(o["transfer_start_ms"]) >= end:
+                break  # sorted by start: no later one can overlap
+            if j == i or float(o["transfer_end_ms"]) <= start:
+                continue
+            if mine & hops_of(o):
+                busy = True
+                break
+        if not busy:
+            out.append(IdleTransfer(str(r["request_id"]), int(r.get("tier_distance") or 0), end - start, ideal,
+                                    bucket_ms(topo, scale, mtu_bytes, r)))
+    return out
+
+
+def ratios(transfers: Iterable[IdleTransfer]) -> list[float]:
+    return [t.ratio for t in transfers]
