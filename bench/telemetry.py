@@ -249,12 +249,15 @@ def measure(poll_interval_s: float, *, prefix: str, scale: float, seconds: float
 
 
 def main(argv: list[str] | None = None) -> int:
+    from testbed.config import DEFAULT_SCALE
+
     ap = argparse.ArgumentParser(prog="python -m bench.telemetry", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--intervals-s", type=float, nargs="+", default=[0.1, 1.0],
                     help="polling intervals to measure (default %(default)s)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measuring window per interval (default %(default)s)")
-    ap.add_argument("--scale", type=float, default=20_000.0, help="testbed scale factor (default %(default)s)")
+    ap.add_argument("--scale", type=float, default=DEFAULT_SCALE,
+                    help="testbed scale factor (default %(default)s, the testbed's)")
     ap.add_argument("--prefix", default=os.environ.get("NETKV_TEST_PREFIX", "nb"),
                     help="testbed name prefix (default $NETKV_TEST_PREFIX or nb)")
     ap.add_argument("--of-port", type=int, default=16653)

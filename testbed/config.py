@@ -16,9 +16,10 @@ import topologies
 from topologies import Topology, TopologyError
 
 # 1 emulated bit stands for SCALE real bits; KV payloads are divided by the same
-# factor.  20,000 puts the default fat-tree's links at 10-80 Mbit/s, inside what
-# the userspace datapath forwards on a 2-core machine (docs/design.md, bench bringup).
-DEFAULT_SCALE = 20_000.0
+# factor.  40,000 puts the default fat-tree's links at 5-40 Mbit/s.  At 20,000 the
+# default run (scenario hotspots) kept the userspace switch process at 88-92% of a
+# core on average, saturated at its busiest; see docs/design.md "Scale factor".
+DEFAULT_SCALE = 40_000.0
 PREFIX_RE = re.compile(r"^[a-z]{2,4}$")
 IFNAME_MAX = 15  # Linux interface names
 
