@@ -88,8 +88,9 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 def measure(sched: Scheduler, requests: list[Request], prefill: str, decodes: Sequence[DecodeView],
             oracle: TelemetryOracle, now_s: float, reps: int, rounds: int) -> dict[str, float]:
-    """p50/p99 of the round with the lowest p99 (other processes sharing the
-    CPU inflate single rounds), plus the p99 over all rounds."""
+    """p50/p99 over every decision of every round (what the targets are
+    checked against), plus the p99 of the quietest round, which shows how much
+    of the tail other processes sharing the CPU added."""
     clock = time.perf_counter_ns
     for r in requests[:20]:  # warm caches (paths, transfer tables, numpy)
         sched.choose(r, prefill, decodes, oracle, now_s)
@@ -118,8 +119,8 @@ def measure(sched: Scheduler, requests: list[Request], prefill: str, decodes: Se
             best = (p50, p99)
     assert best is not None
     everything.sort()
-    return {"p50": round(best[0], 2), "p99": round(best[1], 2),
-            "p99_all_rounds": round(percentile(everything, 0.99), 2)}
+    return {"p50": round(percentile(everything, 0.50), 2), "p99": round(percentile(everything, 0.99), 2),
+            "p99_quietest_round": round(best[1], 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated decode-set sizes")
     ap.add_argument("--reps", type=int, default=2000, help="timed decisions per scheduler and size (>= 100)")
     ap.add_argument("--schedulers", default=",".join(SCHEDULERS), help="comma-separated scheduler names")
-    ap.add_argument("--rounds", type=int, default=5, help="timing rounds; the round with the lowest p99 is reported")
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds (percentiles are pooled over all of them)")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
     try:
