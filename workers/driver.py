@@ -132,6 +132,7 @@ class Frontend:
         self.max_dispatch_lag_ms = 0.0
         self.t0 = 0.0
         self.writer: RecordWriter | None = None
+        self.written: set[str] = set()  # request ids that have their record
         self.all_done = asyncio.Event()
         self.dispatched_all = False
         self.progress: Any = None
@@ -165,10 +166,22 @@ class Frontend:
     def _write(self, rec: dict[str, Any]) -> None:
         assert self.writer is not None
         self.writer.write(rec)
+        self.written.add(str(rec["request_id"]))
         if self.progress is not None:
             self.progress.update(1)
         if self.dispatched_all and not self.flights:
             self.all_done.set()
+
+    def _account_for_the_rest(self, requests: list[Request], why: str) -> None:
+        """One failed record for each request of the window that has none yet:
+        those in flight keep what their record already holds, those not yet
+        dispatched say so."""
+        for rid in list(self.flights):
+            if rid not in self.written:
+                self._finish(rid, f"{why} while in flight")
+        for req in requests:
+            if req.request_id not in self.written:
+                self._fail_undispatched(req, f"{why} before dispatch")
 
     def _fail_undispatched(self, req: Request, reason: str, **extra: Any) -> None:
         rec = empty_record(req.request_id, self.cfg.scheduler, req.arrival_ms, req.input_tokens, req.output_tokens)
@@ -455,6 +468,11 @@ class Frontend:
         self.writer = RecordWriter(records_path)
         try:
             asyncio.run(self.main(requests))
+        except BaseException as exc:
+            # Ctrl-C, SIGTERM, or a crash of the frontend itself: every request
+            # of the window still gets its one record before the error goes on.
+            self._account_for_the_rest(requests, f"run interrupted ({type(exc).__name__}: {exc})")
+            raise
         finally:
             self.writer.close()
             if self.progress is not None:

@@ -309,3 +309,33 @@ def test_prefill_chooser_trades_cache_against_load() -> None:
         chooser.choose(ids, 10_240, [a, b])
     with pytest.raises(PrefillChoiceError, match="unknown prefill policy 'fastest'"):
         PrefillChooser(pm, "fastest")
+
+
+class _Interrupt(BaseException):
+    """Stands for Ctrl-C reaching the frontend in the middle of a replay."""
+
+
+def test_interrupted_replay_still_writes_one_record_per_request(short_dir: Path) -> None:
+    from netkv import schedulers
+
+    cfg = base_config(max_requests=10, scheduler="round_robin")
+    inner = schedulers.create("round_robin", {}, kv_bytes_per_token=131072)
+    calls = {"n": 0}
+
+    class InterruptAfterFour:
+        name = "round_robin"
+
+        def choose(self, *args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise _Interrupt("stop")
+            return inner.choose(*args, **kwargs)
+
+    with pytest.raises(_Interrupt):
+        replay(cfg, LocalLauncher(), short_dir / "int", scheduler=InterruptAfterFour())
+    recs = read_records(short_dir / "int" / "records.jsonl")
+    ids = [r["request_id"] for r in recs]
+    assert sorted(ids) == sorted(f"L{i}" for i in range(1, 11)) and len(set(ids)) == 10
+    interrupted = [r for r in recs if "run interrupted" in r["reason"]]
+    assert interrupted and all(r["status"] == "failed" for r in interrupted)
+    assert any(r["reason"].endswith("before dispatch") for r in interrupted)
