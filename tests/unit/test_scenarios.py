@@ -61,3 +61,24 @@ def test_experiment_config_rejects_unknown_keys() -> None:
         ExperimentConfig.from_json({"schedulerz": ["netkv"]})
     exp = ExperimentConfig.from_json(ExperimentConfig().to_json())
     assert exp.schedulers == ["round_robin", "tuned_cache_load", "netkv"]
+
+
+def test_saved_experiment_reruns_with_the_same_settings(tmp_path: Path) -> None:
+    from testbed.cli import build_parser
+    from testbed.experiment import experiment_from_args
+
+    parser = build_parser()
+    first = experiment_from_args(parser.parse_args(
+        ["run", "--topology", "leafspine", "--scale", "30000", "--param", "spines=4", "--scenario", "none",
+         "--schedulers", "netkv,round_robin", "--duration-s", "15", "--set", "decode_max_batch=32",
+         "--out", str(tmp_path / "a")]))
+    saved = tmp_path / "experiment.json"
+    saved.write_text(json.dumps(first.to_json()))
+    again = experiment_from_args(parser.parse_args(["run", "--experiment", str(saved), "--out", str(tmp_path / "b")]))
+    assert again.out_dir == str((tmp_path / "b").resolve())
+    assert {**again.to_json(), "out_dir": ""} == {**first.to_json(), "out_dir": ""}
+    assert again.testbed["scale"] == 30000 and again.testbed["params"] == {"spines": "4"}
+    assert again.replay["decode_max_batch"] == 32
+    # an option given on the command line overrides the saved value
+    third = experiment_from_args(parser.parse_args(["run", "--experiment", str(saved), "--scale", "50000"]))
+    assert third.testbed["scale"] == 50000 and third.schedulers == ["netkv", "round_robin"]
