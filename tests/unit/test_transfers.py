@@ -1,0 +1,38 @@
+"""testbed.transfers: ideal time, htb bucket and the idle-path rule on hand-built records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import topologies
+from testbed.transfers import bucket_ms, idle_transfers, ideal_ms
+
+TOPO = topologies.build("fattree")
+SCALE = 40_000.0
+
+
+def rec(rid: str, src: str, dst: str, start: float, end: float, nbytes: int, status: str = "ok") -> dict[str, Any]:
+    return {"request_id": rid, "status": status, "prefill": src, "decode": dst, "bytes_sent": nbytes,
+            "transfer_start_ms": start, "transfer_end_ms": end, "tier_distance": TOPO.tier_distance(src, dst)}
+
+
+def test_ideal_and_bucket() -> None:
+    r = rec("a", "g0", "g32", 0, 10, 50_000)  # across the core: 200 Gbit/s / 40,000 = 5 Mbit/s
+    assert ideal_ms(TOPO, SCALE, r) == pytest.approx(50_000 * 8 / 5e6 * 1e3)
+    assert bucket_ms(TOPO, SCALE, 1500, r) == pytest.approx(4 * 1514 * 8 / 5e6 * 1e3)  # four frames > 1 ms
+
+
+def test_idle_rule() -> None:
+    recs = [rec("a", "g0", "g32", 0, 100, 50_000),
+            rec("b", "g2", "g32", 50, 150, 50_000),      # shares g32's downlink with a while both run
+            rec("c", "g4", "g6", 0, 100, 50_000),        # other server: idle
+            rec("d", "g0", "g1", 100, 200, 50_000),      # starts when a ended: idle
+            rec("e", "g8", "g9", 0, 10, 100),            # ideal below 5 ms: not judged
+            rec("f", "g4", "g40", 300, 400, 50_000, status="failed"),  # failed: not judged ...
+            rec("g", "g4", "g41", 350, 450, 50_000)]     # ... but it makes g's uplink busy
+    idle = {t.request_id: t for t in idle_transfers(TOPO, SCALE, 1500, recs)}
+    assert set(idle) == {"c", "d"}
+    assert idle["c"].ratio == pytest.approx(100 / idle["c"].ideal_ms)
+    assert idle["c"].within(100 / idle["c"].ideal_ms + 1e-9) and not idle["c"].within(1.0)
