@@ -8,8 +8,10 @@ decode name (plain string order).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random as _random
+from pathlib import Path
 from typing import ClassVar, Iterable, Mapping, Sequence
 
 from ..oracle import Oracle
@@ -225,11 +227,37 @@ class StaticTopology(Scheduler):
                                             "tier_penalty_ms": penalty, "eligible": float(len(ok))})
 
 
-# Default weights of tuned_cache_load: equal weights, a placeholder chosen
-# without any measurement.  The testbed's sweep (tune() on a tuning trace
-# window disjoint from the evaluation window) replaces them; record the sweep's
-# output next to any result that uses other values.
-TUNED_DEFAULTS: Mapping[str, float] = {"w_cache": 1.0, "w_load": 1.0}
+# Default weights of tuned_cache_load come from the testbed's documented sweep
+# (`python -m bench tune`: tune() over TUNING_GRID on a trace window disjoint
+# from the evaluation window), recorded with its provenance and every measured
+# combination in tuned_weights.json beside this file.  Without that file the
+# defaults are equal weights: UNTUNED PLACEHOLDERS chosen without measurement,
+# and TUNED_SOURCE says so.
+TUNED_WEIGHTS_FILE = Path(__file__).with_name("tuned_weights.json")
+PLACEHOLDER_WEIGHTS: Mapping[str, float] = {"w_cache": 1.0, "w_load": 1.0}
+
+
+def load_tuned_weights(path: Path = TUNED_WEIGHTS_FILE) -> tuple[dict[str, float], str]:
+    """``(weights, source)`` from a sweep's result file; the placeholders and a
+    source saying they are untuned when the file does not exist.  A file that
+    exists but is malformed raises ValueError naming it."""
+    if not path.exists():
+        return dict(PLACEHOLDER_WEIGHTS), (f"untuned placeholder weights (no sweep result at {path.name}; "
+                                           "run `python -m bench tune`)")
+    try:
+        data = json.loads(path.read_text())
+        weights = data["weights"]
+        out = {k: float(weights[k]) for k in PLACEHOLDER_WEIGHTS}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a tuning result with weights {sorted(PLACEHOLDER_WEIGHTS)}: {exc!r}") from None
+    extra = sorted(set(weights) - set(out))
+    if extra or not all(math.isfinite(v) and v >= 0 for v in out.values()):
+        raise ValueError(f"{path}: weights must be exactly {sorted(out)} with finite values >= 0, got {weights!r}")
+    window = data.get("tuning_window_s")
+    return out, f"sweep of {data.get('date', '?')} on trace window {window} s ({path.name})"
+
+
+TUNED_DEFAULTS, TUNED_SOURCE = load_tuned_weights()
 TUNING_GRID: Mapping[str, tuple[float, ...]] = {
     "w_cache": (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
     "w_load": (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),

@@ -210,7 +210,8 @@ def test_static_topology_prefers_near_unless_queue_costs_more() -> None:
 
 def test_tuned_cache_load_weights() -> None:
     decodes = [view("g8", blocks=(1, 2, 3, 4), active=6), view("g9", active=0)]
-    assert make("tuned_cache_load").choose(req(), "g0", decodes, StaticOracle(TOPO), NOW).decode == "g8"
+    equal = {"w_cache": 1.0, "w_load": 1.0}  # explicit: the defaults come from the tuning sweep's file
+    assert make("tuned_cache_load", equal).choose(req(), "g0", decodes, StaticOracle(TOPO), NOW).decode == "g8"
     assert make("tuned_cache_load", {"w_load": 2.0}).choose(req(), "g0", decodes, StaticOracle(TOPO), NOW).decode == "g9"
 
 
