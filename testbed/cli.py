@@ -317,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("netkv: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (netkv ... | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAIL
     except Exception as exc:  # noqa: BLE001 - one line for the user, details in a file
         from .net import BringUpError
 

@@ -24,6 +24,7 @@ from typing import Any
 import topologies
 from netkv.records import percentile, read_records
 
+from . import transfers
 from .config import TestbedConfig
 
 
@@ -35,7 +36,8 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
-def scheduler_metrics(run_dir: Path, topo: topologies.Topology, slo_ms: float | None) -> dict[str, Any]:
+def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float,
+                      slo_ms: float | None) -> dict[str, Any]:
     records = read_records(run_dir / "records.jsonl")
     ok = [r for r in records if r.get("status") == "ok"]
     ttft = [float(r["ttft_ms"]) for r in ok]
@@ -46,9 +48,8 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, slo_ms: float | 
         tiers[t] = tiers.get(t, 0) + 1
         ms = float(r["transfer_end_ms"]) - float(r["transfer_start_ms"])
         by_tier_ms.setdefault(t, []).append(ms)
-        if r["prefill"] != r["decode"] and int(r.get("kv_bytes") or 0) > 0:
-            ideal_ms = int(r["kv_bytes"]) * 8 / (topo.bottleneck_gbps(r["prefill"], r["decode"]) * 1e9) * 1e3
-            ratios.append(ms / ideal_ms)
+        if r["prefill"] != r["decode"] and int(r.get("bytes_sent") or 0) > 0:
+            ratios.append(ms / transfers.ideal_ms(topo, scale, r))
     decision = [float(r["decision_us"]) for r in records if r.get("decision_us") is not None]
     tbt = [float(r["tbt_mean_ms"]) for r in ok if r.get("tbt_mean_ms") is not None]
     reasons: dict[str, int] = {}
@@ -90,7 +91,7 @@ def compare(run: Path) -> dict[str, Any]:
     per: dict[str, Any] = {}
     for name in exp["schedulers"]:
         if (run / name / "records.jsonl").exists():
-            per[name] = scheduler_metrics(run / name, topo, slo)
+            per[name] = scheduler_metrics(run / name, topo, tb_cfg.scale, slo)
     changes: dict[str, dict[str, float | None]] = {}
     for a, ma in per.items():
         for b, mb in per.items():
