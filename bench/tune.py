@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-duration-s", type=float, default=60.0,
                     help="evaluation window length, seconds (default 60, as netkv run)")
     ap.add_argument("--scenario", default=DEFAULT_SCENARIO, help=f"congestion scenario (default {DEFAULT_SCENARIO})")
+    ap.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", default=[],
+                    help="replace one axis of TUNING_GRID (repeatable), e.g. w_cache=0.5,1; a result from a "
+                         "reduced grid is only written with --write given explicitly")
     ap.add_argument("--no-dedupe", action="store_true",
                     help="replay every combination, also those equivalent to one already measured")
     ap.add_argument("--max-classes", type=int, default=0,
@@ -119,6 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="directory for the replays (default runs/tune-<time>)")
     args = ap.parse_args(argv)
 
+    grid: dict[str, tuple[float, ...]] = {k: tuple(v) for k, v in TUNING_GRID.items()}
+    for item in args.grid:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in grid:
+            ap.error(f"--grid {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(sorted(grid))}")
+        try:
+            grid[key] = tuple(float(x) for x in raw.split(",") if x.strip())
+        except ValueError:
+            ap.error(f"--grid {item!r}: values must be numbers")
+    if args.grid and not any(a == "--write" or a.startswith("--write=") for a in (argv or [])):
+        args.write = ""
     tuning_ms = (args.start_s * 1e3, (args.start_s + args.duration_s) * 1e3)
     eval_ms = (args.eval_start_s * 1e3, (args.eval_start_s + args.eval_duration_s) * 1e3)
     if tuning_ms[0] < eval_ms[1] and eval_ms[0] < tuning_ms[1]:
@@ -199,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             report = tb.up()
             print(f"bench tune: fabric up in {report.up_s:.1f} s ({report.datapath}); replays in {out}",
                   file=sys.stderr, flush=True)
-            best, table = tune(cost, TUNING_GRID, tuning_window_ms=tuning_ms, evaluation_window_ms=eval_ms)
+            best, table = tune(cost, grid, tuning_window_ms=tuning_ms, evaluation_window_ms=eval_ms)
         finally:
             left = tb.down()
     except (BringUpError, PreflightError, ValueError) as exc:
@@ -230,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "replay": {k: v for k, v in base.to_dict().items() if k != "scheduler_config"},
         "testbed": {**tb_cfg.to_json(), "datapath": report.datapath if report else None,
                     "tcp_congestion": report.as_dict().get("tcp_congestion") if report else None},
-        "grid": {k: list(v) for k, v in TUNING_GRID.items()},
+        "grid": {k: list(v) for k, v in grid.items()},
         "dedupe": "none: every combination replayed" if args.no_dedupe else
                   "combinations equal up to a power-of-two factor make identical decisions and share one replay",
         "replays": sum(1 for m in measured.values() if not m.get("skipped")),
