@@ -14,9 +14,11 @@ One run directory holds everything needed to read and to repeat it::
 The fabric is brought up once and kept for every scheduler; workers and the
 background flows are started afresh for each replay so that every scheduler
 meets the same congestion from the same start.  During each replay the
-switch process's CPU is sampled: a replay whose busiest second used more than
-``ENVELOPE_CPU_PCT`` of a core ran outside the emulator's envelope, and its
-figures say so (``envelope.json``, the comparison and the report).
+switch process's CPU is sampled: a replay whose switch process used more than
+``ENVELOPE_CPU_PCT`` of a core in 95% of its seconds ran with a saturated
+emulator, and its figures say so (``envelope.json``, the comparison and the
+report), beside the fidelity that matters in the end: the measured over ideal
+time of transfers on idle paths.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from .config import ConfigError, TestbedConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SCHEDULERS = ("round_robin", "tuned_cache_load", "netkv")
-DEFAULT_SCENARIO = "hotspots"
-ENVELOPE_CPU_PCT = 85.0
+DEFAULT_SCENARIO = "core-hotspot"
+# The switch process is saturated when it is busy in 95% of the one-second
+# samples: then it, not the modelled links, sets the pace of forwarding.
+ENVELOPE_CPU_PCT = 95.0
 OVS_PIDFILE = Path("/var/run/openvswitch/ovs-vswitchd.pid")
 
 
@@ -125,7 +129,7 @@ class SwitchCpuMeter:
                                "switch_cpu_pct_p95": round(s[int(0.95 * (len(s) - 1))], 1) if s else None,
                                "switch_cpu_pct_max": round(s[-1], 1) if s else None,
                                "envelope_cpu_pct": ENVELOPE_CPU_PCT}
-        out["within_envelope"] = None if not s else s[-1] <= ENVELOPE_CPU_PCT
+        out["within_envelope"] = None if not s else out["switch_cpu_pct_p95"] < ENVELOPE_CPU_PCT
         return out
 
 

@@ -6,9 +6,11 @@ remade at any time, also of a run that was interrupted.
 
 Per scheduler: request counts, TTFT (mean, p50, p99) and SLO attainment over
 every request that entered (failed ones count as misses), time between tokens,
-KV transfer time, the transfer's ratio to its ideal (real KV bytes over the
-path's nominal bottleneck rate, i.e. what the transfer would take alone on an
-idle fabric), the tier distance of the chosen prefill/decode pairs, decision
+KV transfer time, the transfer's ratio to its ideal (its payload at the path's
+nominal bottleneck rate, i.e. what it would take alone on an idle fabric), the
+same ratio for transfers on idle paths only (the emulator's fidelity: on an
+idle path the modelled network adds nothing, so what is left is the
+emulator's own cost), the tier distance of the chosen prefill/decode pairs, decision
 latency, and the switch process's CPU (the emulator's envelope).  Then, for
 every scheduler, the change of its mean TTFT against each other one.
 """
@@ -36,7 +38,7 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
-def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float,
+def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mtu_bytes: int,
                       slo_ms: float | None) -> dict[str, Any]:
     records = read_records(run_dir / "records.jsonl")
     ok = [r for r in records if r.get("status") == "ok"]
@@ -50,6 +52,8 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float,
         by_tier_ms.setdefault(t, []).append(ms)
         if r["prefill"] != r["decode"] and int(r.get("bytes_sent") or 0) > 0:
             ratios.append(ms / transfers.ideal_ms(topo, scale, r))
+    idle = transfers.idle_transfers(topo, scale, mtu_bytes, records)
+    idle_ratios = transfers.ratios(idle)
     decision = [float(r["decision_us"]) for r in records if r.get("decision_us") is not None]
     tbt = [float(r["tbt_mean_ms"]) for r in ok if r.get("tbt_mean_ms") is not None]
     reasons: dict[str, int] = {}
@@ -65,6 +69,9 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float,
         "transfer_mean_ms": _round(_mean(transfer)), "transfer_p99_ms": _round(percentile(transfer, 99)),
         "transfer_ratio_p50": _round(percentile(ratios, 50), 3),
         "transfer_ratio_p99": _round(percentile(ratios, 99), 3),
+        "idle_transfers": len(idle),
+        "idle_transfer_ratio_p50": _round(percentile(idle_ratios, 50), 3),
+        "idle_transfer_ratio_p90": _round(percentile(idle_ratios, 90), 3),
         "transfer_mean_ms_by_tier": {str(t): _round(_mean(v)) for t, v in sorted(by_tier_ms.items())},
         "pairs_by_tier": {str(t): n for t, n in sorted(tiers.items())},
         "decision_us_p50": _round(percentile(decision, 50)), "decision_us_p99": _round(percentile(decision, 99)),
@@ -91,7 +98,7 @@ def compare(run: Path) -> dict[str, Any]:
     per: dict[str, Any] = {}
     for name in exp["schedulers"]:
         if (run / name / "records.jsonl").exists():
-            per[name] = scheduler_metrics(run / name, topo, tb_cfg.scale, slo)
+            per[name] = scheduler_metrics(run / name, topo, tb_cfg.scale, tb_cfg.mtu_bytes, slo)
     changes: dict[str, dict[str, float | None]] = {}
     for a, ma in per.items():
         for b, mb in per.items():
@@ -184,7 +191,8 @@ def write_report(run: Path) -> dict[str, Any]:
 def render_table(comparison: dict[str, Any]) -> str:
     cols = [("ok", "ok/req"), ("ttft_mean_ms", "TTFT mean"), ("ttft_p50_ms", "p50"), ("ttft_p99_ms", "p99"),
             ("ttft_slo_attainment", "SLO att."), ("transfer_mean_ms", "xfer mean"),
-            ("transfer_ratio_p50", "xfer/ideal p50"), ("tbt_mean_ms", "TBT mean"),
+            ("transfer_ratio_p50", "xfer/ideal p50"), ("idle_transfer_ratio_p50", "idle/ideal p50"),
+            ("tbt_mean_ms", "TBT mean"),
             ("decision_us_p99", "decide p99 us")]
     lines = [f"{'scheduler':20s}" + "".join(f"{h:>15s}" for _, h in cols)]
     for name, m in comparison["schedulers"].items():
