@@ -54,7 +54,7 @@ from testbed.net import BringUpError, Testbed
 from testbed.system import PreflightError
 from workers.run import DEFAULT_TRACE, ReplayConfig, replay
 
-from .workers import free_port
+from .common import controller_ports, fresh_out_dir
 
 WEIGHTS_FILE = REPO_ROOT / "netkv" / "schedulers" / "tuned_weights.json"
 SCHEDULER = "tuned_cache_load"
@@ -138,14 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     if tuning_ms[0] < eval_ms[1] and eval_ms[0] < tuning_ms[1]:
         ap.error(f"tuning window [{args.start_s}, {args.start_s + args.duration_s}) s overlaps the evaluation "
                  f"window [{args.eval_start_s}, {args.eval_start_s + args.eval_duration_s}) s")
-    out = Path(args.out) if args.out else REPO_ROOT / "runs" / time.strftime("tune-%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
-        ap.error(f"{out} exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    of_port = args.of_port or free_port()
-    rest_port = args.rest_port or free_port()
-    while rest_port == of_port:
-        rest_port = free_port()
+    out = fresh_out_dir(ap, args.out, "tune")
+    of_port, rest_port = controller_ports(args.of_port, args.rest_port)
     tb_cfg = TestbedConfig(prefix=args.prefix, of_port=of_port, rest_port=rest_port)
     replay_settings = {**DEFAULT_REPLAY, "oracle": "static", "trace_path": str(Path(args.trace).resolve()),
                        "start_s": args.start_s, "duration_s": args.duration_s}

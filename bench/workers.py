@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -61,15 +60,10 @@ from testbed.net import BringUpError, Testbed
 from testbed.system import PreflightError
 from testbed.transfers import IDLE_MIN_IDEAL_MS, idle_transfers
 from workers.run import DEFAULT_TRACE, ReplayConfig, replay
+from .common import controller_ports, fresh_out_dir
 
 TARGETS = {"rss_mb_max": 40.0, "transfer_ratio_p99": 1.2}
 HZ = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ticks(pid: int) -> int | None:
@@ -305,14 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if not multipliers or any(m <= 0 for m in multipliers):
         ap.error("--multipliers must be positive numbers")
     multipliers.sort()
-    out = Path(args.out) if args.out else REPO_ROOT / "runs" / time.strftime("bench-workers-%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
-        ap.error(f"{out} exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    of_port = args.of_port or free_port()
-    rest_port = args.rest_port or free_port()
-    while rest_port == of_port:
-        rest_port = free_port()
+    out = fresh_out_dir(ap, args.out, "bench-workers")
+    of_port, rest_port = controller_ports(args.of_port, args.rest_port)
     tb_cfg = TestbedConfig(prefix=args.prefix, of_port=of_port, rest_port=rest_port,
                            tcp_congestion=args.tcp_congestion)
     t_start = time.monotonic()
