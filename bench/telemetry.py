@@ -94,9 +94,9 @@ def iperf_result(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> dict
 
 RECEIVER = r"""
 import socket, sys
-port = int(sys.argv[1])
+addr, port = sys.argv[1], int(sys.argv[2])
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", port)); srv.listen(1)
+srv.bind((addr, port)); srv.listen(1)
 print("ready", flush=True)
 conn, _ = srv.accept()
 total = 0
@@ -136,7 +136,8 @@ def tcp_transfer_s(tb: Any, src: str, dst: str, nbytes: int, port: int, timeout_
     (emulated bytes) over one new TCP connection from ``src`` to ``dst``."""
     if nbytes <= 0:
         raise ValueError(f"nbytes must be > 0, got {nbytes}")
-    recv = tb.popen(dst, [sys.executable, "-c", RECEIVER, str(port)], kind="bench", marker="python",
+    recv = tb.popen(dst, [sys.executable, "-c", RECEIVER, tb.topo.ip_of(dst), str(port)], kind="bench",
+                    marker="python",
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert recv.stdout is not None
