@@ -59,7 +59,8 @@ def proc_cpu_s(pid: int) -> float:
 
 
 def iperf_server(tb: Any, host: str, port: int) -> subprocess.Popen[bytes]:
-    proc = tb.popen(host, ["iperf3", "-s", "-1", "-p", str(port)], kind="bench", marker="iperf3",
+    proc = tb.popen(host, ["iperf3", "-s", "-1", "-p", str(port), "-B", tb.topo.ip_of(host)], kind="bench",
+                    marker="iperf3",
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # let it bind before the client connects
     return proc
