@@ -25,7 +25,7 @@ from typing import Any
 
 from testbed import scenario, system
 from testbed.config import TestbedConfig
-from testbed.experiment import OVS_PIDFILE, _cpu_ticks
+from testbed.experiment import OVS_PIDFILE
 from testbed.net import Testbed
 
 COUNTERS = ("poll_create_node", "netdev_received")
@@ -47,9 +47,9 @@ def measure(tb: Testbed, name: str, seconds: float, log_dir: Path) -> dict[str, 
     runner.start()
     try:
         time.sleep(2.0 + max((f.start_s for f in scen.flows), default=0.0))
-        t0, c0, k0 = time.monotonic(), _cpu_ticks(pid), coverage_totals()
+        t0, c0, k0 = time.monotonic(), system.cpu_ticks(pid), coverage_totals()
         time.sleep(seconds)
-        t1, c1, k1 = time.monotonic(), _cpu_ticks(pid), coverage_totals()
+        t1, c1, k1 = time.monotonic(), system.cpu_ticks(pid), coverage_totals()
     finally:
         runner.stop()
     if c0 is None or c1 is None:

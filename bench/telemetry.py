@@ -52,9 +52,11 @@ def udp_wire_factor(payload_bytes: int = UDP_PAYLOAD_BYTES) -> float:
 
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (from /proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    from testbed.system import cpu_ticks
+
+    ticks = cpu_ticks(pid)
+    if ticks is None:
+        raise RuntimeError(f"process {pid} is gone: no CPU time to read")
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

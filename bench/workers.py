@@ -55,23 +55,15 @@ from typing import Any, Mapping
 from netkv.records import percentile, read_records
 from testbed import scenario as scenario_mod
 from testbed.config import TestbedConfig
-from testbed.experiment import REPO_ROOT, MininetLauncher, SwitchCpuMeter
+from testbed.experiment import MininetLauncher, SwitchCpuMeter
 from testbed.net import BringUpError, Testbed
-from testbed.system import PreflightError
+from testbed.system import PreflightError, cpu_ticks
 from testbed.transfers import IDLE_MIN_IDEAL_MS, idle_transfers
 from workers.run import DEFAULT_TRACE, ReplayConfig, replay
 from .common import controller_ports, fresh_out_dir
 
 TARGETS = {"rss_mb_max": 40.0, "transfer_ratio_p99": 1.2}
 HZ = os.sysconf("SC_CLK_TCK")
-
-
-def _ticks(pid: int) -> int | None:
-    try:
-        parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(parts[11]) + int(parts[12])  # utime + stime, clock ticks
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _rss_kb(pid: int) -> int | None:
@@ -124,10 +116,10 @@ class SamplingLauncher:
                 rss = _rss_kb(pid)
                 if rss is not None:
                     self.rss_kb_max[host] = max(self.rss_kb_max.get(host, 0), rss)
-                t = _ticks(pid)
+                t = cpu_ticks(pid)
                 if t is not None:
                     ticks[pid] = t
-            self.rounds.append(Round(time.time(), ticks, _ticks(me) or 0))
+            self.rounds.append(Round(time.time(), ticks, cpu_ticks(me) or 0))
 
     def stop(self) -> None:
         self._stop.set()

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -36,6 +35,7 @@ from typing import Any
 
 from . import scenario as scenario_mod
 from .config import ConfigError, TestbedConfig
+from .system import cpu_ticks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SCHEDULERS = ("round_robin", "tuned_cache_load", "netkv")
@@ -77,14 +77,6 @@ class ExperimentConfig:
 
 
 # -- measuring the emulator itself ------------------------------------------------------
-def _cpu_ticks(pid: int) -> int | None:
-    try:
-        parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(parts[11]) + int(parts[12])  # utime + stime
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 class SwitchCpuMeter:
     """Samples ovs-vswitchd's CPU once a second while a replay runs.
 
@@ -111,9 +103,9 @@ class SwitchCpuMeter:
 
     def _loop(self) -> None:
         assert self.pid is not None
-        last_ticks, last_t = _cpu_ticks(self.pid), time.monotonic()
+        last_ticks, last_t = cpu_ticks(self.pid), time.monotonic()
         while not self._stop.wait(self.interval_s):
-            ticks, now = _cpu_ticks(self.pid), time.monotonic()
+            ticks, now = cpu_ticks(self.pid), time.monotonic()
             if ticks is None or last_ticks is None:
                 return
             self.samples_pct.append(100.0 * (ticks - last_ticks) / self.hz / (now - last_t))
@@ -223,7 +215,6 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
             raise ExperimentError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
     if len(set(exp.schedulers)) != len(exp.schedulers):
         raise ExperimentError("a scheduler is listed twice")
-    replay_fields = {f.name for f in fields(ReplayConfig)}
     managed = {"topology", "topology_params", "scale_factor", "scheduler"}
     overlap = sorted(set(exp.replay) & managed)
     if overlap:
@@ -241,7 +232,6 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
     out = Path(exp.out_dir) if exp.out_dir else _default_out_dir(scen.name)
     if out.exists() and any(out.iterdir()):
         raise ExperimentError(f"run directory {out} exists and is not empty; choose another --out")
-    del replay_fields
     return tb_cfg, base, scen, out
 
 

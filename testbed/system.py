@@ -143,11 +143,25 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie is dead for our purposes.
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (state first); [] if gone."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return []
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time of a process in clock ticks (SC_CLK_TCK); None if gone."""
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    except (IndexError, ValueError):
+        return None
 
 
 def process_cmdline(pid: int) -> list[str]:
