@@ -24,7 +24,7 @@ import topologies
 from topologies import TopologyError
 
 from . import cleanup, system
-from .config import ConfigError, TestbedConfig, emulated_mbps
+from .config import ConfigError, TestbedConfig, check_prefix, emulated_mbps
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -67,13 +67,6 @@ def config_from_args(args: argparse.Namespace) -> TestbedConfig:
 
 def add_prefix_option(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prefix", default="nk", help="testbed instance prefix (default: %(default)s)")
-
-
-def _check_prefix(prefix: str) -> str:
-    from .config import PREFIX_RE
-    if not PREFIX_RE.match(prefix):
-        raise CliError(f"prefix must be 2-4 lowercase letters, got {prefix!r}")
-    return prefix
 
 
 class Stop(Exception):
@@ -126,7 +119,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    prefix = _check_prefix(args.prefix)
+    prefix = check_prefix(args.prefix)
     system.require_root()
     state = cleanup.read_state(prefix) or {}
     owner = state.get("owner_pid")
@@ -140,7 +133,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    prefix = _check_prefix(args.prefix)
+    prefix = check_prefix(args.prefix)
     system.require_root()
     before = cleanup.leftovers(prefix)
     left = cleanup.sweep(prefix)
@@ -152,7 +145,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import urllib.request
 
-    prefix = _check_prefix(args.prefix)
+    prefix = check_prefix(args.prefix)
     state = cleanup.read_state(prefix)
     out: dict[str, Any] = {"prefix": prefix, "up": False}
     if state:

@@ -63,8 +63,7 @@ class TestbedConfig:
 
     def validate(self) -> Topology:
         """Check every field; returns the built topology.  Raises ConfigError."""
-        if not PREFIX_RE.match(self.prefix):
-            raise ConfigError(f"prefix must be 2-4 lowercase letters, got {self.prefix!r}")
+        check_prefix(self.prefix)
         if self.datapath not in self.KNOWN_DATAPATHS:
             raise ConfigError(f"datapath must be one of {', '.join(self.KNOWN_DATAPATHS)}, got {self.datapath!r}")
         if not (self.scale >= 1):
@@ -126,6 +125,13 @@ class TestbedConfig:
             if f.name == name:
                 return str(f.metadata.get("help", ""))
         raise KeyError(name)
+
+
+def check_prefix(prefix: str) -> str:
+    """An instance prefix: 2-4 lowercase letters (raises ConfigError)."""
+    if not PREFIX_RE.match(prefix):
+        raise ConfigError(f"prefix must be 2-4 lowercase letters, got {prefix!r}")
+    return prefix
 
 
 def emulated_mbps(rate_gbps: float, scale: float) -> float:
