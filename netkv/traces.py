@@ -33,6 +33,9 @@ from typing import Iterator
 
 from .request import BLOCK_TOKENS, Request
 
+# The default trace ships with the repository (see traces/README.md for its
+# source and licence); every default, test and help text reads it from here.
+DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "traces" / "mooncake_conversation.jsonl"
 ON_ERROR_CHOICES = ("raise", "skip")
 REQUIRED_KEYS = ("timestamp", "input_length", "output_length", "hash_ids")
 

@@ -28,11 +28,12 @@ from typing import Any, Mapping
 from netkv import perfmodel
 from netkv.placement import DEFAULT_PLACEMENT
 from netkv.prefill import PREFILL_POLICIES
+from netkv.traces import DEFAULT_TRACE as _DEFAULT_TRACE_PATH
 from netkv.traces import ON_ERROR_CHOICES
 
 from .launch import REPO_ROOT, Launcher, LocalLauncher
 
-DEFAULT_TRACE = str((REPO_ROOT / ".." / "shared" / "traces" / "mooncake_conversation.jsonl").resolve())
+DEFAULT_TRACE = str(_DEFAULT_TRACE_PATH)
 ORACLES = ("static", "telemetry")
 
 

@@ -18,10 +18,11 @@ from testbed.net import Testbed
 from testbed.transfers import idle_transfers, ideal_ms
 from tests.conftest import free_port, test_prefix
 from workers.run import ReplayConfig, replay
+from netkv.traces import DEFAULT_TRACE
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parents[2]
-TRACE = ROOT.parent / "shared" / "traces" / "mooncake_conversation.jsonl"
+TRACE = DEFAULT_TRACE
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from netkv.traces import TraceError, load_trace, iter_trace
+from netkv.traces import DEFAULT_TRACE
 
-TRACE = Path(__file__).resolve().parents[2] / ".." / "shared" / "traces" / "mooncake_conversation.jsonl"
+TRACE = DEFAULT_TRACE
 
 
 def _line(ts: float = 0, inp: int = 600, out: int = 5, ids: list[int] | None = None) -> str:

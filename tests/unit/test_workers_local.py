@@ -28,8 +28,9 @@ from netkv.records import read_records, validate_file
 from topologies import catalog
 from workers.launch import LocalLauncher
 from workers.run import ReplayConfig, ReplayConfigError, replay
+from netkv.traces import DEFAULT_TRACE
 
-TRACE = Path(__file__).resolve().parents[2] / ".." / "shared" / "traces" / "mooncake_conversation.jsonl"
+TRACE = DEFAULT_TRACE
 # Two GPUs from each of: server 0, server 1 (same rack), rack 1 (same pod), pod 1:
 # mixed placement -> prefill g0 g8 g16 g32, decode g1 g9 g17 g33, every tier 0..3 present.
 HOSTS = ["g0", "g1", "g8", "g9", "g16", "g17", "g32", "g33"]
