@@ -1,15 +1,24 @@
-"""Envelope benchmark: what background traffic costs the userspace switch.
+"""Envelope benchmark: what background traffic costs the emulator, per switch
+process and as a whole, for each switch mode side by side in one run.
 
-For each scenario (default: none, core-hotspot, core, hotspots) on the default
-fabric: bring it up, start the scenario's flows, and over ``--seconds`` measure
-ovs-vswitchd's CPU (% of one core, from /proc) and, from
-``ovs-appctl coverage/show``, how many packets it received and how many poll
-nodes it created per second (every wake-up of its main thread polls every
-port, so poll nodes / ports is its wake-up rate).  Prints one JSON object as
-the last line: per scenario ``switch_cpu_pct``, ``packets_per_s``,
-``poll_nodes_per_s``, ``wakeups_per_s`` and the background load in emulated
-Mbit/s x links.  Needs root; nothing else should run on the machine meanwhile
-(the process serves every bridge on it).
+For each mode (default: shared, then per_switch) the default fabric is
+brought up; for each scenario (default: none, core-hotspot, core, hotspots)
+its flows are started and, over ``--seconds``, the benchmark measures:
+
+* the CPU of every ovs-vswitchd serving the fabric (from /proc): the sum and
+  the busiest single process, in % of one core;
+* the machine's busy share (every core, /proc/stat) and each core's;
+* the processors the switch processes ran on (sampled once a second);
+* packets the switch processes received (``ovs-appctl coverage/show``,
+  ``netdev_received``, summed over processes): each is one packet-hop;
+* hence ``cpu_ms_per_1000_packet_hops`` = switch CPU time per thousand
+  packet-hops, the emulator's cost per unit of forwarding work.
+
+The JSON (last line) has one block per mode and scenario, and per scenario
+the shared/per_switch ratio of the cost per packet-hop.  Targets (issue:
+emulator capacity): the per_switch cost at least 4x lower than shared in the
+same run, both cores used, ``hotspots`` below 60% of the machine.  Needs
+root; nothing else should run on the machine meanwhile.
 """
 
 from __future__ import annotations
@@ -19,52 +28,105 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import controller_ports, fresh_out_dir
 from testbed import scenario, system
 from testbed.config import TestbedConfig
-from testbed.experiment import OVS_PIDFILE
+from testbed.experiment import machine_ticks
 from testbed.net import Testbed
 
-COUNTERS = ("poll_create_node", "netdev_received")
+COVERAGE = "netdev_received"
+MODES = ("shared", "per_switch")
 
 
-def coverage_totals() -> dict[str, int]:
-    out = system.run(["ovs-appctl", "coverage/show"], check=False).stdout
-    totals = {}
-    for name in COUNTERS:
-        m = re.search(rf"^{name}\s.*total:\s*(\d+)", out, re.MULTILINE)
-        totals[name] = int(m.group(1)) if m else 0
-    return totals
+def coverage_total(tb: Testbed, switch: str) -> int:
+    m = re.search(rf"^{COVERAGE}\s.*total:\s*(\d+)", tb.appctl(switch, "coverage/show"), re.MULTILINE)
+    return int(m.group(1)) if m else 0
+
+
+def packets_received(tb: Testbed) -> int:
+    """Packets every switch process of the fabric has received so far."""
+    if tb.per_switch:
+        return sum(coverage_total(tb, sw.name) for sw in tb.topo.switches)
+    return coverage_total(tb, tb.topo.switches[0].name)
+
+
+def core_ticks() -> list[tuple[int, int]]:
+    """(busy, total) ticks of each core."""
+    out = []
+    for line in Path("/proc/stat").read_text().splitlines()[1:]:
+        if not re.match(r"^cpu\d+ ", line):
+            break
+        v = [int(x) for x in line.split()[1:9]]
+        out.append((sum(v) - v[3] - v[4], sum(v)))
+    return out
+
+
+def last_cpu(pid: int) -> int | None:
+    """The processor a process last ran on (field 39 of /proc/PID/stat)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def measure(tb: Testbed, name: str, seconds: float, log_dir: Path) -> dict[str, Any]:
-    pid = int(OVS_PIDFILE.read_text().strip())
+    pids = tb.switch_processes()
+    if not pids:
+        raise RuntimeError("no switch process found for the fabric")
     scen = scenario.load(name, tb.topo)
     runner = scenario.ScenarioRunner(tb, scen, log_dir / name)
+    cpus_seen: set[int] = set()
+    stop = threading.Event()
+
+    def sample_cpus() -> None:
+        while not stop.wait(0.5):
+            cpus_seen.update(c for c in (last_cpu(p) for p in pids.values()) if c is not None)
+
     runner.start()
+    sampler = threading.Thread(target=sample_cpus, daemon=True)
     try:
         time.sleep(2.0 + max((f.start_s for f in scen.flows), default=0.0))
-        t0, c0, k0 = time.monotonic(), system.cpu_ticks(pid), coverage_totals()
+        sampler.start()
+        t0, k0 = time.monotonic(), packets_received(tb)
+        c0 = {n: system.cpu_ticks(p) for n, p in pids.items()}
+        m0, cores0 = machine_ticks(), core_ticks()
         time.sleep(seconds)
-        t1, c1, k1 = time.monotonic(), system.cpu_ticks(pid), coverage_totals()
+        t1, k1 = time.monotonic(), packets_received(tb)
+        c1 = {n: system.cpu_ticks(p) for n, p in pids.items()}
+        m1, cores1 = machine_ticks(), core_ticks()
     finally:
+        stop.set()
         runner.stop()
-    if c0 is None or c1 is None:
-        raise RuntimeError("ovs-vswitchd went away during the measurement")
-    ports = sum(1 for _ in tb.topo.links) * 2 - len(tb.topo.gpus) + len(tb.topo.switches)
     dt = t1 - t0
-    poll = (k1["poll_create_node"] - k0["poll_create_node"]) / dt
+    hz = os.sysconf("SC_CLK_TCK")
+    per_proc: dict[str, float] = {}
+    for n in pids:
+        a, b = c0[n], c1[n]
+        if a is None or b is None:
+            raise RuntimeError(f"switch process {n} went away during the measurement")
+        per_proc[n] = 100.0 * (b - a) / hz / dt
+    total_pct = sum(per_proc.values())
+    busiest = max(per_proc, key=lambda n: per_proc[n])
+    hops_per_s = (k1 - k0) / dt
     return {
         "flows": len(scen.flows),
         "background_mbps_x_links": round(scen.load_mbps_hops(tb.topo, tb.config.scale), 1),
-        "switch_cpu_pct": round(100.0 * (c1 - c0) / os.sysconf("SC_CLK_TCK") / dt, 1),
-        "packets_per_s": round((k1["netdev_received"] - k0["netdev_received"]) / dt, 1),
-        "poll_nodes_per_s": round(poll, 1),
-        "switch_ports": ports,
-        "wakeups_per_s": round(poll / ports, 1),
+        "switch_processes": len(pids),
+        "switch_cpu_sum_pct": round(total_pct, 1),
+        "busiest_switch": busiest,
+        "busiest_switch_cpu_pct": round(per_proc[busiest], 1),
+        "machine_busy_pct": round(100.0 * (m1[0] - m0[0]) / max(1, m1[1] - m0[1]), 1),
+        "core_busy_pct": [round(100.0 * (b1 - b0) / max(1, a1 - a0), 1)
+                          for (b0, a0), (b1, a1) in zip(cores0, cores1)],
+        "switch_cpus_used": sorted(cpus_seen),
+        "packet_hops_per_s": round(hops_per_s, 1),
+        "cpu_ms_per_1000_packet_hops": (round(10.0 * total_pct / hops_per_s * 1000.0, 2)
+                                        if hops_per_s > 0 else None),
     }
 
 
@@ -72,30 +134,63 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench envelope", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default="none,core-hotspot,core,hotspots", help="comma-separated")
+    ap.add_argument("--modes", default=",".join(MODES), help="switch modes to compare, comma-separated")
     ap.add_argument("--seconds", type=float, default=15.0, help="measuring window per scenario")
     ap.add_argument("--scale", type=float, default=None, help="testbed scale (default: the testbed's)")
-    ap.add_argument("--mtu-bytes", type=int, default=1500)
+    ap.add_argument("--mtu-bytes", type=int, default=None, help="MTU (default: the testbed's)")
+    ap.add_argument("--jemalloc", choices=("on", "off"), default="on",
+                    help="preload jemalloc into per_switch switch processes (default on)")
     ap.add_argument("--prefix", default="ne")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/netkv-bench-envelope"))
+    ap.add_argument("--out", default=None, help="output directory (default runs/envelope-<time>)")
     args = ap.parse_args(argv)
-    cfg = TestbedConfig(prefix=args.prefix, of_port=16634, rest_port=18089, mtu_bytes=args.mtu_bytes,
-                        **({"scale": args.scale} if args.scale else {}))
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
-    tb = Testbed(cfg)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        ap.error(f"unknown mode {bad[0]!r}; known: {', '.join(MODES)}")
+    out = fresh_out_dir(ap, args.out, "envelope")
     results: dict[str, Any] = {}
-    try:
-        tb.up()
+    leftovers: dict[str, Any] = {}
+    cfg = TestbedConfig()
+    for mode in modes:
+        of_port, rest_port = controller_ports(None, None)
+        extra: dict[str, Any] = {"scale": args.scale} if args.scale else {}
+        if args.mtu_bytes:
+            extra["mtu_bytes"] = args.mtu_bytes
+        cfg = TestbedConfig(prefix=args.prefix, of_port=of_port, rest_port=rest_port, datapath="user",
+                            switch_mode=mode, switch_jemalloc=args.jemalloc == "on", **extra)
+        tb = Testbed(cfg)
+        results[mode] = {}
+        try:
+            tb.up()
+            for name in names:
+                results[mode][name] = measure(tb, name, args.seconds, out / mode)
+                print(f"bench envelope: {mode} {name}: {json.dumps(results[mode][name])}",
+                      file=sys.stderr, flush=True)
+        except (system.PreflightError, scenario.ScenarioError, RuntimeError) as exc:
+            print(json.dumps({"bench": "envelope", "error": f"{mode}: {exc}"}))
+            return 1
+        finally:
+            leftovers[mode] = tb.down().as_dict()
+    ratios: dict[str, float | None] = {}
+    if "shared" in results and "per_switch" in results:
         for name in names:
-            results[name] = measure(tb, name, args.seconds, args.out)
-    except (system.PreflightError, scenario.ScenarioError, RuntimeError) as exc:
-        print(json.dumps({"bench": "envelope", "error": str(exc)}))
-        return 1
-    finally:
-        left = tb.down()
-    print(json.dumps({"bench": "envelope", "topology": tb.topo.name, "scale": cfg.scale,
-                      "mtu_bytes": cfg.mtu_bytes, "datapath": tb.report.datapath,
-                      "load_avg_1min": os.getloadavg()[0], "scenarios": results,
-                      "leftovers": left.as_dict()}))
+            a = results["shared"][name]["cpu_ms_per_1000_packet_hops"]
+            b = results["per_switch"][name]["cpu_ms_per_1000_packet_hops"]
+            ratios[name] = round(a / b, 2) if a and b else None
+    targets: dict[str, Any] = {}
+    per = results.get("per_switch", {})
+    loaded = [n for n in names if n != "none"]
+    if ratios:
+        targets["cost_per_packet_hop_4x_lower"] = all((ratios.get(n) or 0) >= 4.0 for n in loaded)
+    if per:
+        targets["both_cores_used"] = all(len(per[n]["switch_cpus_used"]) >= 2 for n in loaded)
+    if "hotspots" in per:
+        targets["hotspots_below_60pct_of_machine"] = per["hotspots"]["machine_busy_pct"] < 60.0
+    print(json.dumps({"bench": "envelope", "topology": cfg.topology, "scale": cfg.scale,
+                      "mtu_bytes": cfg.mtu_bytes, "jemalloc": args.jemalloc, "seconds": args.seconds,
+                      "load_avg_1min": os.getloadavg()[0], "modes": results,
+                      "shared_over_per_switch_cost": ratios, "targets": targets, "leftovers": leftovers}))
     return 0
 
 

@@ -49,7 +49,7 @@ from typing import Any, Mapping
 from netkv.schedulers import TUNING_GRID, tune
 from testbed import scenario as scenario_mod
 from testbed.config import TestbedConfig
-from testbed.experiment import DEFAULT_REPLAY, DEFAULT_SCENARIO, REPO_ROOT, MininetLauncher, SwitchCpuMeter
+from testbed.experiment import DEFAULT_REPLAY, DEFAULT_SCENARIO, REPO_ROOT, EmulatorMeter, MininetLauncher
 from testbed.net import BringUpError, Testbed
 from testbed.system import PreflightError
 from workers.run import DEFAULT_TRACE, ReplayConfig, replay
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir.mkdir()
             cfg = replace(base, scheduler_config=dict(weights))
             runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
-            meter = SwitchCpuMeter()
+            meter = EmulatorMeter(tb.switch_processes())
             load_before = os.getloadavg()[0]
             wall0 = time.monotonic()
             runner.start()

@@ -20,7 +20,7 @@ Per step:
 * transfers on idle paths (no other transfer crossed a directed hop of the
   path while it ran, ideal >= 5 ms; ``testbed.transfers``): measured time over
   ideal time (payload at the path's emulated bottleneck rate), p50 / p99;
-* the switch process's CPU envelope (``SwitchCpuMeter``);
+* the switch process's CPU envelope (``EmulatorMeter``);
 * the load average of the machine before and after.
 
 A step *passes* when every request ends ok, the records are consistent, at
@@ -55,7 +55,7 @@ from typing import Any, Mapping
 from netkv.records import percentile, read_records
 from testbed import scenario as scenario_mod
 from testbed.config import TestbedConfig
-from testbed.experiment import MininetLauncher, SwitchCpuMeter
+from testbed.experiment import EmulatorMeter, MininetLauncher
 from testbed.net import BringUpError, Testbed
 from testbed.system import PreflightError, cpu_ticks
 from testbed.transfers import IDLE_MIN_IDEAL_MS, idle_transfers
@@ -157,7 +157,7 @@ def run_step(tb: Testbed, base: ReplayConfig, multiplier: float, step_wall_s: fl
     scen = scenario_mod.load("none", tb.topo)
     runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
     launcher = SamplingLauncher(MininetLauncher(tb), args.sample_s)
-    meter = SwitchCpuMeter()
+    meter = EmulatorMeter(tb.switch_processes())
     load_before = os.getloadavg()
     wall0 = time.monotonic()
     runner.start()

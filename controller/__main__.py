@@ -13,6 +13,7 @@ import sys
 import topologies
 from topologies import TopologyError
 
+from .relay import UnixRelay
 from .rest import require_loopback, serve
 from .state import ControllerState
 
@@ -28,6 +29,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="real bit/s per emulated bit/s, to report real-world link loads")
     ap.add_argument("--of-host", default="127.0.0.1", help="OpenFlow listen address (loopback only)")
     ap.add_argument("--of-port", type=int, default=6653, help="OpenFlow listen port")
+    ap.add_argument("--of-unix", metavar="PATH", default=None,
+                    help="also accept switches on this Unix socket, relayed to the OpenFlow listener "
+                         "(for switch processes in their own network namespaces)")
+    ap.add_argument("--switch-netns", action="store_true",
+                    help="every switch has a network namespace named <prefix><switch>: read its "
+                         "egress queues there")
     ap.add_argument("--rest-host", default="127.0.0.1", help="REST API listen address (loopback only)")
     ap.add_argument("--rest-port", type=int, default=8080, help="REST API listen port")
     ap.add_argument("--poll-interval-s", type=float, default=0.5,
@@ -71,17 +78,29 @@ def main(argv: list[str] | None = None) -> int:
              project="os_ken")
     app.RUNTIME = state
     app.QUEUE_INTERVAL_S = args.queue_interval_s
+    if args.switch_netns:
+        app.QUEUE_NETNS = tuple(args.prefix + sw.name for sw in topo.switches)
     try:
         server = serve(state, args.rest_host, args.rest_port)
     except OSError as exc:
         print(f"controller: cannot listen on {args.rest_host}:{args.rest_port}: {exc}", file=sys.stderr)
         return 2
+    relay = None
+    if args.of_unix:
+        try:
+            relay = UnixRelay(args.of_unix, args.of_host, args.of_port).start()
+        except OSError as exc:
+            server.shutdown()
+            print(f"controller: cannot listen on {args.of_unix}: {exc}", file=sys.stderr)
+            return 2
     try:
         AppManager.run_apps(["controller.app"])
     except KeyboardInterrupt:
         pass
     finally:
         server.shutdown()
+        if relay is not None:
+            relay.stop()
     return 0
 
 

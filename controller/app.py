@@ -37,6 +37,8 @@ LOG = logging.getLogger("netkv.controller")
 RUNTIME: ControllerState | None = None
 # Seconds between reads of the switch interfaces' queues with tc (0: never).
 QUEUE_INTERVAL_S: float = 1.0
+# Network namespaces whose switch interfaces tc reads (empty: this namespace).
+QUEUE_NETNS: tuple[str, ...] = ()
 
 
 class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
@@ -144,7 +146,7 @@ class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
                 last_warned = now
             if self.state.prefix and interval > 0:
                 try:
-                    self.state.on_queue_stats(read_queue_stats(self.state.prefix, now), now)
+                    self.state.on_queue_stats(read_queue_stats(self.state.prefix, now, QUEUE_NETNS), now)
                     failures = 0
                 except (QueueReadError, OSError) as exc:
                     failures += 1

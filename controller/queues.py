@@ -5,7 +5,9 @@ the emulated rate, a pfifo leaf).  With the userspace datapath the switch
 interfaces are veths in the root namespace, so one ``tc -s -j qdisc show``
 (argv list, no shell) dumps every interface's qdiscs at once; running
 ``tc -s class show dev IF`` per interface would cost one process per interface
-per round.  The root qdisc's figures are what we keep: htb accounts the backlog
+per round.  When every switch has a namespace of its own (one Open vSwitch
+instance per switch), ``tc -n NETNS`` reads each namespace in turn, one
+process per switch per round.  The root qdisc's figures are what we keep: htb accounts the backlog
 and drops of all its classes and leaves at the root, so its ``backlog`` is the
 interface's whole egress queue.
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from typing import Any
+from typing import Any, Sequence
 
 from .state import QueueSample
 
@@ -28,8 +30,8 @@ class QueueReadError(RuntimeError):
     """``tc`` is missing, failed or printed something unexpected."""
 
 
-def tc_argv() -> list[str]:
-    return ["tc", "-s", "-j", "qdisc", "show"]
+def tc_argv(netns: str | None = None) -> list[str]:
+    return ["tc", *(["-n", netns] if netns else []), "-s", "-j", "qdisc", "show"]
 
 
 def parse_qdisc_json(text: str, now: float, prefix: str) -> list[QueueSample]:
@@ -58,16 +60,23 @@ def parse_qdisc_json(text: str, now: float, prefix: str) -> list[QueueSample]:
     return out
 
 
-def read_queue_stats(prefix: str, now: float) -> list[QueueSample]:
-    """Run ``tc`` once and return the root-qdisc figures of ``prefix*`` interfaces."""
+def read_queue_stats(prefix: str, now: float, netns: Sequence[str] = ()) -> list[QueueSample]:
+    """Root-qdisc figures of ``prefix*`` interfaces: one ``tc`` in this
+    namespace, or one in each of the named namespaces ``netns``."""
     if not prefix:
         raise ValueError("an interface prefix is required, got an empty string")
     if shutil.which("tc") is None:
         raise QueueReadError("tc is not installed (package iproute2)")
-    try:
-        done = subprocess.run(tc_argv(), capture_output=True, text=True, timeout=TC_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        raise QueueReadError(f"tc did not answer within {TC_TIMEOUT_S} s") from None
-    if done.returncode != 0:
-        raise QueueReadError(f"tc exited with {done.returncode}: {done.stderr.strip()[:200]}")
-    return parse_qdisc_json(done.stdout, now, prefix)
+    out: list[QueueSample] = []
+    targets: list[str | None] = list(netns) or [None]
+    for ns in targets:
+        try:
+            done = subprocess.run(tc_argv(ns), capture_output=True, text=True, timeout=TC_TIMEOUT_S,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            raise QueueReadError(f"tc did not answer within {TC_TIMEOUT_S} s") from None
+        if done.returncode != 0:
+            where = f" in namespace {ns}" if ns else ""
+            raise QueueReadError(f"tc{where} exited with {done.returncode}: {done.stderr.strip()[:200]}")
+        out += parse_qdisc_json(done.stdout, now, prefix)
+    return out

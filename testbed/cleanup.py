@@ -3,19 +3,25 @@
 A running instance records what it starts in ``/run/netkv/<prefix>/``:
 ``state.json`` (the owner process, the controller, every Mininet node shell)
 and ``pids.jsonl`` (worker and traffic processes started later, one line
-each).  Every pid is stored with a marker that must still appear in its
+each).  In the per_switch mode every switch also has its own Open vSwitch
+daemons and files under ``/run/netkv/<prefix>/sw/<switch>/`` and a network
+namespace attached as ``<prefix><switch>`` (:mod:`testbed.switches`).  Every pid is stored with a marker that must still appear in its
 command line before it is signalled, so a recycled pid is never hit.
 
 The sweep (:func:`sweep`), used by teardown, by ``netkv down`` / ``netkv
 clean`` and after a crash:
 1. ends recorded processes (TERM, then KILL), workers first;
-2. deletes the Open vSwitch bridges named with the prefix;
-3. ends the Mininet node shells (their network namespaces go with them,
-   and so do the host ends of their links);
-4. deletes the veths left in the root namespace that carry the prefix;
+2. deletes the Open vSwitch bridges named with the prefix (shared mode) and
+   ends the per-switch ``ovsdb-server``/``ovs-vswitchd`` daemons, found by
+   their own directory in their command line;
+3. ends the Mininet node shells and deletes the namespaces attached under
+   this prefix's node names (the veth ends inside go with them);
+4. deletes the veths left in the root namespace that carry the prefix, and
+   the per-switch directories;
 5. reports what is still there (:func:`leftovers`).
 It never uses ``mn -c`` and never signals a process by a broad name: only pids
-it recorded, or node shells whose command line names this prefix's own nodes.
+it recorded, node shells whose command line names this prefix's own nodes,
+and switch daemons whose command line names this prefix's own directory.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
+from .switches import switches_root
 from .system import process_alive, process_cmdline, run
 
 STATE_ROOT = Path(os.environ.get("NETKV_STATE_ROOT", "/run/netkv"))
@@ -52,14 +60,16 @@ class Leftovers:
     interfaces: list[str] = field(default_factory=list)
     processes: list[int] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
+    switch_instances: list[str] = field(default_factory=list)  # per_switch directories
 
     @property
     def total(self) -> int:
-        return len(self.bridges) + len(self.interfaces) + len(self.processes) + len(self.namespaces)
+        return (len(self.bridges) + len(self.interfaces) + len(self.processes) + len(self.namespaces)
+                + len(self.switch_instances))
 
     def as_dict(self) -> dict[str, object]:
-        return {"bridges": self.bridges, "interfaces": self.interfaces,
-                "processes": self.processes, "namespaces": self.namespaces, "total": self.total}
+        return {"bridges": self.bridges, "interfaces": self.interfaces, "processes": self.processes,
+                "namespaces": self.namespaces, "switch_instances": self.switch_instances, "total": self.total}
 
 
 def write_state(prefix: str, data: dict[str, object]) -> None:
@@ -114,18 +124,35 @@ def _matches(pid: int, marker: str) -> bool:
     return any(marker in part for part in process_cmdline(pid))
 
 
+def _processes_with(matches: Callable[[str], bool]) -> list[int]:
+    """Pids of processes with a command-line argument for which ``matches`` holds."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid() \
+                and any(matches(part) for part in process_cmdline(int(entry.name))):
+            pids.append(int(entry.name))
+    return pids
+
+
 def node_shells(prefix: str) -> list[int]:
     """Pids of Mininet node shells of this prefix's own nodes (exact names)."""
     pattern = node_name_re(prefix)
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        for part in process_cmdline(int(entry.name)):
-            if part.startswith("mininet:") and pattern.match(part[len("mininet:"):]):
-                pids.append(int(entry.name))
-                break
-    return pids
+    return _processes_with(lambda part: part.startswith("mininet:") and bool(pattern.match(part[8:])))
+
+
+def switch_daemons(prefix: str) -> list[int]:
+    """Pids of the per-switch ovsdb-server / ovs-vswitchd daemons of this
+    prefix: an argument of theirs names a file in the prefix's own directory."""
+    own = str(switches_root(state_dir(prefix))) + "/"
+    return _processes_with(lambda part: own in part)
+
+
+def switch_instance_dirs(prefix: str) -> list[str]:
+    root = switches_root(state_dir(prefix))
+    try:
+        return sorted(d.name for d in root.iterdir() if d.is_dir())
+    except OSError:
+        return []
 
 
 def end_processes(targets: Iterable[tuple[int, str]], grace_s: float = 3.0) -> None:
@@ -180,15 +207,19 @@ def our_interfaces(prefix: str) -> list[str]:
 
 
 def our_namespaces(prefix: str) -> list[str]:
+    """Named namespaces of this prefix: netem probes and the switches' own."""
     proc = run(["ip", "netns", "list"], check=False)
-    return [line.split()[0] for line in proc.stdout.splitlines()
-            if line.split() and line.split()[0].startswith(f"{prefix}probe")]
+    nodes = node_name_re(prefix)
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line.split()]
+    return [n for n in names if n.startswith(f"{prefix}probe") or nodes.match(n)]
 
 
 def leftovers(prefix: str) -> Leftovers:
     procs = sorted({pid for pid, marker, _ in recorded_pids(prefix)
-                    if process_alive(pid) and _matches(pid, marker)} | set(node_shells(prefix)))
-    return Leftovers(our_bridges(prefix), our_interfaces(prefix), procs, our_namespaces(prefix))
+                    if process_alive(pid) and _matches(pid, marker)}
+                   | set(node_shells(prefix)) | {p for p in switch_daemons(prefix) if process_alive(p)})
+    return Leftovers(our_bridges(prefix), our_interfaces(prefix), procs, our_namespaces(prefix),
+                     switch_instance_dirs(prefix))
 
 
 def sweep(prefix: str) -> Leftovers:
@@ -203,6 +234,8 @@ def sweep(prefix: str) -> Leftovers:
         for br in bridges:
             argv += ["--", "--if-exists", "del-br", br]
         run(argv, check=False, timeout_s=60)
+    own_dir = str(switches_root(state_dir(prefix))) + "/"
+    end_processes([(p, own_dir) for p in switch_daemons(prefix)])
     # 3. node shells (recorded and found by their exact names)
     shells = [(p, m) for p, m, k in recorded if k == "node"]
     shells += [(p, "mininet:") for p in node_shells(prefix)]
@@ -214,6 +247,7 @@ def sweep(prefix: str) -> Leftovers:
             input_text="".join(f"link delete dev {i}\n" for i in intfs))
     for ns in our_namespaces(prefix):
         run(["ip", "netns", "delete", ns], check=False)
+    shutil.rmtree(switches_root(state_dir(prefix)), ignore_errors=True)
     left = leftovers(prefix)
     if left.total == 0:
         for name in ("pids.jsonl", "state.json"):

@@ -24,6 +24,7 @@ import topologies
 from topologies import TopologyError
 
 from . import cleanup, system
+from .switches import vswitchd_alive
 from .config import ConfigError, TestbedConfig, check_prefix, emulated_mbps
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -47,9 +48,20 @@ def add_testbed_options(ap: argparse.ArgumentParser) -> None:
             group.add_argument("--param", dest="params", action="append", metavar="KEY=VALUE",
                                help=help_text + "; repeatable")
             continue
-        kind = {int: int, float: float, str: str}.get(type(f.default), str)
+        kinds: dict[type, Callable[[str], Any]] = {bool: parse_bool, int: int, float: float, str: str}
+        kind = kinds.get(type(f.default), str)
         group.add_argument(flag, dest=f.name, type=kind, default=None,
                            help=f"{help_text} (default: {f.default})")
+
+
+def parse_bool(text: str) -> bool:
+    """A yes/no option value: true/false, yes/no, on/off, 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def config_from_args(args: argparse.Namespace) -> TestbedConfig:
@@ -103,9 +115,16 @@ def cmd_up(args: argparse.Namespace) -> int:
             return EXIT_OK
         if not args.json:
             print("netkv: running; Ctrl-C (or `netkv down`) stops it and removes everything", flush=True)
+        reported: set[str] = set()
         while True:
             if tb.controller is not None and tb.controller.poll() is not None:
                 raise CliError(f"the controller exited; see {tb.run_dir / 'controller.log'}")
+            for name in tb.dead_switches():
+                if name not in reported:
+                    reported.add(name)
+                    print(f"netkv: the switch process of {name} (pid {tb.switch_pids[name]}) is gone: nothing "
+                          f"is forwarded through {name} (log: {tb.switch_paths(name).log('ovs-vswitchd')})",
+                          file=sys.stderr, flush=True)
             time.sleep(1.0)
     except (KeyboardInterrupt, Stop):
         return EXIT_OK
@@ -153,6 +172,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         out["owner_pid"] = owner
         out["owner_alive"] = isinstance(owner, int) and system.process_alive(owner)
         out["datapath"] = state.get("datapath")
+        out["switch_mode"] = state.get("switch_mode")
+        pids = state.get("switch_pids")
+        if isinstance(pids, dict):
+            out["switch_processes"] = len(pids)
+            out["switch_processes_dead"] = sorted(n for n, pid in pids.items() if not vswitchd_alive(pid))
         out["config"] = state.get("config")
         port = state.get("rest_port")
         try:
@@ -160,7 +184,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 out["controller"] = json.loads(resp.read())
         except (OSError, ValueError):
             out["controller"] = None
-        out["up"] = bool(out["owner_alive"] and out["controller"] and out["controller"].get("ready"))
+        out["up"] = bool(out["owner_alive"] and out["controller"] and out["controller"].get("ready")
+                         and not out.get("switch_processes_dead"))
     if os.geteuid() == 0:
         out["leftovers_or_live"] = cleanup.leftovers(prefix).as_dict()
     if args.json:
@@ -170,7 +195,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         ctl = out.get("controller") or {}
         print(f"netkv: prefix {prefix}: {'UP' if out['up'] else 'NOT UP'}; owner pid {out.get('owner_pid')} "
-              f"{'alive' if out.get('owner_alive') else 'gone'}; datapath {out.get('datapath')}; "
+              f"{'alive' if out.get('owner_alive') else 'gone'}; datapath {out.get('datapath')}"
+              f" ({out.get('switch_mode')} switch processes"
+              + (f", {len(out['switch_processes_dead'])} of {out['switch_processes']} GONE: "
+                 f"{', '.join(out['switch_processes_dead'])}" if out.get("switch_processes_dead") else "")
+              + "); "
               f"controller {'answers' if ctl else 'does not answer'}"
               + (f" ({ctl.get('switches_ready')}/{ctl.get('switches_expected')} switches ready, "
                  f"{ctl.get('flow_entries')} flow entries)" if ctl else ""))

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import topologies
 from topologies import Topology, TopologyError
 
+from .switches import MODES as SWITCH_MODES
+
 # 1 emulated bit stands for SCALE real bits; KV payloads are divided by the same
 # factor.  40,000 puts the default fat-tree's links at 5-40 Mbit/s.  At 20,000 the
 # default run (scenario hotspots) kept the userspace switch process at 88-92% of a
@@ -41,6 +43,14 @@ class TestbedConfig:
                 "cleanup removes exactly what carries it"})
     datapath: str = field(default="auto", metadata={
         "help": "Open vSwitch datapath: auto (kernel where the module exists, else user), kernel, user"})
+    switch_mode: str = field(default="auto", metadata={
+        "help": "Open vSwitch processes: per_switch (each switch its own ovs-vswitchd in its own network "
+                "namespace; the userspace datapath then polls only that switch's ports and uses every "
+                "core), shared (one ovs-vswitchd for every bridge), auto (per_switch on the userspace "
+                "datapath, shared on the kernel datapath)"})
+    switch_jemalloc: bool = field(default=True, metadata={
+        "help": "per_switch: preload jemalloc (where installed) into every ovs-vswitchd; the userspace "
+                "datapath allocates and frees a batch of packet buffers per port per wake-up"})
     of_port: int = field(default=6653, metadata={"help": "controller OpenFlow port on 127.0.0.1"})
     rest_port: int = field(default=8080, metadata={"help": "controller REST API port on 127.0.0.1"})
     poll_interval_s: float = field(default=0.5, metadata={
@@ -66,6 +76,13 @@ class TestbedConfig:
         check_prefix(self.prefix)
         if self.datapath not in self.KNOWN_DATAPATHS:
             raise ConfigError(f"datapath must be one of {', '.join(self.KNOWN_DATAPATHS)}, got {self.datapath!r}")
+        if self.switch_mode not in SWITCH_MODES:
+            raise ConfigError(f"switch_mode must be one of {', '.join(SWITCH_MODES)}, got {self.switch_mode!r}")
+        if self.switch_mode == "per_switch" and self.datapath == "kernel":
+            raise ConfigError("switch_mode per_switch runs the userspace datapath; with datapath kernel "
+                              "use switch_mode shared (or auto)")
+        if not isinstance(self.switch_jemalloc, bool):
+            raise ConfigError(f"switch_jemalloc must be true or false, got {self.switch_jemalloc!r}")
         if not (self.scale >= 1):
             raise ConfigError(f"scale must be >= 1, got {self.scale}")
         for name in ("of_port", "rest_port"):

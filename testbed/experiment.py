@@ -14,11 +14,12 @@ One run directory holds everything needed to read and to repeat it::
 The fabric is brought up once and kept for every scheduler; workers and the
 background flows are started afresh for each replay so that every scheduler
 meets the same congestion from the same start.  During each replay the
-switch process's CPU is sampled: a replay whose switch process used more than
-``ENVELOPE_CPU_PCT`` of a core in 95% of its seconds ran with a saturated
-emulator, and its figures say so (``envelope.json``, the comparison and the
-report), beside the fidelity that matters in the end: the measured over ideal
-time of transfers on idle paths.
+switch processes' CPU and the machine's are sampled: a replay whose busiest
+switch process used more than ``ENVELOPE_CPU_PCT`` of a core, or whose
+machine was that busy, in 95% of its seconds ran with a saturated emulator,
+and its figures say so and name the resource (``envelope.json``, the
+comparison and the report), beside the fidelity that matters in the end: the
+measured over ideal time of transfers on idle paths.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ DEFAULT_SCENARIO = "core-hotspot"
 # The switch process is saturated when it is busy in 95% of the one-second
 # samples: then it, not the modelled links, sets the pace of forwarding.
 ENVELOPE_CPU_PCT = 95.0
-OVS_PIDFILE = Path("/var/run/openvswitch/ovs-vswitchd.pid")
 
 
 class ExperimentError(RuntimeError):
@@ -77,52 +77,126 @@ class ExperimentConfig:
 
 
 # -- measuring the emulator itself ------------------------------------------------------
-class SwitchCpuMeter:
-    """Samples ovs-vswitchd's CPU once a second while a replay runs.
+class EmulatorMeter:
+    """Samples, once a second while a replay runs, the CPU of every switch
+    process (``{name: pid}``, testbed.net.Testbed.switch_processes) and of the
+    machine as a whole (/proc/stat).
 
-    On the userspace datapath that process forwards every emulated packet; its
-    busiest second says whether the emulator kept up.  On the kernel datapath
-    forwarding happens in the kernel and the figure is not meaningful."""
+    On the userspace datapath the switch processes forward every emulated
+    packet, and the hosts' TCP stacks, the workers and the traffic generators
+    need CPU too: a replay ran inside the emulator's envelope when neither the
+    busiest switch process nor the machine was busy in 95% of its seconds
+    (:func:`envelope_verdict`).  On the kernel datapath forwarding happens in
+    the kernel: the machine figure is the one that matters there."""
 
-    def __init__(self, interval_s: float = 1.0) -> None:
+    def __init__(self, switch_pids: dict[str, int], interval_s: float = 1.0) -> None:
+        self.pids = dict(switch_pids)
         self.interval_s = interval_s
-        self.samples_pct: list[float] = []
+        self.per_switch_pct: dict[str, list[float]] = {name: [] for name in self.pids}
+        self.sum_pct: list[float] = []
+        self.machine_busy_pct: list[float] = []
+        self.died: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        try:
-            self.pid: int | None = int(OVS_PIDFILE.read_text().strip())
-        except (OSError, ValueError):
-            self.pid = None
         self.hz = os.sysconf("SC_CLK_TCK")
 
     def start(self) -> None:
-        if self.pid is None:
-            return
-        self._thread = threading.Thread(target=self._loop, name="switch-cpu", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="emulator-meter", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        assert self.pid is not None
-        last_ticks, last_t = cpu_ticks(self.pid), time.monotonic()
+        last = {name: cpu_ticks(pid) for name, pid in self.pids.items()}
+        last_machine, last_t = machine_ticks(), time.monotonic()
         while not self._stop.wait(self.interval_s):
-            ticks, now = cpu_ticks(self.pid), time.monotonic()
-            if ticks is None or last_ticks is None:
-                return
-            self.samples_pct.append(100.0 * (ticks - last_ticks) / self.hz / (now - last_t))
-            last_ticks, last_t = ticks, now
+            now = time.monotonic()
+            dt = now - last_t
+            total = 0.0
+            for name, pid in self.pids.items():
+                ticks = cpu_ticks(pid)
+                before = last.get(name)
+                if ticks is None or before is None:
+                    if name not in self.died:
+                        self.died.append(name)
+                    last[name] = None
+                    continue
+                pct = 100.0 * (ticks - before) / self.hz / dt
+                self.per_switch_pct[name].append(pct)
+                total += pct
+                last[name] = ticks
+            self.sum_pct.append(total)
+            machine = machine_ticks()
+            busy = machine[0] - last_machine[0]
+            all_ticks = machine[1] - last_machine[1]
+            if all_ticks > 0:
+                self.machine_busy_pct.append(100.0 * busy / all_ticks)
+            last_machine, last_t = machine, now
 
     def stop(self) -> dict[str, Any]:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        s = sorted(self.samples_pct)
-        out: dict[str, Any] = {"switch_pid": self.pid, "samples": len(s),
-                               "switch_cpu_pct_mean": round(sum(s) / len(s), 1) if s else None,
-                               "switch_cpu_pct_p95": round(s[int(0.95 * (len(s) - 1))], 1) if s else None,
-                               "switch_cpu_pct_max": round(s[-1], 1) if s else None,
-                               "envelope_cpu_pct": ENVELOPE_CPU_PCT}
-        out["within_envelope"] = None if not s else out["switch_cpu_pct_p95"] < ENVELOPE_CPU_PCT
+        p95 = {name: float(_p95(v) or 0.0) for name, v in self.per_switch_pct.items() if v}
+        busiest = max(p95, key=lambda n: p95[n]) if p95 else None
+        out: dict[str, Any] = {
+            "switch_processes": len(self.pids),
+            "samples": len(self.sum_pct),
+            # the busiest single switch process: the one that saturates first
+            "busiest_switch": busiest,
+            "switch_cpu_pct_mean": _mean(self.per_switch_pct[busiest]) if busiest else None,
+            "switch_cpu_pct_p95": _round1(p95[busiest]) if busiest else None,
+            "switch_cpu_pct_max": _round1(max(self.per_switch_pct[busiest])) if busiest else None,
+            # every switch process together, % of one core
+            "switch_cpu_sum_pct_mean": _mean(self.sum_pct),
+            "switch_cpu_sum_pct_p95": _round1(_p95(self.sum_pct)),
+            # the whole machine (every core), % of its capacity
+            "machine_busy_pct_mean": _mean(self.machine_busy_pct),
+            "machine_busy_pct_p95": _round1(_p95(self.machine_busy_pct)),
+            "switch_processes_died": list(self.died),
+            "envelope_cpu_pct": ENVELOPE_CPU_PCT,
+        }
+        out.update(envelope_verdict(out["switch_cpu_pct_p95"], out["machine_busy_pct_p95"], self.died))
         return out
+
+
+def envelope_verdict(switch_p95: float | None, machine_p95: float | None,
+                     died: list[str]) -> dict[str, Any]:
+    """``within_envelope`` (None without samples) and ``limiting_resource``:
+    which resource ran out (a switch process died, the busiest switch process,
+    the machine's CPU), or None."""
+    if died:
+        return {"within_envelope": False, "limiting_resource": f"switch process died: {', '.join(died)}"}
+    if switch_p95 is None and machine_p95 is None:
+        return {"within_envelope": None, "limiting_resource": None}
+    limits = []
+    if switch_p95 is not None and switch_p95 >= ENVELOPE_CPU_PCT:
+        limits.append(f"switch process CPU (p95 {switch_p95:.0f}% of a core)")
+    if machine_p95 is not None and machine_p95 >= ENVELOPE_CPU_PCT:
+        limits.append(f"machine CPU (p95 {machine_p95:.0f}% busy)")
+    return {"within_envelope": not limits, "limiting_resource": "; ".join(limits) or None}
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return 0, 0
+    values = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def _p95(values: list[float]) -> float | None:
+    s = sorted(values)
+    return s[int(0.95 * (len(s) - 1))] if s else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 1) if values else None
+
+
+def _round1(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 # -- the launcher and the telemetry source the replay uses ------------------------------------
@@ -277,7 +351,7 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
             else:
                 oracle = StaticOracle(tb.topo)
             runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
-            meter = SwitchCpuMeter()
+            meter = EmulatorMeter(tb.switch_processes())
             say(f"replaying with {name} ...")
             runner.start()
             meter.start()
@@ -295,7 +369,10 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
             flag = "" if envelope["within_envelope"] is not False else "  [OUTSIDE the emulator's envelope]"
             say(f"{name}: {summary['ok']}/{summary['requests']} ok, mean TTFT "
                 f"{_fmt(summary.get('ttft_mean_ms'))} ms, p99 {_fmt(summary.get('ttft_p99_ms'))} ms; "
-                f"switch CPU max {_fmt(envelope['switch_cpu_pct_max'])}%{flag}")
+                f"busiest switch process p95 {_fmt(envelope['switch_cpu_pct_p95'])}% of a core, machine "
+                f"p95 {_fmt(envelope['machine_busy_pct_p95'])}% busy{flag}")
+            if envelope.get("limiting_resource"):
+                say(f"{name}: the emulator ran short of: {envelope['limiting_resource']}")
     finally:
         tb.down()
     comparison = write_report(out)
@@ -327,7 +404,8 @@ def add_parser(sub: Any) -> None:
                                         f"`netkv schedulers` lists them")
     g.add_argument("--scenario", help=f"congestion script name or JSON path (default: {DEFAULT_SCENARIO}; "
                                       f"known: {', '.join(scenario_mod.names())})")
-    g.add_argument("--trace", help="Mooncake-format JSONL trace (default: ../shared/traces/mooncake_conversation.jsonl)")
+    g.add_argument("--trace", help="Mooncake-format JSONL trace (default: traces/mooncake_conversation.jsonl "
+                                   "in the repository)")
     g.add_argument("--start-s", type=float, help="window start in the trace, seconds (default 0)")
     g.add_argument("--duration-s", type=float, help="window length, seconds of trace time (default 60)")
     g.add_argument("--rate-multiplier", type=float, help="replay speed-up of arrivals (default 1)")

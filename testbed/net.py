@@ -8,8 +8,11 @@
    later point can be swept (:mod:`testbed.cleanup`);
 3. start the controller (``python -m controller``) on 127.0.0.1;
 4. build the topology in Mininet: one namespace per GPU host, one Open vSwitch
-   bridge per switch (kernel datapath where the module exists, else
-   ``datapath_type=netdev``), one veth pair per link with explicit port numbers;
+   bridge per switch, one veth pair per link with explicit port numbers.  On
+   the userspace datapath every switch is by default its own ``ovs-vswitchd``
+   in its own namespace (:mod:`testbed.switches`, ``switch_mode``); with
+   ``switch_mode=shared`` (and on the kernel datapath) the machine's one
+   Open vSwitch serves every bridge;
 5. tune every interface: MTU, htb shaping at the emulated rate on both ends
    (:mod:`testbed.shaping`), offloads off on the userspace datapath, IPv6 off,
    slow start after idle off and static ARP inside every host;
@@ -38,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from topologies import Link, Topology
 
-from . import cleanup, shaping, system
+from . import cleanup, shaping, switches, system
 from .config import ConfigError, TestbedConfig, emulated_mbps
 
 if TYPE_CHECKING:
@@ -61,6 +64,8 @@ class BringUpReport:
     links: int
     datapath: str
     scale: float
+    switch_mode: str = ""
+    switch_processes: int = 0
     up_s: float = 0.0
     verify_s: float = 0.0
     steps_s: dict[str, float] = field(default_factory=dict)
@@ -103,6 +108,8 @@ class Testbed:
         self.net: Any = None  # mininet.net.Mininet once built
         self.controller: subprocess.Popen[bytes] | None = None
         self.datapath = ""
+        self.switch_mode = ""  # 'per_switch' or 'shared' once preflight has chosen
+        self.switch_pids: dict[str, int] = {}  # per_switch: ovs-vswitchd pid of each switch
         self.run_dir = cleanup.state_dir(self.prefix)
         self.report = BringUpReport(self.topo.name, len(self.topo.gpus), len(self.topo.switches),
                                     len(self.topo.links), "", config.scale)
@@ -135,8 +142,41 @@ class Testbed:
         return self.topo.ip_of(name), DATA_PORT
 
     def in_host(self, name: str, argv: Sequence[str]) -> list[str]:
-        """argv that runs a command inside a GPU host's namespaces."""
+        """argv that runs a command inside a node's namespaces (a GPU host, or
+        a switch of the per_switch mode)."""
         return ["mnexec", "-a", str(self.host_pid(name)), *argv]
+
+    def in_switch(self, name: str, argv: Sequence[str]) -> list[str]:
+        """argv that runs a command where a switch's interfaces are: its own
+        namespace (per_switch) or the root namespace (shared)."""
+        if self.per_switch:
+            return ["ip", "netns", "exec", switches.netns_name(self.prefix, name), *argv]
+        return list(argv)
+
+    @property
+    def per_switch(self) -> bool:
+        return self.switch_mode == "per_switch"
+
+    def switch_paths(self, name: str) -> switches.SwitchPaths:
+        return switches.paths_of(self.run_dir, name)
+
+    def switch_processes(self) -> dict[str, int]:
+        """The ovs-vswitchd process(es) forwarding this fabric: one per switch
+        (per_switch), or the machine's shared one under the name ``shared``."""
+        if self.per_switch:
+            return dict(self.switch_pids)
+        pid = switches.read_pid(system.OVS_PIDFILE)
+        return {"shared": pid} if pid is not None else {}
+
+    def dead_switches(self) -> list[str]:
+        """Switches whose ovs-vswitchd is no longer running (per_switch mode)."""
+        return sorted(name for name, pid in self.switch_pids.items() if not switches.vswitchd_alive(pid))
+
+    def appctl(self, switch: str, *command: str) -> str:
+        """``ovs-appctl`` to the process that serves ``switch`` (its stdout)."""
+        argv = (switches.appctl_argv(self.switch_paths(switch), *command) if self.per_switch
+                else ["ovs-appctl", *command])
+        return system.run(argv, check=False).stdout
 
     def popen(self, name: str, argv: Sequence[str], *, kind: str, marker: str | None = None,
               **popen_args: Any) -> subprocess.Popen[bytes]:
@@ -207,9 +247,24 @@ class Testbed:
     def _preflight(self) -> None:
         system.require_root()
         system.require_binaries()
-        system.ensure_ovs()
-        self.datapath = system.choose_datapath(self.config.datapath)
+        if self.config.switch_mode == "per_switch":
+            self.datapath = "user"
+        else:
+            self.datapath = system.choose_datapath(self.config.datapath)
+        self.switch_mode = switches.resolve_mode(self.config.switch_mode, self.datapath)
+        if self.per_switch:
+            system.require_binaries(switches.SWITCH_BINARIES)
+            if not switches.OVS_SCHEMA.exists():
+                raise system.PreflightError(f"the Open vSwitch schema {switches.OVS_SCHEMA} is missing; "
+                                            f"run the install script")
+            try:
+                switches.check_socket_paths(self.run_dir, [self.mn_name(sw.name) for sw in self.topo.switches])
+            except ValueError as exc:
+                raise system.PreflightError(str(exc)) from None
+        else:
+            system.ensure_ovs()
         self.report.datapath = "kernel" if self.datapath == "kernel" else "userspace"
+        self.report.switch_mode = self.switch_mode
         left = cleanup.leftovers(self.prefix)
         if left.total:
             owner = (cleanup.read_state(self.prefix) or {}).get("owner_pid")
@@ -242,7 +297,10 @@ class Testbed:
             "config": self.config.to_json(),
             "rest_port": self.config.rest_port,
             "datapath": self.report.datapath,
+            "switch_mode": self.switch_mode,
         }
+        if self.switch_pids:
+            state["switch_pids"] = dict(self.switch_pids)
         if self.controller is not None:
             state["controller_pid"] = self.controller.pid
         if self.net is not None:
@@ -256,6 +314,8 @@ class Testbed:
                 "--of-port", str(self.config.of_port), "--rest-port", str(self.config.rest_port),
                 "--poll-interval-s", repr(float(self.config.poll_interval_s)),
                 "--prefix", self.prefix]
+        if self.per_switch:
+            argv += ["--of-unix", str(switches.controller_socket(self.run_dir)), "--switch-netns"]
         for key, value in sorted(self.config.params.items()):
             argv += ["--param", f"{key}={value}"]
         return argv
@@ -298,13 +358,17 @@ class Testbed:
         from mininet.node import OVSSwitch, RemoteController
 
         setLogLevel("error")
-        switch_cls = partial(OVSSwitch, datapath=self.datapath, protocols="OpenFlow13",
-                             failMode="secure", batch=True)
+        if self.per_switch:
+            switch_cls: Any = switches.isolated_switch_class()
+        else:
+            switch_cls = partial(OVSSwitch, datapath=self.datapath, protocols="OpenFlow13",
+                                 failMode="secure", batch=True)
         net = Mininet(topo=None, build=False, controller=None, switch=switch_cls, link=MnLink,
                       autoSetMacs=False, autoStaticArp=False, ipBase="10.0.0.0/16", waitConnected=False)
         self.net = net
-        net.addController(self.mn_name("ctl"), controller=RemoteController, ip="127.0.0.1",
-                          port=self.config.of_port)
+        if not self.per_switch:  # per_switch: each instance is told the controller's Unix socket itself
+            net.addController(self.mn_name("ctl"), controller=RemoteController, ip="127.0.0.1",
+                              port=self.config.of_port)
         for node in self.topo.nodes.values():
             if node.is_gpu:
                 net.addHost(self.mn_name(node.name), ip=f"{self.topo.ip_of(node.name)}/16",
@@ -316,35 +380,84 @@ class Testbed:
             net.addLink(self.mn_name(link.a), self.mn_name(link.b), port1=link.a_port, port2=link.b_port)
         net.start()
         self._write_state()
+        if self.per_switch:
+            self._start_switch_instances()
+
+    def _start_switch_instances(self) -> None:
+        """One ovsdb-server and one ovs-vswitchd per switch, inside the switch's
+        namespace, all switches in parallel (see testbed.switches)."""
+        target = f"unix:{switches.controller_socket(self.run_dir)}"
+        jemalloc = self.config.switch_jemalloc
+
+        def start_one(name: str) -> int:
+            sw = self.topo.node(name)
+            bridge = self.mn_name(name)
+            p = self.switch_paths(name)
+            p.root.mkdir(parents=True, exist_ok=True)
+            env = switches.daemon_env(p, jemalloc=jemalloc)
+            netns = switches.netns_name(self.prefix, name)
+            system.run(["ip", "netns", "attach", netns, str(self.host_pid(name))])
+            system.run(switches.ovsdb_create_argv(p))
+            system.run(switches.ovsdb_server_argv(p), env=env)
+            ports = [(self.intf(name, link.port_of(name)), link.port_of(name))
+                     for link in self.topo.links if name in (link.a, link.b)]
+            system.run(switches.bridge_config_argv(p, bridge, sw.dpid, ports, target))
+            system.run(switches.vswitchd_argv(p, netns), env=env)
+            pid = switches.read_pid(p.vswitchd_pidfile)
+            if pid is None:
+                raise BringUpError(f"ovs-vswitchd of {name} wrote no pid file (log: {p.log('ovs-vswitchd')})")
+            return pid
+
+        names = [sw.name for sw in self.topo.switches]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            futures = {name: pool.submit(start_one, name) for name in names}
+            errors = []
+            for name, fut in futures.items():
+                try:
+                    self.switch_pids[name] = fut.result()
+                except (RuntimeError, system.PreflightError) as exc:
+                    errors.append(f"{name}: {exc}")
+        self._write_state()
+        if errors:
+            raise BringUpError(f"{len(errors)} of {len(names)} switch instances failed to start; first: "
+                               f"{errors[0][:400]}")
+        self.report.switch_processes = len(self.switch_pids)
 
     def _tune(self) -> None:
         cfg = self.config
         mtu = cfg.mtu_bytes
-        root_tc: list[str] = []
-        root_ip: list[str] = []
-        root_offload: list[list[str]] = []
         host_ifs: dict[str, list[tuple[str, float]]] = {}
+        switch_ifs: dict[str, list[tuple[str, float]]] = {}
         for link in self.topo.links:
             mbps = self.emulated_mbps(link)
             for node in (link.a, link.b):
                 ifname = self.intf(node, link.port_of(node))
-                if self.topo.node(node).is_gpu:
-                    host_ifs.setdefault(node, []).append((ifname, mbps))
-                    continue
-                root_ip.append(f"link set dev {ifname} mtu {mtu} up")
-                root_tc += shaping.tc_batch_lines(ifname, mbps, mtu, cfg.queue_packets, cfg.link_delay_ms)
-                if self.datapath == "user":
-                    root_offload.append(shaping.ethtool_offloads_off(ifname))
-        # Root namespace: switch ends.  No address is ever put on a switch port.
-        system.run(["ip", "-batch", "-"], input_text="\n".join(root_ip) + "\n")
-        system.run(["tc", "-batch", "-"], input_text="\n".join(root_tc) + "\n")
-        switch_ifs = [line.split()[3] for line in root_ip]
-        sysctl = ["sysctl", "-q", "-w"] + [f"net.ipv6.conf.{i}.disable_ipv6=1" for i in switch_ifs]
-        system.run(sysctl, check=False)
-        _check_all(_run_many(root_offload), "switching offloads off")
-        # Host namespaces.
+                side = host_ifs if self.topo.node(node).is_gpu else switch_ifs
+                side.setdefault(node, []).append((ifname, mbps))
         commands: list[list[str]] = []
         inputs: list[str | None] = []
+
+        def configure_switch_ends(ifs: list[tuple[str, float]], where: Any) -> None:
+            """Switch ends: MTU, shaping, IPv6 off, offloads off.  No address is
+            ever put on a switch port."""
+            commands.append(where(["ip", "-batch", "-"]))
+            inputs.append("".join(f"link set dev {i} mtu {mtu} up\n" for i, _ in ifs))
+            commands.append(where(["tc", "-batch", "-"]))
+            inputs.append("".join(line + "\n" for i, mbps in ifs for line in
+                                  shaping.tc_batch_lines(i, mbps, mtu, cfg.queue_packets, cfg.link_delay_ms)))
+            commands.append(where(["sysctl", "-q", "-w", *(f"net.ipv6.conf.{i}.disable_ipv6=1" for i, _ in ifs)]))
+            inputs.append(None)
+            if self.datapath == "user":
+                for i, _ in ifs:
+                    commands.append(where(shaping.ethtool_offloads_off(i)))
+                    inputs.append(None)
+
+        if self.per_switch:  # every switch's ends in its own namespace
+            for name, ifs in switch_ifs.items():
+                configure_switch_ends(ifs, lambda argv, name=name: self.in_host(name, argv))
+        else:  # the root namespace holds every switch end
+            configure_switch_ends([x for ifs in switch_ifs.values() for x in ifs], list)
+        # Host namespaces.
         arp_lines = [f"neigh replace {self.topo.ip_of(g.name)} lladdr {self.topo.mac_of(g.name)} "
                      f"nud permanent dev {{dev}}" for g in self.topo.gpus]
         for name, ifs in host_ifs.items():
@@ -387,7 +500,9 @@ class Testbed:
         """The controller's entries as Open vSwitch holds them, per switch name."""
         tables = {}
         for sw in self.topo.switches:
-            text = system.run(["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", self.mn_name(sw.name)]).stdout
+            bridge = self.mn_name(sw.name)
+            target = f"unix:{self.switch_paths(sw.name).mgmt(bridge)}" if self.per_switch else bridge
+            text = system.run(["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", target]).stdout
             tables[sw.name] = parse_flow_dump(sw.name, text)
         return tables
 

@@ -206,7 +206,7 @@ def render_table(comparison: dict[str, Any]) -> str:
             row += f"{cell:>15s}"
         env = m.get("envelope") or {}
         if env.get("within_envelope") is False:
-            row += "  OUTSIDE ENVELOPE"
+            row += f"  OUTSIDE ENVELOPE ({env.get('limiting_resource') or 'switch CPU'})"
         lines.append(row)
     changes = comparison.get("ttft_mean_change_pct", {})
     for a, row in changes.items():

@@ -15,11 +15,13 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 LOG = logging.getLogger("netkv.testbed")
 
 OVS_CTL = "/usr/share/openvswitch/scripts/ovs-ctl"
+# The machine's own (shared) ovs-vswitchd, as ovs-ctl starts it.
+OVS_PIDFILE = Path("/var/run/openvswitch/ovs-vswitchd.pid")
 REQUIRED_BINARIES = ("mnexec", "ovs-vsctl", "ovs-ofctl", "tc", "ip", "ethtool", "ping", "iperf3")
 
 
@@ -28,12 +30,12 @@ class PreflightError(RuntimeError):
 
 
 def run(argv: Sequence[str], *, check: bool = True, timeout_s: float = 60,
-        input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+        input_text: str | None = None, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run one command (argv list), capture its output, log it."""
     LOG.debug("run: %s", " ".join(argv))
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s,
-                              input=input_text)
+                              input=input_text, env=None if env is None else dict(env))
     except FileNotFoundError:
         raise PreflightError(f"command not found: {argv[0]} (run the install script)") from None
     except subprocess.TimeoutExpired:

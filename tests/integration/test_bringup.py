@@ -71,7 +71,7 @@ def test_tiny_flow_tables_match_computed_paths(tiny: Testbed) -> None:
 def test_tiny_links_are_shaped_on_both_ends(tiny: Testbed) -> None:
     link = tiny.topo.link_between("t0", "a0")
     for node in ("t0", "a0"):
-        out = system.run(["tc", "class", "show", "dev", tiny.intf(node, link.port_of(node))]).stdout
+        out = system.run(tiny.in_switch(node, ["tc", "class", "show", "dev", tiny.intf(node, link.port_of(node))])).stdout
         kbit = round(tiny.emulated_mbps(link) * 1000)
         assert f"rate {kbit}Kbit" in out or f"rate {kbit // 1000}Mbit" in out, out
     host_if = tiny.intf("g0", 1)
@@ -112,15 +112,19 @@ def test_second_instance_with_same_prefix_is_refused(tiny: Testbed) -> None:
     assert proc.returncode != 0
     assert "already up" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert cleanup.leftovers(tiny.prefix).bridges, "the refused attempt removed the running instance"
+    assert not tiny.dead_switches() and tiny.rest_get("/status")["ready"], \
+        "the refused attempt removed the running instance"
 
 
-def test_default_fattree_up_verify_routes_teardown() -> None:
-    cfg = make_config("fattree")
+@pytest.mark.parametrize("mode", ["per_switch", "shared"])
+def test_default_fattree_up_verify_routes_teardown(mode: str) -> None:
+    cfg = make_config("fattree", switch_mode=mode)
     tb = Testbed(cfg)
     try:
         report = tb.up()
         assert report.gpus == 64 and report.switches == 18 and report.links == 88
+        assert report.switch_mode == mode
+        assert report.switch_processes == (18 if mode == "per_switch" else 0)
         assert report.pings_ok == report.pings_total == 128
         assert set(report.pings_by_tier) == {0, 3}
         # every tier distance, explicitly
@@ -128,6 +132,74 @@ def test_default_fattree_up_verify_routes_teardown() -> None:
         assert all(ok for _, _, ok in tb.ping(pairs)), "a pair at some tier distance is unreachable"
         assert {tb.topo.tier_distance(s, d) for s, d in pairs} == {0, 1, 2, 3}
         check_flow_tables(tb)
+        print(f"{mode}: up {report.up_s:.1f} s, verify {report.verify_s:.1f} s, steps {report.steps_s}")
+    finally:
+        t0 = time.monotonic()
+        tb.down()
+        print(f"{mode}: down {time.monotonic() - t0:.1f} s")
+    assert_nothing_left(cfg.prefix)
+
+
+def netns_inode(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def test_per_switch_instances_are_isolated(tiny: Testbed) -> None:
+    assert tiny.report.switch_mode == "per_switch" and tiny.per_switch
+    pids = tiny.switch_processes()
+    assert sorted(pids) == sorted(sw.name for sw in tiny.topo.switches)
+    # one process per switch, each in a namespace of its own (not the root one)
+    spaces = {netns_inode(pid) for pid in pids.values()}
+    assert len(spaces) == len(pids) and netns_inode(os.getpid()) not in spaces
+    for name, pid in pids.items():
+        ports = set(system.run(tiny.in_switch(name, ["ls", "/sys/class/net"])).stdout.split())
+        own = {tiny.intf(name, link.port_of(name)) for link in tiny.topo.links if name in (link.a, link.b)}
+        assert own <= ports, (name, own, ports)
+        assert not [p for p in ports if p.startswith(tiny.prefix) and p not in own and p != tiny.mn_name(name)]
+        # the process serves only its own bridge's ports (plus the bridge's internal port)
+        shown = tiny.appctl(name, "dpif/show")
+        assert f"{tiny.mn_name(name)}:" in shown and len([l for l in shown.splitlines() if "eth" in l]) == len(own)
+    # switches reach the controller over the Unix socket: nothing listens beyond loopback
+    listeners = system.run(["ss", "-Hltnp"]).stdout.splitlines()
+    for line in listeners:
+        if any(f"pid={pid}," in line for pid in pids.values()):
+            raise AssertionError(f"a switch process listens on TCP: {line}")
+    status = tiny.rest_get("/status")
+    assert status["switches_connected"] == status["switches_ready"] == len(pids)
+
+
+def test_killed_switch_process_is_detected_and_reported() -> None:
+    cfg = make_config("tiny", prefix=test_prefix("k"))
+    tb = Testbed(cfg)
+    try:
+        tb.up()
+        victim = "t1"
+        os.kill(tb.switch_pids[victim], signal.SIGKILL)
+        assert system.wait_until(lambda: tb.dead_switches() == [victim], timeout_s=10)
+        out = run_cli("status", "--prefix", cfg.prefix, "--json")
+        status = json.loads(out.stdout)
+        assert out.returncode != 0 and status["switch_processes_dead"] == [victim] and status["up"] is False
+        # the controller sees the connection go
+        assert system.wait_until(lambda: (tb.rest_get("/status") or {}).get("switches_connected") == 5,
+                                 timeout_s=20), tb.rest_get("/status")
+        human = run_cli("status", "--prefix", cfg.prefix)
+        assert f"1 of 6 GONE: {victim}" in human.stdout, human.stdout
+    finally:
+        tb.down()
+    assert_nothing_left(cfg.prefix)
+
+
+def test_shared_mode_reaches_routes_shapes_and_tears_down() -> None:
+    cfg = make_config("tiny", prefix=test_prefix("s"), switch_mode="shared")
+    tb = Testbed(cfg)
+    try:
+        report = tb.up()
+        assert report.switch_mode == "shared" and not tb.per_switch
+        assert set(cleanup.our_bridges(cfg.prefix)) == {tb.mn_name(sw.name) for sw in tb.topo.switches}
+        check_flow_tables(tb)
+        bottleneck_mbps = tb.topo.bottleneck_gbps("g0", "g2") * 1000 / cfg.scale
+        measured = iperf_mbps(tb, "g0", "g2")
+        assert 0.90 * bottleneck_mbps <= measured <= 1.05 * bottleneck_mbps, (measured, bottleneck_mbps)
     finally:
         tb.down()
     assert_nothing_left(cfg.prefix)
@@ -189,7 +261,7 @@ def test_interrupted_or_crashed_run_leaves_nothing(how: str) -> None:
     while "running;" not in seen and time.monotonic() < deadline and proc.poll() is None:
         seen += proc.stdout.readline()
     assert "running;" in seen, seen + (proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
-    assert cleanup.leftovers(prefix).bridges
+    assert cleanup.leftovers(prefix).total
     if how == "interrupt":
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0

@@ -11,8 +11,10 @@ reports and on none of the equal-cost alternatives.
 from __future__ import annotations
 
 import statistics
-import threading
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -21,6 +23,8 @@ from bench.telemetry import (hop_samples_within, iperf_result, iperf_server, ipe
                              udp_wire_factor)
 from testbed.net import Testbed
 from tests.integration.common import cross_pair, running_testbed
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.root
 
@@ -168,49 +172,42 @@ def urlopen_text(url: str) -> str:
 
 
 def test_packets_take_the_path_the_api_reports(tb: Testbed) -> None:
-    from scapy.all import IP, AsyncSniffer, conf  # type: ignore[attr-defined,import-untyped,unused-ignore]
-
-    conf.ifaces.reload()  # scapy caches interface indexes; this fabric's veths are new
-
     src, dst = cross_pair(tb, "a1")
     path = rest_get(tb.rest_url, f"/path?src={src}&dst={dst}")
     assert path["alternatives"], "tiny has two equal-cost paths for cross-rack pairs"
     src_ip, dst_ip = path["src_ip"], path["dst_ip"]
 
-    def switch_egress(nodes: list[str]) -> list[str]:
-        # every switch-to-switch hop's egress interface (root namespace)
-        return [tb.intf(x, tb.topo.port_to(x, y)) for x, y in zip(nodes[1:-2], nodes[2:-1])]
+    def switch_egress(nodes: list[str]) -> list[tuple[str, str]]:
+        # every switch-to-switch hop's (switch, egress interface)
+        return [(x, tb.intf(x, tb.topo.port_to(x, y))) for x, y in zip(nodes[1:-2], nodes[2:-1])]
 
     on_path = switch_egress(path["nodes"])
-    assert on_path == [h["interface"] for h in path["hops"][1:-1]]
+    assert [i for _, i in on_path] == [h["interface"] for h in path["hops"][1:-1]]
     off_path = sorted({i for alt in path["alternatives"] for i in switch_egress(alt)} - set(on_path))
     assert off_path
-    counts: dict[str, int] = {i: 0 for i in on_path + off_path}
-    lock = threading.Lock()
-
-    def counter(iface: str) -> Any:
-        def on_packet(pkt: Any) -> None:
-            if IP in pkt and pkt[IP].src == src_ip and pkt[IP].dst == dst_ip:
-                with lock:
-                    counts[iface] += 1
-        return on_packet
-
-    sniffers = [AsyncSniffer(iface=i, prn=counter(i), store=False) for i in counts]
-    for s in sniffers:
-        s.start()
-    time.sleep(1.0)
+    seconds = 3.0
+    # one scapy capture per interface, where the interface is (its switch's namespace)
+    sniffers = {iface: subprocess.Popen(
+        tb.in_switch(sw, [sys.executable, "-m", "tests.integration.sniff", iface, src_ip, dst_ip,
+                          str(seconds + 3.0)]),
+        stdout=subprocess.PIPE, text=True, cwd=ROOT) for sw, iface in on_path + off_path}
     try:
+        for proc in sniffers.values():
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         server = iperf_server(tb, dst, 5203)
-        client = iperf_udp_client(tb, src, dst, 5203, 1.0, 3.0)
+        client = iperf_udp_client(tb, src, dst, 5203, 1.0, seconds)
         result = iperf_result(client)
         server.wait(timeout=10)
-        time.sleep(0.5)
+        counts = {iface: int(proc.communicate(timeout=30)[0].strip().splitlines()[-1])
+                  for iface, proc in sniffers.items()}
     finally:
-        for s in sniffers:
-            s.stop()
-    sent_packets = result["sender_bps"] * 3.0 / 8 / 1400
+        for proc in sniffers.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    sent_packets = result["sender_bps"] * seconds / 8 / 1400
     print(f"packets {src_ip}->{dst_ip} per interface (sent ~{sent_packets:.0f}): {counts}")
-    for iface in on_path:
+    for _, iface in on_path:
         assert counts[iface] >= 0.9 * sent_packets, (iface, counts, sent_packets)
-    for iface in off_path:
+    for _, iface in off_path:
         assert counts[iface] == 0, (iface, counts)

@@ -1,0 +1,220 @@
+"""One Open vSwitch instance per emulated switch (the ``per_switch`` mode).
+
+Why: on the userspace datapath, ``ovs-vswitchd``'s main thread tries every
+non-PMD port of every bridge it serves at each wake-up, idle ports included,
+so one shared process pays for all ~130 switch ports of the default fat-tree
+on every packet of every hop, and it cannot use the second core
+(docs/design.md, "One process per switch").  Here every switch is:
+
+* a Mininet node in its own network namespace (its veth ends live there),
+  attached under the name ``<prefix><switch>`` (``ip netns list`` shows it,
+  ``ip netns exec nkt1 tc -s qdisc`` inspects it);
+* its own ``ovsdb-server`` and ``ovs-vswitchd`` (a userspace datapath makes a
+  kernel tap named ``ovs-netdev``, so two instances cannot share a namespace),
+  with database, pid files, control sockets and logs in
+  ``/run/netkv/<prefix>/sw/<switch>/``;
+* connected to the controller through the Unix socket
+  ``/run/netkv/<prefix>/sw/of.sock`` (a process inside a namespace cannot
+  reach the root namespace's 127.0.0.1; a Unix socket in the filesystem
+  crosses namespaces, and the controller relays it to its loopback OpenFlow
+  listener).  Open vSwitch connects only to sockets in its run directory, so
+  every instance of a testbed shares the run directory ``sw/``, where the
+  bridges' OpenFlow management sockets ``<bridge>.mgmt`` are too.
+
+Everything here builds argv lists and paths; :mod:`testbed.net` runs them.
+The sweep (:mod:`testbed.cleanup`) finds the daemons by the instance's own
+directory in their command line, the namespaces by their exact names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+OVS_SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
+SWITCH_BINARIES = ("ovsdb-tool", "ovsdb-server", "ovs-vswitchd", "ovs-appctl")
+# jemalloc in the switch processes: the userspace datapath allocates and frees
+# a batch of packet buffers per port per wake-up; jemalloc does that cheaper
+# than glibc's malloc (measured: docs/design.md).  Used where installed.
+JEMALLOC_PATHS = (Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+                  Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"))
+# Seconds between a lost controller connection and the next attempt, at most
+# (Open vSwitch's default is 8 s); a restarted controller is found quickly.
+CONTROLLER_MAX_BACKOFF_MS = 1000
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+MODES = ("auto", "per_switch", "shared")
+
+
+@dataclass(frozen=True)
+class SwitchPaths:
+    """Where one switch instance keeps its files (all under the testbed's state dir)."""
+
+    root: Path  # the instance's own directory
+    rundir: Path  # OVS_RUNDIR, shared by the testbed's instances
+
+    @property
+    def db(self) -> Path:
+        return self.root / "conf.db"
+
+    @property
+    def db_sock(self) -> Path:
+        return self.root / "db.sock"
+
+    @property
+    def ovsdb_pidfile(self) -> Path:
+        return self.root / "ovsdb-server.pid"
+
+    @property
+    def ovsdb_ctl(self) -> Path:
+        return self.root / "ovsdb-server.ctl"
+
+    @property
+    def vswitchd_pidfile(self) -> Path:
+        return self.root / "ovs-vswitchd.pid"
+
+    @property
+    def vswitchd_ctl(self) -> Path:
+        return self.root / "ovs-vswitchd.ctl"
+
+    def mgmt(self, bridge: str) -> Path:
+        """The bridge's OpenFlow management socket (ovs-ofctl talks to it)."""
+        return self.rundir / f"{bridge}.mgmt"
+
+    def log(self, daemon: str) -> Path:
+        return self.root / f"{daemon}.log"
+
+
+def resolve_mode(requested: str, datapath: str) -> str:
+    """'per_switch' or 'shared' for a requested mode on a datapath ('kernel' | 'user').
+
+    The kernel datapath forwards in the kernel: one shared instance costs
+    nothing per packet there, so ``auto`` keeps it; on the userspace datapath
+    ``auto`` is one instance per switch."""
+    if requested not in MODES:
+        raise ValueError(f"switch_mode must be one of {', '.join(MODES)}, got {requested!r}")
+    if requested == "auto":
+        return "per_switch" if datapath == "user" else "shared"
+    return requested
+
+
+def switches_root(state_dir: Path) -> Path:
+    return state_dir / "sw"
+
+
+def paths_of(state_dir: Path, switch: str) -> SwitchPaths:
+    return SwitchPaths(switches_root(state_dir) / switch, switches_root(state_dir))
+
+
+def controller_socket(state_dir: Path) -> Path:
+    return switches_root(state_dir) / "of.sock"
+
+
+def check_socket_paths(state_dir: Path, bridge_names: Sequence[str]) -> None:
+    """Unix socket paths are limited to 107 bytes: refuse a state dir too deep."""
+    longest = max((str(paths_of(state_dir, b).mgmt(b)) for b in bridge_names), key=len, default="")
+    for path in (longest, str(controller_socket(state_dir))):
+        if len(path.encode()) > UNIX_PATH_MAX:
+            raise ValueError(f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; "
+                             f"use a shorter NETKV_STATE_ROOT")
+
+
+def netns_name(prefix: str, switch: str) -> str:
+    """The name under which a switch's namespace is attached (``ip netns``)."""
+    return prefix + switch
+
+
+def ovsdb_create_argv(p: SwitchPaths) -> list[str]:
+    return ["ovsdb-tool", "create", str(p.db), str(OVS_SCHEMA)]
+
+
+def ovsdb_server_argv(p: SwitchPaths) -> list[str]:
+    return ["ovsdb-server", str(p.db), f"--remote=punix:{p.db_sock}", f"--pidfile={p.ovsdb_pidfile}",
+            f"--unixctl={p.ovsdb_ctl}", "--detach", "--no-chdir", f"--log-file={p.log('ovsdb-server')}",
+            "-vconsole:off"]
+
+
+def vsctl_argv(p: SwitchPaths, *args: str) -> list[str]:
+    return ["ovs-vsctl", f"--db=unix:{p.db_sock}", "--timeout=20", *args]
+
+
+def bridge_config_argv(p: SwitchPaths, bridge: str, dpid: int, ports: Sequence[tuple[str, int]],
+                       controller_target: str) -> list[str]:
+    """One ovs-vsctl transaction that describes the whole switch before its
+    ovs-vswitchd starts (it then configures everything in one pass).
+
+    ``ports``: (interface name, OpenFlow port number) pairs."""
+    txn: list[str] = ["--no-wait", "--", "init",
+                      "--", "add-br", bridge,
+                      "--", "set", "bridge", bridge, "datapath_type=netdev", "fail_mode=secure",
+                      "protocols=OpenFlow13", f"other-config:datapath-id={dpid:016x}",
+                      "other-config:disable-in-band=true"]
+    for ifname, ofport in ports:
+        txn += ["--", "add-port", bridge, ifname, "--", "set", "interface", ifname, f"ofport_request={ofport}"]
+    txn += ["--", "--id=@c", "create", "controller", f"target=\"{controller_target}\"",
+            f"max_backoff={CONTROLLER_MAX_BACKOFF_MS}",
+            "--", "set", "bridge", bridge, "controller=@c"]
+    return vsctl_argv(p, *txn)
+
+
+def vswitchd_argv(p: SwitchPaths, netns: str) -> list[str]:
+    """ovs-vswitchd inside the switch's namespace.  ``ip netns exec`` (not a
+    bare setns) also gives it a /sys of that namespace, which netdev-linux reads."""
+    return ["ip", "netns", "exec", netns, "ovs-vswitchd", f"unix:{p.db_sock}",
+            f"--pidfile={p.vswitchd_pidfile}", f"--unixctl={p.vswitchd_ctl}", "--detach", "--no-chdir",
+            f"--log-file={p.log('ovs-vswitchd')}", "-vconsole:off"]
+
+
+def jemalloc_path() -> Path | None:
+    return next((p for p in JEMALLOC_PATHS if p.exists()), None)
+
+
+def daemon_env(p: SwitchPaths, *, jemalloc: bool) -> dict[str, str]:
+    """Environment of a switch's daemons: every run/db/log directory Open
+    vSwitch would default to points into the testbed's own directories."""
+    env = dict(os.environ, OVS_RUNDIR=str(p.rundir), OVS_DBDIR=str(p.root), OVS_LOGDIR=str(p.root))
+    lib = jemalloc_path() if jemalloc else None
+    if lib is not None:
+        env["LD_PRELOAD"] = str(lib)
+    return env
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def vswitchd_alive(pid: object) -> bool:
+    """Is ``pid`` a live ovs-vswitchd (not a recycled pid)?"""
+    from .system import process_alive, process_cmdline
+
+    return isinstance(pid, int) and process_alive(pid) and \
+        any(part.endswith("ovs-vswitchd") for part in process_cmdline(pid))
+
+
+def appctl_argv(p: SwitchPaths, *command: str) -> list[str]:
+    return ["ovs-appctl", "-t", str(p.vswitchd_ctl), *command]
+
+
+def isolated_switch_class() -> Any:
+    """A Mininet switch node that lives in its own network namespace and whose
+    Open vSwitch instance the testbed starts itself (in parallel, after the
+    links exist), so Mininet's start() and stop() do nothing for it."""
+    from mininet.node import Switch
+
+    class IsolatedOVSSwitch(Switch):  # type: ignore[misc]
+        def __init__(self, name: str, **params: Any) -> None:
+            params["inNamespace"] = True
+            super().__init__(name, **params)
+
+        def start(self, controllers: Any) -> None:
+            pass
+
+        def stop(self, deleteIntfs: bool = True) -> None:
+            pass
+
+    return IsolatedOVSSwitch

@@ -1,0 +1,212 @@
+"""The per-switch Open vSwitch mode's pure parts (no root): mode choice, file
+and socket paths, the commands each instance is started with, the Unix-socket
+OpenFlow relay, and the emulator envelope's verdict."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from controller.queues import tc_argv
+from controller.relay import UnixRelay
+from testbed import switches
+from testbed.cli import parse_bool
+from testbed.config import ConfigError, TestbedConfig
+from testbed.experiment import ENVELOPE_CPU_PCT, envelope_verdict, machine_ticks
+
+
+def test_auto_mode_is_per_switch_on_the_userspace_datapath_only() -> None:
+    assert switches.resolve_mode("auto", "user") == "per_switch"
+    assert switches.resolve_mode("auto", "kernel") == "shared"
+    assert switches.resolve_mode("shared", "user") == "shared"
+    assert switches.resolve_mode("per_switch", "user") == "per_switch"
+    with pytest.raises(ValueError, match="switch_mode must be one of"):
+        switches.resolve_mode("per-switch", "user")
+
+
+def test_config_checks_switch_mode_and_jemalloc() -> None:
+    TestbedConfig(switch_mode="shared").validate()
+    with pytest.raises(ConfigError, match="switch_mode must be one of"):
+        TestbedConfig(switch_mode="one").validate()
+    with pytest.raises(ConfigError, match="with datapath kernel"):
+        TestbedConfig(switch_mode="per_switch", datapath="kernel").validate()
+    with pytest.raises(ConfigError, match="switch_jemalloc must be true or false"):
+        TestbedConfig(switch_jemalloc="yes").validate()  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="unknown testbed setting 'switch_modes'"):
+        TestbedConfig.from_json({"switch_modes": "shared"})
+
+
+def test_parse_bool_accepts_words_and_refuses_others() -> None:
+    assert parse_bool("true") and parse_bool("On") and parse_bool("1")
+    assert not parse_bool("false") and not parse_bool("no")
+    with pytest.raises(Exception, match="expected true or false"):
+        parse_bool("maybe")
+
+
+def test_every_file_of_an_instance_is_under_the_testbed_state_dir() -> None:
+    state = Path("/run/netkv/nk")
+    p = switches.paths_of(state, "t1")
+    for path in (p.db, p.db_sock, p.ovsdb_pidfile, p.ovsdb_ctl, p.vswitchd_pidfile, p.vswitchd_ctl,
+                 p.log("ovs-vswitchd")):
+        assert path.parent == state / "sw" / "t1"
+    # Open vSwitch connects only to sockets in its run directory, shared by the instances
+    assert p.mgmt("nkt1") == state / "sw" / "nkt1.mgmt"
+    assert switches.controller_socket(state).parent == p.rundir == state / "sw"
+    assert switches.netns_name("nk", "t1") == "nkt1"
+
+
+def test_socket_paths_too_long_are_refused() -> None:
+    switches.check_socket_paths(Path("/run/netkv/nk"), ["nkt1", "nkc12"])
+    with pytest.raises(ValueError, match="longer than 107 bytes"):
+        switches.check_socket_paths(Path("/tmp/" + "d" * 100), ["nkt1"])
+
+
+def test_instance_commands() -> None:
+    p = switches.paths_of(Path("/run/netkv/nk"), "t1")
+    server = switches.ovsdb_server_argv(p)
+    assert server[:2] == ["ovsdb-server", str(p.db)]
+    assert f"--remote=punix:{p.db_sock}" in server and "--detach" in server
+    # no TCP remote: the database answers only on its Unix socket
+    assert not [a for a in server if "ptcp:" in a or "tcp:" in a]
+    vsd = switches.vswitchd_argv(p, "nkt1")
+    assert vsd[:5] == ["ip", "netns", "exec", "nkt1", "ovs-vswitchd"]
+    assert f"unix:{p.db_sock}" in vsd and f"--pidfile={p.vswitchd_pidfile}" in vsd
+    cfg = switches.bridge_config_argv(p, "nkt1", 0x200000001, [("nkt1-eth1", 1), ("nkt1-eth3", 3)],
+                                      "unix:/run/netkv/nk/sw/of.sock")
+    assert cfg[:3] == ["ovs-vsctl", f"--db=unix:{p.db_sock}", "--timeout=20"]
+    text = " ".join(cfg)
+    assert "add-br nkt1" in text and "datapath_type=netdev" in text and "fail_mode=secure" in text
+    assert "other-config:datapath-id=0000000200000001" in text and "protocols=OpenFlow13" in text
+    assert "add-port nkt1 nkt1-eth3 -- set interface nkt1-eth3 ofport_request=3" in text
+    assert 'target="unix:/run/netkv/nk/sw/of.sock"' in text
+    assert f"max_backoff={switches.CONTROLLER_MAX_BACKOFF_MS}" in text
+
+
+def test_daemon_env_points_every_directory_into_the_testbed(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    p = switches.paths_of(Path("/run/netkv/nk"), "a0")
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(switches, "JEMALLOC_PATHS", (lib,))
+    env = switches.daemon_env(p, jemalloc=True)
+    assert env["OVS_RUNDIR"] == str(p.rundir) and env["OVS_DBDIR"] == env["OVS_LOGDIR"] == str(p.root)
+    assert env["LD_PRELOAD"] == str(lib)
+    assert "LD_PRELOAD" not in switches.daemon_env(p, jemalloc=False) or \
+        switches.daemon_env(p, jemalloc=False)["LD_PRELOAD"] != str(lib)
+    monkeypatch.setattr(switches, "JEMALLOC_PATHS", (tmp_path / "absent.so",))
+    assert switches.daemon_env(p, jemalloc=True).get("LD_PRELOAD") != str(tmp_path / "absent.so")
+
+
+def test_queue_reader_runs_tc_in_each_named_namespace() -> None:
+    assert tc_argv() == ["tc", "-s", "-j", "qdisc", "show"]
+    assert tc_argv("nkt1") == ["tc", "-n", "nkt1", "-s", "-j", "qdisc", "show"]
+
+
+def _echo_upper_server() -> tuple[socket.socket, int]:
+    """A loopback TCP server standing for the OpenFlow listener: it answers
+    every chunk with the same bytes upper-cased."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+
+            def pump(c: socket.socket) -> None:
+                with c:
+                    while data := c.recv(4096):
+                        c.sendall(data.upper())
+            threading.Thread(target=pump, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, int(srv.getsockname()[1])
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def test_relay_joins_unix_connections_to_the_tcp_listener(tmp_path: Path) -> None:
+    srv, port = _echo_upper_server()
+    relay = UnixRelay(tmp_path / "sw" / "of.sock", "127.0.0.1", port).start()
+    try:
+        assert (tmp_path / "sw" / "of.sock").stat().st_mode & 0o777 == 0o600
+        clients = []
+        for i in range(3):  # several switches at once, each its own TCP connection
+            c = socket.socket(socket.AF_UNIX)
+            c.settimeout(5)
+            c.connect(str(tmp_path / "sw" / "of.sock"))
+            clients.append(c)
+        payload = bytes(range(97, 123)) * 4000  # 104 kB: more than one read
+        for i, c in enumerate(clients):
+            c.sendall(payload + str(i).encode())
+        for i, c in enumerate(clients):
+            assert _recv_exactly(c, len(payload) + 1) == payload.upper() + str(i).encode()
+        assert relay.connections == 3 and relay.active == 3
+        clients[0].close()
+        for _ in range(50):
+            if relay.active == 2:
+                break
+            threading.Event().wait(0.05)
+        assert relay.active == 2
+    finally:
+        for c in clients:
+            c.close()
+        relay.stop()
+        srv.close()
+    assert not (tmp_path / "sw" / "of.sock").exists()
+
+
+def test_relay_closes_a_switch_connection_when_the_listener_is_down(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])  # nothing listens here once closed
+    relay = UnixRelay(tmp_path / "of.sock", "127.0.0.1", port).start()
+    try:
+        c = socket.socket(socket.AF_UNIX)
+        c.settimeout(5)
+        c.connect(str(tmp_path / "of.sock"))
+        assert c.recv(10) == b""  # closed at once: the switch retries with its backoff
+        c.close()
+        assert relay.refused == 1
+    finally:
+        relay.stop()
+
+
+def test_relay_refuses_to_replace_a_file_that_is_not_a_socket(tmp_path: Path) -> None:
+    (tmp_path / "of.sock").write_text("not a socket")
+    with pytest.raises(OSError, match="is not a socket"):
+        UnixRelay(tmp_path / "of.sock", "127.0.0.1", 1).start()
+
+
+def test_envelope_verdict_names_the_resource_that_ran_out() -> None:
+    assert envelope_verdict(None, None, []) == {"within_envelope": None, "limiting_resource": None}
+    assert envelope_verdict(40.0, 50.0, []) == {"within_envelope": True, "limiting_resource": None}
+    v = envelope_verdict(ENVELOPE_CPU_PCT, 50.0, [])
+    assert v["within_envelope"] is False and "switch process CPU" in v["limiting_resource"]
+    v = envelope_verdict(30.0, 99.0, [])
+    assert v["within_envelope"] is False and v["limiting_resource"].startswith("machine CPU")
+    v = envelope_verdict(30.0, 30.0, ["t1"])
+    assert v["within_envelope"] is False and "died: t1" in v["limiting_resource"]
+
+
+def test_machine_ticks_grow_and_busy_is_part_of_total() -> None:
+    busy0, total0 = machine_ticks()
+    x = 0
+    for i in range(2_000_000):
+        x += i
+    busy1, total1 = machine_ticks()
+    assert 0 <= busy0 <= total0 and total1 >= total0 and busy1 >= busy0
