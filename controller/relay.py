@@ -6,7 +6,7 @@ namespace, but a Unix socket in the filesystem is reachable from every
 namespace.  Open vSwitch accepts ``unix:PATH`` as a controller target; this
 relay accepts those connections and joins each to a fresh TCP connection to
 the OpenFlow listener on loopback, byte for byte, in one thread (a selector
-over every socket).  No listener beyond loopback and this socket is opened.
+over every socket, non-blocking both ways with back-pressure).  No listener beyond loopback and this socket is opened.
 
 If the listener refuses (the controller is not up yet), the switch's
 connection is closed at once and Open vSwitch retries with its backoff.
@@ -36,6 +36,7 @@ class UnixRelay:
         self.refused = 0  # closed because the TCP listener did not answer
         self._sel = selectors.DefaultSelector()
         self._peer: dict[socket.socket, socket.socket] = {}
+        self._pending: dict[socket.socket, bytes] = {}  # bytes still to send to the key
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -79,12 +80,17 @@ class UnixRelay:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            for key, _ in self._sel.select(timeout=0.2):
+            for key, events in self._sel.select(timeout=0.2):
                 sock = key.fileobj
                 assert isinstance(sock, socket.socket)
                 if sock is self._listener:
                     self._accept()
-                elif sock in self._peer:
+                    continue
+                if sock not in self._peer:
+                    continue  # closed earlier in this round
+                if events & selectors.EVENT_WRITE:
+                    self._flush(sock)
+                if events & selectors.EVENT_READ and sock in self._peer:
                     self._forward(sock)
 
     def _accept(self) -> None:
@@ -105,8 +111,26 @@ class UnixRelay:
         for sock in (switch_side, ctl_side):
             sock.setblocking(False)
             self._sel.register(sock, selectors.EVENT_READ)
+            self._pending[sock] = b""
         self._peer[switch_side] = ctl_side
         self._peer[ctl_side] = switch_side
+
+    def _interest(self, sock: socket.socket) -> None:
+        """Read from a socket only while its peer has nothing left to send
+        (back-pressure, so a slow side never makes the relay buffer without
+        bound); wait for writability while it has bytes pending itself."""
+        events = 0
+        if not self._pending[self._peer[sock]]:
+            events |= selectors.EVENT_READ
+        if self._pending[sock]:
+            events |= selectors.EVENT_WRITE
+        registered = sock in self._sel.get_map()
+        if events and registered:
+            self._sel.modify(sock, events)
+        elif events:
+            self._sel.register(sock, events)
+        elif registered:
+            self._sel.unregister(sock)
 
     def _forward(self, src: socket.socket) -> None:
         try:
@@ -119,13 +143,22 @@ class UnixRelay:
             self._close(src)
             return
         dst = self._peer[src]
+        self._pending[dst] += data
+        self._flush(dst)
+
+    def _flush(self, sock: socket.socket) -> None:
+        """Send what is pending for ``sock``, as much as it takes now."""
+        data = self._pending[sock]
         try:
-            dst.setblocking(True)  # OpenFlow messages are small: a short blocking send keeps order simple
-            dst.settimeout(5.0)
-            dst.sendall(data)
-            dst.setblocking(False)
+            sent = sock.send(data) if data else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
         except OSError:
-            self._close(src)
+            self._close(sock)
+            return
+        self._pending[sock] = data[sent:]
+        self._interest(sock)
+        self._interest(self._peer[sock])
 
     def _close(self, sock: socket.socket) -> None:
         peer = self._peer.pop(sock, None)
@@ -133,6 +166,7 @@ class UnixRelay:
             if s is None:
                 continue
             self._peer.pop(s, None)
+            self._pending.pop(s, None)
             try:
                 self._sel.unregister(s)
             except (KeyError, ValueError):
