@@ -8,8 +8,9 @@ Per scheduler: request counts, TTFT (mean, p50, p99) and SLO attainment over
 every request that entered (failed ones count as misses), time between tokens,
 KV transfer time, the transfer's ratio to its ideal (its payload at the path's
 nominal bottleneck rate, i.e. what it would take alone on an idle fabric), the
-same ratio for transfers on idle paths only (the emulator's fidelity: on an
-idle path the modelled network adds nothing, so what is left is the
+same ratio for transfers on idle paths only, overall and per tier distance
+(the emulator's fidelity: on a path that no other transfer and no background
+flow used, the modelled network adds nothing, so what is left is the
 emulator's own cost), the tier distance of the chosen prefill/decode pairs, decision
 latency, and the switch process's CPU (the emulator's envelope).  Then, for
 every scheduler, the change of its mean TTFT against each other one.
@@ -39,7 +40,8 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 
 
 def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mtu_bytes: int,
-                      slo_ms: float | None) -> dict[str, Any]:
+                      slo_ms: float | None,
+                      background: list[transfers.Background] | None = None) -> dict[str, Any]:
     records = read_records(run_dir / "records.jsonl")
     ok = [r for r in records if r.get("status") == "ok"]
     ttft = [float(r["ttft_ms"]) for r in ok]
@@ -52,8 +54,11 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         by_tier_ms.setdefault(t, []).append(ms)
         if r["prefill"] != r["decode"] and int(r.get("bytes_sent") or 0) > 0:
             ratios.append(ms / transfers.ideal_ms(topo, scale, r))
-    idle = transfers.idle_transfers(topo, scale, mtu_bytes, records)
+    idle = transfers.idle_transfers(topo, scale, mtu_bytes, records, background=background or [])
     idle_ratios = transfers.ratios(idle)
+    idle_by_tier: dict[int, list[float]] = {}
+    for xfer in idle:
+        idle_by_tier.setdefault(xfer.tier_distance, []).append(xfer.ratio)
     decision = [float(r["decision_us"]) for r in records if r.get("decision_us") is not None]
     tbt = [float(r["tbt_mean_ms"]) for r in ok if r.get("tbt_mean_ms") is not None]
     reasons: dict[str, int] = {}
@@ -72,6 +77,9 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         "idle_transfers": len(idle),
         "idle_transfer_ratio_p50": _round(percentile(idle_ratios, 50), 3),
         "idle_transfer_ratio_p90": _round(percentile(idle_ratios, 90), 3),
+        "idle_transfers_by_tier": {str(t): len(v) for t, v in sorted(idle_by_tier.items())},
+        "idle_transfer_ratio_p90_by_tier": {str(t): _round(percentile(v, 90), 3)
+                                            for t, v in sorted(idle_by_tier.items())},
         "transfer_mean_ms_by_tier": {str(t): _round(_mean(v)) for t, v in sorted(by_tier_ms.items())},
         "pairs_by_tier": {str(t): n for t, n in sorted(tiers.items())},
         "decision_us_p50": _round(percentile(decision, 50)), "decision_us_p99": _round(percentile(decision, 99)),
@@ -95,10 +103,13 @@ def compare(run: Path) -> dict[str, Any]:
     tb_cfg = TestbedConfig.from_json(exp["testbed"])
     topo = tb_cfg.validate()
     slo = exp.get("replay", {}).get("ttft_slo_ms")
+    scen_path = run / "scenario.json"
+    flows = json.loads(scen_path.read_text()).get("flows", []) if scen_path.exists() else []
+    background = transfers.background_of(topo, flows)
     per: dict[str, Any] = {}
     for name in exp["schedulers"]:
         if (run / name / "records.jsonl").exists():
-            per[name] = scheduler_metrics(run / name, topo, tb_cfg.scale, tb_cfg.mtu_bytes, slo)
+            per[name] = scheduler_metrics(run / name, topo, tb_cfg.scale, tb_cfg.mtu_bytes, slo, background)
     changes: dict[str, dict[str, float | None]] = {}
     for a, ma in per.items():
         for b, mb in per.items():

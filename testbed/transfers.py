@@ -7,7 +7,8 @@ One place for the arithmetic that the replay integration test and
   emulated bottleneck rate of the installed path (real rate / scale);
 * htb lets an idle link send its bucket at once (:func:`shaping.htb_burst_bytes`),
   so a transfer on an idle path may beat the ideal by at most that much;
-* a transfer is on an *idle path* when no other transfer of the run crossed a
+* a transfer is on an *idle path* when no other transfer of the run, and no
+  background flow of the run's scenario (:class:`Background`), crossed a
   directed hop of its path while it ran.
 
 Records are the dicts of :mod:`netkv.records` (``prefill``, ``decode``,
@@ -24,6 +25,29 @@ from topologies import Topology
 from . import shaping
 
 IDLE_MIN_IDEAL_MS = 5.0  # below this, per-packet latency of the emulator dominates the ratio
+# Background flows start just before the replay's clock starts and stop just
+# after it ends; their windows are widened by this much on each side.
+BACKGROUND_SLACK_MS = 1000.0
+
+
+@dataclass(frozen=True)
+class Background:
+    """A scenario flow as the idle-path rule sees it: the directed hops it
+    loads and when, in ms of the replay's clock."""
+
+    hops: frozenset[tuple[str, str]]
+    start_ms: float
+    end_ms: float
+
+    def overlaps(self, hops: frozenset[tuple[str, str]], start_ms: float, end_ms: float) -> bool:
+        return bool(self.hops & hops) and start_ms < self.end_ms + BACKGROUND_SLACK_MS \
+            and end_ms > self.start_ms - BACKGROUND_SLACK_MS
+
+
+def background_of(topo: Topology, flows: Iterable[Mapping[str, Any]]) -> list[Background]:
+    """Background windows of scenario flows (dicts with src, dst, start_s, duration_s)."""
+    return [Background(frozenset(topo.path_hops(str(f["src"]), str(f["dst"]))), 1000.0 * float(f["start_s"]),
+                       1000.0 * (float(f["start_s"]) + float(f["duration_s"]))) for f in flows]
 
 
 def ideal_ms(topo: Topology, scale: float, rec: Mapping[str, Any]) -> float:
@@ -70,10 +94,12 @@ def _has_transfer(rec: Mapping[str, Any]) -> bool:
 
 
 def idle_transfers(topo: Topology, scale: float, mtu_bytes: int, records: Sequence[Mapping[str, Any]],
-                   *, min_ideal_ms: float = IDLE_MIN_IDEAL_MS) -> list[IdleTransfer]:
-    """The ok transfers whose path no other transfer used while they ran and
-    whose ideal time is at least ``min_ideal_ms``.  Any record with transfer
-    stamps (failed ones too) counts as a possible competitor."""
+                   *, min_ideal_ms: float = IDLE_MIN_IDEAL_MS,
+                   background: Sequence[Background] = ()) -> list[IdleTransfer]:
+    """The ok transfers whose path no other transfer and no background flow
+    used while they ran and whose ideal time is at least ``min_ideal_ms``.
+    Any record with transfer stamps (failed ones too) counts as a possible
+    competitor."""
     moved = [r for r in records if _has_transfer(r)]
     hops: dict[tuple[str, str], frozenset[tuple[str, str]]] = {}
 
@@ -93,9 +119,9 @@ def idle_transfers(topo: Topology, scale: float, mtu_bytes: int, records: Sequen
             continue
         start, end = float(r["transfer_start_ms"]), float(r["transfer_end_ms"])
         mine = hops_of(r)
-        busy = False
+        busy = any(b.overlaps(mine, start, end) for b in background)
         for j, o in enumerate(by_start):
-            if float(o["transfer_start_ms"]) >= end:
+            if busy or float(o["transfer_start_ms"]) >= end:
                 break  # sorted by start: no later one can overlap
             if j == i or float(o["transfer_end_ms"]) <= start:
                 continue

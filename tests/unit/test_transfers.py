@@ -36,3 +36,20 @@ def test_idle_rule() -> None:
     assert set(idle) == {"c", "d"}
     assert idle["c"].ratio == pytest.approx(100 / idle["c"].ideal_ms)
     assert idle["c"].within(100 / idle["c"].ideal_ms + 1e-9) and not idle["c"].within(1.0)
+
+
+def test_background_flows_make_a_path_busy_while_they_run() -> None:
+    from testbed.transfers import BACKGROUND_SLACK_MS, background_of
+
+    # a background flow g2 -> g34 crosses the core from 10 s to 20 s of the replay
+    bg = background_of(TOPO, [{"src": "g2", "dst": "g34", "start_s": 10, "duration_s": 10}])
+    late = 20_000 + BACKGROUND_SLACK_MS + 1
+    recs = [rec("during", "g2", "g34", 12_000, 12_100, 50_000),
+            rec("before", "g2", "g34", 1_000, 1_100, 50_000),
+            rec("after", "g2", "g34", late, late + 100, 50_000),
+            rec("elsewhere", "g8", "g9", 12_000, 12_100, 50_000),   # same server: no hop of the flow
+            rec("slack", "g2", "g34", 20_500, 20_600, 50_000)]     # within the start/stop slack
+    idle = {t.request_id for t in idle_transfers(TOPO, SCALE, 1500, recs, background=bg)}
+    assert idle == {"before", "after", "elsewhere"}
+    # without the scenario's flows every one of them is idle
+    assert {t.request_id for t in idle_transfers(TOPO, SCALE, 1500, recs)} == {r["request_id"] for r in recs}
