@@ -49,10 +49,10 @@ from typing import Any, Mapping
 from netkv.schedulers import TUNING_GRID, tune
 from testbed import scenario as scenario_mod
 from testbed.config import TestbedConfig
-from testbed.experiment import DEFAULT_REPLAY, DEFAULT_SCENARIO, REPO_ROOT, EmulatorMeter, MininetLauncher
+from testbed.experiment import DEFAULT_REPLAY, DEFAULT_SCENARIO, REPO_ROOT, MininetLauncher, metered_replay
 from testbed.net import BringUpError, Testbed
 from testbed.system import PreflightError
-from workers.run import DEFAULT_TRACE, ReplayConfig, replay
+from workers.run import DEFAULT_TRACE, ReplayConfig
 
 from .common import controller_ports, fresh_out_dir
 
@@ -167,15 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             run_dir.mkdir()
             cfg = replace(base, scheduler_config=dict(weights))
             runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
-            meter = EmulatorMeter(tb.switch_processes())
             load_before = os.getloadavg()[0]
             wall0 = time.monotonic()
             runner.start()
-            meter.start()
             try:
-                summary = replay(cfg, MininetLauncher(tb), run_dir, topology=tb.topo)
+                summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir)
             finally:
-                envelope = meter.stop()
                 runner.stop()
             ok = summary["ok"] == summary["requests"] > 0 and not summary["problems"]
             measured[key] = {

@@ -55,11 +55,11 @@ from typing import Any, Mapping
 from netkv.records import percentile, read_records
 from testbed import scenario as scenario_mod
 from testbed.config import TestbedConfig
-from testbed.experiment import EmulatorMeter, MininetLauncher
+from testbed.experiment import MininetLauncher, metered_replay
 from testbed.net import BringUpError, Testbed
 from testbed.system import PreflightError, cpu_ticks
 from testbed.transfers import IDLE_MIN_IDEAL_MS, idle_transfers
-from workers.run import DEFAULT_TRACE, ReplayConfig, replay
+from workers.run import DEFAULT_TRACE, ReplayConfig
 from .common import controller_ports, fresh_out_dir
 
 TARGETS = {"rss_mb_max": 40.0, "transfer_ratio_p99": 1.2}
@@ -157,17 +157,14 @@ def run_step(tb: Testbed, base: ReplayConfig, multiplier: float, step_wall_s: fl
     scen = scenario_mod.load("none", tb.topo)
     runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
     launcher = SamplingLauncher(MininetLauncher(tb), args.sample_s)
-    meter = EmulatorMeter(tb.switch_processes())
     load_before = os.getloadavg()
     wall0 = time.monotonic()
     runner.start()
-    meter.start()
     launcher.start()
     try:
-        summary = replay(cfg, launcher, run_dir, topology=tb.topo)
+        summary, envelope = metered_replay(tb, cfg, launcher, run_dir)
     finally:
         launcher.stop()
-        envelope = meter.stop()
         runner.stop()
     wall_s = time.monotonic() - wall0
     load_after = os.getloadavg()

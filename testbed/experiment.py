@@ -92,9 +92,8 @@ class EmulatorMeter:
     def __init__(self, switch_pids: dict[str, int], interval_s: float = 1.0) -> None:
         self.pids = dict(switch_pids)
         self.interval_s = interval_s
-        self.per_switch_pct: dict[str, list[float]] = {name: [] for name in self.pids}
-        self.sum_pct: list[float] = []
-        self.machine_busy_pct: list[float] = []
+        # one row per second: (epoch s, {switch: % of a core}, machine busy %)
+        self.samples: list[tuple[float, dict[str, float], float | None]] = []
         self.died: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,7 +109,7 @@ class EmulatorMeter:
         while not self._stop.wait(self.interval_s):
             now = time.monotonic()
             dt = now - last_t
-            total = 0.0
+            row: dict[str, float] = {}
             for name, pid in self.pids.items():
                 ticks = cpu_ticks(pid)
                 before = last.get(name)
@@ -119,43 +118,75 @@ class EmulatorMeter:
                         self.died.append(name)
                     last[name] = None
                     continue
-                pct = 100.0 * (ticks - before) / self.hz / dt
-                self.per_switch_pct[name].append(pct)
-                total += pct
+                row[name] = 100.0 * (ticks - before) / self.hz / dt
                 last[name] = ticks
-            self.sum_pct.append(total)
             machine = machine_ticks()
             busy = machine[0] - last_machine[0]
             all_ticks = machine[1] - last_machine[1]
-            if all_ticks > 0:
-                self.machine_busy_pct.append(100.0 * busy / all_ticks)
+            self.samples.append((time.time(), row, 100.0 * busy / all_ticks if all_ticks > 0 else None))
             last_machine, last_t = machine, now
 
-    def stop(self) -> dict[str, Any]:
+    def stop(self, window_epoch_s: tuple[float, float] | None = None) -> dict[str, Any]:
+        """Figures over the samples inside ``window_epoch_s`` (the replay's
+        requests: from the replay clock's start, after the workers are up, to
+        its end), or over all; the whole series is kept beside them."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        p95 = {name: float(_p95(v) or 0.0) for name, v in self.per_switch_pct.items() if v}
+        t_first = self.samples[0][0] if self.samples else time.time()
+        judged = [x for x in self.samples if window_epoch_s is None
+                  # a sample covers the second before its time stamp
+                  or window_epoch_s[0] + self.interval_s <= x[0] <= window_epoch_s[1]]
+        per_switch: dict[str, list[float]] = {}
+        for _, row, _ in judged:
+            for name, pct in row.items():
+                per_switch.setdefault(name, []).append(pct)
+        sum_pct = [sum(row.values()) for _, row, _ in judged]
+        machine = [m for _, _, m in judged if m is not None]
+        p95 = {name: float(_p95(v) or 0.0) for name, v in per_switch.items() if v}
         busiest = max(p95, key=lambda n: p95[n]) if p95 else None
         out: dict[str, Any] = {
             "switch_processes": len(self.pids),
-            "samples": len(self.sum_pct),
+            "samples": len(judged),
+            "samples_outside_window": len(self.samples) - len(judged),
             # the busiest single switch process: the one that saturates first
             "busiest_switch": busiest,
-            "switch_cpu_pct_mean": _mean(self.per_switch_pct[busiest]) if busiest else None,
+            "switch_cpu_pct_mean": _mean(per_switch[busiest]) if busiest else None,
             "switch_cpu_pct_p95": _round1(p95[busiest]) if busiest else None,
-            "switch_cpu_pct_max": _round1(max(self.per_switch_pct[busiest])) if busiest else None,
+            "switch_cpu_pct_max": _round1(max(per_switch[busiest])) if busiest else None,
             # every switch process together, % of one core
-            "switch_cpu_sum_pct_mean": _mean(self.sum_pct),
-            "switch_cpu_sum_pct_p95": _round1(_p95(self.sum_pct)),
+            "switch_cpu_sum_pct_mean": _mean(sum_pct),
+            "switch_cpu_sum_pct_p95": _round1(_p95(sum_pct)),
             # the whole machine (every core), % of its capacity
-            "machine_busy_pct_mean": _mean(self.machine_busy_pct),
-            "machine_busy_pct_p95": _round1(_p95(self.machine_busy_pct)),
+            "machine_busy_pct_mean": _mean(machine),
+            "machine_busy_pct_p95": _round1(_p95(machine)),
             "switch_processes_died": list(self.died),
             "envelope_cpu_pct": ENVELOPE_CPU_PCT,
+            # every sample: [s since the first, switch processes' sum, busiest one, machine busy], judged or not
+            "series": [[round(t - t_first, 2), round(sum(row.values()), 1),
+                        round(max(row.values(), default=0.0), 1), None if m is None else round(m, 1)]
+                       for t, row, m in self.samples],
         }
         out.update(envelope_verdict(out["switch_cpu_pct_p95"], out["machine_busy_pct_p95"], self.died))
         return out
+
+
+def metered_replay(tb: Any, cfg: Any, launcher: Any, run_dir: Path, *,
+                   oracle: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One replay (workers.run.replay) with the emulator's CPU measured
+    around it; the envelope is judged over the replay clock's window (the
+    workers' start-up is not part of it).  Returns (summary, envelope)."""
+    from workers.run import replay
+
+    meter = EmulatorMeter(tb.switch_processes())
+    meter.start()
+    summary: dict[str, Any] = {}
+    try:
+        summary = replay(cfg, launcher, run_dir, oracle=oracle, topology=tb.topo)
+    finally:
+        start = summary.get("run_start_epoch_s")
+        envelope = meter.stop((float(start), time.time()) if start else None)
+    return summary, envelope
 
 
 def envelope_verdict(switch_p95: float | None, machine_p95: float | None,
@@ -313,7 +344,6 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
     from dataclasses import replace
 
     from netkv.oracle import StaticOracle, TelemetryOracle
-    from workers.run import replay
 
     from .net import Testbed
     from .report import write_report
@@ -351,14 +381,11 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
             else:
                 oracle = StaticOracle(tb.topo)
             runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
-            meter = EmulatorMeter(tb.switch_processes())
             say(f"replaying with {name} ...")
             runner.start()
-            meter.start()
             try:
-                summary = replay(cfg, MininetLauncher(tb), run_dir, oracle=oracle, topology=tb.topo)
+                summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle)
             finally:
-                envelope = meter.stop()
                 runner.stop()
                 if poller is not None:
                     envelope.update(poller.stop())

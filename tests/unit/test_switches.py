@@ -210,3 +210,22 @@ def test_machine_ticks_grow_and_busy_is_part_of_total() -> None:
         x += i
     busy1, total1 = machine_ticks()
     assert 0 <= busy0 <= total0 and total1 >= total0 and busy1 >= busy0
+
+
+def test_meter_judges_only_the_replay_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed.experiment import EmulatorMeter
+
+    meter = EmulatorMeter({"t0": 1, "t1": 2})
+    # worker start-up (machine saturated), then the replay, then teardown
+    meter.samples = [(100.0, {"t0": 5.0, "t1": 3.0}, 100.0), (101.0, {"t0": 6.0, "t1": 2.0}, 100.0),
+                     (103.0, {"t0": 20.0, "t1": 10.0}, 40.0), (104.0, {"t0": 30.0, "t1": 12.0}, 50.0),
+                     (106.0, {"t0": 1.0, "t1": 1.0}, 99.0)]
+    out = meter.stop((101.5, 105.0))
+    assert out["samples"] == 2 and out["samples_outside_window"] == 3
+    assert out["busiest_switch"] == "t0" and out["switch_cpu_pct_max"] == 30.0
+    assert out["machine_busy_pct_p95"] == 40.0 and out["within_envelope"] is True
+    assert len(out["series"]) == 5 and out["series"][0] == [0.0, 8.0, 5.0, 100.0]
+    whole = EmulatorMeter({"t0": 1})
+    whole.samples = [(1.0, {"t0": 99.0}, 50.0), (2.0, {"t0": 99.0}, 50.0)]
+    verdict = whole.stop()
+    assert verdict["within_envelope"] is False and "switch process CPU" in verdict["limiting_resource"]
