@@ -133,11 +133,12 @@ class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
     def _queue_loop(self) -> None:
         """Reads egress-queue figures with tc every ``queue_interval_s`` and
         watches the poller thread: if it died, says so at CRITICAL every 10 s."""
-        from .queues import QueueReadError, read_queue_stats
+        from .queues import QueueReader, QueueReadError
 
         interval = QUEUE_INTERVAL_S
         last_warned = 0.0
         failures = 0
+        reader = None
         while True:
             now = time.time()
             if not self.poller.is_alive() and now - last_warned >= 10.0:
@@ -146,7 +147,9 @@ class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
                 last_warned = now
             if self.state.prefix and interval > 0:
                 try:
-                    self.state.on_queue_stats(read_queue_stats(self.state.prefix, now, QUEUE_NETNS), now)
+                    if reader is None:
+                        reader = QueueReader(self.state.prefix, QUEUE_NETNS)
+                    self.state.on_queue_stats(reader.read(now), now)
                     failures = 0
                 except (QueueReadError, OSError) as exc:
                     failures += 1

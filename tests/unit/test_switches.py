@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.queues import tc_argv
+from controller.queues import QueueReader, QueueReadError, tc_batch_argv
 from controller.relay import UnixRelay
 from testbed import switches
 from testbed.cli import parse_bool
@@ -100,9 +100,24 @@ def test_daemon_env_points_every_directory_into_the_testbed(monkeypatch: pytest.
     assert switches.daemon_env(p, jemalloc=True).get("LD_PRELOAD") != str(tmp_path / "absent.so")
 
 
-def test_queue_reader_runs_tc_in_each_named_namespace() -> None:
-    assert tc_argv() == ["tc", "-s", "-j", "qdisc", "show"]
-    assert tc_argv("nkt1") == ["tc", "-n", "nkt1", "-s", "-j", "qdisc", "show"]
+def test_queue_reader_keeps_one_tc_per_namespace() -> None:
+    assert tc_batch_argv() == ["tc", "-s", "-j", "-batch", "-"]
+    assert tc_batch_argv("nkt1") == ["tc", "-n", "nkt1", "-s", "-j", "-batch", "-"]
+    reader = QueueReader("zzq")  # this namespace: no interface carries the prefix
+    try:
+        assert reader.read(1.0) == [] and reader.read(2.0) == []
+        first = reader.procs[None]
+        reader.read(3.0)
+        assert reader.procs[None] is first and first.poll() is None  # the same tc answered every round
+    finally:
+        reader.close()
+    assert first.poll() is not None
+    missing = QueueReader("zzq", ["zzq-no-such-namespace", "zzq-neither"])
+    try:
+        with pytest.raises(QueueReadError, match="2 of 2 namespaces unread; first: tc in namespace zzq-no-such"):
+            missing.read(1.0)
+    finally:
+        missing.close()
 
 
 def _echo_upper_server() -> tuple[socket.socket, int]:
