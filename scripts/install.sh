@@ -16,9 +16,10 @@ die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (sudo bash scripts/install.sh): it installs Debian packages and starts Open vSwitch"
 
 # 1. Debian packages.  Mininet 2.3.0 from Debian installs mnexec and the mininet
-#    module for /usr/bin/python3; openvswitch-switch brings ovs-vswitchd/ovsdb.
+#    module for /usr/bin/python3; openvswitch-switch brings ovs-vswitchd/ovsdb;
+#    libjemalloc2 is preloaded into the per-switch ovs-vswitchd processes.
 packages=(mininet openvswitch-switch iperf3 ethtool iputils-ping iproute2 net-tools
-          python3-venv python3-pip ruby procps)
+          python3-venv python3-pip ruby procps libjemalloc2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -15,9 +15,10 @@ The fabric is brought up once and kept for every scheduler; workers and the
 background flows are started afresh for each replay so that every scheduler
 meets the same congestion from the same start.  During each replay the
 switch processes' CPU and the machine's are sampled: a replay whose busiest
-switch process used more than ``ENVELOPE_CPU_PCT`` of a core, or whose
-machine was that busy, in 95% of its seconds ran with a saturated emulator,
-and its figures say so and name the resource (``envelope.json``, the
+switch process was busier than ``ENVELOPE_CPU_PCT`` of a core, or whose
+machine was busier than ``ENVELOPE_MACHINE_PCT``, in 5% of its seconds (the
+95th percentile) left the emulator's envelope, and its figures say so and
+name the resource (``envelope.json``, the
 comparison and the report), beside the fidelity that matters in the end: the
 measured over ideal time of transfers on idle paths.
 """
@@ -41,9 +42,14 @@ from .system import cpu_ticks
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SCHEDULERS = ("round_robin", "tuned_cache_load", "netkv")
 DEFAULT_SCENARIO = "core-hotspot"
-# The switch process is saturated when it is busy in 95% of the one-second
-# samples: then it, not the modelled links, sets the pace of forwarding.
-ENVELOPE_CPU_PCT = 95.0
+# The envelope, on the 95th percentile of one-second samples.  Calibrated by
+# fidelity, not by saturation: on the per-switch emulator, replays whose machine
+# p95 stayed at or below 79% kept idle-path transfers within 1.08-1.16x of
+# ideal at p90, and replays at 82-90% (scenario hotspots) saw same-server
+# transfers, which cross no loaded link, take 1.17-1.88x: CPU contention slows
+# packets well before a core is saturated (docs/design.md, "Envelope").
+ENVELOPE_CPU_PCT = 80.0  # the busiest switch process, % of one core
+ENVELOPE_MACHINE_PCT = 80.0  # the whole machine, % of every core
 
 
 class ExperimentError(RuntimeError):
@@ -162,6 +168,7 @@ class EmulatorMeter:
             "machine_busy_pct_p95": _round1(_p95(machine)),
             "switch_processes_died": list(self.died),
             "envelope_cpu_pct": ENVELOPE_CPU_PCT,
+            "envelope_machine_pct": ENVELOPE_MACHINE_PCT,
             # every sample: [s since the first, switch processes' sum, busiest one, machine busy], judged or not
             "series": [[round(t - t_first, 2), round(sum(row.values()), 1),
                         round(max(row.values(), default=0.0), 1), None if m is None else round(m, 1)]
@@ -201,7 +208,7 @@ def envelope_verdict(switch_p95: float | None, machine_p95: float | None,
     limits = []
     if switch_p95 is not None and switch_p95 >= ENVELOPE_CPU_PCT:
         limits.append(f"switch process CPU (p95 {switch_p95:.0f}% of a core)")
-    if machine_p95 is not None and machine_p95 >= ENVELOPE_CPU_PCT:
+    if machine_p95 is not None and machine_p95 >= ENVELOPE_MACHINE_PCT:
         limits.append(f"machine CPU (p95 {machine_p95:.0f}% busy)")
     return {"within_envelope": not limits, "limiting_resource": "; ".join(limits) or None}
 

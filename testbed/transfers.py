@@ -9,7 +9,10 @@ One place for the arithmetic that the replay integration test and
   so a transfer on an idle path may beat the ideal by at most that much;
 * a transfer is on an *idle path* when no other transfer of the run, and no
   background flow of the run's scenario (:class:`Background`), crossed a
-  directed hop of its path while it ran.
+  directed hop of its path while it ran, in either direction: a transfer's
+  path is its data's hops and its acknowledgements' hops (the installed path
+  back, which ECMP may put on other links), since TCP is slowed by queues on
+  its ACK path as much as on its data path (:func:`tcp_hops`).
 
 Records are the dicts of :mod:`netkv.records` (``prefill``, ``decode``,
 ``bytes_sent``, ``transfer_start_ms``, ``transfer_end_ms``, ``status``).
@@ -46,7 +49,7 @@ class Background:
 
 def background_of(topo: Topology, flows: Iterable[Mapping[str, Any]]) -> list[Background]:
     """Background windows of scenario flows (dicts with src, dst, start_s, duration_s)."""
-    return [Background(frozenset(topo.path_hops(str(f["src"]), str(f["dst"]))), 1000.0 * float(f["start_s"]),
+    return [Background(tcp_hops(topo, str(f["src"]), str(f["dst"])), 1000.0 * float(f["start_s"]),
                        1000.0 * (float(f["start_s"]) + float(f["duration_s"]))) for f in flows]
 
 
@@ -63,10 +66,9 @@ def bucket_ms(topo: Topology, scale: float, mtu_bytes: int, rec: Mapping[str, An
     return shaping.htb_burst_bytes(mbps, mtu_bytes) * 8 / (mbps * 1e6) * 1e3
 
 
-def shares_a_link(topo: Topology, a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Do the installed paths of two transfers cross a common directed hop?"""
-    hops_a = set(topo.path_hops(a["prefill"], a["decode"]))
-    return bool(hops_a & set(topo.path_hops(b["prefill"], b["decode"])))
+def tcp_hops(topo: Topology, src: str, dst: str) -> frozenset[tuple[str, str]]:
+    """Directed hops a TCP connection from src to dst uses: its data's and its ACKs'."""
+    return frozenset(topo.path_hops(src, dst)) | frozenset(topo.path_hops(dst, src))
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def idle_transfers(topo: Topology, scale: float, mtu_bytes: int, records: Sequen
     def hops_of(r: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
         key = (str(r["prefill"]), str(r["decode"]))
         if key not in hops:
-            hops[key] = frozenset(topo.path_hops(*key))
+            hops[key] = tcp_hops(topo, *key)
         return hops[key]
 
     by_start = sorted(moved, key=lambda r: float(r["transfer_start_ms"]))

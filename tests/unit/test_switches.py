@@ -15,7 +15,7 @@ from controller.relay import UnixRelay
 from testbed import switches
 from testbed.cli import parse_bool
 from testbed.config import ConfigError, TestbedConfig
-from testbed.experiment import ENVELOPE_CPU_PCT, envelope_verdict, machine_ticks
+from testbed.experiment import ENVELOPE_CPU_PCT, ENVELOPE_MACHINE_PCT, envelope_verdict, machine_ticks
 
 
 def test_auto_mode_is_per_switch_on_the_userspace_datapath_only() -> None:
@@ -212,7 +212,8 @@ def test_envelope_verdict_names_the_resource_that_ran_out() -> None:
     assert envelope_verdict(40.0, 50.0, []) == {"within_envelope": True, "limiting_resource": None}
     v = envelope_verdict(ENVELOPE_CPU_PCT, 50.0, [])
     assert v["within_envelope"] is False and "switch process CPU" in v["limiting_resource"]
-    v = envelope_verdict(30.0, 99.0, [])
+    assert envelope_verdict(30.0, ENVELOPE_MACHINE_PCT - 0.1, [])["within_envelope"] is True
+    v = envelope_verdict(30.0, ENVELOPE_MACHINE_PCT, [])
     assert v["within_envelope"] is False and v["limiting_resource"].startswith("machine CPU")
     v = envelope_verdict(30.0, 30.0, ["t1"])
     assert v["within_envelope"] is False and "died: t1" in v["limiting_resource"]

@@ -53,3 +53,15 @@ def test_background_flows_make_a_path_busy_while_they_run() -> None:
     assert idle == {"before", "after", "elsewhere"}
     # without the scenario's flows every one of them is idle
     assert {t.request_id for t in idle_transfers(TOPO, SCALE, 1500, recs)} == {r["request_id"] for r in recs}
+
+
+def test_a_transfer_on_another_ones_ack_path_is_not_idle() -> None:
+    from testbed.transfers import tcp_hops
+
+    # g1 -> g9 sends data v0 -> t0 -> v1; g10 -> g2 sends the other way, over the first one's ACK path
+    x, y = ("g1", "g9"), ("g10", "g2")
+    assert not set(TOPO.path_hops(*x)) & set(TOPO.path_hops(*y))
+    assert tcp_hops(TOPO, *x) & tcp_hops(TOPO, *y)
+    recs = [rec("x", *x, 0, 100, 50_000), rec("y", *y, 50, 150, 50_000),
+            rec("z", *x, 200, 300, 50_000)]  # alone afterwards: idle
+    assert {t.request_id for t in idle_transfers(TOPO, SCALE, 1500, recs)} == {"z"}
