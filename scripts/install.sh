@@ -17,7 +17,7 @@ die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 
 # 1. Debian packages.  Mininet 2.3.0 from Debian installs mnexec and the mininet
 #    module for /usr/bin/python3; openvswitch-switch brings ovs-vswitchd/ovsdb;
-#    libjemalloc2 is preloaded into the per-switch ovs-vswitchd processes.
+#    libjemalloc2 for the switch processes when asked for (switch_jemalloc).
 packages=(mininet openvswitch-switch iperf3 ethtool iputils-ping iproute2 net-tools
           python3-venv python3-pip ruby procps libjemalloc2)
 missing=()

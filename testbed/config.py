@@ -48,9 +48,10 @@ class TestbedConfig:
                 "namespace; the userspace datapath then polls only that switch's ports and uses every "
                 "core), shared (one ovs-vswitchd for every bridge), auto (per_switch on the userspace "
                 "datapath, shared on the kernel datapath)"})
-    switch_jemalloc: bool = field(default=True, metadata={
+    switch_jemalloc: bool = field(default=False, metadata={
         "help": "per_switch: preload jemalloc (where installed) into every ovs-vswitchd; the userspace "
-                "datapath allocates and frees a batch of packet buffers per port per wake-up"})
+                "datapath allocates and frees a batch of packet buffers per port per wake-up, but no "
+                "gain was measurable (docs/design.md), so it is off unless asked for"})
     of_port: int = field(default=6653, metadata={"help": "controller OpenFlow port on 127.0.0.1"})
     rest_port: int = field(default=8080, metadata={"help": "controller REST API port on 127.0.0.1"})
     poll_interval_s: float = field(default=0.5, metadata={
