@@ -37,7 +37,7 @@ OVS_SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 SWITCH_BINARIES = ("ovsdb-tool", "ovsdb-server", "ovs-vswitchd", "ovs-appctl")
 # jemalloc for the switch processes (TestbedConfig.switch_jemalloc): the
 # userspace datapath allocates and frees a batch of packet buffers per port per
-# wake-up, a third of its user time is in malloc/free; preloading jemalloc
+# wake-up (a fifth of its CPU samples are in malloc/free, perf); preloading jemalloc
 # made no measurable difference here (docs/design.md), so it is optional.
 JEMALLOC_PATHS = (Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
                   Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"))
