@@ -199,10 +199,14 @@ def write_report(run: Path) -> dict[str, Any]:
     return comparison
 
 
+def _fmt_pct(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.0f}%"
+
+
 def render_table(comparison: dict[str, Any]) -> str:
     cols = [("ok", "ok/req"), ("ttft_mean_ms", "TTFT mean"), ("ttft_p50_ms", "p50"), ("ttft_p99_ms", "p99"),
             ("ttft_slo_attainment", "SLO att."), ("transfer_mean_ms", "xfer mean"),
-            ("transfer_ratio_p50", "xfer/ideal p50"), ("idle_transfer_ratio_p50", "idle/ideal p50"),
+            ("transfer_ratio_p50", "xfer/ideal p50"), ("idle_transfer_ratio_p90", "idle/ideal p90"),
             ("tbt_mean_ms", "TBT mean"),
             ("decision_us_p99", "decide p99 us")]
     lines = [f"{'scheduler':20s}" + "".join(f"{h:>15s}" for _, h in cols)]
@@ -219,6 +223,15 @@ def render_table(comparison: dict[str, Any]) -> str:
         if env.get("within_envelope") is False:
             row += f"  OUTSIDE ENVELOPE ({env.get('limiting_resource') or 'switch CPU'})"
         lines.append(row)
+    for name, m in comparison["schedulers"].items():
+        by_tier = m.get("idle_transfer_ratio_p90_by_tier") or {}
+        counts = m.get("idle_transfers_by_tier") or {}
+        env = m.get("envelope") or {}
+        lines.append(f"emulator, {name}: idle-path transfers/ideal at p90 by tier distance "
+                     + (", ".join(f"{t}: {v:.2f} (n={counts.get(t, 0)})" for t, v in by_tier.items()
+                                  if v is not None) or "none")
+                     + f"; busiest switch process p95 {_fmt_pct(env.get('switch_cpu_pct_p95'))} of a core, "
+                       f"machine p95 {_fmt_pct(env.get('machine_busy_pct_p95'))}")
     changes = comparison.get("ttft_mean_change_pct", {})
     for a, row in changes.items():
         lines.append(f"mean TTFT of {a} vs " + ", ".join(f"{b}: {v:+.1f}%" for b, v in row.items() if v is not None))
