@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .switches import switches_root
-from .system import process_alive, process_cmdline, run
+from .system import OVS_DB_SOCKET, process_alive, process_cmdline, run
 
 STATE_ROOT = Path(os.environ.get("NETKV_STATE_ROOT", "/run/netkv"))
 
@@ -185,6 +185,10 @@ def end_processes(targets: Iterable[tuple[int, str]], grace_s: float = 3.0) -> N
 
 
 def our_bridges(prefix: str) -> list[str]:
+    """Bridges of the prefix in the machine's shared Open vSwitch (none when it
+    is not running: the per-switch mode does not need it)."""
+    if not OVS_DB_SOCKET.exists():
+        return []
     proc = run(["ovs-vsctl", "--timeout=5", "list-br"], check=False)
     if proc.returncode != 0:
         return []

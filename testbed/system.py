@@ -20,8 +20,9 @@ from typing import Mapping, Sequence
 LOG = logging.getLogger("netkv.testbed")
 
 OVS_CTL = "/usr/share/openvswitch/scripts/ovs-ctl"
-# The machine's own (shared) ovs-vswitchd, as ovs-ctl starts it.
+# The machine's own (shared) Open vSwitch, as ovs-ctl starts it.
 OVS_PIDFILE = Path("/var/run/openvswitch/ovs-vswitchd.pid")
+OVS_DB_SOCKET = Path("/var/run/openvswitch/db.sock")
 REQUIRED_BINARIES = ("mnexec", "ovs-vsctl", "ovs-ofctl", "tc", "ip", "ethtool", "ping", "iperf3")
 
 
