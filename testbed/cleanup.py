@@ -60,7 +60,7 @@ class Leftovers:
     interfaces: list[str] = field(default_factory=list)
     processes: list[int] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
-    switch_instances: list[str] = field(default_factory=list)  # per_switch directories
+    switch_instances: list[str] = field(default_factory=list)  # what is left in the per-switch directory
 
     @property
     def total(self) -> int:
@@ -147,10 +147,13 @@ def switch_daemons(prefix: str) -> list[int]:
     return _processes_with(lambda part: own in part)
 
 
-def switch_instance_dirs(prefix: str) -> list[str]:
+def switch_instance_files(prefix: str) -> list[str]:
+    """What is left in the per-switch directory: instance directories (with
+    their databases, pid files and control sockets), the controller socket,
+    the bridges' management sockets."""
     root = switches_root(state_dir(prefix))
     try:
-        return sorted(d.name for d in root.iterdir() if d.is_dir())
+        return sorted(d.name for d in root.iterdir())
     except OSError:
         return []
 
@@ -223,7 +226,7 @@ def leftovers(prefix: str) -> Leftovers:
                     if process_alive(pid) and _matches(pid, marker)}
                    | set(node_shells(prefix)) | {p for p in switch_daemons(prefix) if process_alive(p)})
     return Leftovers(our_bridges(prefix), our_interfaces(prefix), procs, our_namespaces(prefix),
-                     switch_instance_dirs(prefix))
+                     switch_instance_files(prefix))
 
 
 def sweep(prefix: str) -> Leftovers:

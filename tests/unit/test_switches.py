@@ -245,3 +245,15 @@ def test_meter_judges_only_the_replay_window(monkeypatch: pytest.MonkeyPatch) ->
     whole.samples = [(1.0, {"t0": 99.0}, 50.0), (2.0, {"t0": 99.0}, 50.0)]
     verdict = whole.stop()
     assert verdict["within_envelope"] is False and "switch process CPU" in verdict["limiting_resource"]
+
+
+def test_leftover_switch_files_are_listed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from testbed import cleanup
+
+    monkeypatch.setattr(cleanup, "STATE_ROOT", tmp_path)
+    assert cleanup.switch_instance_files("nk") == []
+    sw = switches.switches_root(cleanup.state_dir("nk"))
+    (sw / "t1").mkdir(parents=True)
+    (sw / "of.sock").write_text("")
+    assert cleanup.switch_instance_files("nk") == ["of.sock", "t1"]
+    assert cleanup.switch_instance_files("nq") == []  # another prefix's directory is not ours
