@@ -67,6 +67,8 @@ class ExperimentConfig:
     replay: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "workers.run.ReplayConfig fields (trace_path, start_s, duration_s, rate_multiplier, ...)"})
     out_dir: str = field(default="", metadata={"help": "run directory (default runs/<time>-<scenario>)"})
+    recorded: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "what produced the run (versions, git commit), written by the run; ignored when repeated"})
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -309,6 +311,43 @@ class RestTelemetryPoller:
 
 
 # -- running -------------------------------------------------------------------------------
+def provenance() -> dict[str, Any]:
+    """Versions of what a run stands on, and the project's git commit."""
+    import platform
+    import sys
+    from importlib import metadata
+
+    def first_line(argv: list[str]) -> str | None:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=REPO_ROOT)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+
+    def package(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        from mininet.net import VERSION as mininet_version
+    except ImportError:
+        mininet_version = None
+    dirty = first_line(["git", "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "git_commit": first_line(["git", "rev-parse", "HEAD"]),
+        "git_dirty": None if dirty is None and first_line(["git", "rev-parse", "HEAD"]) is None else bool(dirty),
+        "open_vswitch": first_line(["ovs-vswitchd", "--version"]),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "os_ken": package("os-ken"),
+        "mininet": mininet_version,
+        "iperf3": first_line(["iperf3", "--version"]),
+        "recorded_epoch_s": round(time.time(), 3),
+    }
+
+
 def _default_out_dir(scenario_name: str) -> Path:
     return REPO_ROOT / "runs" / (time.strftime("%Y%m%d-%H%M%S") + f"-{scenario_name}")
 
@@ -316,6 +355,7 @@ def _default_out_dir(scenario_name: str) -> Path:
 def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Scenario, Path]:
     """Check everything that can be checked before a network is built."""
     from netkv.schedulers import SCHEDULERS
+    from netkv.traces import TraceError
     from workers.run import ReplayConfig, ReplayConfigError
 
     tb_cfg = TestbedConfig.from_json(exp.testbed)
@@ -340,6 +380,14 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
         raise ExperimentError(str(exc)) from None
     if not Path(base.trace_path).is_file():
         raise ExperimentError(f"trace not found: {base.trace_path}")
+    try:  # a malformed line or an empty window is found here, before any network exists
+        window = base.window()
+    except TraceError as exc:
+        raise ExperimentError(str(exc)) from None
+    if not window.requests:
+        end = "end" if base.duration_s is None else f"{base.start_s + base.duration_s:g}"
+        raise ExperimentError(f"the trace window [{base.start_s:g}, {end}) s of {base.trace_path} "
+                              f"holds no request")
     scen = scenario_mod.load(exp.scenario, topo)
     out = Path(exp.out_dir) if exp.out_dir else _default_out_dir(scen.name)
     if out.exists() and any(out.iterdir()):
@@ -358,6 +406,7 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
     tb_cfg, base, scen, out = prepare(exp)
     out.mkdir(parents=True, exist_ok=True)
     exp.out_dir = str(out)
+    exp.recorded = provenance()
     (out / "experiment.json").write_text(json.dumps(exp.to_json(), indent=2) + "\n")
     (out / "scenario.json").write_text(json.dumps(scen.to_json(), indent=2) + "\n")
 
@@ -475,6 +524,7 @@ def experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:
         except (OSError, json.JSONDecodeError) as exc:
             raise CliError(f"cannot read experiment {args.experiment}: {exc}") from None
         exp.out_dir = ""
+        exp.recorded = {}
         if args.config is None:
             base_tb = TestbedConfig.from_json(exp.testbed)
             for f in fields(TestbedConfig):

@@ -93,9 +93,28 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         out["problems"] = json.loads(summary_path.read_text()).get("problems", [])
     else:
         out["problems"] = ["no summary.json: the replay did not finish"]
+    expected = window_size(run_dir)
+    missing = None if expected is None else max(0, expected - len(records))
+    out["requests_expected"] = expected
+    out["requests_without_record"] = missing
+    out["partial"] = not summary_path.exists() or bool(missing)
+    if missing:
+        out["problems"].append(f"partial: {missing} of the window's {expected} requests have no record")
     env_path = run_dir / "envelope.json"
     out["envelope"] = json.loads(env_path.read_text()) if env_path.exists() else None
     return out
+
+
+def window_size(run_dir: Path) -> int | None:
+    """How many requests the replay's window holds, from the replay's own
+    config.json (None when it cannot be read back)."""
+    from netkv.traces import TraceError
+    from workers.run import ReplayConfig, ReplayConfigError
+
+    try:
+        return len(ReplayConfig.load(run_dir / "config.json").window().requests)
+    except (ReplayConfigError, TraceError, OSError):
+        return None
 
 
 def compare(run: Path) -> dict[str, Any]:
@@ -113,7 +132,8 @@ def compare(run: Path) -> dict[str, Any]:
     changes: dict[str, dict[str, float | None]] = {}
     for a, ma in per.items():
         for b, mb in per.items():
-            if a == b or ma["ttft_mean_ms"] is None or not mb["ttft_mean_ms"]:
+            # a partial replay's requests are not the window's: no comparison with it
+            if a == b or ma["ttft_mean_ms"] is None or not mb["ttft_mean_ms"] or ma["partial"] or mb["partial"]:
                 continue
             changes.setdefault(a, {})[b] = _round(100.0 * (ma["ttft_mean_ms"] / mb["ttft_mean_ms"] - 1), 2)
     outside = [s for s, m in per.items() if m["envelope"] and m["envelope"].get("within_envelope") is False]
@@ -222,6 +242,10 @@ def render_table(comparison: dict[str, Any]) -> str:
         env = m.get("envelope") or {}
         if env.get("within_envelope") is False:
             row += f"  OUTSIDE ENVELOPE ({env.get('limiting_resource') or 'switch CPU'})"
+        if m.get("partial"):
+            missing = m.get("requests_without_record")
+            row += ("  PARTIAL: " + (f"{missing} of {m.get('requests_expected')} requests have no record"
+                                     if missing else "the replay did not finish"))
         lines.append(row)
     for name, m in comparison["schedulers"].items():
         by_tier = m.get("idle_transfer_ratio_p90_by_tier") or {}

@@ -43,7 +43,7 @@ from netkv.prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, P
 from netkv.records import RecordWriter, empty_record, summarize, validate_file
 from netkv.request import DecodeView, Request
 from netkv.schedulers import NoEligibleDecode, create
-from netkv.traces import TraceIssue, load_trace
+from netkv.traces import TraceIssue
 from topologies import catalog
 
 from .launch import Launcher
@@ -456,9 +456,7 @@ class Frontend:
         if self.sock_path.exists():
             self.sock_path.unlink()
         self.cfg.write(run_dir / "config.json")
-        load = load_trace(self.cfg.trace_path, start_s=self.cfg.start_s, duration_s=self.cfg.duration_s,
-                          rate_multiplier=self.cfg.rate_multiplier, on_error=self.cfg.on_trace_error,
-                          max_requests=self.cfg.max_requests)
+        load = self.cfg.window()
         _write_skipped(run_dir / "trace_skipped.txt", load.skipped)
         requests = load.requests
         if sys.stdout.isatty():

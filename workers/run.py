@@ -29,7 +29,7 @@ from netkv import perfmodel
 from netkv.placement import DEFAULT_PLACEMENT
 from netkv.prefill import PREFILL_POLICIES
 from netkv.traces import DEFAULT_TRACE as _DEFAULT_TRACE_PATH
-from netkv.traces import ON_ERROR_CHOICES
+from netkv.traces import ON_ERROR_CHOICES, TraceLoad, load_trace
 
 from .launch import REPO_ROOT, Launcher, LocalLauncher
 
@@ -137,6 +137,13 @@ class ReplayConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def window(self) -> TraceLoad:
+        """The requests this replay takes from its trace (window, rate, limit),
+        as the driver reads them.  Raises netkv.traces.TraceError."""
+        return load_trace(self.trace_path, start_s=self.start_s, duration_s=self.duration_s,
+                          rate_multiplier=self.rate_multiplier, on_error=self.on_trace_error,
+                          max_requests=self.max_requests)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")

@@ -126,6 +126,11 @@ def test_netkv_run_cli_end_to_end(tmp_path: Path) -> None:
         assert (out / f).is_file(), f
     saved = json.loads((out / "experiment.json").read_text())
     assert saved["testbed"]["topology"] == "tiny" and saved["replay"]["max_requests"] == 12
+    rec = saved["recorded"]  # what produced the run
+    assert "Open vSwitch" in rec["open_vswitch"] and rec["os_ken"] and rec["mininet"] and rec["kernel"]
+    assert rec["python"] == sys.version.split()[0] and len(rec["git_commit"] or "") == 40
+    for m in comparison["schedulers"].values():
+        assert m["partial"] is False and m["requests_expected"] == 12 and m["requests_without_record"] == 0
     # The report is remade from the files alone.
     again = subprocess.run([sys.executable, "-m", "testbed.cli", "report", str(out), "--json"],
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -133,7 +138,12 @@ def test_netkv_run_cli_end_to_end(tmp_path: Path) -> None:
 
 
 def test_netkv_run_bad_input_before_any_network(tmp_path: Path) -> None:
-    for args, fragment in ((["--schedulers", "fastest"], "unknown scheduler 'fastest'"),
+    bad_trace = tmp_path / "bad.jsonl"
+    bad_trace.write_text('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}\n'
+                         '{"timestamp": "soon", "input_length": 10, "output_length": 2, "hash_ids": [2]}\n')
+    for args, fragment in ((["--trace", str(bad_trace)], f"{bad_trace}:2:"),
+                           (["--start-s", "999999"], "holds no request"),
+                           (["--schedulers", "fastest"], "unknown scheduler 'fastest'"),
                            (["--scenario", "nope"], "no scenario 'nope'"),
                            (["--scenario", "hotspots"], "not a GPU host of tiny"),
                            (["--set", "rate_multplier=2"], "unknown replay config key 'rate_multplier'"),
