@@ -37,7 +37,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from topologies import Link, Topology
 
@@ -437,7 +437,7 @@ class Testbed:
         commands: list[list[str]] = []
         inputs: list[str | None] = []
 
-        def configure_switch_ends(ifs: list[tuple[str, float]], where: Any) -> None:
+        def configure_switch_ends(ifs: list[tuple[str, float]], where: Callable[[list[str]], list[str]]) -> None:
             """Switch ends: MTU, shaping, IPv6 off, offloads off.  No address is
             ever put on a switch port."""
             commands.append(where(["ip", "-batch", "-"]))
