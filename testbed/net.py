@@ -36,6 +36,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -350,8 +351,6 @@ class Testbed:
             return None
 
     def _build(self) -> None:
-        from functools import partial
-
         from mininet.link import Link as MnLink
         from mininet.log import setLogLevel
         from mininet.net import Mininet
@@ -454,7 +453,7 @@ class Testbed:
 
         if self.per_switch:  # every switch's ends in its own namespace
             for name, ifs in switch_ifs.items():
-                configure_switch_ends(ifs, lambda argv, name=name: self.in_host(name, argv))
+                configure_switch_ends(ifs, partial(self.in_host, name))
         else:  # the root namespace holds every switch end
             configure_switch_ends([x for ifs in switch_ifs.values() for x in ifs], list)
         # Host namespaces.
