@@ -31,7 +31,7 @@ def one_round(cfg: TestbedConfig) -> dict[str, object]:
     return {"up_s": round(report.up_s, 3), "verify_s": round(report.verify_s, 3),
             "down_s": round(down_s, 3), "steps_s": {k: round(v, 3) for k, v in report.steps_s.items()},
             "pings": f"{report.pings_ok}/{report.pings_total}", "datapath": report.datapath,
-            "leftovers": left.as_dict()}
+            "switch_mode": report.switch_mode, "leftovers": left.as_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix", default="nb", help="instance prefix for the benchmark's network")
     ap.add_argument("--of-port", type=int, default=16633)
     ap.add_argument("--rest-port", type=int, default=18088)
+    ap.add_argument("--switch-mode", default=TestbedConfig.switch_mode,
+                    help="auto, per_switch or shared (default: the testbed's, %(default)s)")
     args = ap.parse_args(argv)
     cfg = TestbedConfig(topology=args.topology, prefix=args.prefix, of_port=args.of_port,
-                        rest_port=args.rest_port)
+                        rest_port=args.rest_port, switch_mode=args.switch_mode)
     try:
         topo = cfg.validate()
         rounds = [one_round(cfg) for _ in range(max(1, args.repeat))]
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "bringup",
         "topology": topo.name, "gpus": len(topo.gpus), "switches": len(topo.switches),
-        "links": len(topo.links), "datapath": rounds[0]["datapath"], "scale": cfg.scale,
+        "links": len(topo.links), "datapath": rounds[0]["datapath"], "switch_mode": rounds[0]["switch_mode"],
+        "scale": cfg.scale,
         "up_s": median("up_s"), "verify_s": median("verify_s"), "down_s": median("down_s"),
         "leftovers": left, "rounds": rounds, "targets": TARGETS,
     }
