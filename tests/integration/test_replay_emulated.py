@@ -6,19 +6,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from netkv.records import read_records, validate_file
+from netkv.traces import DEFAULT_TRACE
+from testbed import cleanup
 from testbed.config import TestbedConfig
 from testbed.experiment import MininetLauncher
 from testbed.net import Testbed
 from testbed.transfers import idle_transfers, ideal_ms
 from tests.conftest import free_port, test_prefix
 from workers.run import ReplayConfig, replay
-from netkv.traces import DEFAULT_TRACE
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,3 +156,42 @@ def test_netkv_run_bad_input_before_any_network(tmp_path: Path) -> None:
         assert proc.returncode == 2, (args, proc.stderr)
         assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_killed_run_is_swept_and_reported_partial(tmp_path: Path) -> None:
+    """SIGKILL of `netkv run` mid-replay: `netkv clean` leaves nothing of the
+    prefix, and `netkv report` says the replay is partial and how many of the
+    window's requests have no record."""
+    out = tmp_path / "run"
+    prefix = test_prefix("x")
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", "--topology", "tiny", "--prefix", prefix,
+                             "--of-port", str(free_port()), "--rest-port", str(free_port()),
+                             "--scenario", "none", "--schedulers", "round_robin", "--max-requests", "40",
+                             "--duration-s", "120", "--out", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    records = out / "round_robin" / "records.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if records.exists() and len(records.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed mid-replay"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert cleanup.leftovers(prefix).total > 0  # nothing had a chance to clean up
+    clean = subprocess.run([sys.executable, "-m", "testbed.cli", "clean", "--prefix", prefix],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    left = cleanup.leftovers(prefix)
+    assert left.total == 0, left.as_dict()
+    written = len(read_records(records))
+    report = subprocess.run([sys.executable, "-m", "testbed.cli", "report", str(out), "--json"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert report.returncode == 0, report.stderr
+    m = json.loads(report.stdout)["schedulers"]["round_robin"]
+    assert m["partial"] is True and m["requests_expected"] == 40
+    assert m["requests_without_record"] == 40 - written > 0, (m["requests_without_record"], written)
