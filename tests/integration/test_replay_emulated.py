@@ -109,13 +109,18 @@ def test_two_transfers_share_one_bottleneck(tmp_path: Path) -> None:
     assert 1.1 * ideal <= fast, (dur, ideal)
 
 
+def netkv_run_argv(prefix: str, out: Path, schedulers: str, *, max_requests: int, duration_s: int) -> list[str]:
+    """`netkv run` on the tiny fabric without background flows, quiet."""
+    return [sys.executable, "-m", "testbed.cli", "run", "--topology", "tiny", "--prefix", prefix,
+            "--of-port", str(free_port()), "--rest-port", str(free_port()), "--scenario", "none",
+            "--schedulers", schedulers, "--max-requests", str(max_requests), "--duration-s", str(duration_s),
+            "--out", str(out), "--quiet"]
+
+
 def test_netkv_run_cli_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "run"
     prefix = test_prefix("c")
-    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "run", "--topology", "tiny", "--prefix", prefix,
-                           "--of-port", str(free_port()), "--rest-port", str(free_port()),
-                           "--scenario", "none", "--schedulers", "round_robin,netkv", "--max-requests", "12",
-                           "--duration-s", "20", "--out", str(out), "--quiet"],
+    proc = subprocess.run(netkv_run_argv(prefix, out, "round_robin,netkv", max_requests=12, duration_s=20),
                           capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     comparison = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -164,10 +169,7 @@ def test_killed_run_is_swept_and_reported_partial(tmp_path: Path) -> None:
     window's requests have no record."""
     out = tmp_path / "run"
     prefix = test_prefix("x")
-    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", "--topology", "tiny", "--prefix", prefix,
-                             "--of-port", str(free_port()), "--rest-port", str(free_port()),
-                             "--scenario", "none", "--schedulers", "round_robin", "--max-requests", "40",
-                             "--duration-s", "120", "--out", str(out), "--quiet"],
+    proc = subprocess.Popen(netkv_run_argv(prefix, out, "round_robin", max_requests=40, duration_s=120),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     records = out / "round_robin" / "records.jsonl"
     try:
