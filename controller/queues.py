@@ -1,16 +1,16 @@
 """Egress-queue occupancy of the switch interfaces, read with ``tc``.
 
 The testbed shapes each switch interface with an htb root qdisc (one class at
-the emulated rate, a pfifo leaf).  With the userspace datapath the switch
-interfaces are veths in the root namespace, so one ``qdisc show`` dumps every interface's qdiscs at
-once.  When every switch has a namespace of its own (one Open vSwitch
-instance per switch), each namespace is read in turn.  Starting a ``tc``
-per namespace per round cost ~4.5% of a core on the default fabric (18
+the emulated rate, a pfifo leaf).  When the switches share the root namespace
+(one Open vSwitch for all), one ``qdisc show`` there lists every switch
+interface; when every switch has a namespace of its own (one Open vSwitch
+instance per switch), each namespace is read in turn.  Starting a ``tc`` per
+namespace per round cost ~4.5% of a core on the default fabric (18
 namespaces, once a second), so :class:`QueueReader` keeps one ``tc -batch``
 process per namespace alive and writes it one ``qdisc show`` line per round;
-tc answers each with one line of JSON (~0.1 ms).  The root qdisc's figures are what we keep: htb accounts the backlog
-and drops of all its classes and leaves at the root, so its ``backlog`` is the
-interface's whole egress queue.
+tc answers each with one line of JSON (~0.1 ms).  The root qdisc's figures
+are what we keep: htb accounts the backlog and drops of all its classes and
+leaves at the root, so its ``backlog`` is the interface's whole egress queue.
 
 Only interfaces whose names start with the testbed prefix are kept.
 """

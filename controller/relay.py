@@ -6,7 +6,8 @@ namespace, but a Unix socket in the filesystem is reachable from every
 namespace.  Open vSwitch accepts ``unix:PATH`` as a controller target; this
 relay accepts those connections and joins each to a fresh TCP connection to
 the OpenFlow listener on loopback, byte for byte, in one thread (a selector
-over every socket, non-blocking both ways with back-pressure).  No listener beyond loopback and this socket is opened.
+over every socket, non-blocking both ways with back-pressure).  No listener
+beyond loopback and this socket is opened.
 
 If the listener refuses (the controller is not up yet), the switch's
 connection is closed at once and Open vSwitch retries with its backoff.

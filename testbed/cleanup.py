@@ -5,7 +5,8 @@ A running instance records what it starts in ``/run/netkv/<prefix>/``:
 and ``pids.jsonl`` (worker and traffic processes started later, one line
 each).  In the per_switch mode every switch also has its own Open vSwitch
 daemons and files under ``/run/netkv/<prefix>/sw/<switch>/`` and a network
-namespace attached as ``<prefix><switch>`` (:mod:`testbed.switches`).  Every pid is stored with a marker that must still appear in its
+namespace attached as ``<prefix><switch>`` (:mod:`testbed.switches`).
+Every pid is stored with a marker that must still appear in its
 command line before it is signalled, so a recycled pid is never hit.
 
 The sweep (:func:`sweep`), used by teardown, by ``netkv down`` / ``netkv
@@ -140,10 +141,15 @@ def node_shells(prefix: str) -> list[int]:
     return _processes_with(lambda part: part.startswith("mininet:") and bool(pattern.match(part[8:])))
 
 
+def _switch_dir_marker(prefix: str) -> str:
+    """What every per-switch daemon of the prefix has in its command line."""
+    return str(switches_root(state_dir(prefix))) + "/"
+
+
 def switch_daemons(prefix: str) -> list[int]:
     """Pids of the per-switch ovsdb-server / ovs-vswitchd daemons of this
     prefix: an argument of theirs names a file in the prefix's own directory."""
-    own = str(switches_root(state_dir(prefix))) + "/"
+    own = _switch_dir_marker(prefix)
     return _processes_with(lambda part: own in part)
 
 
@@ -241,7 +247,7 @@ def sweep(prefix: str) -> Leftovers:
         for br in bridges:
             argv += ["--", "--if-exists", "del-br", br]
         run(argv, check=False, timeout_s=60)
-    own_dir = str(switches_root(state_dir(prefix))) + "/"
+    own_dir = _switch_dir_marker(prefix)
     end_processes([(p, own_dir) for p in switch_daemons(prefix)])
     # 3. node shells (recorded and found by their exact names)
     shells = [(p, m) for p, m, k in recorded if k == "node"]

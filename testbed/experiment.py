@@ -334,10 +334,11 @@ def provenance() -> dict[str, Any]:
         from mininet.net import VERSION as mininet_version
     except ImportError:
         mininet_version = None
+    commit = first_line(["git", "rev-parse", "HEAD"])
     dirty = first_line(["git", "status", "--porcelain", "--untracked-files=no"])
     return {
-        "git_commit": first_line(["git", "rev-parse", "HEAD"]),
-        "git_dirty": None if dirty is None and first_line(["git", "rev-parse", "HEAD"]) is None else bool(dirty),
+        "git_commit": commit,
+        "git_dirty": None if commit is None else bool(dirty),
         "open_vswitch": first_line(["ovs-vswitchd", "--version"]),
         "kernel": platform.release(),
         "python": sys.version.split()[0],
