@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_topo)
 
-    for module_name in ("controller.top", "testbed.experiment", "testbed.report"):
+    for module_name in ("controller.top", "testbed.experiment", "testbed.sweep", "testbed.report"):
         try:
             module = __import__(module_name, fromlist=["add_parser"])
         except ImportError as exc:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import threading
@@ -50,6 +51,7 @@ DEFAULT_SCENARIO = "core-hotspot"
 # packets well before a core is saturated (docs/design.md, "Envelope").
 ENVELOPE_CPU_PCT = 80.0  # the busiest switch process, % of one core
 ENVELOPE_MACHINE_PCT = 80.0  # the whole machine, % of every core
+TELEMETRY_SERIES = "telemetry.jsonl"  # per replay: the controller's link table at every poll
 
 
 class ExperimentError(RuntimeError):
@@ -66,6 +68,10 @@ class ExperimentConfig:
         "help": "TestbedConfig fields (topology, scale, ...)"})
     replay: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "workers.run.ReplayConfig fields (trace_path, start_s, duration_s, rate_multiplier, ...)"})
+    window_starts_s: list[float] = field(default_factory=list, metadata={
+        "help": "several disjoint trace windows, each replayed by every scheduler on the same fabric "
+                "(a campaign: one sub-run per window, figures with 95% intervals across windows); "
+                "empty: the one window replay.start_s"})
     out_dir: str = field(default="", metadata={"help": "run directory (default runs/<time>-<scenario>)"})
     recorded: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "what produced the run (versions, git commit), written by the run; ignored when repeated"})
@@ -268,11 +274,15 @@ class RestTelemetryPoller:
     Each sample keeps the time the switch was measured, so the oracle sees its
     true age (and falls back to the static estimate when it is too old)."""
 
-    def __init__(self, testbed: Any, interval_s: float) -> None:
+    def __init__(self, testbed: Any, interval_s: float, series_path: Path | None = None) -> None:
         from netkv.telemetry import TelemetrySnapshot
 
         self.tb = testbed
         self.interval_s = interval_s
+        # Every fetched table is also appended here, one line per poll
+        # (``{"t_s", "links": [[src, dst, utilization, load_gbps, drops], ...]}``),
+        # so that a report can draw link utilisation over time.
+        self._series = series_path.open("a") if series_path is not None else None
         self.latest = TelemetrySnapshot()
         self.fetches = 0
         self.failures = 0
@@ -299,6 +309,12 @@ class RestTelemetryPoller:
             self.fetches += 1
         except ValueError:
             self.failures += 1
+            return
+        if self._series is not None:
+            rows = [[s.src, s.dst, round(s.utilization, 4), round(s.load_gbps, 3), s.drops]
+                    for s in self.latest.samples.values()]
+            self._series.write(json.dumps({"t_s": round(time.time(), 3), "links": rows}) + "\n")
+            self._series.flush()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -307,6 +323,8 @@ class RestTelemetryPoller:
     def stop(self) -> dict[str, int]:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._series is not None:
+            self._series.close()
         return {"telemetry_fetches": self.fetches, "telemetry_fetch_failures": self.failures}
 
 
@@ -353,8 +371,38 @@ def _default_out_dir(scenario_name: str) -> Path:
     return REPO_ROOT / "runs" / (time.strftime("%Y%m%d-%H%M%S") + f"-{scenario_name}")
 
 
+def _check_windows(exp: ExperimentConfig, base: Any) -> list[float]:
+    """The campaign's window starts, checked: finite, >= 0, a window length
+    set, pairwise disjoint in trace time, and none overlapping the window the
+    tuned baseline was tuned on (when the trace is the one it was tuned on)."""
+    from netkv.schedulers.baselines import tuning_window_s
+
+    starts = exp.window_starts_s
+    if not isinstance(starts, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               and math.isfinite(v) and v >= 0 for v in starts):
+        raise ExperimentError(f"window_starts_s must be a list of finite numbers >= 0 (seconds), got {starts!r}")
+    if not starts:
+        return []
+    if base.duration_s is None:
+        raise ExperimentError("window_starts_s needs a window length: set replay duration_s")
+    length = float(base.duration_s)
+    ordered = sorted(float(v) for v in starts)
+    for a, b in zip(ordered, ordered[1:]):
+        if b < a + length:
+            raise ExperimentError(f"windows starting at {a:g} s and {b:g} s overlap (each is {length:g} s long)")
+    tuned = tuning_window_s(Path(base.trace_path))
+    if tuned is not None:
+        for a in ordered:
+            if a < tuned[1] and tuned[0] < a + length:
+                raise ExperimentError(f"the window starting at {a:g} s overlaps the tuning window "
+                                      f"[{tuned[0]:g}, {tuned[1]:g}) s of tuned_cache_load; choose another")
+    return [float(v) for v in starts]
+
+
 def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Scenario, Path]:
     """Check everything that can be checked before a network is built."""
+    from dataclasses import replace
+
     from netkv.schedulers import SCHEDULERS
     from netkv.traces import TraceError
     from workers.run import ReplayConfig, ReplayConfigError
@@ -389,6 +437,13 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
         end = "end" if base.duration_s is None else f"{base.start_s + base.duration_s:g}"
         raise ExperimentError(f"the trace window [{base.start_s:g}, {end}) s of {base.trace_path} "
                               f"holds no request")
+    for start in _check_windows(exp, base):
+        try:
+            if not replace(base, start_s=start).window().requests:
+                raise ExperimentError(f"the trace window [{start:g}, {start + float(base.duration_s or 0):g}) s "
+                                      f"of {base.trace_path} holds no request")
+        except TraceError as exc:
+            raise ExperimentError(str(exc)) from None
     scen = scenario_mod.load(exp.scenario, topo)
     out = Path(exp.out_dir) if exp.out_dir else _default_out_dir(scen.name)
     if out.exists() and any(out.iterdir()):
@@ -396,10 +451,17 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
     return tb_cfg, base, scen, out
 
 
-def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, Any]:
-    from dataclasses import replace
+def window_dir_name(index: int, start_s: float) -> str:
+    """Sub-run directory of one window of a campaign."""
+    return f"w{index}-{start_s:g}s"
 
-    from netkv.oracle import StaticOracle, TelemetryOracle
+
+def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Bring the fabric up once, replay every window with every scheduler,
+    bring it down, and write the comparison (one window) or the campaign
+    (several windows: one ordinary run directory per window, each repeatable
+    alone, and campaign.json across them)."""
+    from dataclasses import replace
 
     from .net import Testbed
     from .report import write_report
@@ -415,53 +477,80 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
         if not quiet:
             print(f"netkv: {text}", flush=True)
 
+    windows = [(out / window_dir_name(i, start), replace(exp, window_starts_s=[], out_dir=str(out / window_dir_name(i, start)),
+                                                       replay={**exp.replay, "start_s": start}),
+                replace(base, start_s=start))
+               for i, start in enumerate(exp.window_starts_s)] or [(out, exp, base)]
     tb = Testbed(tb_cfg)
     load_bg = scen.load_mbps_hops(tb.topo, tb_cfg.scale)
     say(f"run directory {out}")
     say(f"scenario {scen.name}: {len(scen.flows)} background flows, {load_bg:.0f} Mbit/s x hops "
         f"on the emulator when all run")
-    results: dict[str, Any] = {}
     try:
         report = tb.up()
         say(f"fabric up in {report.up_s:.1f} s ({report.datapath} datapath, "
             f"{report.pings_ok}/{report.pings_total} pairs reachable)")
-        (out / "testbed.json").write_text(json.dumps({"config": tb_cfg.to_json(), "bringup": report.as_dict()},
-                                                     indent=2, default=str) + "\n")
-        for name in exp.schedulers:
-            cfg = replace(base, scheduler=name)
-            run_dir = out / name
-            run_dir.mkdir()
-            poller = None
-            if cfg.oracle == "telemetry":
-                poller = RestTelemetryPoller(tb, tb_cfg.poll_interval_s).start()
-                oracle: Any = TelemetryOracle(tb.topo, poller)
-            else:
-                oracle = StaticOracle(tb.topo)
-            runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
-            say(f"replaying with {name} ...")
-            runner.start()
-            try:
-                summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle)
-            finally:
-                runner.stop()
-                if poller is not None:
-                    envelope.update(poller.stop())
-            envelope["background_flows_started"] = runner.started_flows
-            envelope["datapath"] = report.datapath
-            (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")
-            results[name] = summary
-            flag = "" if envelope["within_envelope"] is not False else "  [OUTSIDE the emulator's envelope]"
-            say(f"{name}: {summary['ok']}/{summary['requests']} ok, mean TTFT "
-                f"{_fmt(summary.get('ttft_mean_ms'))} ms, p99 {_fmt(summary.get('ttft_p99_ms'))} ms; "
-                f"busiest switch process p95 {_fmt(envelope['switch_cpu_pct_p95'])}% of a core, machine "
-                f"p95 {_fmt(envelope['machine_busy_pct_p95'])}% busy{flag}")
-            if envelope.get("limiting_resource"):
-                say(f"{name}: the emulator ran short of: {envelope['limiting_resource']}")
+        bringup = json.dumps({"config": tb_cfg.to_json(), "bringup": report.as_dict()}, indent=2, default=str) + "\n"
+        for k, (w_dir, w_exp, w_base) in enumerate(windows):
+            if w_dir != out:
+                say(f"window {k + 1}/{len(windows)}: trace [{w_base.start_s:g}, "
+                    f"{w_base.start_s + float(w_base.duration_s or 0):g}) s -> {w_dir.name}/")
+                w_dir.mkdir()
+                (w_dir / "experiment.json").write_text(json.dumps(w_exp.to_json(), indent=2) + "\n")
+                (w_dir / "scenario.json").write_text(json.dumps(scen.to_json(), indent=2) + "\n")
+            (w_dir / "testbed.json").write_text(bringup)
+            _replay_schedulers(tb, report.datapath, w_exp.schedulers, w_base, scen, w_dir, say)
     finally:
         tb.down()
-    comparison = write_report(out)
-    say(f"comparison: {out / 'comparison.json'}; plots: {', '.join(p.name for p in sorted(out.glob('*.png')))}")
-    return comparison
+    if len(windows) == 1 and windows[0][0] == out:
+        comparison = write_report(out)
+        say(f"comparison: {out / 'comparison.json'}; plots: {', '.join(p.name for p in sorted(out.glob('*.png')))}")
+        return comparison
+    from .campaign import write_campaign
+
+    campaign = write_campaign(out)
+    say(f"campaign: {out / 'campaign.json'}; plots: {', '.join(p.name for p in sorted(out.glob('*.png')))}")
+    return campaign
+
+
+def _replay_schedulers(tb: Any, datapath: str, schedulers: list[str], base: Any, scen: scenario_mod.Scenario,
+                       out: Path, say: Any) -> None:
+    """One window: every scheduler in turn on the running fabric, each with
+    the scenario's background flows started afresh."""
+    from dataclasses import replace
+
+    from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
+
+    for name in schedulers:
+        cfg = replace(base, scheduler=name)
+        run_dir = out / name
+        run_dir.mkdir()
+        poller = None
+        if cfg.oracle == "telemetry":
+            poller = RestTelemetryPoller(tb, tb.config.poll_interval_s, series_path=run_dir / TELEMETRY_SERIES).start()
+            oracle: Any = (StaleOracle(tb.topo, poller, cfg.telemetry_delay_ms) if cfg.telemetry_delay_ms
+                           else TelemetryOracle(tb.topo, poller))
+        else:
+            oracle = StaticOracle(tb.topo)
+        runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
+        say(f"replaying with {name} ...")
+        runner.start()
+        try:
+            summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle)
+        finally:
+            runner.stop()
+            if poller is not None:
+                envelope.update(poller.stop())
+        envelope["background_flows_started"] = runner.started_flows
+        envelope["datapath"] = datapath
+        (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")
+        flag = "" if envelope["within_envelope"] is not False else "  [OUTSIDE the emulator's envelope]"
+        say(f"{name}: {summary['ok']}/{summary['requests']} ok, mean TTFT "
+            f"{_fmt(summary.get('ttft_mean_ms'))} ms, p99 {_fmt(summary.get('ttft_p99_ms'))} ms; "
+            f"busiest switch process p95 {_fmt(envelope['switch_cpu_pct_p95'])}% of a core, machine "
+            f"p95 {_fmt(envelope['machine_busy_pct_p95'])}% busy{flag}")
+        if envelope.get("limiting_resource"):
+            say(f"{name}: the emulator ran short of: {envelope['limiting_resource']}")
 
 
 def _fmt(value: Any) -> str:
@@ -470,8 +559,6 @@ def _fmt(value: Any) -> str:
 
 # -- command line ------------------------------------------------------------------------
 def add_parser(sub: Any) -> None:
-    from .cli import add_testbed_options
-
     p = sub.add_parser(
         "run", help="replay a trace once per scheduler under scripted congestion and compare",
         description="Bring the fabric up, then for each scheduler: start the scenario's background "
@@ -480,6 +567,23 @@ def add_parser(sub: Any) -> None:
                     "(comparison.json and plots) in the run directory, beside the full configuration "
                     "(experiment.json) that `netkv run --config` repeats.",
         epilog="Replay settings (--set KEY=VALUE, value as JSON): see `python -m workers.run --help`.")
+    add_run_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("schedulers", help="list the decode schedulers",
+                       description="Every registered decode scheduler with its one-line description.")
+    p.set_defaults(func=cmd_schedulers)
+
+    p = sub.add_parser("scenarios", help="list the congestion scenarios",
+                       description="Scenarios in scenarios/ with their description and flows.")
+    p.add_argument("--topology", default="fattree", help="topology to check them against")
+    p.set_defaults(func=cmd_scenarios)
+
+
+def add_run_options(p: Any) -> None:
+    """The testbed and experiment options `netkv run` and `netkv sweep` share."""
+    from .cli import add_testbed_options
+
     add_testbed_options(p)
     g = p.add_argument_group("experiment")
     g.add_argument("--experiment", type=Path, metavar="FILE",
@@ -494,6 +598,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--duration-s", type=float, help="window length, seconds of trace time (default 60)")
     g.add_argument("--rate-multiplier", type=float, help="replay speed-up of arrivals (default 1)")
     g.add_argument("--max-requests", type=int, help="replay at most this many requests of the window")
+    g.add_argument("--window-starts-s", metavar="S,S,...",
+                   help="a campaign: several disjoint trace windows (comma-separated starts, seconds), each "
+                        "replayed by every scheduler; figures get 95%% intervals across windows")
     g.add_argument("--oracle", choices=("static", "telemetry"),
                    help="network cost oracle the schedulers consult (default: telemetry)")
     g.add_argument("--ttft-slo-ms", type=float, help="TTFT SLO for attainment figures")
@@ -501,16 +608,6 @@ def add_parser(sub: Any) -> None:
                    help="any other replay setting, value as JSON (repeatable)")
     g.add_argument("--out", help="run directory (default: runs/<time>-<scenario>)")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("schedulers", help="list the decode schedulers",
-                       description="Every registered decode scheduler with its one-line description.")
-    p.set_defaults(func=cmd_schedulers)
-
-    p = sub.add_parser("scenarios", help="list the congestion scenarios",
-                       description="Scenarios in scenarios/ with their description and flows.")
-    p.add_argument("--topology", default="fattree", help="topology to check them against")
-    p.set_defaults(func=cmd_scenarios)
 
 
 DEFAULT_REPLAY = {"oracle": "telemetry", "duration_s": 60.0, "rate_multiplier": 1.0, "ttft_slo_ms": 2000.0}
@@ -552,6 +649,12 @@ def experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:
             exp.replay[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             exp.replay[key.strip()] = raw
+    if args.window_starts_s:
+        try:
+            exp.window_starts_s = [float(v) for v in args.window_starts_s.split(",") if v.strip()]
+        except ValueError:
+            raise CliError(f"--window-starts-s {args.window_starts_s!r} is not a comma-separated list of seconds") \
+                from None
     if args.out:
         exp.out_dir = str(Path(args.out).resolve())
     return exp
@@ -572,14 +675,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
-    comparison = run_experiment(exp, quiet=args.quiet)
+    result = run_experiment(exp, quiet=args.quiet)
     if args.quiet:
-        print(json.dumps(comparison))
-    else:
-        from .report import render_table
+        print(json.dumps(result))
+        return 0 if result.get("nothing_lost", True) else 1
+    if exp.window_starts_s:
+        from .campaign import render_campaign
 
-        print(render_table(comparison))
-    bad = [s for s, m in comparison.get("schedulers", {}).items() if m.get("problems")]
+        print(render_campaign(result))
+        return 0 if result["nothing_lost"] else 1
+    from .report import render_table
+
+    print(render_table(result))
+    bad = [s for s, m in result.get("schedulers", {}).items() if m.get("problems")]
     return 1 if bad else 0
 
 

@@ -83,6 +83,8 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         "transfer_mean_ms_by_tier": {str(t): _round(_mean(v)) for t, v in sorted(by_tier_ms.items())},
         "pairs_by_tier": {str(t): n for t, n in sorted(tiers.items())},
         "decision_us_p50": _round(percentile(decision, 50)), "decision_us_p99": _round(percentile(decision, 99)),
+        "ttft_breakdown_ms": ttft_breakdown_ms(records),
+        "ttft_slo_attainment_curve": attainment_curve(records),
     }
     if slo_ms is not None:
         out["ttft_slo_ms"] = slo_ms
@@ -103,6 +105,63 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
     env_path = run_dir / "envelope.json"
     out["envelope"] = json.loads(env_path.read_text()) if env_path.exists() else None
     return out
+
+
+# Where a request's TTFT goes: consecutive record timestamps, so the parts add
+# up to first_token_ms - arrival_ms.
+BREAKDOWN_PARTS: tuple[tuple[str, str, str], ...] = (
+    ("prefill queue", "arrival_ms", "prefill_start_ms"),
+    ("prefill", "prefill_start_ms", "prefill_end_ms"),
+    ("KV transfer", "prefill_end_ms", "transfer_end_ms"),
+    ("decode queue", "transfer_end_ms", "decode_admit_ms"),
+    ("first step", "decode_admit_ms", "first_token_ms"),
+)
+# TTFT thresholds of the attainment curve (ms).
+ATTAINMENT_THRESHOLDS_MS = (250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0, 32000.0)
+
+
+def ttft_breakdown_ms(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean of each part of TTFT (BREAKDOWN_PARTS) over the ok records."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    out: dict[str, float | None] = {}
+    for part, a, b in BREAKDOWN_PARTS:
+        out[part] = _round(_mean([float(r[b]) - float(r[a]) for r in ok]))
+    return out
+
+
+def attainment_curve(records: list[dict[str, Any]],
+                     thresholds_ms: tuple[float, ...] = ATTAINMENT_THRESHOLDS_MS) -> list[list[float]]:
+    """``[[threshold_ms, fraction of requests with TTFT <= threshold], ...]``;
+    every request that entered counts, a failed one as a miss."""
+    if not records:
+        return []
+    ttft = [float(r["ttft_ms"]) for r in records if r.get("status") == "ok" and r.get("ttft_ms") is not None]
+    return [[t, round(sum(1 for v in ttft if v <= t) / len(records), 4)] for t in thresholds_ms]
+
+
+def plot_breakdown(ax: Any, breakdown: dict[str, dict[str, float | None]],
+                   parts: tuple[tuple[str, str, str], ...] = BREAKDOWN_PARTS) -> None:
+    names = list(breakdown)
+    bottom = [0.0] * len(names)
+    for part, _, _ in parts:
+        heights = [breakdown[n].get(part) or 0.0 for n in names]
+        ax.bar(range(len(names)), heights, bottom=bottom, label=part)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylabel("mean ms per ok request")
+    ax.set_title("where TTFT goes")
+    ax.legend(fontsize=8)
+
+
+def plot_attainment(ax: Any, curves: dict[str, list[list[float]]]) -> None:
+    for name, curve in curves.items():
+        if curve:
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT SLO threshold (ms)")
+    ax.set_ylabel("fraction of requests within it")
+    ax.set_title("TTFT SLO attainment vs threshold (failed = miss)")
+    ax.legend(fontsize=8)
 
 
 def window_size(run_dir: Path) -> int | None:
@@ -154,7 +213,7 @@ def plot(comparison: dict[str, Any], run: Path) -> list[Path]:
     names = list(comparison["schedulers"])
     if not names:
         return []
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(18, 8))
     ax = axes[0][0]
     for name in names:
         recs = [r for r in read_records(run / name / "records.jsonl") if r.get("status") == "ok"]
@@ -201,6 +260,8 @@ def plot(comparison: dict[str, Any], run: Path) -> list[Path]:
     ax.set_ylabel("share of requests")
     ax.set_title("Tier distance of chosen prefill/decode pairs")
     ax.legend()
+    plot_breakdown(axes[0][2], {n: comparison["schedulers"][n]["ttft_breakdown_ms"] for n in names})
+    plot_attainment(axes[1][2], {n: comparison["schedulers"][n]["ttft_slo_attainment_curve"] for n in names})
     title = f"{comparison['topology']}, scenario {comparison['scenario']}, scale 1:{comparison['scale']:g}"
     if comparison["outside_envelope"]:
         title += f"  (OUTSIDE envelope: {', '.join(comparison['outside_envelope'])})"
@@ -209,7 +270,75 @@ def plot(comparison: dict[str, Any], run: Path) -> list[Path]:
     path = run / "comparison.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [path]
+    heat = plot_utilisation(comparison, run)
+    return [path] + ([heat] if heat else [])
+
+
+def plot_utilisation(comparison: dict[str, Any], run: Path) -> Path | None:
+    """Link utilisation over time, one heatmap per scheduler: a row per
+    directed link, grouped by tier (GPU links at the bottom, core on top),
+    a column per telemetry poll, from each replay's telemetry.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .experiment import TELEMETRY_SERIES
+
+    exp = json.loads((run / "experiment.json").read_text())
+    topo = TestbedConfig.from_json(exp["testbed"]).validate()
+    series = {n: read_series(run / n / TELEMETRY_SERIES) for n in comparison["schedulers"]}
+    series = {n: v for n, v in series.items() if v}
+    if not series:
+        return None
+    links = sorted({(l[0], l[1]) for polls in series.values() for _, rows in polls for l in rows},
+                   key=lambda k: (_tier_of(topo, k), k))
+    index = {k: i for i, k in enumerate(links)}
+    fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 6), squeeze=False)
+    for ax, (name, polls) in zip(axes[0], series.items()):
+        grid = np.full((len(links), len(polls)), np.nan)
+        for j, (_, rows) in enumerate(polls):
+            for l in rows:
+                grid[index[(l[0], l[1])], j] = float(l[2])
+        t0 = polls[0][0]
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0,
+                       extent=(0.0, polls[-1][0] - t0 or 1.0, 0, len(links)), interpolation="nearest")
+        bounds: dict[int, list[int]] = {}
+        for k, i in index.items():
+            bounds.setdefault(_tier_of(topo, k), []).append(i)
+        ax.set_yticks([sum(v) / len(v) for v in bounds.values()], [f"tier {t}" for t in bounds])
+        for v in bounds.values():
+            ax.axhline(max(v) + 1, color="white", linewidth=0.6)
+        ax.set_xlabel("s since the first poll")
+        ax.set_title(f"{name}: link utilisation")
+    fig.colorbar(im, ax=list(axes[0]), label="utilisation (load / rate)")
+    path = run / "utilisation.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def read_series(path: Path) -> list[tuple[float, list[list[Any]]]]:
+    """A replay's telemetry series: ``[(t_s, [[src, dst, utilization, load_gbps, drops], ...]), ...]``;
+    a torn last line (a killed run) is left out."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            out.append((float(row["t_s"]), list(row["links"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def _tier_of(topo: topologies.Topology, link: tuple[str, str]) -> int:
+    try:
+        return int(topo.link_between(*link).tier)
+    except (KeyError, ValueError, topologies.TopologyError):
+        return -1
 
 
 def write_report(run: Path) -> dict[str, Any]:
@@ -264,10 +393,13 @@ def render_table(comparison: dict[str, Any]) -> str:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("report", help="remake a run's comparison and plots from its files",
+    p = sub.add_parser("report", help="remake a run's, campaign's or sweep's figures and plots from its files",
                        description="Read a run directory (experiment.json, <scheduler>/records.jsonl) and "
-                                   "write comparison.json and comparison.png beside them. Needs no root.")
-    p.add_argument("run_dir", type=Path, help="a directory made by `netkv run`")
+                                   "write comparison.json, comparison.png and utilisation.png beside them; "
+                                   "of a campaign (several windows) also campaign.json and campaign.png with "
+                                   "95%% intervals across windows and the paper's figures beside ours; of a "
+                                   "sweep, sweep.json and sweep.png. Needs no root.")
+    p.add_argument("run_dir", type=Path, help="a directory made by `netkv run` or `netkv sweep`")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a table")
     p.set_defaults(func=cmd_report)
 
@@ -275,8 +407,20 @@ def add_parser(sub: Any) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from .cli import CliError
 
+    if (args.run_dir / "sweep.json").is_file() or (args.run_dir / "sweep-plan.json").is_file():
+        from .sweep import render_sweep, write_sweep
+
+        result = write_sweep(args.run_dir)
+        print(json.dumps(result) if args.json else render_sweep(result))
+        return 0
     if not (args.run_dir / "experiment.json").is_file():
         raise CliError(f"{args.run_dir} is not a run directory (no experiment.json)")
+    from .campaign import is_campaign, render_campaign, write_campaign
+
+    if is_campaign(args.run_dir):
+        campaign = write_campaign(args.run_dir)
+        print(json.dumps(campaign) if args.json else render_campaign(campaign))
+        return 0
     comparison = write_report(args.run_dir)
     print(json.dumps(comparison) if args.json else render_table(comparison))
     return 0

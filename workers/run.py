@@ -63,6 +63,8 @@ class ReplayConfig:
     scheduler: str = _f("netkv", "decode scheduler under test (netkv.schedulers)", "")
     scheduler_config: dict[str, Any] = _f({}, "the scheduler's configuration keys", "")
     oracle: str = _f("static", "network oracle: 'static' (nominal rates) or 'telemetry' (needs a source)", "")
+    telemetry_delay_ms: float = _f(0.0, "telemetry oracle only: read every link sample this much older than "
+                                        "the latest (a stale oracle, to study staleness)", "ms")
     prefill_policy: str = _f("cache_load", "prefill chooser policy (netkv.prefill)", "")
     model: str = _f(perfmodel.DEFAULT_MODEL, "model in netkv.perfmodel.MODELS", "")
     gpu: str = _f(perfmodel.DEFAULT_GPU, "GPU in netkv.perfmodel.GPUS", "")
@@ -100,6 +102,9 @@ class ReplayConfig:
         num("startup_timeout_s", 1, 3600)
         num("ttft_slo_ms", 1e-3, 1e9, optional=True)
         num("seed", 0, 2**63, integer=True)
+        num("telemetry_delay_ms", 0, 3.6e6)
+        if self.telemetry_delay_ms and self.oracle != "telemetry":
+            raise ReplayConfigError("telemetry_delay_ms needs oracle 'telemetry'")
         for name, allowed in (("on_trace_error", ON_ERROR_CHOICES), ("oracle", ORACLES),
                               ("prefill_policy", PREFILL_POLICIES), ("model", tuple(perfmodel.MODELS)),
                               ("gpu", tuple(perfmodel.GPUS))):

@@ -257,6 +257,26 @@ def load_tuned_weights(path: Path = TUNED_WEIGHTS_FILE) -> tuple[dict[str, float
     return out, f"sweep of {data.get('date', '?')} on trace window {window} s ({path.name})"
 
 
+def tuning_window_s(trace_path: Path, path: Path = TUNED_WEIGHTS_FILE) -> tuple[float, float] | None:
+    """The trace window ``[start, end)`` (s) the tuned weights were chosen on,
+    when ``trace_path`` is the trace they were tuned on (same SHA-256); None
+    otherwise or without a tuning result.  Reported windows must not overlap it."""
+    import hashlib
+
+    try:
+        data = json.loads(path.read_text())
+        start, end = (float(v) for v in data["tuning_window_s"])
+        digest = str(data["trace_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        if hashlib.sha256(trace_path.read_bytes()).hexdigest() != digest:
+            return None
+    except OSError:
+        return None
+    return start, end
+
+
 TUNED_DEFAULTS, TUNED_SOURCE = load_tuned_weights()
 TUNING_GRID: Mapping[str, tuple[float, ...]] = {
     "w_cache": (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),

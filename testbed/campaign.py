@@ -1,0 +1,273 @@
+"""A campaign: one experiment replayed over several disjoint trace windows.
+
+``netkv run`` with ``window_starts_s`` writes one ordinary run directory per
+window (``w<i>-<start>s/``, each with its own experiment.json, repeatable
+alone) and, above them, ``campaign.json``: every headline figure as the mean
+across windows with a 95% confidence interval (Student t, windows as the
+samples) and the per-window values.  A change between two schedulers is paired
+by window (the same requests, fabric and background flows) and is called
+significant only when its interval excludes zero.
+
+Everything is read back from the windows' files, so ``netkv report`` remakes a
+campaign at any time, also of one that was interrupted (its missing windows
+are listed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from netkv.paper import PAPER_FIGURES, PAPER_SOURCE
+from netkv.records import read_records
+
+from .report import attainment_curve, ttft_breakdown_ms, write_report
+
+WINDOW_DIR = re.compile(r"^w(\d+)-")
+# Per-scheduler figures carried across windows (from each window's comparison).
+CAMPAIGN_METRICS = ("ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "ttft_slo_attainment",
+                    "ttft_slo_attainment_length_aware", "tbt_mean_ms", "tbt_slo_attainment",
+                    "transfer_mean_ms", "decision_us_p50", "decision_us_p99", "idle_transfer_ratio_p90")
+BASELINES_FOR_PAPER = ("round_robin", "tuned_cache_load")
+
+
+# Student t quantiles t(0.975, df) for df = 1..30; beyond, the normal 1.96.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    """Mean, 95% interval (Student t over the values as independent samples),
+    the values, and whether the interval excludes zero (``verdict``)."""
+    n = len(values)
+    out: dict[str, Any] = {"n": n, "values": [round(v, 4) for v in values], "mean": None, "ci95": None,
+                           "verdict": "no data" if n == 0 else "n < 2: no interval"}
+    if n == 0:
+        return out
+    mean = sum(values) / n
+    out["mean"] = round(mean, 4)
+    if n >= 2:
+        sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+        half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / n ** 0.5
+        lo, hi = mean - half, mean + half
+        out["ci95"] = [round(lo, 4), round(hi, 4)]
+        out["verdict"] = "significant" if lo > 0 or hi < 0 else "not significant"
+    return out
+
+
+def window_runs(run: Path) -> list[Path]:
+    """The windows' run directories of a campaign, in window order."""
+    found = [(int(m.group(1)), p) for p in run.iterdir()
+             if p.is_dir() and (m := WINDOW_DIR.match(p.name)) and (p / "experiment.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def is_campaign(run: Path) -> bool:
+    return bool(json.loads((run / "experiment.json").read_text()).get("window_starts_s"))
+
+
+def _pooled(windows: Iterable[Path], scheduler: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for w in windows:
+        path = w / scheduler / "records.jsonl"
+        if path.exists():
+            out.extend(read_records(path))
+    return out
+
+
+def aggregate(run: Path, comparisons: list[dict[str, Any]]) -> dict[str, Any]:
+    exp = json.loads((run / "experiment.json").read_text())
+    names: list[str] = list(exp["schedulers"])
+    starts = [float(v) for v in exp.get("window_starts_s", [])]
+    per: dict[str, Any] = {}
+    for name in names:
+        rows = [c["schedulers"].get(name) for c in comparisons]
+        per[name] = {key: summary([r[key] for r in rows if r and r.get(key) is not None])
+                     for key in CAMPAIGN_METRICS}
+    changes: dict[str, dict[str, Any]] = {}
+    slo_changes: dict[str, dict[str, Any]] = {}
+    for a in names:
+        for b in names:
+            if a == b:
+                continue
+            pct, pp = [], []
+            for c in comparisons:
+                ma, mb = c["schedulers"].get(a), c["schedulers"].get(b)
+                if not ma or not mb or ma["partial"] or mb["partial"]:
+                    continue  # a partial replay's requests are not its window's
+                if ma["ttft_mean_ms"] is not None and mb["ttft_mean_ms"]:
+                    pct.append(100.0 * (ma["ttft_mean_ms"] / mb["ttft_mean_ms"] - 1))
+                if ma.get("ttft_slo_attainment") is not None and mb.get("ttft_slo_attainment") is not None:
+                    pp.append(100.0 * (ma["ttft_slo_attainment"] - mb["ttft_slo_attainment"]))
+            changes.setdefault(a, {})[b] = summary(pct)
+            slo_changes.setdefault(a, {})[b] = summary(pp)
+    accounting = []
+    outside = []
+    for c, w in zip(comparisons, window_runs(run)):
+        for name, m in c["schedulers"].items():
+            accounting.append({"window": w.name, "scheduler": name, "records": m["requests"],
+                               "requests_expected": m["requests_expected"],
+                               "requests_without_record": m["requests_without_record"], "partial": m["partial"]})
+            env = m.get("envelope") or {}
+            if env.get("within_envelope") is False:
+                outside.append({"window": w.name, "scheduler": name, "limiting_resource": env.get("limiting_resource")})
+    done = window_runs(run)
+    breakdown = {name: ttft_breakdown_ms(_pooled(done, name)) for name in names}
+    curves = {name: attainment_curve(_pooled(done, name)) for name in names}
+    return {
+        "run_dir": str(run), "scenario": exp.get("scenario"), "schedulers_order": names,
+        "windows": [w.name for w in done], "window_starts_s": starts,
+        "windows_missing": len(starts) - len(done),
+        "window_length_s": exp.get("replay", {}).get("duration_s"),
+        "schedulers": per,
+        "ttft_mean_change_pct": changes,
+        "ttft_slo_attainment_change_pp": slo_changes,
+        "ttft_breakdown_ms": breakdown,
+        "ttft_slo_attainment_curve": curves,
+        "accounting": accounting,
+        "nothing_lost": all(not a["partial"] for a in accounting) and len(done) == len(starts),
+        "outside_envelope": outside,
+        "versus_paper": versus_paper(names, changes, slo_changes, per),
+        "note": ("mean [95% CI] across windows (Student t); a change is paired by window: "
+                 "(mean TTFT of row / of column - 1) x 100, negative is better; "
+                 "significant only when its interval excludes zero"),
+    }
+
+
+def versus_paper(names: list[str], changes: dict[str, Any], slo_changes: dict[str, Any],
+                 per: dict[str, Any]) -> list[dict[str, Any]]:
+    """The paper's headline figures beside ours (NetKV against each baseline)."""
+    if "netkv" not in names:
+        return []
+    rows = []
+    for base in BASELINES_FOR_PAPER:
+        if base in names:
+            paper = PAPER_FIGURES[f"ttft_mean_change_pct_vs_{base}"][0]
+            rows.append({"figure": f"mean TTFT change vs {base} (%)", "paper": paper,
+                         "testbed": changes["netkv"][base]})
+    for base in BASELINES_FOR_PAPER:
+        if base in names:
+            rows.append({"figure": f"TTFT SLO attainment change vs {base} (points)",
+                         "paper": PAPER_FIGURES["slo_attainment_change_pp"][0],
+                         "testbed": slo_changes["netkv"][base]})
+    rows.append({"figure": "NetKV decision p99, live (ms)", "paper": PAPER_FIGURES["decision_overhead_ms_max"][0],
+                 "testbed": _scaled(per["netkv"]["decision_us_p99"], 1e-3)})
+    return rows
+
+
+def _scaled(summary: dict[str, Any], factor: float) -> dict[str, Any]:
+    out = dict(summary)
+    for key in ("mean",):
+        if out.get(key) is not None:
+            out[key] = round(out[key] * factor, 4)
+    if out.get("ci95"):
+        out["ci95"] = [round(v * factor, 4) for v in out["ci95"]]
+    out["values"] = [round(v * factor, 4) for v in out.get("values", [])]
+    return out
+
+
+def write_campaign(run: Path) -> dict[str, Any]:
+    comparisons = [write_report(w) for w in window_runs(run)]
+    campaign = aggregate(run, comparisons)
+    (run / "campaign.json").write_text(json.dumps(campaign, indent=2) + "\n")
+    plot_campaign(campaign, run)
+    return campaign
+
+
+def plot_campaign(campaign: dict[str, Any], run: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import BREAKDOWN_PARTS, plot_attainment, plot_breakdown
+
+    names: list[str] = campaign["schedulers_order"]
+    if not names:
+        return []
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    ax = axes[0][0]
+    for i, name in enumerate(names):
+        s = campaign["schedulers"][name]["ttft_mean_ms"]
+        if s["mean"] is None:
+            continue
+        err = [[s["mean"] - s["ci95"][0]], [s["ci95"][1] - s["mean"]]] if s.get("ci95") else None
+        ax.bar(i, s["mean"], yerr=err, capsize=6, color=f"C{i}", alpha=0.7)
+        ax.plot([i] * len(s["values"]), s["values"], "k.", markersize=6)
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylabel("mean TTFT (ms)")
+    ax.set_title(f"mean TTFT, 95% CI over {len(campaign['windows'])} windows (dots: windows)")
+    plot_breakdown(axes[0][1], {n: campaign["ttft_breakdown_ms"][n] for n in names}, BREAKDOWN_PARTS)
+    plot_attainment(axes[1][0], {n: campaign["ttft_slo_attainment_curve"][n] for n in names})
+    ax = axes[1][1]
+    base = [b for b in BASELINES_FOR_PAPER if b in names]
+    rows = [(a, b) for a in names for b in base if a != b]
+    for k, (a, b) in enumerate(rows):
+        s = campaign["ttft_mean_change_pct"][a][b]
+        if s["mean"] is None:
+            continue
+        hollow = s.get("verdict") != "significant"
+        err = [[s["mean"] - s["ci95"][0]], [s["ci95"][1] - s["mean"]]] if s.get("ci95") else None
+        ax.errorbar(k, s["mean"], yerr=err, fmt="o", capsize=6, color=f"C{names.index(a)}",
+                    mfc="white" if hollow else f"C{names.index(a)}")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [f"{a}\nvs {b}" for a, b in rows], fontsize=7)
+    ax.set_ylabel("mean TTFT change (%)")
+    ax.set_title("paired change, 95% CI (hollow: not significant)")
+    title = f"campaign, scenario {campaign['scenario']}, {len(campaign['windows'])} windows"
+    if campaign["outside_envelope"]:
+        title += f"  ({len(campaign['outside_envelope'])} replays OUTSIDE envelope)"
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = run / "campaign.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _fmt_summary(s: dict[str, Any], digits: int = 1) -> str:
+    if not s or s.get("mean") is None:
+        return "-"
+    text = f"{s['mean']:+.{digits}f}" if s.get("signed") else f"{s['mean']:.{digits}f}"
+    if s.get("ci95"):
+        text += f" [{s['ci95'][0]:.{digits}f}, {s['ci95'][1]:.{digits}f}]"
+    return text
+
+
+def render_campaign(campaign: dict[str, Any]) -> str:
+    names = campaign["schedulers_order"]
+    lines = [f"campaign {campaign['run_dir']}: scenario {campaign['scenario']}, "
+             f"{len(campaign['windows'])} windows of {campaign['window_length_s']} s "
+             f"(starts {', '.join(f'{v:g}' for v in campaign['window_starts_s'])} s); "
+             "mean [95% CI] across windows"]
+    cols = [("ttft_mean_ms", "TTFT mean ms", 0), ("ttft_p99_ms", "TTFT p99 ms", 0),
+            ("ttft_slo_attainment", "SLO att.", 3), ("tbt_mean_ms", "TBT mean ms", 2),
+            ("decision_us_p99", "decide p99 us", 0)]
+    lines.append(f"{'scheduler':18s}" + "".join(f"{h:>26s}" for _, h, _ in cols))
+    for name in names:
+        m = campaign["schedulers"][name]
+        lines.append(f"{name:18s}" + "".join(f"{_fmt_summary(m[k], d):>26s}" for k, _, d in cols))
+    if "netkv" in names:
+        for b, s in campaign["ttft_mean_change_pct"]["netkv"].items():
+            pp = campaign["ttft_slo_attainment_change_pp"]["netkv"][b]
+            lines.append(f"netkv vs {b}: mean TTFT {_fmt_summary({**s, 'signed': True})}% "
+                         f"({s.get('verdict', '-')}); SLO attainment {_fmt_summary({**pp, 'signed': True})} points "
+                         f"({pp.get('verdict', '-')}); per window {', '.join(f'{v:+.1f}%' for v in s['values'])}")
+    if campaign["versus_paper"]:
+        lines.append(f"beside the paper ({PAPER_SOURCE}):")
+        for row in campaign["versus_paper"]:
+            lines.append(f"  {row['figure']:48s} paper {row['paper']:+.1f}   testbed "
+                         f"{_fmt_summary({**row['testbed'], 'signed': True}, 2)} ({row['testbed'].get('verdict', '-')})")
+    lost = [a for a in campaign["accounting"] if a["partial"]]
+    lines.append("requests in = records out for every replay" if campaign["nothing_lost"] else
+                 f"PARTIAL: {len(lost)} replays lack records, {campaign['windows_missing']} windows missing")
+    if campaign["outside_envelope"]:
+        lines.append("OUTSIDE the emulator's envelope: " + ", ".join(
+            f"{o['window']}/{o['scheduler']} ({o['limiting_resource']})" for o in campaign["outside_envelope"]))
+    else:
+        lines.append("every replay inside the emulator's envelope")
+    lines.append(f"files: {campaign['run_dir']}/campaign.json, campaign.png")
+    return "\n".join(lines)
