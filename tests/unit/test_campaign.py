@@ -1,0 +1,143 @@
+"""Campaigns (several trace windows) and sweeps: the statistics, the window
+checks and the aggregation, from files and dictionaries; no network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.campaign import aggregate, summary, window_runs
+from testbed.experiment import ExperimentConfig, ExperimentError, _check_windows, prepare, window_dir_name
+from testbed.report import attainment_curve, ttft_breakdown_ms
+from testbed.sweep import SWEEPS, SweepError, parse_values, plan, point_experiment
+from workers.run import ReplayConfig
+
+
+def test_summary_uses_student_t_and_calls_an_interval_over_zero_not_significant() -> None:
+    s = summary([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2) = 4.303: half-width 4.303 / sqrt(3)
+    assert s["mean"] == 2.0 and s["n"] == 3
+    assert s["ci95"] == pytest.approx([2 - 2.4843, 2 + 2.4843], abs=1e-3)
+    assert s["verdict"] == "not significant"
+    assert summary([-10.0, -11.0, -12.0])["verdict"] == "significant"
+    assert summary([5.0])["ci95"] is None and summary([5.0])["verdict"] == "n < 2: no interval"
+    assert summary([])["mean"] is None and summary([])["verdict"] == "no data"
+
+
+def test_large_samples_fall_back_to_the_normal_quantile() -> None:
+    values = [float(i % 2) for i in range(100)]  # sd 0.5025
+    s = summary(values)
+    half = (s["ci95"][1] - s["ci95"][0]) / 2
+    assert half == pytest.approx(1.96 * 0.50252 / 10, rel=1e-3)
+
+
+def _base(duration_s: float | None = 60.0) -> ReplayConfig:
+    return ReplayConfig(duration_s=duration_s)
+
+
+def test_windows_must_be_disjoint_and_away_from_the_tuning_window() -> None:
+    assert _check_windows(ExperimentConfig(window_starts_s=[0, 120, 240]), _base()) == [0.0, 120.0, 240.0]
+    assert _check_windows(ExperimentConfig(), _base()) == []
+    with pytest.raises(ExperimentError, match="overlap"):
+        _check_windows(ExperimentConfig(window_starts_s=[0, 30]), _base())
+    # the tuned baseline's weights were chosen on [600, 660) s of this trace
+    with pytest.raises(ExperimentError, match="tuning window"):
+        _check_windows(ExperimentConfig(window_starts_s=[0, 590]), _base())
+    with pytest.raises(ExperimentError, match="duration_s"):
+        _check_windows(ExperimentConfig(window_starts_s=[0, 100]), _base(None))
+    for bad in ([-1], [True], ["0"], [float("nan")]):
+        with pytest.raises(ExperimentError, match="window_starts_s"):
+            _check_windows(ExperimentConfig(window_starts_s=bad), _base())  # type: ignore[arg-type]
+
+
+def test_an_empty_window_is_refused_before_any_network(tmp_path: Path) -> None:
+    exp = ExperimentConfig(window_starts_s=[0, 1e7], replay={"duration_s": 60.0}, out_dir=str(tmp_path / "r"),
+                           testbed={"topology": "tiny"}, scenario="none")
+    with pytest.raises(ExperimentError, match="holds no request"):
+        prepare(exp)
+
+
+def _records() -> list[dict[str, Any]]:
+    ok = {"status": "ok", "arrival_ms": 0.0, "prefill_start_ms": 100.0, "prefill_end_ms": 400.0,
+          "transfer_end_ms": 450.0, "decode_admit_ms": 470.0, "first_token_ms": 500.0, "ttft_ms": 500.0}
+    slow = {**ok, "prefill_start_ms": 2100.0, "prefill_end_ms": 2400.0, "transfer_end_ms": 2450.0,
+            "decode_admit_ms": 2470.0, "first_token_ms": 2500.0, "ttft_ms": 2500.0}
+    return [ok, slow, {"status": "failed", "ttft_ms": None}]
+
+
+def test_breakdown_parts_add_up_to_ttft_and_failed_requests_are_misses() -> None:
+    recs = _records()
+    parts = ttft_breakdown_ms(recs)
+    assert parts == {"prefill queue": 1100.0, "prefill": 300.0, "KV transfer": 50.0, "decode queue": 20.0,
+                     "first step": 30.0}
+    assert sum(v for v in parts.values() if v is not None) == pytest.approx(1500.0)  # mean TTFT of the ok ones
+    curve = dict((t, f) for t, f in attainment_curve(recs))
+    assert curve[250.0] == 0.0 and curve[500.0] == pytest.approx(1 / 3, abs=1e-4) and curve[4000.0] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def _window(run: Path, i: int, start: float, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    d = run / window_dir_name(i, start)
+    d.mkdir(parents=True)
+    (d / "experiment.json").write_text("{}")
+    per = {}
+    for name, m in metrics.items():
+        per[name] = {"ttft_mean_ms": m["ttft"], "ttft_slo_attainment": m["slo"], "partial": m.get("partial", False),
+                     "requests": 10, "requests_expected": 10, "requests_without_record": 0,
+                     "decision_us_p99": m.get("decide_us", 100.0), "envelope": {"within_envelope": True}}
+    return {"schedulers": per}
+
+
+def test_campaign_pairs_changes_by_window_and_keeps_partial_windows_out(tmp_path: Path) -> None:
+    run = tmp_path / "c"
+    run.mkdir()
+    (run / "experiment.json").write_text(json.dumps({"schedulers": ["round_robin", "netkv"], "scenario": "none",
+                                                     "window_starts_s": [0, 100, 200, 300],
+                                                     "replay": {"duration_s": 60}}))
+    comps = [
+        _window(run, 0, 0, {"round_robin": {"ttft": 1000.0, "slo": 0.8}, "netkv": {"ttft": 900.0, "slo": 0.9}}),
+        _window(run, 1, 100, {"round_robin": {"ttft": 2000.0, "slo": 0.5}, "netkv": {"ttft": 1700.0, "slo": 0.7}}),
+        _window(run, 2, 200, {"round_robin": {"ttft": 500.0, "slo": 1.0}, "netkv": {"ttft": 460.0, "slo": 1.0}}),
+        _window(run, 3, 300, {"round_robin": {"ttft": 500.0, "slo": 1.0},
+                              "netkv": {"ttft": 100.0, "slo": 1.0, "partial": True}}),
+    ]
+    assert [p.name for p in window_runs(run)] == ["w0-0s", "w1-100s", "w2-200s", "w3-300s"]
+    c = aggregate(run, comps)
+    change = c["ttft_mean_change_pct"]["netkv"]["round_robin"]
+    assert change["values"] == pytest.approx([-10.0, -15.0, -8.0])  # the partial window is left out
+    assert change["verdict"] == "significant" and change["ci95"][1] < 0
+    assert c["ttft_slo_attainment_change_pp"]["netkv"]["round_robin"]["values"] == pytest.approx([10.0, 20.0, 0.0])
+    assert c["nothing_lost"] is False  # one replay is partial
+    assert c["schedulers"]["netkv"]["ttft_mean_ms"]["n"] == 4
+    paper = {row["figure"]: row for row in c["versus_paper"]}
+    assert paper["mean TTFT change vs round_robin (%)"]["paper"] == -21.2
+    assert paper["NetKV decision p99, live (ms)"]["testbed"]["mean"] == pytest.approx(0.1)
+
+
+def test_sweep_points_differ_from_the_base_in_their_knob_only(tmp_path: Path) -> None:
+    base = ExperimentConfig(schedulers=["round_robin", "netkv"], replay={"duration_s": 30.0},
+                            testbed={"topology": "fattree", "params": {"tor_oversub": 1.0}})
+    p = point_experiment(base, SWEEPS["oversub"], 4.0, tmp_path)
+    assert p.testbed["params"] == {"tor_oversub": 1.0, "agg_oversub": 4.0} and p.replay == base.replay
+    assert base.testbed["params"] == {"tor_oversub": 1.0}  # the base is not changed
+    assert Path(p.out_dir).name == "agg_oversub=4" and p.window_starts_s == [0.0]
+    load = point_experiment(base, SWEEPS["load"], 2.0, tmp_path)
+    assert load.replay["rate_multiplier"] == 2.0 and load.schedulers == ["round_robin", "netkv"]
+    ctx = SWEEPS["context"]
+    assert point_experiment(base, ctx, 2, tmp_path).schedulers == list(ctx.schedulers or ())
+    assert point_experiment(base, ctx, 2, tmp_path, keep_schedulers=True).schedulers == ["round_robin", "netkv"]
+
+
+def test_bad_sweep_values_are_refused_with_the_point_named(tmp_path: Path) -> None:
+    with pytest.raises(SweepError, match="not a comma-separated list"):
+        parse_values(SWEEPS["load"], "1,fast")
+    with pytest.raises(SweepError, match="finite"):
+        parse_values(SWEEPS["load"], "1,inf")
+    assert parse_values(SWEEPS["load"], "0.5, 2") == [0.5, 2.0]
+    base = ExperimentConfig(schedulers=["round_robin"], replay={"duration_s": 30.0}, scenario="none",
+                            testbed={"topology": "tiny"})
+    with pytest.raises(SweepError, match="rate_multiplier=-1.0: rate_multiplier must be"):
+        plan(base, SWEEPS["load"], [1.0, -1.0], tmp_path / "s")
+    with pytest.raises(SweepError, match="twice"):
+        plan(base, SWEEPS["load"], [1.0, 1.0], tmp_path / "s")
