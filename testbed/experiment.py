@@ -535,12 +535,14 @@ def _replay_schedulers(tb: Any, datapath: str, schedulers: list[str], base: Any,
         runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
         say(f"replaying with {name} ...")
         runner.start()
+        polled: dict[str, int] = {}
         try:
             summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle)
         finally:
             runner.stop()
             if poller is not None:
-                envelope.update(poller.stop())
+                polled = poller.stop()
+        envelope.update(polled)
         envelope["background_flows_started"] = runner.started_flows
         envelope["datapath"] = datapath
         (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")

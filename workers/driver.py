@@ -450,9 +450,14 @@ class Frontend:
         records_path = run_dir / "records.jsonl"
         if records_path.exists():
             raise ReplayError(f"{records_path} already exists: use a fresh run directory")
+        sock_dir = None
         if len(str(self.sock_path).encode()) > UNIX_PATH_MAX:
-            raise ReplayError(f"control socket path {self.sock_path} is longer than {UNIX_PATH_MAX} bytes; "
-                              "use a run directory with a shorter path")
+            # A deep run directory (a sweep's point / window / scheduler): a Unix
+            # socket path must be short, so the socket goes to a private directory.
+            import tempfile
+
+            sock_dir = Path(tempfile.mkdtemp(prefix="netkv-ctl-"))
+            self.sock_path = sock_dir / CONTROL_SOCKET_NAME
         if self.sock_path.exists():
             self.sock_path.unlink()
         self.cfg.write(run_dir / "config.json")
@@ -477,6 +482,8 @@ class Frontend:
                 self.progress.close()
             if self.sock_path.exists():
                 self.sock_path.unlink()
+            if sock_dir is not None:
+                sock_dir.rmdir()
         # One record per replayed request, checked from the file.
         problems = validate_file(records_path, [r.request_id for r in requests])
         run_info = {
