@@ -21,6 +21,18 @@ start_s + duration_s``; its replay arrival is
 ``(timestamp - start_s*1000) / rate_multiplier`` ms, so a multiplier of 2
 replays the window twice as fast (twice the request rate).  Request ids are
 ``"L<line number>"``: stable across windows and unique within one file.
+
+Context-length scaling (``context_factor`` k, a whole number >= 1): every
+request's ``input_length`` becomes ``k * input_length`` and each prompt block
+is stretched into k blocks, so the scaled prompt is the original one with
+every token repeated k times in place.  Block ``b`` becomes blocks
+``b*k .. b*k + k - 1`` (an injective map, so distinct blocks stay distinct and
+equal blocks stay equal); a partial last block of ``r`` tokens becomes the
+first ``ceil(k*r/512)`` of its k ids, which keeps exactly
+``ceil(k*input_length/512)`` ids.  Two requests sharing a prefix of n blocks
+share n*k blocks after scaling; arrivals and output lengths are unchanged.
+Only whole factors are allowed: a fractional one would cut blocks apart, and
+a block id names its whole prefix, so the shared prefixes could not be kept.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from .request import BLOCK_TOKENS, Request
 # source and licence); every default, test and help text reads it from here.
 DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "traces" / "mooncake_conversation.jsonl"
 ON_ERROR_CHOICES = ("raise", "skip")
+MAX_CONTEXT_FACTOR = 1000  # sanity bound on context_factor (the trace's longest prompt is 126,195 tokens)
 REQUIRED_KEYS = ("timestamp", "input_length", "output_length", "hash_ids")
 
 
@@ -105,6 +118,31 @@ def parse_line(text: str) -> tuple[float, int, int, tuple[int, ...]]:
     return float(ts), input_tokens, output_tokens, tuple(ids)
 
 
+def check_context_factor(context_factor: object) -> int:
+    """``context_factor`` if it is a whole number in [1, MAX_CONTEXT_FACTOR]; TraceError otherwise."""
+    if isinstance(context_factor, bool) or not isinstance(context_factor, int) or \
+            not 1 <= context_factor <= MAX_CONTEXT_FACTOR:
+        raise TraceError(
+            f"context_factor must be a whole number in [1, {MAX_CONTEXT_FACTOR}] (prompt blocks cannot be "
+            f"split), got {context_factor!r}"
+        )
+    return context_factor
+
+
+def scale_context(input_tokens: int, hash_ids: tuple[int, ...], context_factor: int) -> tuple[int, tuple[int, ...]]:
+    """``(k * input_tokens, stretched hash ids)`` for ``k = context_factor``
+    (see the module docstring); ``k = 1`` returns the input unchanged."""
+    k = check_context_factor(context_factor)
+    if k == 1:
+        return input_tokens, hash_ids
+    ids: list[int] = []
+    for b in hash_ids:
+        ids.extend(range(b * k, b * k + k))
+    scaled = input_tokens * k
+    del ids[math.ceil(scaled / BLOCK_TOKENS):]  # the partial last block's share
+    return scaled, tuple(ids)
+
+
 def _check_args(start_s: float, duration_s: float | None, rate_multiplier: float, on_error: str) -> None:
     if not (isinstance(start_s, (int, float)) and math.isfinite(start_s) and start_s >= 0):
         raise TraceError(f"start_s must be a finite number of seconds >= 0, got {start_s!r}")
@@ -127,13 +165,16 @@ def iter_trace(
     on_error: str = "raise",
     skipped: list[TraceIssue] | None = None,
     max_requests: int | None = None,
+    context_factor: int = 1,
 ) -> Iterator[Request]:
     """Yield the window's requests in file order (see the module docstring).
 
     With ``on_error="skip"`` every malformed line is appended to ``skipped``
     (which must then be given).  Reading stops at the first timestamp at or
-    past the end of the window, or after ``max_requests`` requests."""
+    past the end of the window, or after ``max_requests`` requests.  Each
+    request's prompt is scaled by ``context_factor`` (:func:`scale_context`)."""
     _check_args(start_s, duration_s, rate_multiplier, on_error)
+    check_context_factor(context_factor)
     if on_error == "skip" and skipped is None:
         raise TraceError('on_error="skip" needs a list in skipped= to report the skipped lines')
     if max_requests is not None and (isinstance(max_requests, bool) or max_requests < 1):
@@ -176,6 +217,8 @@ def iter_trace(
                 continue
             if ts >= end_ms:
                 break
+            if context_factor != 1:
+                inp, ids = scale_context(inp, ids, context_factor)
             yield Request(f"L{line_no}", (ts - start_ms) / rate_multiplier, inp, out, ids)
             count += 1
             if max_requests is not None and count >= max_requests:
@@ -190,8 +233,10 @@ def load_trace(
     rate_multiplier: float = 1.0,
     on_error: str = "raise",
     max_requests: int | None = None,
+    context_factor: int = 1,
 ) -> TraceLoad:
-    """All requests of the window plus the skipped lines (``on_error="skip"``)."""
+    """All requests of the window plus the skipped lines (``on_error="skip"``),
+    prompts scaled by ``context_factor``."""
     skipped: list[TraceIssue] = []
     requests = list(
         iter_trace(
@@ -202,6 +247,7 @@ def load_trace(
             on_error=on_error,
             skipped=skipped,
             max_requests=max_requests,
+            context_factor=context_factor,
         )
     )
     return TraceLoad(requests, skipped)

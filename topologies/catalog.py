@@ -33,6 +33,8 @@ FATTREE_PARAMS: tuple[Param, ...] = (
     Param("cores", 2, "core switches; every aggregation switch links to each", minimum=0),
     Param("gpu_link_gbps", 1600.0, "tier 0: GPU to its server switch (NVLink/PCIe domain)", float, 1e-3),
     Param("server_uplink_gbps", 400.0, "tier 1: server switch to ToR (the server's NICs)", float, 1e-3),
+    Param("gpu_nic_gbps", 0.0, "per-GPU NIC (rail-optimised servers): when > 0 each GPU has its own NIC of this "
+          "rate and the server uplink is gpus_per_server x this, replacing server_uplink_gbps; 0: off", float, 0.0),
     Param("tor_oversub", 1.0, "ToR oversubscription: rack downlink capacity / uplink capacity", float, 1e-3),
     Param("agg_oversub", 2.0, "aggregation oversubscription: pod downlink / core uplink capacity", float, 1e-3),
 )
@@ -83,6 +85,26 @@ def _add_switch(topo: Topology, tier: int, index: int, **where: int) -> str:
     return name
 
 
+def server_uplink_gbps(p: Mapping[str, float | int], explicit: Mapping[str, object] | None = None) -> float:
+    """A fat-tree server's uplink to its ToR: ``server_uplink_gbps`` (one set of
+    NICs shared by the server's GPUs), or with per-GPU NICs (``gpu_nic_gbps > 0``,
+    rail-optimised servers) ``gpus_per_server x gpu_nic_gbps``.  The server's NICs
+    are one link of their summed rate: the tier-0 link of each GPU stays at
+    ``gpu_link_gbps`` (its NVLink/PCIe domain), so one GPU's flow may use the
+    NICs of idle neighbours, as multi-rail and PXN transfers do.  ``explicit``
+    (the parameters as given) must not set a different ``server_uplink_gbps``."""
+    nic = float(p["gpu_nic_gbps"])
+    if nic <= 0:
+        return float(p["server_uplink_gbps"])
+    uplink = int(p["gpus_per_server"]) * nic
+    if explicit is not None and "server_uplink_gbps" in explicit and float(p["server_uplink_gbps"]) != uplink:
+        raise TopologyError(
+            f"fattree: gpu_nic_gbps={nic:g} sets the server uplink to gpus_per_server x gpu_nic_gbps = {uplink:g}; "
+            f"server_uplink_gbps={p['server_uplink_gbps']!r} contradicts it (give one of the two)"
+        )
+    return uplink
+
+
 def fattree(params: Mapping[str, object]) -> Topology:
     """Four-tier fat-tree: GPUs -> server switches (tier 0) -> ToRs (tier 1)
     -> aggregation (tier 2) -> core (tier 3).  With one pod and no cores it
@@ -98,6 +120,7 @@ def fattree(params: Mapping[str, object]) -> Topology:
     total = g * s * r * pods
     if total > MAX_GPUS:
         raise TopologyError(f"fattree: {total} GPUs is more than the {MAX_GPUS} the address plan allows")
+    p["server_uplink_gbps"] = server_uplink_gbps(p, explicit=params)
     tor_uplink = s * float(p["server_uplink_gbps"]) / (aggs * float(p["tor_oversub"]))
     core_link = r * tor_uplink / (cores * float(p["agg_oversub"])) if cores else 0.0
 

@@ -29,7 +29,7 @@ from netkv import perfmodel
 from netkv.placement import DEFAULT_PLACEMENT
 from netkv.prefill import PREFILL_POLICIES
 from netkv.traces import DEFAULT_TRACE as _DEFAULT_TRACE_PATH
-from netkv.traces import ON_ERROR_CHOICES, TraceLoad, load_trace
+from netkv.traces import MAX_CONTEXT_FACTOR, ON_ERROR_CHOICES, TraceLoad, load_trace
 
 from .launch import REPO_ROOT, Launcher, LocalLauncher
 
@@ -57,6 +57,8 @@ class ReplayConfig:
     rate_multiplier: float = _f(1.0, "replay speed: 2 halves every inter-arrival gap (twice the request rate)", "x")
     max_requests: int | None = _f(None, "replay at most this many requests of the window (null: all)", "requests")
     on_trace_error: str = _f("raise", "malformed trace line: 'raise' stops, 'skip' leaves it out and lists it", "")
+    context_factor: int = _f(1, "context-length scaling: every prompt is k times longer, each prefix block "
+                                "becomes k blocks (sharing kept), arrivals and outputs unchanged; whole number", "x")
     topology: str = _f("fattree", "topology name in topologies.catalog", "")
     topology_params: dict[str, Any] = _f({}, "topology builder parameters", "")
     placement: dict[str, Any] = _f(dict(DEFAULT_PLACEMENT), "prefill/decode roles (netkv.placement)", "")
@@ -95,6 +97,7 @@ class ReplayConfig:
         num("duration_s", 1e-3, 1e9, optional=True)
         num("rate_multiplier", 1e-3, 1e6)
         num("max_requests", 1, 1e9, integer=True, optional=True)
+        num("context_factor", 1, MAX_CONTEXT_FACTOR, integer=True)
         num("decode_max_batch", 1, 4096, integer=True)
         num("decode_max_queue", 0, 1e6, integer=True)
         num("scale_factor", 1, 1e9)
@@ -144,11 +147,11 @@ class ReplayConfig:
         return asdict(self)
 
     def window(self) -> TraceLoad:
-        """The requests this replay takes from its trace (window, rate, limit),
-        as the driver reads them.  Raises netkv.traces.TraceError."""
+        """The requests this replay takes from its trace (window, rate, limit,
+        context factor), as the driver reads them.  Raises netkv.traces.TraceError."""
         return load_trace(self.trace_path, start_s=self.start_s, duration_s=self.duration_s,
                           rate_multiplier=self.rate_multiplier, on_error=self.on_trace_error,
-                          max_requests=self.max_requests)
+                          max_requests=self.max_requests, context_factor=self.context_factor)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")

@@ -105,3 +105,42 @@ def test_parse_params() -> None:
     for bad in (["pods"], ["=3"], ["pods="], ["pods=1", "pods=2"]):
         with pytest.raises(TopologyError):
             topologies.parse_params(bad)
+
+
+# -- per-GPU NICs (rail-optimised servers) ---------------------------------------------------
+
+def _rates(topo: topologies.Topology) -> dict[int, set[float]]:
+    return {tier: {l.rate_gbps for l in topo.links if l.tier == tier} for tier in range(4)}
+
+
+@pytest.mark.parametrize("gpus, nic", [(8, 400.0), (8, 200.0), (4, 100.0)])
+def test_gpu_nic_sets_the_server_uplink(gpus: int, nic: float) -> None:
+    topo = topologies.build("fattree", {"gpus_per_server": gpus, "gpu_nic_gbps": nic})
+    shared = topologies.build("fattree", {"gpus_per_server": gpus})
+    uplink = gpus * nic
+    rates, base = _rates(topo), _rates(shared)
+    assert rates[0] == base[0] == {1600.0}                       # NVLink domain unchanged
+    assert rates[1] == {uplink}                                  # the server's NICs together
+    # ToR uplinks keep tor_oversub 1: 2 servers' uplinks over 2 aggregation switches
+    assert rates[2] == {2 * uplink / 2}
+    # core links keep agg_oversub 2: 2 racks' ToR uplinks over 2 cores, halved
+    assert rates[3] == {2 * uplink / (2 * 2.0)}
+    assert topo.params["server_uplink_gbps"] == uplink and topo.params["gpu_nic_gbps"] == nic
+    over, base_over = topo.oversubscription(), shared.oversubscription()
+    assert (over[1], over[2]) == (base_over[1], base_over[2]) == (1.0, 2.0)
+    assert over[0] == gpus * 1600.0 / uplink                     # NVLink capacity over the NICs
+    # the recorded parameters rebuild the same fabric
+    assert _rates(topologies.build("fattree", topo.params)) == rates
+
+
+def test_gpu_nic_off_by_default_and_contradiction_refused() -> None:
+    topo = topologies.build("fattree")
+    assert topo.params["gpu_nic_gbps"] == 0.0 and _rates(topo)[1] == {400.0}
+    assert _rates(topologies.build("fattree", {"gpu_nic_gbps": 50, "server_uplink_gbps": 400}))[1] == {400.0}
+    with pytest.raises(topologies.TopologyError, match=r"gpu_nic_gbps=400 sets the server uplink to .* = 3200; "
+                                                        r"server_uplink_gbps=100.0 contradicts it"):
+        topologies.build("fattree", {"gpu_nic_gbps": 400, "server_uplink_gbps": 100})
+    with pytest.raises(topologies.TopologyError, match="gpu_nic_gbps must be >= 0.0, got -1"):
+        topologies.build("fattree", {"gpu_nic_gbps": -1})
+    with pytest.raises(topologies.TopologyError, match="gpu_nic_gbps must be a number, got 'fast'"):
+        topologies.build("fattree", {"gpu_nic_gbps": "fast"})
