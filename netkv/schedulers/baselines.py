@@ -257,6 +257,21 @@ def load_tuned_weights(path: Path = TUNED_WEIGHTS_FILE) -> tuple[dict[str, float
     return out, f"sweep of {data.get('date', '?')} on trace window {window} s ({path.name})"
 
 
+def tuning_window_s(path: Path = TUNED_WEIGHTS_FILE) -> tuple[float, float] | None:
+    """``(start_s, end_s)`` of the trace window the weights were tuned on, as the
+    sweep recorded it (``tuning_window_s``), or None without a result file.
+    Evaluation windows must not overlap it (``netkv.stats.evaluation_windows``)."""
+    if not path.exists():
+        return None
+    try:
+        a, b = (float(v) for v in json.loads(path.read_text())["tuning_window_s"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: no tuning_window_s [start_s, end_s]: {exc!r}") from None
+    if not (math.isfinite(a) and math.isfinite(b) and 0 <= a < b):
+        raise ValueError(f"{path}: tuning_window_s must be [start_s, end_s] with 0 <= start < end, got {[a, b]}")
+    return a, b
+
+
 TUNED_DEFAULTS, TUNED_SOURCE = load_tuned_weights()
 TUNING_GRID: Mapping[str, tuple[float, ...]] = {
     "w_cache": (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
