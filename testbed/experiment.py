@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from netkv.slo import FLAT_TTFT_SLO_MS
+
 from . import scenario as scenario_mod
 from .config import ConfigError, TestbedConfig
 from .system import cpu_ticks
@@ -513,7 +515,7 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_scenarios)
 
 
-DEFAULT_REPLAY = {"oracle": "telemetry", "duration_s": 60.0, "rate_multiplier": 1.0, "ttft_slo_ms": 2000.0}
+DEFAULT_REPLAY = {"oracle": "telemetry", "duration_s": 60.0, "rate_multiplier": 1.0, "ttft_slo_ms": FLAT_TTFT_SLO_MS}
 
 
 def experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:

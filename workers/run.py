@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from netkv import perfmodel
 from netkv.placement import DEFAULT_PLACEMENT
 from netkv.prefill import PREFILL_POLICIES
+from netkv.slo import SloConfig, SloError
 from netkv.traces import DEFAULT_TRACE as _DEFAULT_TRACE_PATH
 from netkv.traces import MAX_CONTEXT_FACTOR, ON_ERROR_CHOICES, TraceLoad, load_trace
 
@@ -75,6 +76,8 @@ class ReplayConfig:
     drain_timeout_s: float = _f(120.0, "after the last arrival, wait this long before failing unfinished requests", "s")
     startup_timeout_s: float = _f(30.0, "time allowed for every worker to connect", "s")
     ttft_slo_ms: float | None = _f(None, "TTFT SLO for the summary's attainment figure (null: none)", "ms")
+    slo: dict[str, Any] = _f({}, "settings of the summary's SLO figures: netkv.slo.SloConfig keys (TTFT curve "
+                                 "thresholds, length-aware TTFT, TBT); {}: the documented defaults", "")
     seed: int = _f(0, "seed for randomised schedulers", "")
 
     def __post_init__(self) -> None:
@@ -111,13 +114,17 @@ class ReplayConfig:
         for name in ("trace_path", "topology", "scheduler"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ReplayConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        for name in ("topology_params", "placement", "scheduler_config", "perf_overrides"):
+        for name in ("topology_params", "placement", "scheduler_config", "perf_overrides", "slo"):
             if not isinstance(getattr(self, name), dict):
                 raise ReplayConfigError(f"{name} must be a JSON object, got {getattr(self, name)!r}")
         try:
             perfmodel.build(self.model, self.gpu, self.perf_overrides)
         except perfmodel.PerfModelError as exc:
             raise ReplayConfigError(str(exc)) from None
+        try:
+            SloConfig.from_dict(self.slo)
+        except SloError as exc:
+            raise ReplayConfigError(f"slo: {exc}") from None
 
     # -- (de)serialisation ---------------------------------------------------
     @classmethod

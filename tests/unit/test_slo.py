@@ -110,3 +110,21 @@ def test_summary_carries_the_slo_figures(tmp_path: Path) -> None:
     assert s["slo"]["length_aware_ttft_attainment"] == 2 / 5
     custom = summarize(path, slo=SloConfig(ttft_thresholds_ms=(50.0,), tbt_slo_ms=5.0))
     assert custom["slo"]["ttft_attainment_curve"] == [[50.0, 0.0]] and custom["slo"]["tbt_attainment"] == 0.0
+
+
+def test_replay_config_slo_settings_are_checked() -> None:
+    from workers.run import ReplayConfig, ReplayConfigError
+
+    assert ReplayConfig().slo == {}
+    assert ReplayConfig(slo={"tbt_slo_ms": 50.0}).slo == {"tbt_slo_ms": 50.0}
+    with pytest.raises(ReplayConfigError, match="^slo: unknown SLO key 'tbt_ms'"):
+        ReplayConfig(slo={"tbt_ms": 50.0})
+    with pytest.raises(ReplayConfigError, match="^slo must be a JSON object"):
+        ReplayConfig(slo=[1])  # type: ignore[arg-type]
+
+
+def test_flat_slo_is_one_definition() -> None:
+    from testbed.experiment import DEFAULT_REPLAY
+
+    assert DEFAULT_REPLAY["ttft_slo_ms"] == slo.FLAT_TTFT_SLO_MS
+    assert slo.FLAT_TTFT_SLO_MS in slo.DEFAULT_TTFT_THRESHOLDS_MS
