@@ -15,9 +15,10 @@ imports it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Mapping
+
+from .checks import is_finite_number
 
 BLOCK_TOKENS = 512  # same block size as netkv.request.BLOCK_TOKENS (Mooncake hash_ids)
 # Largest tensor-parallel degree: one NVLink domain of an 8-GPU HGX H100 / A100
@@ -321,14 +322,14 @@ def build(model: str = DEFAULT_MODEL, gpu: str = DEFAULT_GPU, overrides: Mapping
     else:
         pm = PerfModel(spec, GPUS[gpu], tp=spec.default_tp)
     if overrides:
-        unknown = sorted(set(overrides) - set(PERF_OVERRIDE_KEYS))
+        unknown = sorted(set(overrides) - set(PERF_OVERRIDE_KEYS), key=str)
         if unknown:
             raise PerfModelError(f"unknown perf-model key {unknown[0]!r}; known: {', '.join(PERF_OVERRIDE_KEYS)}")
         values: dict[str, float | int] = {}
         for key, raw in overrides.items():
             if key in INT_OVERRIDE_KEYS:
                 values[key] = _override_int(key, raw)
-            elif isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+            elif not is_finite_number(raw):
                 raise PerfModelError(f"perf-model key {key!r} must be a finite number, got {raw!r}")
             else:
                 values[key] = float(raw)

@@ -23,6 +23,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Mapping, Sequence
 
+from .checks import is_finite_number
+
 # The flat TTFT SLO of `netkv run` (testbed/experiment.py reads it from here).
 # Assumption: the testbed's long-standing default; no published source is claimed for it.
 FLAT_TTFT_SLO_MS = 2000.0
@@ -54,8 +56,7 @@ class SloError(ValueError):
 
 
 def _positive(name: str, value: object, *, zero_ok: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            value < 0 or (value == 0 and not zero_ok):
+    if not is_finite_number(value) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero_ok):
         raise SloError(f"{name} must be a finite number {'>= 0' if zero_ok else '> 0'} (ms), got {value!r}")
     return float(value)
 
@@ -83,7 +84,7 @@ class SloConfig:
         if self.length_aware_fixed_ms == 0 and self.length_aware_per_input_token_ms == 0:
             raise SloError("length_aware_fixed_ms and length_aware_per_input_token_ms cannot both be 0")
         _positive("tbt_slo_ms", self.tbt_slo_ms)
-        if self.tbt_stat not in TBT_STATS:
+        if not isinstance(self.tbt_stat, str) or self.tbt_stat not in TBT_STATS:
             raise SloError(f"tbt_stat must be one of {', '.join(TBT_STATS)}, got {self.tbt_stat!r}")
 
     @classmethod
@@ -91,7 +92,7 @@ class SloConfig:
         if not isinstance(data, Mapping):
             raise SloError(f"SLO settings must be a JSON object, got {type(data).__name__}")
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted(set(data) - set(known), key=str)
         if unknown:
             raise SloError(f"unknown SLO key {unknown[0]!r}; known: {', '.join(known)}")
         return cls(**dict(data))
@@ -149,7 +150,7 @@ def tbt_attainment(records: Sequence[Mapping[str, Any]], threshold_ms: float = D
     (``stat``: "mean" uses ``tbt_mean_ms``, "p99" ``tbt_p99_ms``) at most
     ``threshold_ms``; a request with no gap (one output token) meets it."""
     limit = _positive("threshold_ms", threshold_ms)
-    if stat not in TBT_STATS:
+    if not isinstance(stat, str) or stat not in TBT_STATS:
         raise SloError(f"stat must be one of {', '.join(TBT_STATS)}, got {stat!r}")
     if not records:
         return None

@@ -80,9 +80,17 @@ class ExperimentConfig:
         if not isinstance(data, dict):
             raise ExperimentError("experiment configuration must be a JSON object")
         known = {f.name for f in fields(cls)}
-        bad = sorted(set(data) - known)
+        bad = sorted(set(data) - known, key=str)
         if bad:
             raise ExperimentError(f"unknown experiment setting {bad[0]!r}; known: {', '.join(sorted(known))}")
+        for name, kind, label in (("scenario", str, "a string"), ("out_dir", str, "a string"),
+                                  ("testbed", dict, "a JSON object"), ("replay", dict, "a JSON object"),
+                                  ("recorded", dict, "a JSON object")):
+            if name in data and not isinstance(data[name], kind):
+                raise ExperimentError(f"experiment setting {name!r} must be {label}, got {data[name]!r}")
+        schedulers = data.get("schedulers", [])
+        if not isinstance(schedulers, list) or not all(isinstance(s, str) for s in schedulers):
+            raise ExperimentError(f"experiment setting 'schedulers' must be a list of names, got {schedulers!r}")
         return cls(**data)
 
 

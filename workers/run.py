@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from netkv import perfmodel
+from netkv.checks import is_finite_number
 from netkv.placement import DEFAULT_PLACEMENT
 from netkv.prefill import PREFILL_POLICIES
 from netkv.slo import SloConfig, SloError
@@ -90,7 +91,7 @@ class ReplayConfig:
             if value is None and optional:
                 return
             ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-            if isinstance(value, bool) or not ok_type or not (math.isfinite(value) and lo <= value <= hi):
+            if not ok_type or not is_finite_number(value) or not lo <= value <= hi:
                 kind = "whole number" if integer else "number"
                 raise ReplayConfigError(f"{name} must be a {kind} in [{lo:g}, {hi:g}], got {value!r}")
 
@@ -109,7 +110,7 @@ class ReplayConfig:
         for name, allowed in (("on_trace_error", ON_ERROR_CHOICES), ("oracle", ORACLES),
                               ("prefill_policy", PREFILL_POLICIES), ("model", tuple(perfmodel.MODELS)),
                               ("gpu", tuple(perfmodel.GPUS))):
-            if getattr(self, name) not in allowed:
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise ReplayConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("trace_path", "topology", "scheduler"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
@@ -129,8 +130,10 @@ class ReplayConfig:
     # -- (de)serialisation ---------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ReplayConfig":
+        if not isinstance(data, Mapping):
+            raise ReplayConfigError(f"replay config must be a JSON object, got {type(data).__name__}")
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted(set(data) - set(known), key=str)
         if unknown:
             raise ReplayConfigError(f"unknown replay config key {unknown[0]!r}; known: {', '.join(known)}")
         return cls(**dict(data))
