@@ -181,6 +181,16 @@ class PerfModel:
         instances is ``tp`` parallel rank-to-rank flows of this many bytes per token."""
         return self.model.kv_bytes_per_token // self.tp
 
+    def rank_flow_bytes(self, kv_bytes: int) -> list[int]:
+        """A transfer of ``kv_bytes`` between two TP-``tp`` instances as ``tp``
+        rank-to-rank flows (rank i to rank i): each carries its rank's share of
+        the KV heads, ``kv_bytes / tp``; the remainder of an uneven split goes to
+        the first flows, one byte each, so the flows add up to ``kv_bytes``."""
+        if isinstance(kv_bytes, bool) or not isinstance(kv_bytes, int) or kv_bytes < 0:
+            raise PerfModelError(f"kv_bytes must be a whole number >= 0, got {kv_bytes!r}")
+        share, extra = divmod(kv_bytes, self.tp)
+        return [share + (1 if i < extra else 0) for i in range(self.tp)]
+
     @property
     def weight_bytes_per_gpu(self) -> int:
         """Each TP GPU holds ``1/tp`` of the weights (rounded up)."""

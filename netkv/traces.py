@@ -229,6 +229,16 @@ def iter_trace(
                 break
 
 
+def trace_span_s(path: str | Path, on_error: str = "raise") -> float:
+    """Seconds from the trace's origin to its last request's timestamp: the
+    length of trace that windows can be taken from (netkv.stats.select_windows)."""
+    last_ms = 0.0
+    skipped: list[TraceIssue] = []
+    for req in iter_trace(path, on_error=on_error, skipped=skipped):
+        last_ms = req.arrival_ms  # start_s 0 and rate 1: the arrival is the timestamp
+    return last_ms / 1000.0
+
+
 def load_trace(
     path: str | Path,
     *,
