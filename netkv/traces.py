@@ -181,7 +181,8 @@ def iter_trace(
     check_context_factor(context_factor)
     if on_error == "skip" and skipped is None:
         raise TraceError('on_error="skip" needs a list in skipped= to report the skipped lines')
-    if max_requests is not None and (isinstance(max_requests, bool) or max_requests < 1):
+    if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
+                                     or max_requests < 1):
         raise TraceError(f"max_requests must be >= 1 or None, got {max_requests!r}")
     name = str(path)
     start_ms = start_s * 1000.0

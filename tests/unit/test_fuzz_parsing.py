@@ -117,11 +117,12 @@ def test_trace_files_of_any_bytes(tmp_path_factory: Any, data: bytes) -> None:
 
 
 @FUZZ
-@given(json_values, json_values, json_values, json_values)
-def test_trace_reader_arguments(start: Any, duration: Any, rate: Any, k: Any) -> None:
+@given(json_values, json_values, json_values, json_values, json_values, json_values)
+def test_trace_reader_arguments(start: Any, duration: Any, rate: Any, k: Any, limit: Any, on_error: Any) -> None:
     try:
         list(iter_trace(Path(__file__).with_name("missing.jsonl"), start_s=start, duration_s=duration,
-                        rate_multiplier=rate, context_factor=k))
+                        rate_multiplier=rate, context_factor=k, max_requests=limit, on_error=on_error,
+                        skipped=[]))
     except TraceError as exc:
         _one_line(exc)
 
@@ -245,6 +246,7 @@ HUGE = 10**400  # an integer JSON allows and float() cannot hold
     (lambda: parse_line(json.dumps({"timestamp": 0, "input_length": HUGE, "output_length": 1, "hash_ids": [0]})),
      ValueError, "hash_ids has 1 blocks but input_length"),
     (lambda: list(iter_trace(Path("x"), start_s=HUGE)), TraceError, "start_s must be a finite number"),
+    (lambda: list(iter_trace(Path("x"), max_requests="5")), TraceError, "max_requests must be >= 1 or None"),  # type: ignore[arg-type]
     (lambda: ReplayConfig(seed=HUGE), ReplayConfigError, "seed must be a whole number in"),
     (lambda: ReplayConfig(perf_overrides={"prefill_mfu": HUGE}), ReplayConfigError,
      "'prefill_mfu' must be a finite number"),
