@@ -15,7 +15,7 @@ imports it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping
 
 from .checks import is_finite_number
@@ -322,20 +322,16 @@ INT_OVERRIDE_KEYS = ("activation_reserve_bytes", "tp")
 def build(model: str = DEFAULT_MODEL, gpu: str = DEFAULT_GPU, overrides: Mapping[str, float] | None = None) -> PerfModel:
     """A :class:`PerfModel` by names; ``overrides`` may set only the keys in
     :data:`PERF_OVERRIDE_KEYS`.  ``tp`` defaults to the model's ``default_tp``."""
-    if model not in MODELS:
+    if not isinstance(model, str) or model not in MODELS:
         raise PerfModelError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-    if gpu not in GPUS:
+    if not isinstance(gpu, str) or gpu not in GPUS:
         raise PerfModelError(f"unknown gpu {gpu!r}; known: {', '.join(GPUS)}")
     spec = MODELS[model]
-    if overrides and "tp" in overrides:
-        pm = PerfModel(spec, GPUS[gpu], tp=_override_int("tp", overrides["tp"]))
-    else:
-        pm = PerfModel(spec, GPUS[gpu], tp=spec.default_tp)
+    values: dict[str, float | int] = {"tp": spec.default_tp}
     if overrides:
         unknown = sorted(set(overrides) - set(PERF_OVERRIDE_KEYS), key=str)
         if unknown:
             raise PerfModelError(f"unknown perf-model key {unknown[0]!r}; known: {', '.join(PERF_OVERRIDE_KEYS)}")
-        values: dict[str, float | int] = {}
         for key, raw in overrides.items():
             if key in INT_OVERRIDE_KEYS:
                 values[key] = _override_int(key, raw)
@@ -343,8 +339,8 @@ def build(model: str = DEFAULT_MODEL, gpu: str = DEFAULT_GPU, overrides: Mapping
                 raise PerfModelError(f"perf-model key {key!r} must be a finite number, got {raw!r}")
             else:
                 values[key] = float(raw)
-        pm = replace(pm, **values)  # type: ignore[arg-type]
-    return pm
+    # one construction with every value, so the capacity check sees them all together
+    return PerfModel(spec, GPUS[gpu], **values)  # type: ignore[arg-type]
 
 
 def _override_int(key: str, raw: object) -> int:
