@@ -15,9 +15,10 @@ imports it.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping
+
+from .checks import is_finite_number
 
 BLOCK_TOKENS = 512  # same block size as netkv.request.BLOCK_TOKENS (Mooncake hash_ids)
 # Largest tensor-parallel degree: one NVLink domain of an 8-GPU HGX H100 / A100
@@ -180,6 +181,16 @@ class PerfModel:
         instances is ``tp`` parallel rank-to-rank flows of this many bytes per token."""
         return self.model.kv_bytes_per_token // self.tp
 
+    def rank_flow_bytes(self, kv_bytes: int) -> list[int]:
+        """A transfer of ``kv_bytes`` between two TP-``tp`` instances as ``tp``
+        rank-to-rank flows (rank i to rank i): each carries its rank's share of
+        the KV heads, ``kv_bytes / tp``; the remainder of an uneven split goes to
+        the first flows, one byte each, so the flows add up to ``kv_bytes``."""
+        if isinstance(kv_bytes, bool) or not isinstance(kv_bytes, int) or kv_bytes < 0:
+            raise PerfModelError(f"kv_bytes must be a whole number >= 0, got {kv_bytes!r}")
+        share, extra = divmod(kv_bytes, self.tp)
+        return [share + (1 if i < extra else 0) for i in range(self.tp)]
+
     @property
     def weight_bytes_per_gpu(self) -> int:
         """Each TP GPU holds ``1/tp`` of the weights (rounded up)."""
@@ -311,29 +322,25 @@ INT_OVERRIDE_KEYS = ("activation_reserve_bytes", "tp")
 def build(model: str = DEFAULT_MODEL, gpu: str = DEFAULT_GPU, overrides: Mapping[str, float] | None = None) -> PerfModel:
     """A :class:`PerfModel` by names; ``overrides`` may set only the keys in
     :data:`PERF_OVERRIDE_KEYS`.  ``tp`` defaults to the model's ``default_tp``."""
-    if model not in MODELS:
+    if not isinstance(model, str) or model not in MODELS:
         raise PerfModelError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-    if gpu not in GPUS:
+    if not isinstance(gpu, str) or gpu not in GPUS:
         raise PerfModelError(f"unknown gpu {gpu!r}; known: {', '.join(GPUS)}")
     spec = MODELS[model]
-    if overrides and "tp" in overrides:
-        pm = PerfModel(spec, GPUS[gpu], tp=_override_int("tp", overrides["tp"]))
-    else:
-        pm = PerfModel(spec, GPUS[gpu], tp=spec.default_tp)
+    values: dict[str, float | int] = {"tp": spec.default_tp}
     if overrides:
-        unknown = sorted(set(overrides) - set(PERF_OVERRIDE_KEYS))
+        unknown = sorted(set(overrides) - set(PERF_OVERRIDE_KEYS), key=str)
         if unknown:
             raise PerfModelError(f"unknown perf-model key {unknown[0]!r}; known: {', '.join(PERF_OVERRIDE_KEYS)}")
-        values: dict[str, float | int] = {}
         for key, raw in overrides.items():
             if key in INT_OVERRIDE_KEYS:
                 values[key] = _override_int(key, raw)
-            elif isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+            elif not is_finite_number(raw):
                 raise PerfModelError(f"perf-model key {key!r} must be a finite number, got {raw!r}")
             else:
                 values[key] = float(raw)
-        pm = replace(pm, **values)  # type: ignore[arg-type]
-    return pm
+    # one construction with every value, so the capacity check sees them all together
+    return PerfModel(spec, GPUS[gpu], **values)  # type: ignore[arg-type]
 
 
 def _override_int(key: str, raw: object) -> int:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping
 
+from .slo import SloConfig, slo_summary
+
 
 @dataclass(frozen=True)
 class FieldSpec:
@@ -240,9 +242,12 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(path: str | Path, ttft_slo_ms: float | None = None) -> dict[str, Any]:
+def summarize(path: str | Path, ttft_slo_ms: float | None = None, slo: SloConfig | None = None) -> dict[str, Any]:
     """Metrics read from the records file.  SLO attainment counts failed
-    requests as misses (its denominator is every request)."""
+    requests as misses (its denominator is every request).  ``slo`` holds
+    the settings of the SLO figures under ``"slo"`` (:mod:`netkv.slo`; its
+    defaults when None): the TTFT attainment curve, the length-aware TTFT
+    SLO and TBT attainment."""
     if ttft_slo_ms is not None and not (ttft_slo_ms > 0 and math.isfinite(ttft_slo_ms)):
         raise ValueError(f"ttft_slo_ms must be a finite number > 0, got {ttft_slo_ms!r}")
     recs = read_records(path)
@@ -275,4 +280,5 @@ def summarize(path: str | Path, ttft_slo_ms: float | None = None) -> dict[str, A
         met = sum(1 for v in ttft if v <= ttft_slo_ms)
         out["ttft_slo_ms"] = ttft_slo_ms
         out["ttft_slo_attainment"] = met / len(recs) if recs else None
+    out["slo"] = slo_summary(recs, slo)
     return out

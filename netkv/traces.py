@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .checks import is_finite_number
 from .request import BLOCK_TOKENS, Request
 
 # The default trace ships with the repository (see traces/README.md for its
@@ -91,13 +92,15 @@ def parse_line(text: str) -> tuple[float, int, int, tuple[int, ...]]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("not a trace line (JSON nested too deeply)") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise ValueError(f"missing key {missing[0]!r} (required: {', '.join(REQUIRED_KEYS)})")
     ts = obj["timestamp"]
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
+    if not is_finite_number(ts) or ts < 0:
         raise ValueError(f"timestamp must be a finite number of ms >= 0, got {ts!r}")
     input_tokens = _whole(obj["input_length"], "input_length", 1)
     output_tokens = _whole(obj["output_length"], "output_length", 1)
@@ -109,7 +112,7 @@ def parse_line(text: str) -> tuple[float, int, int, tuple[int, ...]]:
         if isinstance(h, bool) or not isinstance(h, int) or h < 0:
             raise ValueError(f"hash_ids[{pos}] must be a whole number >= 0, got {h!r}")
         ids.append(h)
-    expected = math.ceil(input_tokens / BLOCK_TOKENS)
+    expected = -(-input_tokens // BLOCK_TOKENS)  # ceil in whole numbers: input_length may be huge
     if len(ids) != expected:
         raise ValueError(
             f"hash_ids has {len(ids)} blocks but input_length {input_tokens} needs "
@@ -139,20 +142,21 @@ def scale_context(input_tokens: int, hash_ids: tuple[int, ...], context_factor: 
     for b in hash_ids:
         ids.extend(range(b * k, b * k + k))
     scaled = input_tokens * k
-    del ids[math.ceil(scaled / BLOCK_TOKENS):]  # the partial last block's share
+    del ids[-(-scaled // BLOCK_TOKENS):]  # the partial last block's share
     return scaled, tuple(ids)
 
 
 def _check_args(start_s: float, duration_s: float | None, rate_multiplier: float, on_error: str) -> None:
-    if not (isinstance(start_s, (int, float)) and math.isfinite(start_s) and start_s >= 0):
+    if not (is_finite_number(start_s) and start_s >= 0):
         raise TraceError(f"start_s must be a finite number of seconds >= 0, got {start_s!r}")
     if duration_s is not None and not (
-        isinstance(duration_s, (int, float)) and not math.isnan(duration_s) and duration_s > 0
+        isinstance(duration_s, (int, float)) and not isinstance(duration_s, bool)
+        and (is_finite_number(duration_s) or duration_s == math.inf) and duration_s > 0
     ):
         raise TraceError(f"duration_s must be > 0 seconds (or None for the rest of the trace), got {duration_s!r}")
-    if not (isinstance(rate_multiplier, (int, float)) and math.isfinite(rate_multiplier) and 0 < rate_multiplier <= 1e6):
+    if not (is_finite_number(rate_multiplier) and 0 < rate_multiplier <= 1e6):
         raise TraceError(f"rate_multiplier must be in (0, 1e6], got {rate_multiplier!r}")
-    if on_error not in ON_ERROR_CHOICES:
+    if not isinstance(on_error, str) or on_error not in ON_ERROR_CHOICES:
         raise TraceError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
 
 
@@ -177,7 +181,8 @@ def iter_trace(
     check_context_factor(context_factor)
     if on_error == "skip" and skipped is None:
         raise TraceError('on_error="skip" needs a list in skipped= to report the skipped lines')
-    if max_requests is not None and (isinstance(max_requests, bool) or max_requests < 1):
+    if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
+                                     or max_requests < 1):
         raise TraceError(f"max_requests must be >= 1 or None, got {max_requests!r}")
     name = str(path)
     start_ms = start_s * 1000.0
@@ -223,6 +228,16 @@ def iter_trace(
             count += 1
             if max_requests is not None and count >= max_requests:
                 break
+
+
+def trace_span_s(path: str | Path, on_error: str = "raise") -> float:
+    """Seconds from the trace's origin to its last request's timestamp: the
+    length of trace that windows can be taken from (netkv.stats.select_windows)."""
+    last_ms = 0.0
+    skipped: list[TraceIssue] = []
+    for req in iter_trace(path, on_error=on_error, skipped=skipped):
+        last_ms = req.arrival_ms  # start_s 0 and rate 1: the arrival is the timestamp
+    return last_ms / 1000.0
 
 
 def load_trace(

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import topologies
+from netkv.checks import is_finite_number
 from topologies import Topology, TopologyError
 
 from .switches import MODES as SWITCH_MODES
@@ -72,8 +73,28 @@ class TestbedConfig:
     KNOWN_DATAPATHS = ("auto", "kernel", "user")
     __test__ = False  # not a pytest test class, despite its name
 
+    def check_types(self) -> None:
+        """Every field has the type of its default (a float field takes a whole
+        number too); ConfigError naming the first that does not."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc, operator]
+            if isinstance(default, bool):
+                ok, kind = isinstance(value, bool), "true or false"
+            elif isinstance(default, int):
+                ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+            elif isinstance(default, float):
+                ok, kind = is_finite_number(value), "a finite number"
+            elif isinstance(default, str):
+                ok, kind = isinstance(value, str), "a string"
+            else:
+                ok, kind = isinstance(value, dict), "a JSON object"
+            if not ok:
+                raise ConfigError(f"{f.name} must be {kind}, got {value!r}")
+
     def validate(self) -> Topology:
         """Check every field; returns the built topology.  Raises ConfigError."""
+        self.check_types()
         check_prefix(self.prefix)
         if self.datapath not in self.KNOWN_DATAPATHS:
             raise ConfigError(f"datapath must be one of {', '.join(self.KNOWN_DATAPATHS)}, got {self.datapath!r}")
@@ -121,8 +142,10 @@ class TestbedConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TestbedConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"testbed configuration must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ConfigError(f"unknown testbed setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
         return cls(**dict(data))

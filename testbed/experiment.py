@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from netkv.slo import FLAT_TTFT_SLO_MS
+
 from . import scenario as scenario_mod
 from .config import ConfigError, TestbedConfig
 from .system import cpu_ticks
@@ -84,9 +86,17 @@ class ExperimentConfig:
         if not isinstance(data, dict):
             raise ExperimentError("experiment configuration must be a JSON object")
         known = {f.name for f in fields(cls)}
-        bad = sorted(set(data) - known)
+        bad = sorted(set(data) - known, key=str)
         if bad:
             raise ExperimentError(f"unknown experiment setting {bad[0]!r}; known: {', '.join(sorted(known))}")
+        for name, kind, label in (("scenario", str, "a string"), ("out_dir", str, "a string"),
+                                  ("testbed", dict, "a JSON object"), ("replay", dict, "a JSON object"),
+                                  ("recorded", dict, "a JSON object")):
+            if name in data and not isinstance(data[name], kind):
+                raise ExperimentError(f"experiment setting {name!r} must be {label}, got {data[name]!r}")
+        schedulers = data.get("schedulers", [])
+        if not isinstance(schedulers, list) or not all(isinstance(s, str) for s in schedulers):
+            raise ExperimentError(f"experiment setting 'schedulers' must be a list of names, got {schedulers!r}")
         return cls(**data)
 
 
@@ -612,7 +622,7 @@ def add_run_options(p: Any) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-DEFAULT_REPLAY = {"oracle": "telemetry", "duration_s": 60.0, "rate_multiplier": 1.0, "ttft_slo_ms": 2000.0}
+DEFAULT_REPLAY = {"oracle": "telemetry", "duration_s": 60.0, "rate_multiplier": 1.0, "ttft_slo_ms": FLAT_TTFT_SLO_MS}
 
 
 def experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:

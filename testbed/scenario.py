@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from netkv.checks import is_finite_number
 from topologies import Topology
 
 from .config import emulated_mbps
@@ -72,8 +73,8 @@ class Scenario:
 
 def _number(flow: Mapping[str, Any], key: str, where: str, minimum: float, default: float | None = None) -> float:
     value = flow.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ScenarioError(f"{where}: {key} must be a number >= {minimum:g}, got {value!r}")
+    if not is_finite_number(value) or not isinstance(value, (int, float)) or not value >= minimum:
+        raise ScenarioError(f"{where}: {key} must be a finite number >= {minimum:g}, got {value!r}")
     return float(value)
 
 
@@ -100,13 +101,13 @@ def parse(data: Any, topo: Topology, origin: str = "scenario") -> Scenario:
             raise ScenarioError(f"{where}: unknown key {bad[0]!r}; known: {', '.join(sorted(FLOW_KEYS))}")
         src, dst = raw.get("src"), raw.get("dst")
         for key, host in (("src", src), ("dst", dst)):
-            if host not in gpus:
+            if not isinstance(host, str) or host not in gpus:
                 raise ScenarioError(f"{where}: {key} {host!r} is not a GPU host of {topo.name} "
                                     f"(g0..g{len(gpus) - 1})")
         if src == dst:
             raise ScenarioError(f"{where}: src and dst are the same host")
         protocol = raw.get("protocol", "tcp")
-        if protocol not in ("tcp", "udp"):
+        if not isinstance(protocol, str) or protocol not in ("tcp", "udp"):
             raise ScenarioError(f"{where}: protocol must be tcp or udp, got {protocol!r}")
         rate = _number(raw, "rate_gbps", where, 1e-6)
         bottleneck = topo.bottleneck_gbps(str(src), str(dst))
@@ -129,6 +130,10 @@ def load(name_or_path: str, topo: Topology) -> Scenario:
         raise ScenarioError(f"no scenario {name_or_path!r} (known: {known}; or give a path)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ScenarioError(f"cannot read scenario {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"cannot read scenario {path}: not UTF-8 text ({exc.reason})") from None
+    except RecursionError:
+        raise ScenarioError(f"cannot read scenario {path}: JSON nested too deeply") from None
     return parse(data, topo, str(path))
 
 

@@ -67,7 +67,7 @@ def _check(params: Mapping[str, object], spec: tuple[Param, ...], topo: str) -> 
                     raise ValueError
             else:
                 value = float(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise TopologyError(
                 f"{topo}: {p.name} must be {'a whole number' if p.kind is int else 'a number'}, got {raw!r}"
             ) from None

@@ -43,6 +43,7 @@ from netkv.prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, P
 from netkv.records import RecordWriter, empty_record, summarize, validate_file
 from netkv.request import DecodeView, Request
 from netkv.schedulers import NoEligibleDecode, create
+from netkv.slo import SloConfig
 from netkv.traces import TraceIssue
 from topologies import catalog
 
@@ -496,7 +497,7 @@ class Frontend:
                         for h, p in self.procs.items()},
         }
         (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
-        summary = summarize(records_path, self.cfg.ttft_slo_ms)
+        summary = summarize(records_path, self.cfg.ttft_slo_ms, SloConfig.from_dict(self.cfg.slo))
         summary.update(
             run_dir=str(run_dir), run_start_epoch_s=self.t0, scheduler=self.cfg.scheduler,
             trace_lines_skipped=len(load.skipped), late_reports=self.late_reports,

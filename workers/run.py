@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from netkv import perfmodel
+from netkv.checks import is_finite_number
 from netkv.placement import DEFAULT_PLACEMENT
 from netkv.prefill import PREFILL_POLICIES
+from netkv.slo import SloConfig, SloError
 from netkv.traces import DEFAULT_TRACE as _DEFAULT_TRACE_PATH
 from netkv.traces import MAX_CONTEXT_FACTOR, ON_ERROR_CHOICES, TraceLoad, load_trace
 
@@ -77,6 +79,8 @@ class ReplayConfig:
     drain_timeout_s: float = _f(120.0, "after the last arrival, wait this long before failing unfinished requests", "s")
     startup_timeout_s: float = _f(30.0, "time allowed for every worker to connect", "s")
     ttft_slo_ms: float | None = _f(None, "TTFT SLO for the summary's attainment figure (null: none)", "ms")
+    slo: dict[str, Any] = _f({}, "settings of the summary's SLO figures: netkv.slo.SloConfig keys (TTFT curve "
+                                 "thresholds, length-aware TTFT, TBT); {}: the documented defaults", "")
     seed: int = _f(0, "seed for randomised schedulers", "")
 
     def __post_init__(self) -> None:
@@ -89,7 +93,7 @@ class ReplayConfig:
             if value is None and optional:
                 return
             ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-            if isinstance(value, bool) or not ok_type or not (math.isfinite(value) and lo <= value <= hi):
+            if not ok_type or not is_finite_number(value) or not lo <= value <= hi:
                 kind = "whole number" if integer else "number"
                 raise ReplayConfigError(f"{name} must be a {kind} in [{lo:g}, {hi:g}], got {value!r}")
 
@@ -111,24 +115,30 @@ class ReplayConfig:
         for name, allowed in (("on_trace_error", ON_ERROR_CHOICES), ("oracle", ORACLES),
                               ("prefill_policy", PREFILL_POLICIES), ("model", tuple(perfmodel.MODELS)),
                               ("gpu", tuple(perfmodel.GPUS))):
-            if getattr(self, name) not in allowed:
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise ReplayConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("trace_path", "topology", "scheduler"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ReplayConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        for name in ("topology_params", "placement", "scheduler_config", "perf_overrides"):
+        for name in ("topology_params", "placement", "scheduler_config", "perf_overrides", "slo"):
             if not isinstance(getattr(self, name), dict):
                 raise ReplayConfigError(f"{name} must be a JSON object, got {getattr(self, name)!r}")
         try:
             perfmodel.build(self.model, self.gpu, self.perf_overrides)
         except perfmodel.PerfModelError as exc:
             raise ReplayConfigError(str(exc)) from None
+        try:
+            SloConfig.from_dict(self.slo)
+        except SloError as exc:
+            raise ReplayConfigError(f"slo: {exc}") from None
 
     # -- (de)serialisation ---------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ReplayConfig":
+        if not isinstance(data, Mapping):
+            raise ReplayConfigError(f"replay config must be a JSON object, got {type(data).__name__}")
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted(set(data) - set(known), key=str)
         if unknown:
             raise ReplayConfigError(f"unknown replay config key {unknown[0]!r}; known: {', '.join(known)}")
         return cls(**dict(data))

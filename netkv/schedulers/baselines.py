@@ -257,24 +257,30 @@ def load_tuned_weights(path: Path = TUNED_WEIGHTS_FILE) -> tuple[dict[str, float
     return out, f"sweep of {data.get('date', '?')} on trace window {window} s ({path.name})"
 
 
-def tuning_window_s(trace_path: Path, path: Path = TUNED_WEIGHTS_FILE) -> tuple[float, float] | None:
-    """The trace window ``[start, end)`` (s) the tuned weights were chosen on,
-    when ``trace_path`` is the trace they were tuned on (same SHA-256); None
-    otherwise or without a tuning result.  Reported windows must not overlap it."""
+def tuning_window_s(trace_path: Path | None = None, path: Path = TUNED_WEIGHTS_FILE) -> tuple[float, float] | None:
+    """``(start_s, end_s)`` of the trace window the weights were tuned on, as the
+    sweep recorded it (``tuning_window_s``), or None without a result file, or
+    when ``trace_path`` is given and is not the trace they were tuned on (its
+    SHA-256 differs).  Evaluation windows must not overlap it
+    (``netkv.stats.evaluation_windows``, ``netkv run``'s window check)."""
     import hashlib
 
+    if not path.exists():
+        return None
     try:
         data = json.loads(path.read_text())
-        start, end = (float(v) for v in data["tuning_window_s"])
-        digest = str(data["trace_sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    try:
-        if hashlib.sha256(trace_path.read_bytes()).hexdigest() != digest:
+        a, b = (float(v) for v in data["tuning_window_s"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: no tuning_window_s [start_s, end_s]: {exc!r}") from None
+    if not (math.isfinite(a) and math.isfinite(b) and 0 <= a < b):
+        raise ValueError(f"{path}: tuning_window_s must be [start_s, end_s] with 0 <= start < end, got {[a, b]}")
+    if trace_path is not None:
+        try:
+            if hashlib.sha256(trace_path.read_bytes()).hexdigest() != str(data.get("trace_sha256")):
+                return None
+        except OSError:
             return None
-    except OSError:
-        return None
-    return start, end
+    return a, b
 
 
 TUNED_DEFAULTS, TUNED_SOURCE = load_tuned_weights()

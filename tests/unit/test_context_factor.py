@@ -88,3 +88,12 @@ def test_replay_config_threads_the_factor_to_its_window() -> None:
     assert [r.input_tokens for r in cfg.window().requests] == [4 * r.input_tokens for r in base.window().requests]
     assert "context_factor [x] (default 1)" in ReplayConfig.help_text()
     assert ReplayConfig.from_dict(cfg.to_dict()).context_factor == 4
+
+
+def test_trace_span_is_the_last_timestamp(tmp_path: Path) -> None:
+    from netkv.traces import trace_span_s
+
+    path = _write(tmp_path, [(0, 10, 1, [1]), (1500, 10, 1, [2]), (98_765, 10, 1, [3])])
+    assert trace_span_s(path) == 98.765
+    last = [line for line in DEFAULT_TRACE.read_text().splitlines() if line.strip()][-1]
+    assert trace_span_s(DEFAULT_TRACE) == json.loads(last)["timestamp"] / 1000.0

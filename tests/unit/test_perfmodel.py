@@ -173,3 +173,25 @@ def test_tp_as_float_whole_number_and_other_override_errors() -> None:
         perfmodel.build(overrides={"allreduce_efficiency": 0.0})
     with pytest.raises(PerfModelError, match="'prefill_mfu' must be a finite number, got nan"):
         perfmodel.build(overrides={"prefill_mfu": float("nan")})
+
+
+def test_rank_flows_add_up_to_the_transfer() -> None:
+    pm = perfmodel.build("llama-3.1-70b")
+    tokens = 5000
+    flows = pm.rank_flow_bytes(tokens * pm.kv_bytes_per_token)
+    assert flows == [tokens * pm.kv_bytes_per_token_per_rank] * pm.tp == [409_600_000] * 4
+    assert pm.rank_flow_bytes(10) == [3, 3, 2, 2]
+    assert PM.rank_flow_bytes(12345) == [12345]
+    with pytest.raises(PerfModelError, match="kv_bytes must be a whole number >= 0, got -1"):
+        pm.rank_flow_bytes(-1)
+
+
+def test_overrides_are_checked_together() -> None:
+    # TP 2 leaves no KV room for 70B with the default memory fraction and reserve, but does when
+    # both are overridden in the same call: the capacity check must see every override at once
+    with pytest.raises(PerfModelError, match="leaves no room"):
+        perfmodel.build("llama-3.1-70b", overrides={"tp": 2})
+    pm = perfmodel.build("llama-3.1-70b", overrides={"tp": 2, "gpu_memory_fraction": 1.0,
+                                                     "activation_reserve_bytes": 1_000_000_000})
+    assert pm.tp == 2 and pm.kv_capacity_tokens == 2 * (80_000_000_000 - pm.weight_bytes_per_gpu
+                                                        - 1_000_000_000) // 327_680

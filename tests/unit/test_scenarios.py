@@ -33,7 +33,7 @@ def test_shipped_scenarios_parse(fattree: topologies.Topology) -> None:
     ({"src": "g0", "dst": "g99", "duration_s": 1, "rate_gbps": 1}, "dst 'g99' is not a GPU host"),
     ({"src": "g0", "dst": "g0", "duration_s": 1, "rate_gbps": 1}, "same host"),
     ({"src": "g0", "dst": "g32", "duration_s": 1, "rate_gbps": 500}, "exceeds the path's bottleneck"),
-    ({"src": "g0", "dst": "g32", "duration_s": 1, "rate_gbps": -1}, "rate_gbps must be a number"),
+    ({"src": "g0", "dst": "g32", "duration_s": 1, "rate_gbps": -1}, "rate_gbps must be a finite number"),
     ({"src": "g0", "dst": "g32", "duration_s": 0.1, "rate_gbps": 1}, "duration_s must be"),
     ({"src": "g0", "dst": "g32", "duration_s": 1, "rate_gbps": 1, "protocol": "sctp"}, "protocol must be"),
     ({"src": "g0", "dst": "g32", "duration_s": 1, "rate_gbps": 1, "rate_gpbs": 2}, "unknown key 'rate_gpbs'"),
