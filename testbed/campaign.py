@@ -20,10 +20,13 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from netkv import stats
 from netkv.paper import PAPER_FIGURES, PAPER_SOURCE
 from netkv.records import read_records
 
-from .report import attainment_curve, ttft_breakdown_ms, write_report
+from netkv.slo import ttft_attainment_curve
+
+from .report import ttft_breakdown_ms, write_report
 
 WINDOW_DIR = re.compile(r"^w(\d+)-")
 # Per-scheduler figures carried across windows (from each window's comparison).
@@ -33,29 +36,15 @@ CAMPAIGN_METRICS = ("ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "ttft_slo_atta
 BASELINES_FOR_PAPER = ("round_robin", "tuned_cache_load")
 
 
-# Student t quantiles t(0.975, df) for df = 1..30; beyond, the normal 1.96.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
-
 def summary(values: list[float]) -> dict[str, Any]:
-    """Mean, 95% interval (Student t over the values as independent samples),
-    the values, and whether the interval excludes zero (``verdict``)."""
-    n = len(values)
-    out: dict[str, Any] = {"n": n, "values": [round(v, 4) for v in values], "mean": None, "ci95": None,
-                           "verdict": "no data" if n == 0 else "n < 2: no interval"}
-    if n == 0:
-        return out
-    mean = sum(values) / n
-    out["mean"] = round(mean, 4)
-    if n >= 2:
-        sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-        half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / n ** 0.5
-        lo, hi = mean - half, mean + half
-        out["ci95"] = [round(lo, 4), round(hi, 4)]
-        out["verdict"] = "significant" if lo > 0 or hi < 0 else "not significant"
-    return out
+    """Mean, 95% interval across windows (netkv.stats.mean_ci), the values and
+    the verdict, as JSON; "no data" without values."""
+    if not values:
+        return {"n": 0, "values": [], "mean": None, "ci95": None, "verdict": "no data"}
+    ci = stats.mean_ci(values)
+    return {"n": ci.n, "values": [round(v, 4) for v in ci.values], "mean": round(ci.mean, 4),
+            "ci95": None if ci.low is None or ci.high is None else [round(ci.low, 4), round(ci.high, 4)],
+            "verdict": ci.verdict}
 
 
 def window_runs(run: Path) -> list[Path]:
@@ -116,7 +105,7 @@ def aggregate(run: Path, comparisons: list[dict[str, Any]]) -> dict[str, Any]:
                 outside.append({"window": w.name, "scheduler": name, "limiting_resource": env.get("limiting_resource")})
     done = window_runs(run)
     breakdown = {name: ttft_breakdown_ms(_pooled(done, name)) for name in names}
-    curves = {name: attainment_curve(_pooled(done, name)) for name in names}
+    curves = {name: [[t, f] for t, f in ttft_attainment_curve(_pooled(done, name))] for name in names}
     return {
         "run_dir": str(run), "scenario": exp.get("scenario"), "schedulers_order": names,
         "windows": [w.name for w in done], "window_starts_s": starts,

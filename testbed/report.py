@@ -26,6 +26,7 @@ from typing import Any
 
 import topologies
 from netkv.records import percentile, read_records
+from netkv.slo import slo_summary
 
 from . import transfers
 from .config import TestbedConfig
@@ -84,8 +85,12 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         "pairs_by_tier": {str(t): n for t, n in sorted(tiers.items())},
         "decision_us_p50": _round(percentile(decision, 50)), "decision_us_p99": _round(percentile(decision, 99)),
         "ttft_breakdown_ms": ttft_breakdown_ms(records),
-        "ttft_slo_attainment_curve": attainment_curve(records),
     }
+    slo = slo_summary(records)
+    out["ttft_slo_attainment_curve"] = slo["ttft_attainment_curve"]
+    out["ttft_slo_attainment_length_aware"] = _round(slo["length_aware_ttft_attainment"], 4)
+    out["tbt_slo_attainment"] = _round(slo["tbt_attainment"], 4)
+    out["slo_settings"] = slo["settings"]
     if slo_ms is not None:
         out["ttft_slo_ms"] = slo_ms
         out["ttft_slo_attainment"] = _round(sum(1 for v in ttft if v <= slo_ms) / len(records), 4) \
@@ -116,10 +121,6 @@ BREAKDOWN_PARTS: tuple[tuple[str, str, str], ...] = (
     ("decode queue", "transfer_end_ms", "decode_admit_ms"),
     ("first step", "decode_admit_ms", "first_token_ms"),
 )
-# TTFT thresholds of the attainment curve (ms).
-ATTAINMENT_THRESHOLDS_MS = (250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0, 32000.0)
-
-
 def ttft_breakdown_ms(records: list[dict[str, Any]]) -> dict[str, float | None]:
     """Mean of each part of TTFT (BREAKDOWN_PARTS) over the ok records."""
     ok = [r for r in records if r.get("status") == "ok"]
@@ -127,16 +128,6 @@ def ttft_breakdown_ms(records: list[dict[str, Any]]) -> dict[str, float | None]:
     for part, a, b in BREAKDOWN_PARTS:
         out[part] = _round(_mean([float(r[b]) - float(r[a]) for r in ok]))
     return out
-
-
-def attainment_curve(records: list[dict[str, Any]],
-                     thresholds_ms: tuple[float, ...] = ATTAINMENT_THRESHOLDS_MS) -> list[list[float]]:
-    """``[[threshold_ms, fraction of requests with TTFT <= threshold], ...]``;
-    every request that entered counts, a failed one as a miss."""
-    if not records:
-        return []
-    ttft = [float(r["ttft_ms"]) for r in records if r.get("status") == "ok" and r.get("ttft_ms") is not None]
-    return [[t, round(sum(1 for v in ttft if v <= t) / len(records), 4)] for t in thresholds_ms]
 
 
 def plot_breakdown(ax: Any, breakdown: dict[str, dict[str, float | None]],
@@ -155,8 +146,9 @@ def plot_breakdown(ax: Any, breakdown: dict[str, dict[str, float | None]],
 
 def plot_attainment(ax: Any, curves: dict[str, list[list[float]]]) -> None:
     for name, curve in curves.items():
-        if curve:
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label=name)
+        pts = [c for c in curve if c[1] is not None]
+        if pts:
+            ax.plot([c[0] for c in pts], [c[1] for c in pts], marker="o", label=name)
     ax.set_xscale("log")
     ax.set_xlabel("TTFT SLO threshold (ms)")
     ax.set_ylabel("fraction of requests within it")
