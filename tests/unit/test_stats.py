@@ -164,3 +164,9 @@ def test_tuning_window_read_from_the_result_file(tmp_path: Path) -> None:
     f.write_text(json.dumps({"weights": {}}))
     with pytest.raises(ValueError, match="no tuning_window_s"):
         baselines.tuning_window_s(f)
+
+
+def test_exact_fits_are_not_lost_to_rounding() -> None:
+    # 0.3 s windows: 3 x 0.1 is not exactly 0.3 in floating point
+    assert len(select_windows(0.9, 0.3, 3)) == 3
+    assert select_windows(1.0, 0.1, 10) == pytest.approx([i * 0.1 for i in range(10)])
