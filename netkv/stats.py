@@ -252,7 +252,8 @@ def select_windows(trace_duration_s: float, window_s: float, count: int,
         cursor = max(cursor, b)
     if cursor < trace_duration_s:
         free.append((cursor, trace_duration_s))
-    slots = [lo + i * window_s for lo, hi in free for i in range(int((hi - lo) // window_s + 1e-9))]
+    # whole windows per free stretch; the 1e-9 keeps an exact fit (600 s / 60 s) from rounding down to 9
+    slots = [lo + i * window_s for lo, hi in free for i in range(max(0, int((hi - lo) / window_s + 1e-9)))]
     if len(slots) < count:
         raise StatsError(
             f"only {len(slots)} disjoint {window_s:g} s windows fit in {trace_duration_s:g} s of trace outside "

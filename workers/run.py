@@ -72,7 +72,8 @@ class ReplayConfig:
     prefill_policy: str = _f("cache_load", "prefill chooser policy (netkv.prefill)", "")
     model: str = _f(perfmodel.DEFAULT_MODEL, "model in netkv.perfmodel.MODELS", "")
     gpu: str = _f(perfmodel.DEFAULT_GPU, "GPU in netkv.perfmodel.GPUS", "")
-    perf_overrides: dict[str, Any] = _f({}, "perf-model assumption overrides (netkv.perfmodel.PERF_OVERRIDE_KEYS)", "")
+    perf_overrides: dict[str, Any] = _f({}, "perf-model overrides: its assumptions and the tensor-parallel degree tp "
+                                          "(netkv.perfmodel.PERF_OVERRIDE_KEYS)", "")
     decode_max_batch: int = _f(128, "requests one decode instance decodes together at most", "requests")
     decode_max_queue: int = _f(64, "requests waiting at one decode instance that the scheduler allows", "requests")
     scale_factor: float = _f(1000.0, "emulated link rates and KV payload bytes are divided by this", "x")

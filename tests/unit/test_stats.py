@@ -154,13 +154,19 @@ def test_evaluation_windows_avoid_the_recorded_tuning_window() -> None:
 
 
 def test_tuning_window_read_from_the_result_file(tmp_path: Path) -> None:
-    assert baselines.tuning_window_s(tmp_path / "none.json") is None
+    assert baselines.tuning_window_s(path=tmp_path / "none.json") is None
     f = tmp_path / "w.json"
     f.write_text(json.dumps({"weights": {"w_cache": 1, "w_load": 1}, "tuning_window_s": [600, 660]}))
-    assert baselines.tuning_window_s(f) == (600.0, 660.0)
+    assert baselines.tuning_window_s(path=f) == (600.0, 660.0)
     f.write_text(json.dumps({"tuning_window_s": [660, 600]}))
     with pytest.raises(ValueError, match="tuning_window_s must be"):
-        baselines.tuning_window_s(f)
+        baselines.tuning_window_s(path=f)
     f.write_text(json.dumps({"weights": {}}))
     with pytest.raises(ValueError, match="no tuning_window_s"):
-        baselines.tuning_window_s(f)
+        baselines.tuning_window_s(path=f)
+
+
+def test_exact_fits_are_not_lost_to_rounding() -> None:
+    # 0.3 s windows: 3 x 0.1 is not exactly 0.3 in floating point
+    assert len(select_windows(0.9, 0.3, 3)) == 3
+    assert select_windows(1.0, 0.1, 10) == pytest.approx([i * 0.1 for i in range(10)])
