@@ -26,7 +26,7 @@ from typing import Any
 
 import topologies
 from netkv.records import percentile, read_records
-from netkv.slo import slo_summary
+from netkv.slo import SloConfig, slo_summary
 
 from . import transfers
 from .config import TestbedConfig
@@ -86,7 +86,7 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         "decision_us_p50": _round(percentile(decision, 50)), "decision_us_p99": _round(percentile(decision, 99)),
         "ttft_breakdown_ms": ttft_breakdown_ms(records),
     }
-    slo = slo_summary(records)
+    slo = slo_summary(records, _slo_config(run_dir))
     out["ttft_slo_attainment_curve"] = slo["ttft_attainment_curve"]
     out["ttft_slo_attainment_length_aware"] = _round(slo["length_aware_ttft_attainment"], 4)
     out["tbt_slo_attainment"] = _round(slo["tbt_attainment"], 4)
@@ -154,6 +154,14 @@ def plot_attainment(ax: Any, curves: dict[str, list[list[float]]]) -> None:
     ax.set_ylabel("fraction of requests within it")
     ax.set_title("TTFT SLO attainment vs threshold (failed = miss)")
     ax.legend(fontsize=8)
+
+
+def _slo_config(run_dir: Path) -> SloConfig | None:
+    """The SLO settings the replay ran with (its config.json), or the defaults."""
+    try:
+        return SloConfig.from_dict(json.loads((run_dir / "config.json").read_text()).get("slo") or {})
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def window_size(run_dir: Path) -> int | None:
