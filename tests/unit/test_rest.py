@@ -52,7 +52,7 @@ def api() -> Api:
 
 
 @pytest.mark.parametrize("path,status,fragment", [
-    ("/", 404, "unknown endpoint"),
+    ("/nope/x", 404, "unknown endpoint"),
     ("/nope", 404, "unknown endpoint"),
     ("/path", 400, "'src' is required"),
     ("/path?src=g0", 400, "'dst' is required"),
