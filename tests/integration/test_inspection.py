@@ -12,17 +12,29 @@ Open vSwitch, os-ken, iperf3, Prometheus, Chromium).
 from __future__ import annotations
 
 import json
+import shutil
+import statistics
+import subprocess
+import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import jsonschema
 import pytest
 
-from bench.telemetry import rest_get
+from bench.telemetry import iperf_result, iperf_server, iperf_udp_client, rest_get, udp_wire_factor
 from testbed.net import Testbed
-from tests.integration.common import running_testbed
+from tests.conftest import free_port
+from tests.integration.common import cross_pair, running_testbed
+
+# the same tolerance as the telemetry tests (tests/integration/test_telemetry.py)
+RATE_TOLERANCE = 0.15
 
 pytestmark = pytest.mark.root
 
@@ -105,3 +117,157 @@ def test_every_route_answers_as_the_openapi_document_says(tb: Testbed) -> None:
     schema = doc["paths"]["/replay"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     jsonschema.Draft202012Validator({**schema, "components": doc["components"]}).validate(json.loads(raw))
     assert rest_get(tb.rest_url, "/replay")["report"] == report
+
+
+@dataclass
+class Flow:
+    src: str
+    dst: str
+    hops: list[tuple[str, str]]
+    offered_wire_bps: float  # emulated bit/s on the wire that iperf3 is asked for
+    t_launch_s: float
+    result: dict[str, float] | None = None
+
+    @property
+    def expected_bps(self) -> float:
+        """What the hops carried, by the receiver's count (wire bits)."""
+        assert self.result is not None
+        return self.result["receiver_bps"] * udp_wire_factor()
+
+
+@contextmanager
+def known_flow(tb: Testbed, seconds: float, port: int) -> Iterator[Flow]:
+    """A UDP iperf3 flow across the core at half the path's narrowest rate;
+    ``result`` is filled in when the block ends (the flow is then over)."""
+    src, dst = cross_pair(tb, "a1")
+    hops = tb.topo.path_hops(src, dst)
+    rate_mbps = 0.5 * min(tb.emulated_mbps(tb.topo.link_between(x, y)) for x, y in hops)
+    server = iperf_server(tb, dst, port)
+    flow = Flow(src, dst, hops, rate_mbps * 1e6 * udp_wire_factor(), time.time())
+    client = iperf_udp_client(tb, src, dst, port, rate_mbps, seconds)
+    try:
+        yield flow
+        flow.result = iperf_result(client)
+        server.wait(timeout=10)
+    finally:
+        for proc in (client, server):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert flow.result["lost_fraction"] < 0.05, f"too much loss for a meaningful comparison: {flow.result}"
+
+
+def idle_hop(tb: Testbed, flow: Flow) -> tuple[str, str]:
+    """A switch-to-switch hop on neither direction of the flow's path."""
+    busy = set(flow.hops) | {(y, x) for x, y in flow.hops}
+    for link in tb.topo.links:
+        if tb.topo.node(link.a).is_gpu or tb.topo.node(link.b).is_gpu or link.tier < 2:
+            continue
+        if (link.a, link.b) not in busy:
+            return link.a, link.b
+    raise AssertionError("no idle core hop on the tiny fabric")
+
+
+# -- Prometheus --------------------------------------------------------------------
+
+PROMETHEUS_CONFIG = """global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: netkv
+    static_configs:
+      - targets: [{target}]
+"""
+
+
+@pytest.fixture()
+def prometheus(tb: Testbed) -> Iterator[str]:
+    """Debian's Prometheus server on 127.0.0.1, scraping the controller every second;
+    its temporary storage and the process (by pid) are removed afterwards."""
+    binary = shutil.which("prometheus")
+    assert binary, "Debian's prometheus package is missing: run scripts/install.sh"
+    port = free_port()
+    target = urllib.parse.urlparse(tb.rest_url).netloc
+    with tempfile.TemporaryDirectory(prefix="netkv-prometheus-") as tmp:
+        config = Path(tmp) / "prometheus.yml"
+        config.write_text(PROMETHEUS_CONFIG.format(target=json.dumps(target)))
+        log = open(Path(tmp) / "prometheus.log", "wb")
+        proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={Path(tmp) / 'data'}",
+                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                                stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, (Path(tmp) / "prometheus.log").read_text()[-2000:]
+                try:
+                    if fetch(url + "/-/ready")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "prometheus did not become ready within 30 s"
+                time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def prom_query(url: str, endpoint: str, **params: str) -> list[dict[str, Any]]:
+    status, _, raw = fetch(f"{url}/api/v1/{endpoint}?{urllib.parse.urlencode(params)}")
+    body = json.loads(raw)
+    assert status == 200 and body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def hop_selector(name: str, hop: tuple[str, str]) -> str:
+    return f'{name}{{job="netkv",src="{hop[0]}",dst="{hop[1]}"}}'
+
+
+def test_prometheus_reads_a_known_flow_on_its_path(tb: Testbed, prometheus: str) -> None:
+    wait_for_samples(tb)
+    deadline = time.monotonic() + 20
+    while not prom_query(prometheus, "query", query='up{job="netkv"} == 1'):
+        assert time.monotonic() < deadline, prom_query(prometheus, "targets")
+        time.sleep(0.5)
+    seconds = 8.0
+    with known_flow(tb, seconds, 5301) as flow:
+        time.sleep(seconds)
+    time.sleep(2.5)  # a poll and a scrape after the flow
+    idle = idle_hop(tb, flow)
+    # steady window: a poll interval and a scrape after the start, a second before the end
+    start, end = flow.t_launch_s + 2.0, flow.t_launch_s + seconds - 1.0
+    scale = rest_get(tb.rest_url, "/status")["scale"]
+    for hop in flow.hops + [idle]:
+        series = prom_query(prometheus, "query_range", query=hop_selector(
+            "netkv_link_emulated_load_bits_per_second", hop), start=f"{start:.3f}", end=f"{end:.3f}", step="0.5")
+        assert len(series) == 1, (hop, series)
+        values = [float(v) for _, v in series[0]["values"]]
+        assert len(values) >= 6, (hop, values)
+        med = statistics.median(values)
+        real = prom_query(prometheus, "query", query=hop_selector("netkv_link_load_bits_per_second", hop),
+                          time=f"{end:.3f}")
+        real_bps = float(real[0]["value"][1])
+        util = float(prom_query(prometheus, "query", query=hop_selector("netkv_link_utilization_ratio", hop),
+                                time=f"{end:.3f}")[0]["value"][1])
+        cap = float(prom_query(prometheus, "query", query=hop_selector("netkv_link_capacity_bits_per_second", hop),
+                               time=f"{end:.3f}")[0]["value"][1])
+        emulated_now = float(prom_query(prometheus, "query", query=hop_selector(
+            "netkv_link_emulated_load_bits_per_second", hop), time=f"{end:.3f}")[0]["value"][1])
+        print(f"prometheus {hop[0]}->{hop[1]}: median {med / 1e6:.3f} Mbit/s over {len(values)} points, expected "
+              f"{flow.expected_bps / 1e6 if hop != idle else 0:.3f}; real-world {real_bps / 1e9:.1f} Gbit/s, "
+              f"utilization {util:.3f}")
+        assert real_bps == pytest.approx(emulated_now * scale, rel=1e-6)
+        assert util == pytest.approx(real_bps / cap, rel=1e-6)
+        if hop == idle:
+            assert med < 0.005 * flow.expected_bps, (hop, values)
+        else:
+            assert med == pytest.approx(flow.expected_bps, rel=RATE_TOLERANCE), (hop, values, flow.expected_bps)
+    # counters are counters: the rounds never went backwards over the run
+    rounds = prom_query(prometheus, "query", query='resets(netkv_poll_rounds_total{job="netkv"}[1m])')
+    assert rounds and float(rounds[0]["value"][1]) == 0

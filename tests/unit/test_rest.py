@@ -169,7 +169,7 @@ def test_metrics_exposition(api: Api) -> None:
         name_labels, value = line.rsplit(" ", 1)
         float(value)
         assert name_labels.startswith("netkv_")
-    busy = [l for l in samples if l.startswith('netkv_link_load_bps{src="t0",dst="a1",tier="2"}')]
+    busy = [l for l in samples if l.startswith('netkv_link_load_bits_per_second{src="t0",dst="a1",tier="2"}')]
     assert len(busy) == 1 and float(busy[0].split()[-1]) == pytest.approx(9e6 * SCALE)
     assert any(l.startswith('netkv_link_utilization_ratio{src="t0",dst="a1"') and l.endswith(" 0.9") for l in samples)
     assert any(l.startswith("netkv_link_telemetry_age_seconds{") for l in samples)
