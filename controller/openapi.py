@@ -155,7 +155,11 @@ def _get(summary: str, schema: dict[str, Any], params: list[dict[str, Any]] | No
 def document() -> dict[str, Any]:
     """The whole OpenAPI document (a fresh dict each call)."""
     paths: dict[str, Any] = {
-        "/": _get("the live fabric view (HTML page; reads the JSON routes below)", STR, content_type="text/html"),
+        "/": _get("the live fabric view (HTML page; reads the JSON routes below)", STR, [
+            _q("link", {"type": "string"}, "open this directed link's history, e.g. t0>a1"),
+            _q("pair", {"type": "string"}, "show this GPU pair's path and oracle estimate, e.g. g0>g3"),
+            _q("bytes", {"type": "integer", "minimum": 0}, "transfer size for the pair, real-world bytes")],
+            content_type="text/html"),
         "/openapi.json": _get("this document", {"type": "object"}),
         "/status": _get("connections, route installation, poller health", _ref("Status")),
         "/topology": _get("the topology description: nodes, links, tiers, rates", _ref("Topology")),

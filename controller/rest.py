@@ -88,7 +88,7 @@ class Api:
         self._allowed: dict[str, set[str]] = {
             "status": set(), "topology": set(), "links": {"tier", "group", "limit"},
             "path": {"src", "dst"}, "oracle": {"src", "dst", "bytes"}, "metrics": set(),
-            "replay": set(), "openapi.json": set(), "": set(),
+            "replay": set(), "openapi.json": set(), "": {"link", "pair", "bytes"},
         }
         self._replay_lock = threading.Lock()
         self._replay_report: dict[str, Any] | None = None
