@@ -12,7 +12,9 @@ Open vSwitch, os-ken, iperf3, Prometheus, Chromium).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -22,6 +24,7 @@ import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -271,3 +274,89 @@ def test_prometheus_reads_a_known_flow_on_its_path(tb: Testbed, prometheus: str)
     # counters are counters: the rounds never went backwards over the run
     rounds = prom_query(prometheus, "query", query='resets(netkv_poll_rounds_total{job="netkv"}[1m])')
     assert rounds and float(rounds[0]["value"][1]) == 0
+
+
+# -- the fabric view in a real browser ----------------------------------------------
+
+def headless_chromium(argv_tail: list[str], timeout_s: float = 60.0) -> str:
+    """Run Debian's chromium headless with a throw-away profile; its stdout.
+    Started in its own session so that the whole browser (it forks helpers)
+    is ended by its process group id if it hangs."""
+    binary = shutil.which("chromium")
+    assert binary, "Debian's chromium package is missing: run scripts/install.sh"
+    with tempfile.TemporaryDirectory(prefix="netkv-chromium-") as profile:
+        proc = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                 "--disable-extensions", f"--user-data-dir={profile}", *argv_tail],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise AssertionError(f"chromium did not finish within {timeout_s} s") from None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode == 0, f"chromium exited with {proc.returncode}"
+    return out.decode()
+
+
+class PageParser(HTMLParser):
+    """The fabric view's DOM as chromium dumped it: every link line's attributes,
+    the body's and the error box's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: dict[tuple[str, str], dict[str, str]] = {}
+        self.body: dict[str, str] = {}
+        self.error = ""
+        self._in_error = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "line" and "link" in a.get("class", "").split():
+            self.links[(a["data-src"], a["data-dst"])] = a
+        elif tag == "body":
+            self.body = a
+        self._in_error = a.get("id") == "error"
+
+    def handle_data(self, data: str) -> None:
+        if self._in_error:
+            self.error += data
+
+
+def load_page(url: str, budget_ms: int = 4000) -> PageParser:
+    dom = headless_chromium([f"--virtual-time-budget={budget_ms}", "--dump-dom", url])
+    page = PageParser()
+    page.feed(dom)
+    return page
+
+
+def test_browser_shows_a_known_flow_on_its_links_and_idle_links_idle(tb: Testbed) -> None:
+    wait_for_samples(tb)
+    page = load_page(tb.rest_url + "/")
+    assert not page.error.strip(), page.error
+    # one line per directed link of the topology, nothing more
+    assert set(page.links) == {h for l in tb.topo.links for h in ((l.a, l.b), (l.b, l.a))}
+    seconds = 8.0
+    with known_flow(tb, seconds, 5302) as flow:
+        time.sleep(seconds / 2)
+        page = load_page(tb.rest_url + "/")
+        t_read = time.time()
+    assert not page.error.strip(), page.error
+    assert int(page.body["data-refreshes"]) >= 2, page.body
+    assert t_read - float(page.body["data-updated-t"]) < 5, "the page read fresh telemetry"
+    idle = idle_hop(tb, flow)
+    for hop in flow.hops + [idle]:
+        attrs = page.links[hop]
+        util = float(attrs["data-util"])
+        capacity_bps = tb.emulated_mbps(tb.topo.link_between(*hop)) * 1e6
+        expected = 0.0 if hop == idle else flow.expected_bps / capacity_bps
+        print(f"page {hop[0]}->{hop[1]}: data-util {util:.4f}, expected {expected:.4f}, "
+              f"data-rate-bps {attrs['data-rate-bps']}, stroke {attrs['stroke']}")
+        if hop == idle:
+            assert util < 0.005, (hop, attrs)
+        else:
+            assert util == pytest.approx(expected, rel=RATE_TOLERANCE), (hop, attrs)
+            assert float(attrs["data-rate-bps"]) == pytest.approx(flow.expected_bps, rel=RATE_TOLERANCE)
