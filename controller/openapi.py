@@ -68,7 +68,9 @@ REPLAY_REPORT = _obj({
     "scheduler": STR,
     "requests_done": {**INT, "minimum": 0},
     "requests_total": {**INT, "minimum": 0},
-    "transfers_in_flight": {"type": "array", "items": _ref("Transfer"), "maxItems": 10_000},
+    "transfers_in_flight": {"type": "array", "items": _ref("Transfer"), "maxItems": 10_000,
+                            "description": "P-to-D KV transfers in flight at any moment since the previous "
+                                           "report (under way now, or ended in between)"},
     "finished": BOOL,
 }, required=["scheduler", "requests_done", "requests_total", "transfers_in_flight"])
 

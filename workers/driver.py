@@ -122,6 +122,7 @@ class Frontend:
         config.validate()
         self.status_url = status_url  # where progress is POSTed (the controller's /replay), or None
         self.status_failures = 0
+        self.sent_since_report: list[dict[str, Any]] = []  # KV transfers that ended since the last report
         self.cfg = config
         self.launcher = launcher
         self.run_dir = run_dir
@@ -292,6 +293,8 @@ class Frontend:
             rec["prefill_cached_tokens"] = int(msg["cached_tokens"])
         elif kind == "sent":
             flight.sent = True
+            if self.status_url is not None:
+                self.sent_since_report.append(self._transfer(flight))
             self.prefill_flights[flight.prefill].discard(rid)  # type: ignore[arg-type]
             rec["transfer_start_ms"] = self.ms(msg["start_s"])
             if flight.done_msg is not None:
@@ -427,12 +430,19 @@ class Frontend:
                 proc.wait()
 
     # -- progress for the controller's fabric view ----------------------------
+    @staticmethod
+    def _transfer(flight: Flight) -> dict[str, Any]:
+        return {"src": flight.prefill, "dst": flight.decode, "bytes": int(flight.rec.get("kv_bytes") or 0)}
+
     def status_report(self, total: int, finished: bool = False) -> dict[str, Any]:
-        """Requests with a record so far, and the KV transfers under way (prefilled, not yet sent)."""
+        """Requests with a record so far, and the KV transfers in flight at any moment
+        since the previous report: those under way now (prefilled, not yet sent) and
+        those that ended in between (most take milliseconds, reports come every 0.5 s)."""
+        flying = [self._transfer(f) for f in self.flights.values() if f.prefilled and not f.sent]
+        flying += self.sent_since_report
+        self.sent_since_report = []
         return {"scheduler": self.cfg.scheduler, "requests_done": len(self.written), "requests_total": total,
-                "transfers_in_flight": [{"src": f.prefill, "dst": f.decode, "bytes": int(f.rec.get("kv_bytes") or 0)}
-                                        for f in self.flights.values() if f.prefilled and not f.sent],
-                "finished": finished}
+                "transfers_in_flight": [] if finished else flying, "finished": finished}
 
     def _post_status(self, report: dict[str, Any]) -> None:
         assert self.status_url is not None
