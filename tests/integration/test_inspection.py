@@ -243,8 +243,11 @@ def test_prometheus_reads_a_known_flow_on_its_path(tb: Testbed, prometheus: str)
         time.sleep(seconds)
     time.sleep(2.5)  # a poll and a scrape after the flow
     idle = idle_hop(tb, flow)
-    # steady window: a poll interval and a scrape after the start, a second before the end
-    start, end = flow.t_launch_s + 2.0, flow.t_launch_s + seconds - 1.0
+    # steady window: from iperf3's own start (whole seconds) plus a poll and a scrape,
+    # to a second before its end
+    assert flow.result is not None
+    began_s = max(flow.t_launch_s, flow.result["start_s"])
+    start, end = began_s + 2.0, began_s + seconds - 1.0
     scale = rest_get(tb.rest_url, "/status")["scale"]
     for hop in flow.hops + [idle]:
         series = prom_query(prometheus, "query_range", query=hop_selector(
@@ -309,6 +312,8 @@ class PageParser(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.links: dict[tuple[str, str], dict[str, str]] = {}
+        self.overlays: list[dict[str, str]] = []  # highlighted paths (picked pair, transfers in flight)
+        self.by_id: dict[str, dict[str, str]] = {}
         self.body: dict[str, str] = {}
         self.error = ""
         self._in_error = False
@@ -317,8 +322,12 @@ class PageParser(HTMLParser):
         a = {k: v or "" for k, v in attrs}
         if tag == "line" and "link" in a.get("class", "").split():
             self.links[(a["data-src"], a["data-dst"])] = a
+        elif tag == "polyline" and a.get("class") in ("picked", "inflight"):
+            self.overlays.append(a)
         elif tag == "body":
             self.body = a
+        if "id" in a:
+            self.by_id[a["id"]] = a
         self._in_error = a.get("id") == "error"
 
     def handle_data(self, data: str) -> None:
@@ -341,7 +350,14 @@ def test_browser_shows_a_known_flow_on_its_links_and_idle_links_idle(tb: Testbed
     assert set(page.links) == {h for l in tb.topo.links for h in ((l.a, l.b), (l.b, l.a))}
     seconds = 8.0
     with known_flow(tb, seconds, 5302) as flow:
-        time.sleep(seconds / 2)
+        # on a busy machine iperf3 may start late: load the page once the flow is on every hop
+        deadline = time.monotonic() + seconds / 2
+        while time.monotonic() < deadline:
+            rows = {(r["src"], r["dst"]): r for r in rest_get(tb.rest_url, "/links")["links"]}
+            if all(rows[h]["rate_bps"] > 0.5 * flow.offered_wire_bps for h in flow.hops):
+                break
+            time.sleep(0.2)
+        time.sleep(tb.config.poll_interval_s + 0.5)  # a whole interval of the flow
         page = load_page(tb.rest_url + "/")
         t_read = time.time()
     assert not page.error.strip(), page.error
@@ -360,3 +376,28 @@ def test_browser_shows_a_known_flow_on_its_links_and_idle_links_idle(tb: Testbed
         else:
             assert util == pytest.approx(expected, rel=RATE_TOLERANCE), (hop, attrs)
             assert float(attrs["data-rate-bps"]) == pytest.approx(flow.expected_bps, rel=RATE_TOLERANCE)
+
+
+def test_browser_shows_the_replay_and_the_picked_pair(tb: Testbed) -> None:
+    wait_for_samples(tb)
+    src, dst = cross_pair(tb, "a1")
+    report = {"scheduler": "round_robin", "requests_done": 7, "requests_total": 40,
+              "transfers_in_flight": [{"src": dst, "dst": src, "bytes": 123456}]}
+    status, _, raw = fetch(tb.rest_url.rstrip("/") + "/replay", json.dumps(report).encode())
+    assert status == 200, raw
+    page = load_page(f"{tb.rest_url}/?pair={src}>{dst}&bytes=5000000000", budget_ms=2000)
+    assert not page.error.strip(), page.error
+    replay = page.by_id["replay"]
+    assert (replay["data-active"], replay["data-scheduler"], replay["data-requests-done"],
+            replay["data-requests-total"]) == ("true", "round_robin", "7", "40"), replay
+    inflight = [o for o in page.overlays if o["class"] == "inflight"]
+    picked = [o for o in page.overlays if o["class"] == "picked"]
+    assert [(o["data-src"], o["data-dst"]) for o in inflight] == [(dst, src)]
+    assert [(o["data-src"], o["data-dst"]) for o in picked] == [(src, dst)]
+    oracle = rest_get(tb.rest_url, f"/oracle?src={src}&dst={dst}&bytes=5000000000")
+    shown_ms = float(page.by_id["pair-result"]["data-transfer-ms"])
+    print(f"page: pair {src}->{dst} oracle {shown_ms:.3f} ms (API now {oracle['telemetry']['transfer_ms']:.3f} ms)")
+    assert shown_ms == pytest.approx(oracle["telemetry"]["transfer_ms"], rel=0.05)
+    # each overlay follows the installed path, node by node
+    path_nodes = rest_get(tb.rest_url, f"/path?src={src}&dst={dst}")["nodes"]
+    assert len(picked[0]["points"].split()) == len(path_nodes)
