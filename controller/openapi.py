@@ -135,8 +135,6 @@ def _q(name: str, schema: dict[str, Any], description: str, required: bool = Fal
 
 
 GPU_PARAM = {"type": "string", "pattern": "^g[0-9]+$"}
-PAIR = [_q("src", GPU_PARAM, "source GPU host, e.g. g0", True),
-        _q("dst", GPU_PARAM, "destination GPU host, e.g. g3", True)]
 LIMIT = _q("limit", {"type": "integer", "minimum": 1, "maximum": 100_000}, "at most this many rows")
 
 
@@ -154,28 +152,38 @@ def _get(summary: str, schema: dict[str, Any], params: list[dict[str, Any]] | No
     return {"get": {"summary": summary, "parameters": params or [], "responses": {"200": answer, **ERRORS}}}
 
 
-def document() -> dict[str, Any]:
-    """The whole OpenAPI document (a fresh dict each call)."""
+def document(gpus: list[str] | None = None, tiers: list[int] | None = None) -> dict[str, Any]:
+    """The whole OpenAPI document (a fresh dict each call).  ``gpus`` and ``tiers``:
+    the running topology's GPU host names and link tiers, which then become the
+    enumerations of the GPU fields and of /links?tier."""
+    tier = {"type": "integer", "enum": list(tiers)} if tiers else {"type": "integer", "minimum": 0, "maximum": 3}
+    gpu = {"type": "string", "enum": list(gpus)} if gpus else GPU_PARAM
+    pair = [_q("src", gpu, "source GPU host, e.g. g0", True),
+            _q("dst", gpu, "destination GPU host (not src), e.g. g3", True)]
+    transfer = {**TRANSFER, "properties": {**TRANSFER["properties"], "src": gpu, "dst": gpu}}
     paths: dict[str, Any] = {
         "/": _get("the live fabric view (HTML page; reads the JSON routes below)", STR, [
-            _q("link", {"type": "string"}, "open this directed link's history, e.g. t0>a1"),
-            _q("pair", {"type": "string"}, "show this GPU pair's path and oracle estimate, e.g. g0>g3"),
-            _q("bytes", {"type": "integer", "minimum": 0}, "transfer size for the pair, real-world bytes")],
+            _q("link", {"type": "string", "pattern": "^[a-z0-9]+>[a-z0-9]+$"},
+               "open this directed link's history, e.g. t0>a1"),
+            _q("pair", {"type": "string", "pattern": "^g[0-9]+>g[0-9]+$"},
+               "show this GPU pair's path and oracle estimate, e.g. g0>g3"),
+            _q("bytes", {"type": "integer", "minimum": 0, "maximum": 1 << 50},
+               "transfer size for the pair, real-world bytes")],
             content_type="text/html"),
         "/openapi.json": _get("this document", {"type": "object"}),
         "/status": _get("connections, route installation, poller health", _ref("Status")),
         "/topology": _get("the topology description: nodes, links, tiers, rates", _ref("Topology")),
         "/links": _get("latest figures of every directed link, busiest first", _ref("Links"), [
-            _q("tier", {"type": "integer", "minimum": 0, "maximum": 3}, "only links of this tier"),
+            _q("tier", tier, "only links of this tier"),
             _q("group", {"type": "string", "enum": ["tier"]}, "also group the rows by tier (by_tier)"),
             LIMIT]),
         "/links/{src}/{dst}": _get("one directed link's history (ring buffer), oldest first", _ref("LinkHistory"), [
             {"name": "src", "in": "path", "required": True, "schema": STR, "description": "node the link leaves"},
             {"name": "dst", "in": "path", "required": True, "schema": STR, "description": "node the link enters"},
             LIMIT]),
-        "/path": _get("the path installed for a GPU pair, with per-hop load", _ref("Path"), PAIR),
+        "/path": _get("the path installed for a GPU pair, with per-hop load", _ref("Path"), pair),
         "/oracle": _get("the network cost oracle's estimate for a transfer of N real-world bytes", _ref("Oracle"),
-                        PAIR + [_q("bytes", {"type": "integer", "minimum": 0, "maximum": 1 << 50},
+                        pair + [_q("bytes", {"type": "integer", "minimum": 0, "maximum": 1 << 50},
                                    "real-world bytes", True)]),
         "/metrics": _get("Prometheus text exposition (format 0.0.4)", STR, content_type="text/plain"),
         "/replay": _get("the replay a running `netkv run` last reported (for the fabric view)", _ref("Replay")),
@@ -197,7 +205,7 @@ def document() -> dict[str, Any]:
         "components": {"schemas": {
             "Error": ERROR, "HopRate": HOP_RATE, "Queue": QUEUE, "LinkRow": LINK_ROW, "Estimate": ESTIMATE,
             "Status": STATUS, "Topology": TOPOLOGY, "Links": LINKS, "LinkHistory": LINK_HISTORY, "Path": PATH,
-            "Oracle": ORACLE, "Transfer": TRANSFER, "ReplayReport": REPLAY_REPORT, "Replay": REPLAY,
+            "Oracle": ORACLE, "Transfer": transfer, "ReplayReport": REPLAY_REPORT, "Replay": REPLAY,
         }},
     }
 

@@ -154,6 +154,7 @@ class Api:
         for key in ("requests_done", "requests_total"):
             if not _whole(report[key]):
                 raise ApiError(400, f"replay report: {key} must be a whole number >= 0, got {report[key]!r}")
+            report[key] = int(report[key])
         if not isinstance(report.get("finished", False), bool):
             raise ApiError(400, "replay report: finished must be true or false")
         transfers = report["transfers_in_flight"]
@@ -164,6 +165,8 @@ class Api:
                     and all(isinstance(t[k], str) for k in ("src", "dst"))
                     and ("bytes" not in t or _whole(t["bytes"]))):
                 raise ApiError(400, f"replay report: a transfer must be {{src, dst[, bytes]}}, got {t!r}")
+            if "bytes" in t:
+                t["bytes"] = int(t["bytes"])
             for name in (t["src"], t["dst"]):
                 node = self.state.topo.nodes.get(name)
                 if node is None or not node.is_gpu:
@@ -336,13 +339,31 @@ class Api:
 
     def _openapi(self, rest: list[str], query: dict[str, list[str]]) -> Any:
         self._no_rest("openapi.json", rest)
-        return openapi.document()
+        return openapi.document(self.state.topo.gpu_names(), sorted({l.tier for l in self.state.topo.links}))
 
     def _page(self, rest: list[str], query: dict[str, list[str]]) -> Any:
+        # the page reads its parameters itself; checked here so that a bad link says so
+        if "link" in query:
+            src, _, dst = self._one(query, "link").partition(">")
+            try:
+                known = src in self.state.topo.nodes and dst in self.state.topo.nodes \
+                    and self.state.topo.link_between(src, dst) is not None
+            except KeyError:
+                known = False
+            if not known:
+                raise ApiError(400, f"link must be SRC>DST of a directed link, e.g. t0>a1, got {query['link'][0]!r}")
+        if "pair" in query:
+            src, _, dst = self._one(query, "pair").partition(">")
+            self._pair({"src": [src], "dst": [dst]})
+        if "bytes" in query:
+            self._int(query, "bytes", 0, MAX_ORACLE_BYTES)
         return Raw("text/html; charset=utf-8", FABRIC_PAGE.read_bytes())
 
 
 def _whole(value: object) -> bool:
+    """A whole number >= 0; JSON's 736.0 is one too (JSON Schema's integer)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -361,6 +382,9 @@ def serve(state: ControllerState, host: str, port: int) -> ThreadingHTTPServer:
             self._send(status, ctype, data)
 
         def do_POST(self) -> None:  # noqa: N802 - http.server naming
+            if urlparse(self.path).path.rstrip("/") != "/replay":
+                self._refuse()
+                return
             try:
                 length = int(self.headers.get("Content-Length") or "0")
             except ValueError:
@@ -378,9 +402,23 @@ def serve(state: ControllerState, host: str, port: int) -> ThreadingHTTPServer:
             self._send(status, ctype, data)
 
         def _refuse(self) -> None:
-            self._send(405, JSON_TYPE, json.dumps({"error": f"method {self.command} not allowed; use GET"}).encode())
+            allow = "GET, POST" if urlparse(self.path).path.rstrip("/") == "/replay" else "GET"
+            data = json.dumps({"error": f"method {self.command} not allowed; use {allow}"}).encode()
+            self.send_response(405)
+            self.send_header("Allow", allow)
+            self.send_header("Content-Type", JSON_TYPE)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
-        do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815
+        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_CONNECT = _refuse  # noqa: N815
+
+        def __getattr__(self, name: str) -> Any:
+            # any other method (http.server would answer 501, a server error): 405 too
+            if name.startswith("do_"):
+                return self._refuse
+            raise AttributeError(name)
 
         def _send(self, status: int, ctype: str, data: bytes) -> None:
             self.send_response(status)

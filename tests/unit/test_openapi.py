@@ -98,3 +98,28 @@ def test_post_elsewhere_is_refused(api: Api) -> None:
 def test_root_serves_the_fabric_page(api: Api) -> None:
     status, ctype, data = api.respond("/")
     assert status == 200 and ctype.startswith("text/html") and b"<html" in data.lower()
+
+
+def test_other_methods_get_405_with_allow_on_the_real_server() -> None:
+    import http.client
+
+    from controller.rest import serve
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = serve(loaded_state(), "127.0.0.1", port)
+    try:
+        for method, path, allow in [("TRACE", "/status", "GET"), ("OPTIONS", "/links", "GET"), ("QUERY", "/", "GET"),
+                                    ("HEAD", "/", "GET"), ("DELETE", "/replay", "GET, POST"),
+                                    ("POST", "/status", None)]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request(method, path)
+            resp = conn.getresponse()
+            body = resp.read()
+            conn.close()
+            assert resp.status == 405, (method, path, resp.status)
+            if allow is not None:
+                assert resp.getheader("Allow") == allow
+            assert (body == b"") == (method == "HEAD")
+    finally:
+        server.shutdown()

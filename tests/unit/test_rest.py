@@ -78,6 +78,12 @@ def api() -> Api:
     ("/links/t0/t1", 404, "no link from 't0' to 't1'"),
     ("/links/zz/t1", 404, "unknown node 'zz'"),
     ("/status/x", 404, "no sub-resources"),
+    ("/?link=t0>t1", 400, "link must be SRC>DST"),
+    ("/?link=zz", 400, "link must be SRC>DST"),
+    ("/?pair=g0>g0", 400, "the same host"),
+    ("/?pair=g0>g99", 404, "unknown GPU host 'g99'"),
+    ("/?bytes=-1", 400, "bytes must be in 0.."),
+    ("/?tab=1", 400, "unknown query parameter 'tab'"),
 ])
 def test_malformed_queries_get_4xx_json_errors(api: Api, path: str, status: int, fragment: str) -> None:
     code, body = api.handle(path)
