@@ -2,7 +2,7 @@
 
 Link loads are exported in real-world bit/s (the emulated rate times the scale
 factor), the same units as the topology's configured rates, so dashboards read
-the fabric being modelled; ``netkv_link_emulated_load_bps`` has the raw figure.
+the fabric being modelled; ``netkv_link_emulated_load_bits_per_second`` has the raw figure.
 """
 
 from __future__ import annotations
@@ -58,15 +58,15 @@ def render(state: ControllerState, now: float) -> str:
     def hop_labels(src: str, dst: str, tier: int) -> list[tuple[str, object]]:
         return [("src", src), ("dst", dst), ("tier", tier)]
 
-    w.family("netkv_link_load_bps", "gauge", "Real-world bit/s carried by the directed link in its latest interval")
+    w.family("netkv_link_load_bits_per_second", "gauge", "Real-world bit/s carried by the directed link in its latest interval")
     for r in rates:
-        w.sample("netkv_link_load_bps", hop_labels(r.src, r.dst, r.tier), r.load_gbps * 1e9)
-    w.family("netkv_link_emulated_load_bps", "gauge", "Emulated bit/s measured on the directed link")
+        w.sample("netkv_link_load_bits_per_second", hop_labels(r.src, r.dst, r.tier), r.load_gbps * 1e9)
+    w.family("netkv_link_emulated_load_bits_per_second", "gauge", "Emulated bit/s measured on the directed link")
     for r in rates:
-        w.sample("netkv_link_emulated_load_bps", hop_labels(r.src, r.dst, r.tier), r.rate_bps)
-    w.family("netkv_link_capacity_bps", "gauge", "Real-world configured rate of the directed link")
+        w.sample("netkv_link_emulated_load_bits_per_second", hop_labels(r.src, r.dst, r.tier), r.rate_bps)
+    w.family("netkv_link_capacity_bits_per_second", "gauge", "Real-world configured rate of the directed link")
     for r in rates:
-        w.sample("netkv_link_capacity_bps", hop_labels(r.src, r.dst, r.tier), r.capacity_gbps * 1e9)
+        w.sample("netkv_link_capacity_bits_per_second", hop_labels(r.src, r.dst, r.tier), r.capacity_gbps * 1e9)
     w.family("netkv_link_utilization_ratio", "gauge", "Latest load divided by configured rate (0..1)")
     for r in rates:
         w.sample("netkv_link_utilization_ratio", hop_labels(r.src, r.dst, r.tier), r.utilization)
@@ -103,9 +103,9 @@ def render(state: ControllerState, now: float) -> str:
     w.family("netkv_poll_replies_missing_total", "counter", "Rounds a switch did not answer before the next round")
     missing = poller["missing_by_switch"]
     assert isinstance(missing, dict)
-    w.sample("netkv_poll_replies_missing_total", [("switch", "all")], int(poller["replies_missing"]))  # type: ignore[call-overload]
-    for name, count in missing.items():
-        w.sample("netkv_poll_replies_missing_total", [("switch", name)], int(count))
+    # one series per switch, zeros included, and no aggregate series: sum() adds them up
+    for name in sorted({sw.name for sw in state.topo.switches} | set(missing)):
+        w.sample("netkv_poll_replies_missing_total", [("switch", name)], int(missing.get(name, 0)))
     w.family("netkv_poll_replies_late_total", "counter", "Replies that arrived after their round was closed")
     w.sample("netkv_poll_replies_late_total", [], int(poller["replies_late"]))  # type: ignore[call-overload]
     w.family("netkv_counter_resets_total", "counter", "Port counters that went backwards (new baseline)")

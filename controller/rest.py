@@ -10,6 +10,10 @@ Endpoints (all GET; JSON unless noted; docs/telemetry.md has examples):
   /oracle?src=gA&dst=gB&bytes=N the network cost oracle's estimate for N real bytes:
                                 telemetry-based and static
   /metrics                      Prometheus text exposition
+  /replay                       the replay a running `netkv run` last reported
+                                (POST /replay: the replay driver reports, JSON)
+  /openapi.json                 the OpenAPI 3 description of all of this (openapi.py)
+  /                             the live fabric view (HTML, fabric.html)
 Malformed queries get a 4xx with {"error": "..."}.
 """
 
@@ -19,17 +23,31 @@ import ipaddress
 import json
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
-from . import metrics
+from . import metrics, openapi
 from .state import ControllerState, hop_rate_json
 
 JSON_TYPE = "application/json"
 MAX_LIMIT = 100_000
 MAX_ORACLE_BYTES = 1 << 50  # 1 PiB: far above any KV payload
+MAX_REPLAY_REPORT_BYTES = 1 << 20
+REPLAY_ACTIVE_S = 5.0  # a replay that has not reported for this long is shown as gone
+FABRIC_PAGE = Path(__file__).with_name("fabric.html")
+REPLAY_KEYS = {"scheduler", "requests_done", "requests_total", "transfers_in_flight", "finished"}
+TRANSFER_KEYS = {"src", "dst", "bytes"}
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A non-JSON answer: its content type and bytes."""
+
+    content_type: str
+    body: bytes
 
 
 class ApiError(Exception):
@@ -63,18 +81,25 @@ class Api:
             "path": self._path,
             "oracle": self._oracle,
             "metrics": self._metrics,
+            "replay": self._replay,
+            "openapi.json": self._openapi,
+            "": self._page,
         }
         self._allowed: dict[str, set[str]] = {
             "status": set(), "topology": set(), "links": {"tier", "group", "limit"},
             "path": {"src", "dst"}, "oracle": {"src", "dst", "bytes"}, "metrics": set(),
+            "replay": set(), "openapi.json": set(), "": {"link", "pair", "bytes"},
         }
+        self._replay_lock = threading.Lock()
+        self._replay_report: dict[str, Any] | None = None
+        self._replay_t_s: float | None = None
 
     def handle(self, raw_path: str) -> tuple[int, Any]:
         """JSON endpoints: (HTTP status, body).  /metrics returns its text as body."""
         url = urlparse(raw_path)
-        parts = [p for p in url.path.split("/") if p]
+        parts = [p for p in url.path.split("/") if p] or [""]
         try:
-            if not parts or parts[0] not in self.routes:
+            if parts[0] not in self.routes:
                 raise ApiError(404, f"unknown endpoint {url.path!r}; known: /{', /'.join(self.routes)}")
             try:
                 query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
@@ -91,9 +116,65 @@ class Api:
     def respond(self, raw_path: str) -> tuple[int, str, bytes]:
         """(HTTP status, content type, body bytes) for the HTTP server."""
         status, body = self.handle(raw_path)
+        if isinstance(body, Raw):
+            return status, body.content_type, body.body
         if isinstance(body, str):
             return status, metrics.CONTENT_TYPE, body.encode()
         return status, JSON_TYPE, json.dumps(body).encode()
+
+    def respond_post(self, raw_path: str, body: bytes) -> tuple[int, str, bytes]:
+        """POST: only /replay takes one (the replay driver's progress report)."""
+        path = urlparse(raw_path).path.rstrip("/")
+        if path != "/replay":
+            return 405, JSON_TYPE, json.dumps({"error": f"POST is only for /replay, not {path or '/'!r}"}).encode()
+        try:
+            answer = self.report_replay(body)
+        except ApiError as exc:
+            return exc.status, JSON_TYPE, json.dumps({"error": str(exc)}).encode()
+        return 200, JSON_TYPE, json.dumps(answer).encode()
+
+    # -- the replay's progress ---------------------------------------------------
+    def report_replay(self, body: bytes) -> dict[str, Any]:
+        """Check and store a replay driver's report (schema ReplayReport in openapi.py)."""
+        if len(body) > MAX_REPLAY_REPORT_BYTES:
+            raise ApiError(413, f"replay report of {len(body)} bytes; at most {MAX_REPLAY_REPORT_BYTES}")
+        try:
+            report = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "replay report is not JSON") from None
+        if not isinstance(report, dict):
+            raise ApiError(400, "replay report must be a JSON object")
+        unknown = sorted(set(report) - REPLAY_KEYS)
+        missing = sorted(REPLAY_KEYS - {"finished"} - set(report))
+        if unknown or missing:
+            raise ApiError(400, f"replay report: unknown keys {unknown}, missing keys {missing}; "
+                                f"known: {sorted(REPLAY_KEYS)}")
+        if not isinstance(report["scheduler"], str):
+            raise ApiError(400, "replay report: scheduler must be a string")
+        for key in ("requests_done", "requests_total"):
+            if not _whole(report[key]):
+                raise ApiError(400, f"replay report: {key} must be a whole number >= 0, got {report[key]!r}")
+            report[key] = int(report[key])
+        if not isinstance(report.get("finished", False), bool):
+            raise ApiError(400, "replay report: finished must be true or false")
+        transfers = report["transfers_in_flight"]
+        if not isinstance(transfers, list) or len(transfers) > 10_000:
+            raise ApiError(400, "replay report: transfers_in_flight must be a list of at most 10000 transfers")
+        for t in transfers:
+            if not (isinstance(t, dict) and set(t) <= TRANSFER_KEYS and {"src", "dst"} <= set(t)
+                    and all(isinstance(t[k], str) for k in ("src", "dst"))
+                    and ("bytes" not in t or _whole(t["bytes"]))):
+                raise ApiError(400, f"replay report: a transfer must be {{src, dst[, bytes]}}, got {t!r}")
+            if "bytes" in t:
+                t["bytes"] = int(t["bytes"])
+            for name in (t["src"], t["dst"]):
+                node = self.state.topo.nodes.get(name)
+                if node is None or not node.is_gpu:
+                    raise ApiError(400, f"replay report: unknown GPU host {name!r} in a transfer")
+        with self._replay_lock:
+            self._replay_report = report
+            self._replay_t_s = self.clock()
+        return self._replay([], {})
 
     # -- argument parsing ---------------------------------------------------------
     def _gpu(self, name: str) -> str:
@@ -247,6 +328,44 @@ class Api:
         self._no_rest("metrics", rest)
         return metrics.render(self.state, self.clock())
 
+    def _replay(self, rest: list[str], query: dict[str, list[str]]) -> Any:
+        self._no_rest("replay", rest)
+        with self._replay_lock:
+            report, t_s = self._replay_report, self._replay_t_s
+        age_s = None if t_s is None else max(0.0, self.clock() - t_s)
+        active = (report is not None and age_s is not None and age_s <= REPLAY_ACTIVE_S
+                  and not report.get("finished", False))
+        return {"active": active, "age_s": age_s, "report": report}
+
+    def _openapi(self, rest: list[str], query: dict[str, list[str]]) -> Any:
+        self._no_rest("openapi.json", rest)
+        return openapi.document(self.state.topo.gpu_names(), sorted({l.tier for l in self.state.topo.links}))
+
+    def _page(self, rest: list[str], query: dict[str, list[str]]) -> Any:
+        # the page reads its parameters itself; checked here so that a bad link says so
+        if "link" in query:
+            src, _, dst = self._one(query, "link").partition(">")
+            try:
+                known = src in self.state.topo.nodes and dst in self.state.topo.nodes \
+                    and self.state.topo.link_between(src, dst) is not None
+            except KeyError:
+                known = False
+            if not known:
+                raise ApiError(400, f"link must be SRC>DST of a directed link, e.g. t0>a1, got {query['link'][0]!r}")
+        if "pair" in query:
+            src, _, dst = self._one(query, "pair").partition(">")
+            self._pair({"src": [src], "dst": [dst]})
+        if "bytes" in query:
+            self._int(query, "bytes", 0, MAX_ORACLE_BYTES)
+        return Raw("text/html; charset=utf-8", FABRIC_PAGE.read_bytes())
+
+
+def _whole(value: object) -> bool:
+    """A whole number >= 0; JSON's 736.0 is one too (JSON Schema's integer)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
 
 def serve(state: ControllerState, host: str, port: int) -> ThreadingHTTPServer:
     """Start the API in a daemon thread; returns the server (call shutdown())."""
@@ -262,10 +381,44 @@ def serve(state: ControllerState, host: str, port: int) -> ThreadingHTTPServer:
                 data = json.dumps({"error": f"internal error: {exc!r}"}).encode()
             self._send(status, ctype, data)
 
-        def _refuse(self) -> None:
-            self._send(405, JSON_TYPE, json.dumps({"error": f"method {self.command} not allowed; use GET"}).encode())
+        def do_POST(self) -> None:  # noqa: N802 - http.server naming
+            if urlparse(self.path).path.rstrip("/") != "/replay":
+                self._refuse()
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or "0")
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_REPLAY_REPORT_BYTES:
+                self._send(413 if length > 0 else 400, JSON_TYPE, json.dumps(
+                    {"error": f"Content-Length must be 0..{MAX_REPLAY_REPORT_BYTES}"}).encode())
+                self.close_connection = True
+                return
+            try:
+                status, ctype, data = api.respond_post(self.path, self.rfile.read(length))
+            except Exception as exc:  # noqa: BLE001 - answer, never drop the connection
+                status, ctype = 500, JSON_TYPE
+                data = json.dumps({"error": f"internal error: {exc!r}"}).encode()
+            self._send(status, ctype, data)
 
-        do_POST = do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815
+        def _refuse(self) -> None:
+            allow = "GET, POST" if urlparse(self.path).path.rstrip("/") == "/replay" else "GET"
+            data = json.dumps({"error": f"method {self.command} not allowed; use {allow}"}).encode()
+            self.send_response(405)
+            self.send_header("Allow", allow)
+            self.send_header("Content-Type", JSON_TYPE)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_CONNECT = _refuse  # noqa: N815
+
+        def __getattr__(self, name: str) -> Any:
+            # any other method (http.server would answer 501, a server error): 405 too
+            if name.startswith("do_"):
+                return self._refuse
+            raise AttributeError(name)
 
         def _send(self, status: int, ctype: str, data: bytes) -> None:
             self.send_response(status)

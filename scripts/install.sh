@@ -18,8 +18,10 @@ die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 # 1. Debian packages.  Mininet 2.3.0 from Debian installs mnexec and the mininet
 #    module for /usr/bin/python3; openvswitch-switch brings ovs-vswitchd/ovsdb;
 #    libjemalloc2 for the switch processes when asked for (switch_jemalloc).
+#    prometheus and chromium: the telemetry inspection tests start their own
+#    (loopback-only) Prometheus server and headless Chromium.
 packages=(mininet openvswitch-switch iperf3 ethtool iputils-ping iproute2 net-tools
-          python3-venv python3-pip ruby procps libjemalloc2)
+          python3-venv python3-pip ruby procps libjemalloc2 prometheus chromium)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,6 +35,23 @@ if [ "${#missing[@]}" -gt 0 ] && [ "${NETKV_SKIP_APT:-0}" != "1" ]; then
     changed=1
 elif [ "${#missing[@]}" -gt 0 ]; then
     die "missing Debian packages: ${missing[*]}"
+fi
+
+# 1b. Debian's prometheus package runs a service on 0.0.0.0:9090 where apt may
+#    start services; the testbed wants none: tests start their own on 127.0.0.1.
+if [ -x /etc/init.d/prometheus ] || [ -f /lib/systemd/system/prometheus.service ]; then
+    if [ -d /run/systemd/system ]; then
+        if systemctl is-enabled -q prometheus 2>/dev/null || systemctl is-active -q prometheus 2>/dev/null; then
+            say "stopping and disabling the packaged prometheus service (tests start their own on 127.0.0.1)"
+            systemctl disable --now -q prometheus || die "could not stop the packaged prometheus service"
+            changed=1
+        fi
+    elif [ -x /etc/init.d/prometheus ] && /etc/init.d/prometheus status >/dev/null 2>&1; then
+        say "stopping the packaged prometheus service (tests start their own on 127.0.0.1)"
+        /etc/init.d/prometheus stop >/dev/null || die "could not stop the packaged prometheus service"
+        update-rc.d prometheus disable >/dev/null 2>&1 || true
+        changed=1
+    fi
 fi
 
 # 2. Open vSwitch, started without systemd when it is not running.

@@ -111,6 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                   f"{report.pings_ok}/{report.pings_total} GPU pairs reachable "
                   f"(by tier distance {dict(sorted(report.pings_by_tier.items()))}) in {report.verify_s:.1f} s")
             print(f"netkv: controller API {tb.rest_url}  (try: netkv status, netkv telemetry)")
+            print(f"netkv: live fabric view {tb.rest_url}/  (a browser on this machine)")
         if args.check:
             return EXIT_OK
         if not args.json:

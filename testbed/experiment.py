@@ -207,7 +207,7 @@ def metered_replay(tb: Any, cfg: Any, launcher: Any, run_dir: Path, *,
     meter.start()
     summary: dict[str, Any] = {}
     try:
-        summary = replay(cfg, launcher, run_dir, oracle=oracle, topology=tb.topo)
+        summary = replay(cfg, launcher, run_dir, oracle=oracle, topology=tb.topo, status_url=tb.rest_url + "/replay")
     finally:
         start = summary.get("run_start_epoch_s")
         envelope = meter.stop((float(start), time.time()) if start else None)
@@ -500,6 +500,7 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
         report = tb.up()
         say(f"fabric up in {report.up_s:.1f} s ({report.datapath} datapath, "
             f"{report.pings_ok}/{report.pings_total} pairs reachable)")
+        say(f"live fabric view {tb.rest_url}/ (the replay shows there while it runs)")
         bringup = json.dumps({"config": tb_cfg.to_json(), "bringup": report.as_dict()}, indent=2, default=str) + "\n"
         for k, (w_dir, w_exp, w_base) in enumerate(windows):
             if w_dir != out:

@@ -32,6 +32,7 @@ import math
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,18 @@ KILL_GRACE_S = 2.0
 
 class ReplayError(RuntimeError):
     """The replay could not run (workers did not start, bad run directory...)."""
+
+
+STATUS_INTERVAL_S = 0.5  # how often a replay tells the controller its progress (for the fabric view)
+
+
+def post_status(url: str, report: dict[str, Any], timeout_s: float = 1.0) -> None:
+    """POST one progress report (schema ReplayReport, controller/openapi.py) to the
+    controller's /replay; raises OSError when it does not answer 200."""
+    req = urllib.request.Request(url, data=json.dumps(report).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        resp.read()
 
 
 @dataclass
@@ -105,8 +118,12 @@ class Frontend:
         oracle: Any = None,
         scheduler: Any = None,
         topology: Any = None,
+        status_url: str | None = None,
     ) -> None:
         config.validate()
+        self.status_url = status_url  # where progress is POSTed (the controller's /replay), or None
+        self.status_failures = 0
+        self.sent_since_report: list[dict[str, Any]] = []  # KV transfers that ended since the last report
         self.cfg = config
         self.launcher = launcher
         self.run_dir = run_dir
@@ -277,6 +294,8 @@ class Frontend:
             rec["prefill_cached_tokens"] = int(msg["cached_tokens"])
         elif kind == "sent":
             flight.sent = True
+            if self.status_url is not None:
+                self.sent_since_report.append(self._transfer(flight))
             self.prefill_flights[flight.prefill].discard(rid)  # type: ignore[arg-type]
             rec["transfer_start_ms"] = self.ms(msg["start_s"])
             if flight.done_msg is not None:
@@ -411,6 +430,37 @@ class Frontend:
                 proc.kill()
                 proc.wait()
 
+    # -- progress for the controller's fabric view ----------------------------
+    @staticmethod
+    def _transfer(flight: Flight) -> dict[str, Any]:
+        return {"src": flight.prefill, "dst": flight.decode, "bytes": int(flight.rec.get("kv_bytes") or 0)}
+
+    def status_report(self, total: int, finished: bool = False) -> dict[str, Any]:
+        """Requests with a record so far, and the KV transfers in flight at any moment
+        since the previous report: those under way now (prefilled, not yet sent) and
+        those that ended in between (most take milliseconds, reports come every 0.5 s)."""
+        flying = [self._transfer(f) for f in self.flights.values() if f.prefilled and not f.sent]
+        flying += self.sent_since_report
+        self.sent_since_report = []
+        return {"scheduler": self.cfg.scheduler, "requests_done": len(self.written), "requests_total": total,
+                "transfers_in_flight": [] if finished else flying, "finished": finished}
+
+    def _post_status(self, report: dict[str, Any]) -> None:
+        assert self.status_url is not None
+        try:
+            post_status(self.status_url, report)
+        except OSError as exc:
+            # the view is a convenience: the replay goes on, and says so once
+            self.status_failures += 1
+            if self.status_failures == 1:
+                print(f"replay: could not report progress to {self.status_url}: {exc}", file=sys.stderr)
+
+    async def report_status(self, total: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await loop.run_in_executor(None, self._post_status, self.status_report(total))
+            await asyncio.sleep(STATUS_INTERVAL_S)
+
     # -- the run ---------------------------------------------------------------
     async def replay_requests(self, requests: list[Request]) -> None:
         for req in requests:
@@ -433,12 +483,19 @@ class Frontend:
 
     async def main(self, requests: list[Request]) -> None:
         server = await asyncio.start_unix_server(self.on_connection, path=str(self.sock_path), limit=MAX_LINE_BYTES)
+        reporter: asyncio.Task[None] | None = None
         try:
             await self.start_workers()
             self.t0 = time.time()
+            if self.status_url is not None:
+                reporter = asyncio.create_task(self.report_status(len(requests)))
             await self.replay_requests(requests)
         finally:
             self.dispatched_all = True
+            if self.status_url is not None:
+                if reporter is not None:
+                    reporter.cancel()
+                self._post_status(self.status_report(len(requests), finished=True))
             await self.stop_workers()
             server.close()
             for writer in list(self.writers.values()):
@@ -503,6 +560,8 @@ class Frontend:
             trace_lines_skipped=len(load.skipped), late_reports=self.late_reports,
             max_dispatch_lag_ms=self.max_dispatch_lag_ms, problems=problems,
         )
+        if self.status_url is not None:
+            summary["status_report_failures"] = self.status_failures
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 

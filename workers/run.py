@@ -186,6 +186,7 @@ def replay(
     oracle: Any = None,
     scheduler: Any = None,
     topology: Any = None,
+    status_url: str | None = None,
 ) -> dict[str, Any]:
     """Run one replay and return its summary (also written to ``summary.json``).
 
@@ -195,10 +196,12 @@ def replay(
     ``scheduler`` replaces ``netkv.schedulers.create(config.scheduler, ...)``
     (tests, custom policies).  ``topology`` replaces building
     ``config.topology`` from the catalog (it must be the same fabric the
-    launcher emulates)."""
+    launcher emulates).  ``status_url``: the controller's ``/replay``, where
+    progress is POSTed every half second for the fabric view."""
     from .driver import Frontend  # heavy imports (schedulers, numpy) only in the frontend
 
-    return Frontend(config, launcher, Path(run_dir), oracle=oracle, scheduler=scheduler, topology=topology).run()
+    return Frontend(config, launcher, Path(run_dir), oracle=oracle, scheduler=scheduler, topology=topology,
+                    status_url=status_url).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ def api() -> Api:
 
 
 @pytest.mark.parametrize("path,status,fragment", [
-    ("/", 404, "unknown endpoint"),
+    ("/nope/x", 404, "unknown endpoint"),
     ("/nope", 404, "unknown endpoint"),
     ("/path", 400, "'src' is required"),
     ("/path?src=g0", 400, "'dst' is required"),
@@ -78,6 +78,12 @@ def api() -> Api:
     ("/links/t0/t1", 404, "no link from 't0' to 't1'"),
     ("/links/zz/t1", 404, "unknown node 'zz'"),
     ("/status/x", 404, "no sub-resources"),
+    ("/?link=t0>t1", 400, "link must be SRC>DST"),
+    ("/?link=zz", 400, "link must be SRC>DST"),
+    ("/?pair=g0>g0", 400, "the same host"),
+    ("/?pair=g0>g99", 404, "unknown GPU host 'g99'"),
+    ("/?bytes=-1", 400, "bytes must be in 0.."),
+    ("/?tab=1", 400, "unknown query parameter 'tab'"),
 ])
 def test_malformed_queries_get_4xx_json_errors(api: Api, path: str, status: int, fragment: str) -> None:
     code, body = api.handle(path)
@@ -169,7 +175,7 @@ def test_metrics_exposition(api: Api) -> None:
         name_labels, value = line.rsplit(" ", 1)
         float(value)
         assert name_labels.startswith("netkv_")
-    busy = [l for l in samples if l.startswith('netkv_link_load_bps{src="t0",dst="a1",tier="2"}')]
+    busy = [l for l in samples if l.startswith('netkv_link_load_bits_per_second{src="t0",dst="a1",tier="2"}')]
     assert len(busy) == 1 and float(busy[0].split()[-1]) == pytest.approx(9e6 * SCALE)
     assert any(l.startswith('netkv_link_utilization_ratio{src="t0",dst="a1"') and l.endswith(" 0.9") for l in samples)
     assert any(l.startswith("netkv_link_telemetry_age_seconds{") for l in samples)
