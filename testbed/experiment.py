@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import scenario as scenario_mod
 from .config import ConfigError, TestbedConfig
@@ -266,7 +266,9 @@ class RestTelemetryPoller:
     A thread fetches the table once per polling interval and the source
     returns the latest copy, so a scheduler's decision never waits for HTTP.
     Each sample keeps the time the switch was measured, so the oracle sees its
-    true age (and falls back to the static estimate when it is too old)."""
+    true age (and falls back to the static estimate when it is too old).
+    ``on_update``, if set, is called in the polling thread with each new
+    snapshot before the source hands it out (the oracle's ``prepare``)."""
 
     def __init__(self, testbed: Any, interval_s: float) -> None:
         from netkv.telemetry import TelemetrySnapshot
@@ -274,6 +276,7 @@ class RestTelemetryPoller:
         self.tb = testbed
         self.interval_s = interval_s
         self.latest = TelemetrySnapshot()
+        self.on_update: Callable[[Any], None] | None = None
         self.fetches = 0
         self.failures = 0
         self._stop = threading.Event()
@@ -295,10 +298,14 @@ class RestTelemetryPoller:
             self.failures += 1
             return
         try:
-            self.latest = TelemetrySnapshot.from_json(body)
-            self.fetches += 1
+            snap = TelemetrySnapshot.from_json(body)
         except ValueError:
             self.failures += 1
+            return
+        if self.on_update is not None:
+            self.on_update(snap)
+        self.latest = snap
+        self.fetches += 1
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -433,8 +440,10 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
             run_dir.mkdir()
             poller = None
             if cfg.oracle == "telemetry":
-                poller = RestTelemetryPoller(tb, tb_cfg.poll_interval_s).start()
+                poller = RestTelemetryPoller(tb, tb_cfg.poll_interval_s)
                 oracle: Any = TelemetryOracle(tb.topo, poller)
+                poller.on_update = oracle.prepare  # per-hop figures in the polling thread
+                poller.start()
             else:
                 oracle = StaticOracle(tb.topo)
             runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")

@@ -115,6 +115,9 @@ class Frontend:
         if config.oracle == "telemetry" and oracle is None:
             raise ReplayError('oracle "telemetry" needs a telemetry oracle: pass oracle= to replay()')
         self.oracle = oracle if oracle is not None else StaticOracle(self.topo)
+        warm = getattr(self.oracle, "warm", None)
+        if warm is not None:
+            warm(self.placement.prefill)  # the paths from every prefill: start-up work, not a decision's
         self.scheduler = scheduler if scheduler is not None else create(
             config.scheduler, config.scheduler_config, kv_bytes_per_token=self.perf.kv_bytes_per_token,
             seed=config.seed,
