@@ -77,8 +77,6 @@ class NetKVScheduler(Scheduler):
         return self._choose_views(request, prefill, decodes, oracle, now_s)
 
     # -- one Python pass over DecodeViews --------------------------------------------
-    # The loop keeps only each tier's best (cost, name, position); the winner's
-    # terms are recomputed once at the end with the same arithmetic.
     def _choose_views(self, request: Request, prefill: str, decodes: Sequence[DecodeView], oracle: Oracle,
                       now_s: float) -> Decision:
         cfg = self.cfg
@@ -87,72 +85,50 @@ class NetKVScheduler(Scheduler):
         need = request.input_tokens + request.output_tokens
         inp = request.input_tokens
         hids = request.hash_ids
-        first = hids[0] if hids else None
         kvb = self.kv_bytes_per_token
         table_fn = getattr(oracle, "transfer_table", None)
         table = table_fn(prefill, now_s) if table_fn is not None else None
         estimate = oracle.estimate
-        # tier -> [cost, name, position in decodes, estimate (without a table)]
+        # tier -> [cost, name, load_ms, transfer_ms, matched, send_tokens, estimate]
         best: dict[int, list[Any]] = {}
         eligible = 0
         oracle_calls = 0
-        est: Estimate | None = None
-        for i, d in enumerate(decodes):
-            active = d.active_batch
-            queued = d.queue_len
-            if not ((active < d.max_batch or queued < d.max_queue) and d.free_kv_tokens >= need):
+        for d in decodes:
+            if not ((d.active_batch < d.max_batch or d.queue_len < d.max_queue) and d.free_kv_tokens >= need):
                 continue
             eligible += 1
+            cached = d.cached_blocks
             matched = 0
-            if first is not None:
-                cached = d.cached_blocks
-                if first in cached:
-                    for h in hids:
-                        if h not in cached:
-                            break
-                        matched += 1
+            for h in hids:
+                if h not in cached:
+                    break
+                matched += 1
             covered = matched * BLOCK_TOKENS
             send = inp - covered if covered < inp else 0
-            ahead = queued + active + 1 - d.max_batch
-            load = (slot_wait * ahead if ahead > 0 else 0.0) + step * active
-            name = d.name
+            ahead = d.queue_len + d.active_batch + 1 - d.max_batch
+            load = (slot_wait * ahead if ahead > 0 else 0.0) + step * d.active_batch
+            est: Estimate | None
             if table is not None:
-                tier, base_ms, ms_per_byte = table[name]
-                cost = w_load * load + w_transfer * (base_ms + send * kvb * ms_per_byte)
+                tier, base_ms, ms_per_byte = table[d.name]
+                transfer = base_ms + send * kvb * ms_per_byte
+                est = None
             else:
-                est = estimate(prefill, name, send * kvb, now_s)
+                est = estimate(prefill, d.name, send * kvb, now_s)
                 oracle_calls += 1
-                tier = est.tier
-                cost = w_load * load + w_transfer * est.transfer_ms
+                tier, transfer = est.tier, est.transfer_ms
+            cost = w_load * load + w_transfer * transfer
             b = best.get(tier)
-            if b is None:
-                best[tier] = [cost, name, i, est]
-            elif cost < b[0] or (cost == b[0] and name < b[1]):
-                b[0], b[1], b[2], b[3] = cost, name, i, est
+            if b is None or cost < b[0] or (cost == b[0] and d.name < b[1]):
+                best[tier] = [cost, d.name, load, transfer, matched, send, est]
         if not best:
             raise no_eligible(request, decodes)
         best_cost = min(b[0] for b in best.values())
         limit = self.band_limit(best_cost)
         tier = min(t for t, b in best.items() if b[0] <= limit)
-        cost, name, i, est = best[tier]
-        d = decodes[i]
-        matched = 0
-        for h in hids:
-            if h not in d.cached_blocks:
-                break
-            matched += 1
-        covered = matched * BLOCK_TOKENS
-        send = inp - covered if covered < inp else 0
-        ahead = d.queue_len + d.active_batch + 1 - d.max_batch
-        load = (slot_wait * ahead if ahead > 0 else 0.0) + step * d.active_batch
-        if table is not None:
-            _, base_ms, ms_per_byte = table[name]
-            transfer = base_ms + send * kvb * ms_per_byte
+        cost, name, load, transfer, matched, send, est = best[tier]
         if est is None:
             est = estimate(prefill, name, send * kvb, now_s)
             oracle_calls += 1
-        if table is None:
-            transfer = est.transfer_ms
         return Decision(
             decode=name,
             score_terms={
