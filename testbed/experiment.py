@@ -442,7 +442,7 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
             if cfg.oracle == "telemetry":
                 poller = RestTelemetryPoller(tb, tb_cfg.poll_interval_s)
                 oracle: Any = TelemetryOracle(tb.topo, poller)
-                poller.on_update = oracle.prepare  # per-hop figures in the polling thread
+                poller.on_update = oracle.prepare  # hop figures and tables computed in the polling thread
                 poller.start()
             else:
                 oracle = StaticOracle(tb.topo)
