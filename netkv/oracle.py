@@ -47,7 +47,9 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, runtime_checkable
+from typing import Callable, Iterable, Mapping, Protocol, runtime_checkable
+
+import numpy as np
 
 from topologies.model import Hop, Topology
 
@@ -259,6 +261,13 @@ class StaticOracle:
             table = self._tables[src] = TransferTable(lambda dst: self.transfer_model(src, dst, 0.0), now_s)
         return table
 
+    def warm(self, sources: Iterable[str]) -> None:
+        """Compute the installed paths from each of ``sources`` to every GPU
+        now (a router's start-up work), not on the first decision from each."""
+        gpus = self.paths.topology.gpu_names()
+        for src in sources:
+            self.paths.warm(src, gpus)
+
     def estimate(self, src: str, dst: str, size_bytes: int, now_s: float) -> Estimate:
         _check_size(size_bytes)
         info = self.paths.get(src, dst)
@@ -273,6 +282,31 @@ class StaticOracle:
 def _check_size(size_bytes: int) -> None:
     if size_bytes < 0:
         raise ValueError(f"size_bytes must be >= 0, got {size_bytes}")
+
+
+@dataclass(frozen=True)
+class _SourceLayout:
+    """The installed paths from one GPU to every GPU, as arrays: row ``k`` is
+    ``dsts[k]``; ``hops[k]`` the indices of its directed hops (padded with
+    the index of a hop that never limits: infinite bandwidth and age, always
+    measured); ``linked[k]`` is False for the source itself."""
+
+    dsts: list[str]
+    tier: list[int]
+    base_latency_ms: list[float]
+    static_ms_per_byte: np.ndarray
+    hops: np.ndarray  # (len(dsts), longest path) hop indices
+    linked: np.ndarray  # bool
+
+
+@dataclass(frozen=True)
+class _HopState:
+    """Every directed hop of the topology under one snapshot, by hop index
+    (the last two slots: the padding hop and where unknown hops go)."""
+
+    available_gbps: np.ndarray  # max(capacity - load, floor); inf where unmeasured
+    t_s: np.ndarray  # when measured; inf where unmeasured
+    measured: np.ndarray  # bool
 
 
 @dataclass(frozen=True)
@@ -319,6 +353,15 @@ class TelemetryOracle:
         self._state: dict[tuple[str, str], _PairState] = {}
         self._snapshot_epoch = 0
         self._tables: dict[str, TransferTable] = {}
+        self._hop_index: dict[Hop, int] = {}
+        for link in topology.links:
+            for hop in ((link.a, link.b), (link.b, link.a)):
+                self._hop_index.setdefault(hop, len(self._hop_index))
+        self._layouts: dict[str, _SourceLayout] = {}
+        self._hop_state: tuple[int, _HopState] | None = None  # (snapshot epoch, state)
+        # see prepare(): (snapshot, its hop figures, tables of the sources in use)
+        self._prepared: tuple[TelemetrySnapshot, _HopState, dict[str, TransferTable]] | None = None
+        self._sources_in_use: set[str] = set()  # sources a decision has asked for a table
 
     def tier(self, src: str, dst: str) -> int:
         return self.paths.get(src, dst).tier
@@ -405,20 +448,105 @@ class TelemetryOracle:
         table.now_s = now_s
         return table
 
-    def _new_table(self, src: str, now_s: float) -> TransferTable:
-        def fill(dst: str) -> TransferModel:
-            info, available, _, _ = self._resolve(src, dst, table.now_s)
-            if available is None:
-                return info.tier, info.base_latency_ms, info.static_ms_per_byte
-            if self.max_age_ms is not None:
-                oldest = self._state[(src, dst)].oldest_t_s
-                assert oldest is not None
-                expires = oldest + self.max_age_ms / 1000.0
-                if expires < table.valid_until_s:
-                    table.valid_until_s = expires
-            return info.tier, info.base_latency_ms, ms_per_byte(available)
+    # The table of one source is computed for every GPU at once with numpy:
+    # per snapshot, one pass over its samples gives every hop's available
+    # bandwidth and time (shared by all sources); per source, a gather over
+    # its path-hop matrix and a row minimum give each destination's.  The
+    # arithmetic is the one of ``_pair_state`` and ``_resolve`` element by
+    # element (same operations, same order, IEEE doubles), so the table holds
+    # exactly what ``transfer_model`` answers at ``now_s``.
+    def _layout(self, src: str) -> _SourceLayout:
+        lay = self._layouts.get(src)
+        if lay is None:
+            dsts = self.paths.topology.gpu_names()
+            infos = [self.paths.get(src, dst) for dst in dsts]
+            pad = len(self._hop_index)
+            width = max([len(info.hops) for info in infos] + [1])
+            hops = np.full((len(dsts), width), pad, dtype=np.intp)
+            for k, info in enumerate(infos):
+                if info.hops:
+                    hops[k, :len(info.hops)] = [self._hop_index[h] for h in info.hops]
+            lay = self._layouts[src] = _SourceLayout(
+                dsts, [info.tier for info in infos], [info.base_latency_ms for info in infos],
+                np.array([info.static_ms_per_byte for info in infos], dtype=np.float64), hops,
+                np.array([bool(info.hops) for info in infos]),
+            )
+        return lay
 
-        table = TransferTable(fill, now_s)
+    def warm(self, sources: Iterable[str]) -> None:
+        """Compute the installed paths from each of ``sources`` to every GPU
+        and their hop matrix now (a router's start-up work), not on the first
+        decision from each source."""
+        for src in sources:
+            self._layout(src)
+
+    def prepare(self, snapshot: TelemetrySnapshot, now_s: float | None = None) -> None:
+        """The per-hop figures of ``snapshot`` and the transfer table of every
+        source decisions have asked about, computed ahead of their first use.
+
+        For a telemetry poller to call from its own thread with each new
+        snapshot before its source hands it out, so that a refresh is not on
+        a decision's path.  It reads the snapshot and sets one reference
+        (``now_s``, default the wall clock, is the tables' creation time).  A
+        decision that meets the same snapshot object at a time its table is
+        valid for (``created_s <= now_s <= valid_until_s``: a sample stale at
+        creation is stale later, and the table expires when its first fresh
+        one ages out) uses the prepared table, which then holds what it would
+        have computed; otherwise it computes as usual."""
+        now = time.time() if now_s is None else now_s
+        hops = self._hop_figures(snapshot)
+        tables = {src: self._table_from(src, hops, now) for src in list(self._sources_in_use)}
+        self._prepared = (snapshot, hops, tables)
+
+    def _hops_now(self, snap: TelemetrySnapshot) -> _HopState:
+        if self._hop_state is not None and self._hop_state[0] == self._snapshot_epoch:
+            return self._hop_state[1]
+        prepared = self._prepared
+        state = prepared[1] if prepared is not None and prepared[0] is snap else self._hop_figures(snap)
+        self._hop_state = (self._snapshot_epoch, state)
+        return state
+
+    def _hop_figures(self, snap: TelemetrySnapshot) -> _HopState:
+        n = len(self._hop_index)
+        index = self._hop_index.get
+        rows = [(index(hop, n + 1), s.capacity_gbps, s.load_gbps, s.t_s) for hop, s in snap.samples.items()]
+        available = np.full(n + 2, math.inf)
+        t_s = np.full(n + 2, math.inf)
+        measured = np.zeros(n + 2, dtype=bool)
+        if rows:
+            cols = np.array(rows, dtype=np.float64)
+            at = cols[:, 0].astype(np.intp)
+            capacity = cols[:, 1]
+            available[at] = np.maximum(capacity - cols[:, 2], self.min_available_fraction * capacity)
+            t_s[at] = cols[:, 3]
+            measured[at] = True
+        available[n] = t_s[n] = math.inf  # the padding hop (unknown hops may have landed on n + 1)
+        measured[n] = True
+        return _HopState(available, t_s, measured)
+
+    def _new_table(self, src: str, now_s: float) -> TransferTable:
+        snap = self.snapshot(now_s)
+        prepared = self._prepared
+        if prepared is not None and prepared[0] is snap:
+            table = prepared[2].get(src)
+            if table is not None and table.created_s <= now_s <= table.valid_until_s:
+                return table
+        self._sources_in_use.add(src)
+        return self._table_from(src, self._hops_now(snap), now_s)
+
+    def _table_from(self, src: str, hs: _HopState, now_s: float) -> TransferTable:
+        lay = self._layout(src)
+        available = hs.available_gbps[lay.hops].min(axis=1)
+        oldest = hs.t_s[lay.hops].min(axis=1)
+        usable = hs.measured[lay.hops].all(axis=1) & lay.linked
+        if self.max_age_ms is not None:
+            # _resolve: a negative age counts as 0, which never exceeds max_age_ms > 0
+            usable &= ~((now_s - oldest) * 1000.0 > self.max_age_ms)
+        mpb = np.where(usable, 8.0 / (available * 1e6), lay.static_ms_per_byte)  # available > 0: the floor
+        table = TransferTable(lambda dst: self.transfer_model(src, dst, table.now_s), now_s)
+        table.update(zip(lay.dsts, zip(lay.tier, lay.base_latency_ms, mpb.tolist())))
+        if self.max_age_ms is not None and usable.any():
+            table.valid_until_s = float((oldest[usable] + self.max_age_ms / 1000.0).min())
         return table
 
     def estimate(self, src: str, dst: str, size_bytes: int, now_s: float) -> Estimate:

@@ -49,6 +49,11 @@ RECORD_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("tier_distance", "int|null", "highest link tier between prefill and decode (0 server .. 3 core)"),
     FieldSpec("scheduler", "str", "decode scheduler under test"),
     FieldSpec("decision_us", "float|null", "wall time the decode scheduler took to decide, microseconds"),
+    FieldSpec("decision_cpu_us", "float|null",
+              "CPU time of the frontend's thread during that decision, microseconds (decision_us minus this: "
+              "time the thread was off the CPU: preempted, or waiting for the GIL)"),
+    FieldSpec("views_build_us", "float|null",
+              "wall time the frontend took to build the decode views the scheduler was given, microseconds"),
     FieldSpec("score_terms", "dict", "the scheduler's score terms for the chosen decode"),
     FieldSpec("estimate_transfer_ms", "float|null", "the oracle's transfer-time estimate for the chosen pair"),
     FieldSpec("prefill_cached_tokens", "int|null", "prompt tokens found in the prefill instance's prefix cache"),

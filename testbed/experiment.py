@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from netkv.slo import FLAT_TTFT_SLO_MS
 
@@ -282,7 +282,9 @@ class RestTelemetryPoller:
     A thread fetches the table once per polling interval and the source
     returns the latest copy, so a scheduler's decision never waits for HTTP.
     Each sample keeps the time the switch was measured, so the oracle sees its
-    true age (and falls back to the static estimate when it is too old)."""
+    true age (and falls back to the static estimate when it is too old).
+    ``on_update``, if set, is called in the polling thread with each new
+    snapshot before the source hands it out (the oracle's ``prepare``)."""
 
     def __init__(self, testbed: Any, interval_s: float, series_path: Path | None = None) -> None:
         from netkv.telemetry import TelemetrySnapshot
@@ -294,6 +296,7 @@ class RestTelemetryPoller:
         # so that a report can draw link utilisation over time.
         self._series = series_path.open("a") if series_path is not None else None
         self.latest = TelemetrySnapshot()
+        self.on_update: Callable[[Any], None] | None = None
         self.fetches = 0
         self.failures = 0
         self._stop = threading.Event()
@@ -315,14 +318,17 @@ class RestTelemetryPoller:
             self.failures += 1
             return
         try:
-            self.latest = TelemetrySnapshot.from_json(body)
-            self.fetches += 1
+            snap = TelemetrySnapshot.from_json(body)
         except ValueError:
             self.failures += 1
             return
+        if self.on_update is not None:
+            self.on_update(snap)
+        self.latest = snap
+        self.fetches += 1
         if self._series is not None:
-            rows = [[s.src, s.dst, round(s.utilization, 4), round(s.load_gbps, 3), s.drops]
-                    for s in self.latest.samples.values()]
+            rows = [[x.src, x.dst, round(x.utilization, 4), round(x.load_gbps, 3), x.drops]
+                    for x in snap.samples.values()]
             self._series.write(json.dumps({"t_s": round(time.time(), 3), "links": rows}) + "\n")
             self._series.flush()
 
@@ -538,9 +544,11 @@ def _replay_schedulers(tb: Any, datapath: str, schedulers: list[str], base: Any,
         run_dir.mkdir()
         poller = None
         if cfg.oracle == "telemetry":
-            poller = RestTelemetryPoller(tb, tb.config.poll_interval_s, series_path=run_dir / TELEMETRY_SERIES).start()
+            poller = RestTelemetryPoller(tb, tb.config.poll_interval_s, series_path=run_dir / TELEMETRY_SERIES)
             oracle: Any = (StaleOracle(tb.topo, poller, cfg.telemetry_delay_ms) if cfg.telemetry_delay_ms
                            else TelemetryOracle(tb.topo, poller))
+            poller.on_update = oracle.prepare  # hop figures and tables computed in the polling thread
+            poller.start()
         else:
             oracle = StaticOracle(tb.topo)
         runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")

@@ -12,8 +12,9 @@ same ratio for transfers on idle paths only, overall and per tier distance
 (the emulator's fidelity: on a path that no other transfer and no background
 flow used, the modelled network adds nothing, so what is left is the
 emulator's own cost), the tier distance of the chosen prefill/decode pairs, decision
-latency, and the switch process's CPU (the emulator's envelope).  Then, for
-every scheduler, the change of its mean TTFT against each other one.
+latency (wall, and the frontend thread's CPU time: their gap is time off the
+CPU), and the switch process's CPU (the emulator's envelope).  Then, for every
+scheduler, the change of its mean TTFT against each other one.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
     for xfer in idle:
         idle_by_tier.setdefault(xfer.tier_distance, []).append(xfer.ratio)
     decision = [float(r["decision_us"]) for r in records if r.get("decision_us") is not None]
+    # Records written before these fields existed lack them (None here).
+    decision_cpu = [float(r["decision_cpu_us"]) for r in records if r.get("decision_cpu_us") is not None]
+    views_build = [float(r["views_build_us"]) for r in records if r.get("views_build_us") is not None]
     tbt = [float(r["tbt_mean_ms"]) for r in ok if r.get("tbt_mean_ms") is not None]
     reasons: dict[str, int] = {}
     for r in records:
@@ -85,6 +89,9 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         "pairs_by_tier": {str(t): n for t, n in sorted(tiers.items())},
         "decision_us_p50": _round(percentile(decision, 50)), "decision_us_p99": _round(percentile(decision, 99)),
         "ttft_breakdown_ms": ttft_breakdown_ms(records),
+        "decision_cpu_us_p50": _round(percentile(decision_cpu, 50)),
+        "decision_cpu_us_p99": _round(percentile(decision_cpu, 99)),
+        "views_build_us_p99": _round(percentile(views_build, 99)),
     }
     slo = slo_summary(records, _slo_config(run_dir))
     out["ttft_slo_attainment_curve"] = slo["ttft_attainment_curve"]
@@ -357,7 +364,7 @@ def render_table(comparison: dict[str, Any]) -> str:
             ("ttft_slo_attainment", "SLO att."), ("transfer_mean_ms", "xfer mean"),
             ("transfer_ratio_p50", "xfer/ideal p50"), ("idle_transfer_ratio_p90", "idle/ideal p90"),
             ("tbt_mean_ms", "TBT mean"),
-            ("decision_us_p99", "decide p99 us")]
+            ("decision_us_p99", "decide p99 us"), ("decision_cpu_us_p99", "decide cpu p99")]
     lines = [f"{'scheduler':20s}" + "".join(f"{h:>15s}" for _, h in cols)]
     for name, m in comparison["schedulers"].items():
         row = f"{name:20s}"

@@ -133,6 +133,9 @@ class Frontend:
         if config.oracle == "telemetry" and oracle is None:
             raise ReplayError('oracle "telemetry" needs a telemetry oracle: pass oracle= to replay()')
         self.oracle = oracle if oracle is not None else StaticOracle(self.topo)
+        warm = getattr(self.oracle, "warm", None)
+        if warm is not None:
+            warm(self.placement.prefill)  # the paths from every prefill: start-up work, not a decision's
         self.scheduler = scheduler if scheduler is not None else create(
             config.scheduler, config.scheduler_config, kv_bytes_per_token=self.perf.kv_bytes_per_token,
             seed=config.seed,
@@ -216,6 +219,7 @@ class Frontend:
         except PrefillChoiceError as exc:
             self._fail_undispatched(req, f"no prefill: {exc}")
             return
+        views_started = time.perf_counter()
         views = [
             DecodeView(
                 d.name, d.queued, d.active, self.cfg.decode_max_batch,
@@ -224,9 +228,13 @@ class Frontend:
             )
             for d in self.decodes.values() if d.alive
         ]
+        views_build_us = (time.perf_counter() - views_started) * 1e6
         if not views:
             self._fail_undispatched(req, "no decode: no live decode instance", prefill=choice.name)
             return
+        # Wall and thread CPU time of the decision: their difference is time
+        # this thread was off the CPU (preempted, or another thread held the GIL).
+        cpu_started = time.thread_time()
         started = time.perf_counter()
         try:
             decision = self.scheduler.choose(req, choice.name, views, self.oracle, time.time())
@@ -234,9 +242,11 @@ class Frontend:
             self._fail_undispatched(
                 req, f"no eligible decode: {exc}", prefill=choice.name,
                 decision_us=(time.perf_counter() - started) * 1e6,
+                decision_cpu_us=(time.thread_time() - cpu_started) * 1e6, views_build_us=views_build_us,
             )
             return
         decision_us = (time.perf_counter() - started) * 1e6
+        decision_cpu_us = (time.thread_time() - cpu_started) * 1e6
         if decision.decode not in self.decodes or not self.decodes[decision.decode].alive:
             raise ReplayError(f"scheduler chose {decision.decode!r}, which is not a live decode instance")
         kv_bytes = int(decision.bytes_to_send)
@@ -246,7 +256,8 @@ class Frontend:
         rec.update(
             prefill=choice.name, decode=decision.decode,
             tier_distance=self.topo.tier_distance(choice.name, decision.decode),
-            decision_us=decision_us, score_terms={k: float(v) for k, v in decision.score_terms.items()},
+            decision_us=decision_us, decision_cpu_us=decision_cpu_us, views_build_us=views_build_us,
+            score_terms={k: float(v) for k, v in decision.score_terms.items()},
             estimate_transfer_ms=None if est is None else float(est.transfer_ms),
             tokens_sent=int(decision.tokens_to_send), kv_bytes=kv_bytes, bytes_sent=wire_bytes,
         )

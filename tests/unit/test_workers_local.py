@@ -138,6 +138,10 @@ def test_records_are_consistent_with_the_trace_and_model(
             assert rec["completion_ms"] - rec["first_token_ms"] == pytest.approx(
                 rec["tbt_mean_ms"] * (rec["output_tokens"] - 1), rel=1e-6)
         assert rec["ttft_ms"] >= rec["transfer_end_ms"] - rec["arrival_ms"]
+        # the decision's wall time, its CPU time (never more than the wall time
+        # plus the clock reads around it) and the time to build the views
+        assert rec["decision_us"] > 0 and rec["views_build_us"] > 0
+        assert 0 < rec["decision_cpu_us"] <= rec["decision_us"] + 50.0
     # every request shares block 0, so the prefill caches were hit
     assert any(r["prefill_cached_tokens"] >= 512 for r in recs.values())
     topo = catalog.build("fattree")
