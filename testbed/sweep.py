@@ -34,14 +34,27 @@ class Knob:
     parse: Callable[[str], Any]
     schedulers: tuple[str, ...] | None  # None: the base experiment's
     help: str
+    # For knobs that multiply the KV bytes of every transfer: the factor by
+    # which the point's scale grows with the value, so that the bytes on the
+    # wire per transfer, hence the packets per transfer, the packet rate and
+    # the htb bucket's share of a transfer, stay those of the base point while
+    # every emulated time stays the real one (scale k: rates and bytes both /k).
+    scale_factor_of: Callable[[Any], float] | None = None
 
 
 _SCHEDULERS_THEOREM = ("round_robin", "cache_aware", "kv_router", "tuned_cache_load", "netkv")
 
+def _kv_ratio(model: Any) -> float:
+    from netkv import perfmodel
+
+    return perfmodel.MODELS[str(model)].kv_bytes_per_token / perfmodel.MODELS[perfmodel.DEFAULT_MODEL].kv_bytes_per_token
+
+
 SWEEPS: dict[str, Knob] = {k.name: k for k in (
     Knob("context", "replay", "context_factor", (1, 2, 4, 8), int, _SCHEDULERS_THEOREM,
          "context-length factor k: every request's input length and prefix blocks times k, arrivals kept "
-         "(the gap between cache-aware-only scheduling and NetKV should grow with k)"),
+         "(the gap between cache-aware-only scheduling and NetKV should grow with k); the scale grows "
+         "with k so the packets per transfer stay the base point's", scale_factor_of=float),
     Knob("staleness", "replay", "telemetry_delay_ms", (0.0, 500.0, 1000.0, 2000.0, 5000.0), float, None,
          "telemetry the oracle sees is this many ms older than the latest poll (stale oracle)"),
     Knob("poll", "testbed", "poll_interval_s", (0.1, 0.5, 1.0, 2.0, 5.0), float, None,
@@ -51,7 +64,8 @@ SWEEPS: dict[str, Knob] = {k.name: k for k in (
     Knob("oversub", "params", "agg_oversub", (1.0, 2.0, 4.0, 8.0), float, None,
          "core oversubscription: pod downlink capacity / core uplink capacity"),
     Knob("model", "replay", "model", ("llama-3.1-8b", "llama-2-7b", "llama-2-13b"), str, None,
-         "model, i.e. KV bytes per token (netkv.perfmodel.MODELS)"),
+         "model, i.e. KV bytes per token (netkv.perfmodel.MODELS); the scale grows with the KV bytes "
+         "per token so the packets per transfer stay the base point's", scale_factor_of=_kv_ratio),
 )}
 
 
@@ -74,6 +88,15 @@ def point_experiment(base: ExperimentConfig, knob: Knob, value: Any, out: Path,
         exp.testbed[knob.key] = value
     else:
         exp.testbed.setdefault("params", {})[knob.key] = value
+    if knob.scale_factor_of is not None:
+        from .config import TestbedConfig
+
+        try:
+            factor = float(knob.scale_factor_of(value))
+        except (KeyError, ValueError, TypeError):
+            factor = 1.0  # an unknown value: prepare() refuses it with its own message
+        base_scale = float(exp.testbed.get("scale", TestbedConfig().scale))
+        exp.testbed["scale"] = base_scale * factor
     if knob.schedulers is not None and not keep_schedulers:
         exp.schedulers = list(knob.schedulers)
     if not exp.window_starts_s:

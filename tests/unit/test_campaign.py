@@ -121,6 +121,13 @@ def test_sweep_points_differ_from_the_base_in_their_knob_only(tmp_path: Path) ->
     ctx = SWEEPS["context"]
     assert point_experiment(base, ctx, 2, tmp_path).schedulers == list(ctx.schedulers or ())
     assert point_experiment(base, ctx, 2, tmp_path, keep_schedulers=True).schedulers == ["round_robin", "netkv"]
+    # a knob that multiplies every transfer's bytes scales the emulation with it, nothing else
+    scaled = {**base.testbed, "scale": 40_000.0}
+    four = point_experiment(ExperimentConfig(testbed=scaled, replay={"duration_s": 30.0}), ctx, 4, tmp_path)
+    assert four.testbed["scale"] == 160_000.0 and four.replay["context_factor"] == 4
+    big = point_experiment(ExperimentConfig(testbed=scaled), SWEEPS["model"], "llama-2-13b", tmp_path)
+    assert big.testbed["scale"] == 40_000.0 * 819_200 / 131_072 and big.replay["model"] == "llama-2-13b"
+    assert point_experiment(ExperimentConfig(testbed=scaled), SWEEPS["load"], 3.0, tmp_path).testbed["scale"] == 40_000.0
 
 
 def test_bad_sweep_values_are_refused_with_the_point_named(tmp_path: Path) -> None:
