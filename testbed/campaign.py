@@ -78,21 +78,24 @@ def aggregate(run: Path, comparisons: list[dict[str, Any]]) -> dict[str, Any]:
         per[name] = {key: summary([r[key] for r in rows if r and r.get(key) is not None])
                      for key in CAMPAIGN_METRICS}
     changes: dict[str, dict[str, Any]] = {}
+    changes_ms: dict[str, dict[str, Any]] = {}
     slo_changes: dict[str, dict[str, Any]] = {}
     for a in names:
         for b in names:
             if a == b:
                 continue
-            pct, pp = [], []
+            pct, diff_ms, pp = [], [], []
             for c in comparisons:
                 ma, mb = c["schedulers"].get(a), c["schedulers"].get(b)
                 if not ma or not mb or ma["partial"] or mb["partial"]:
                     continue  # a partial replay's requests are not its window's
                 if ma["ttft_mean_ms"] is not None and mb["ttft_mean_ms"]:
                     pct.append(100.0 * (ma["ttft_mean_ms"] / mb["ttft_mean_ms"] - 1))
+                    diff_ms.append(ma["ttft_mean_ms"] - mb["ttft_mean_ms"])
                 if ma.get("ttft_slo_attainment") is not None and mb.get("ttft_slo_attainment") is not None:
                     pp.append(100.0 * (ma["ttft_slo_attainment"] - mb["ttft_slo_attainment"]))
             changes.setdefault(a, {})[b] = summary(pct)
+            changes_ms.setdefault(a, {})[b] = summary(diff_ms)
             slo_changes.setdefault(a, {})[b] = summary(pp)
     accounting = []
     outside = []
@@ -114,6 +117,7 @@ def aggregate(run: Path, comparisons: list[dict[str, Any]]) -> dict[str, Any]:
         "window_length_s": exp.get("replay", {}).get("duration_s"),
         "schedulers": per,
         "ttft_mean_change_pct": changes,
+        "ttft_mean_change_ms": changes_ms,
         "ttft_slo_attainment_change_pp": slo_changes,
         "ttft_breakdown_ms": breakdown,
         "ttft_slo_attainment_curve": curves,
@@ -122,7 +126,8 @@ def aggregate(run: Path, comparisons: list[dict[str, Any]]) -> dict[str, Any]:
         "outside_envelope": outside,
         "versus_paper": versus_paper(names, changes, slo_changes, per),
         "note": ("mean [95% CI] across windows (Student t); a change is paired by window: "
-                 "(mean TTFT of row / of column - 1) x 100, negative is better; "
+                 "(mean TTFT of row / of column - 1) x 100, negative is better "
+                 "(ttft_mean_change_ms: the same pairing as a difference in ms); "
                  "significant only when its interval excludes zero"),
     }
 
@@ -245,7 +250,9 @@ def render_campaign(campaign: dict[str, Any]) -> str:
     if "netkv" in names:
         for b, s in campaign["ttft_mean_change_pct"]["netkv"].items():
             pp = campaign["ttft_slo_attainment_change_pp"]["netkv"][b]
-            lines.append(f"netkv vs {b}: mean TTFT {_fmt_summary({**s, 'signed': True})}% "
+            ms = campaign.get("ttft_mean_change_ms", {}).get("netkv", {}).get(b)
+            in_ms = f" = {_fmt_summary({**ms, 'signed': True})} ms" if ms and ms.get("mean") is not None else ""
+            lines.append(f"netkv vs {b}: mean TTFT {_fmt_summary({**s, 'signed': True})}%{in_ms} "
                          f"({s.get('verdict', '-')}); SLO attainment {_fmt_summary({**pp, 'signed': True})} points "
                          f"({pp.get('verdict', '-')}); per window {', '.join(f'{v:+.1f}%' for v in s['values'])}")
     if campaign["versus_paper"]:

@@ -157,6 +157,7 @@ def write_sweep(out: Path) -> dict[str, Any]:
             "ttft_slo_attainment": {n: campaign["schedulers"][n]["ttft_slo_attainment"]
                                     for n in campaign["schedulers_order"]},
             "netkv_ttft_change_pct": campaign["ttft_mean_change_pct"].get("netkv", {}),
+            "netkv_ttft_change_ms": campaign.get("ttft_mean_change_ms", {}).get("netkv", {}),
             "within_envelope": not campaign["outside_envelope"],
             "outside_envelope": campaign["outside_envelope"],
             "nothing_lost": campaign["nothing_lost"],
@@ -187,21 +188,24 @@ def plot_sweep(result: dict[str, Any], out: Path) -> Path | None:
     if not points:
         return None
     xs, labels = _xs(points)
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    axes = list(axes.flat)
     panels = (("ttft_mean_ms", "mean TTFT (ms)"), ("ttft_slo_attainment", "TTFT SLO attainment"))
     for ax, (key, ylabel) in zip(axes, panels):
         for i, name in enumerate(result["schedulers"]):
             _series(ax, xs, [p[key].get(name) for p in points], [p["within_envelope"] for p in points],
                     f"C{i}", name)
         ax.set_ylabel(ylabel)
-    ax = axes[2]
-    for i, name in enumerate(result["schedulers"]):
-        if name == "netkv":
-            continue
-        _series(ax, xs, [p["netkv_ttft_change_pct"].get(name) for p in points],
-                [p["within_envelope"] for p in points], f"C{i}", f"netkv vs {name}")
-    ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_ylabel("NetKV mean TTFT change (%), paired by window")
+    change_panels = (("netkv_ttft_change_pct", "NetKV mean TTFT change (%), paired by window"),
+                     ("netkv_ttft_change_ms", "NetKV mean TTFT change (ms), paired by window"))
+    for ax, (key, ylabel) in zip(axes[2:], change_panels):
+        for i, name in enumerate(result["schedulers"]):
+            if name == "netkv":
+                continue
+            _series(ax, xs, [p.get(key, {}).get(name) for p in points],
+                    [p["within_envelope"] for p in points], f"C{i}", f"netkv vs {name}")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_ylabel(ylabel)
     for ax in axes:
         ax.set_xlabel(result["knob"]["key"])
         if labels:
@@ -248,8 +252,12 @@ def render_sweep(result: dict[str, Any]) -> str:
             cells.append(f"{cell:>26s}")
         flag = "" if p["within_envelope"] else "  OUTSIDE envelope"
         lines.append(f"{str(p['value']):>22s}" + "".join(cells) + flag)
-        changes = ", ".join(f"vs {b} {s['mean']:+.1f}% ({s['verdict']})" for b, s in p["netkv_ttft_change_pct"].items()
-                            if s.get("mean") is not None)
+        by_ms = p.get("netkv_ttft_change_ms", {})
+        changes = ", ".join(
+            f"vs {b} {s['mean']:+.1f}% ({s['verdict']})"
+            + (f" = {by_ms[b]['mean']:+.0f} ms [{by_ms[b]['ci95'][0]:+.0f}, {by_ms[b]['ci95'][1]:+.0f}]"
+               if by_ms.get(b, {}).get("ci95") else "")
+            for b, s in p["netkv_ttft_change_pct"].items() if s.get("mean") is not None)
         if changes:
             lines.append(f"{'':>22s}  netkv {changes}")
     lines.append("requests in = records out at every point" if result["nothing_lost"] else "PARTIAL: records missing")

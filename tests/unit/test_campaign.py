@@ -101,6 +101,8 @@ def test_campaign_pairs_changes_by_window_and_keeps_partial_windows_out(tmp_path
     change = c["ttft_mean_change_pct"]["netkv"]["round_robin"]
     assert change["values"] == pytest.approx([-10.0, -15.0, -8.0])  # the partial window is left out
     assert change["verdict"] == "significant" and change["ci95"][1] < 0
+    in_ms = c["ttft_mean_change_ms"]["netkv"]["round_robin"]
+    assert in_ms["values"] == pytest.approx([-100.0, -300.0, -40.0])  # same pairing, in ms
     assert c["ttft_slo_attainment_change_pp"]["netkv"]["round_robin"]["values"] == pytest.approx([10.0, 20.0, 0.0])
     assert c["nothing_lost"] is False  # one replay is partial
     assert c["schedulers"]["netkv"]["ttft_mean_ms"]["n"] == 4
