@@ -21,6 +21,10 @@ Every oracle answers ``estimate(src, dst, size_bytes, now_s)`` with an
 * :class:`StaleOracle` is a :class:`TelemetryOracle` that sees every hop as it
   was ``delay_ms`` earlier (a :class:`DelayedSource` keeps the history), to
   study routing on stale telemetry.
+* :class:`TensorParallelOracle` prices a transfer between two tensor-parallel
+  instances (``tp`` GPU hosts each): ``tp`` concurrent flows, rank i to rank i,
+  each of its rank's share of the bytes, priced by any of the oracles above;
+  the transfer ends with its slowest flow, so its cost is the maximum.
 
 Per-tier base latency (:data:`BASE_LATENCY_MS_BY_TIER`) is the fixed cost of a
 transfer before bandwidth matters: RDMA/NVLink work-request setup and
@@ -46,8 +50,8 @@ import math
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol, runtime_checkable
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -645,3 +649,80 @@ class StaleOracle(TelemetryOracle):
 
     def _read_source(self, now_s: float) -> TelemetrySnapshot:
         return self.delayed.at(now_s)
+
+
+class TensorParallelOracle:
+    """Transfers between tensor-parallel instances, priced rank pair by rank pair.
+
+    An instance is named by its rank-0 GPU host; ``ranks`` gives every
+    instance's GPU hosts in rank order (``tp`` each).  A transfer of
+    ``size_bytes`` from instance P to instance D is ``tp`` concurrent flows,
+    rank i of P to rank i of D, of ``split(size_bytes)[i]`` bytes each (the
+    perf model's ``rank_flow_bytes``), and it ends when the last flow lands::
+
+        transfer_ms(P, D, size) = max over i of inner.estimate(P_i, D_i, split(size)[i]).transfer_ms
+
+    The answer is the slowest rank's :class:`Estimate` (its bandwidth, hops and
+    tier), except that ``telemetry_age_ms`` is the oldest of all ranks' and a
+    fallback to static on any rank makes the whole answer ``static-fallback``
+    (with that rank's reason).  Each rank pair is priced on its own installed
+    path, so the flows' sharing of a link is not charged: on a shared server
+    uplink the estimate is optimistic, as it is for concurrent requests.
+
+    It offers no ``transfer_table`` (a maximum of linear costs is not linear),
+    so schedulers take their per-candidate ``estimate`` path: ``tp`` inner
+    estimates per candidate."""
+
+    def __init__(self, inner: Oracle, ranks: Mapping[str, Sequence[str]],
+                 split: Callable[[int], Sequence[int]]) -> None:
+        sizes = {len(hosts) for hosts in ranks.values()}
+        if len(sizes) != 1 or min(sizes) < 1:
+            raise ValueError(f"every instance needs the same number (>= 1) of rank hosts, got {sorted(sizes)}")
+        self.inner = inner
+        self.ranks = {name: tuple(hosts) for name, hosts in ranks.items()}
+        self.tp = sizes.pop()
+        self.split = split
+
+    def ranks_of(self, instance: str) -> tuple[str, ...]:
+        hosts = self.ranks.get(instance)
+        if hosts is None:
+            raise ValueError(f"{instance} is not a tensor-parallel instance this oracle knows")
+        return hosts
+
+    def rank_estimates(self, src: str, dst: str, size_bytes: int, now_s: float) -> list[Estimate]:
+        """The inner oracle's estimate of each rank flow, rank 0 first."""
+        _check_size(size_bytes)
+        sizes = list(self.split(size_bytes))
+        if len(sizes) != self.tp or sum(sizes) != size_bytes:
+            raise ValueError(f"split({size_bytes}) gave {sizes}: needs {self.tp} flows adding up to the size")
+        return [self.inner.estimate(s, d, b, now_s)
+                for s, d, b in zip(self.ranks_of(src), self.ranks_of(dst), sizes)]
+
+    def estimate(self, src: str, dst: str, size_bytes: int, now_s: float) -> Estimate:
+        per_rank = self.rank_estimates(src, dst, size_bytes, now_s)
+        worst = per_rank[0]
+        for est in per_rank[1:]:
+            if est.transfer_ms > worst.transfer_ms:
+                worst = est
+        ages = [e.telemetry_age_ms for e in per_rank]
+        age = None if any(a is None for a in ages) else max(a for a in ages if a is not None)
+        for rank, est in enumerate(per_rank):
+            if est.source == "static-fallback":
+                return replace(worst, telemetry_age_ms=age, source="static-fallback",
+                               reason=f"rank {rank}: {est.reason}")
+        return replace(worst, telemetry_age_ms=age)
+
+    def tier(self, src: str, dst: str) -> int:
+        """Highest tier distance over the rank pairs (they are all equal when
+        each instance lies within one server)."""
+        tier_of = getattr(self.inner, "tier", None)
+        pairs = zip(self.ranks_of(src), self.ranks_of(dst))
+        if tier_of is not None:
+            return max(int(tier_of(s, d)) for s, d in pairs)
+        return max(self.inner.estimate(s, d, 0, 0.0).tier for s, d in pairs)
+
+    def warm(self, sources: Iterable[str]) -> None:
+        """The inner oracle's start-up work for every rank host of ``sources``."""
+        warm = getattr(self.inner, "warm", None)
+        if warm is not None:
+            warm([h for src in sources for h in self.ranks_of(src)])

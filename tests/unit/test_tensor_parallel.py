@@ -1,0 +1,162 @@
+"""Tensor-parallel instances: placement grouping, the refusal of servers that
+cannot hold whole instances, and the oracle's cost of a TP transfer (no root)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from netkv import perfmodel
+from netkv.oracle import StaticOracle, TelemetryOracle, TensorParallelOracle
+from netkv.placement import PlacementError, make_placement, tier_mix, tp_instances
+from netkv.telemetry import LinkSample, TelemetrySnapshot, constant_source
+from topologies import catalog
+from topologies.model import Topology
+
+NOW = 1_000.0
+TP4 = perfmodel.build("llama-3.1-70b")  # TP 4 by default
+
+
+def test_tp4_instances_are_four_consecutive_gpus_of_one_server() -> None:
+    topo = catalog.build("fattree")
+    groups = tp_instances(topo, 4)
+    assert len(groups) == 16
+    assert groups[:3] == [("g0", "g1", "g2", "g3"), ("g4", "g5", "g6", "g7"), ("g8", "g9", "g10", "g11")]
+    for g in groups:
+        assert len({topo.node(h).server for h in g}) == 1
+    assert tp_instances(topo, 8)[1] == tuple(f"g{i}" for i in range(8, 16))
+
+
+def test_mixed_alternates_instances_and_names_them_by_rank_0() -> None:
+    topo = catalog.build("fattree")
+    p = make_placement(topo, tp=4)
+    assert p.tp == 4 and len(p.prefill) == len(p.decode) == 8
+    assert p.prefill[:2] == ("g0", "g8") and p.decode[:2] == ("g4", "g12")
+    assert p.ranks_of("g4") == ("g4", "g5", "g6", "g7")
+    assert p.role_of("g6") == "decode" and p.role_of("g4") == "decode" and p.role_of("g9") == "prefill"
+    assert len(p.hosts) == 64 and p.instances == p.prefill + p.decode
+    assert set(tier_mix(topo, p)) == {0, 1, 2, 3}  # a decode on the same server, rack, pod, and across the core
+    d = p.as_dict()
+    assert d["tp"] == 4 and d["ranks"]["g0"] == ["g0", "g1", "g2", "g3"] and d["prefill"][0] == "g0"
+    # TP 8: one instance per server, so mixed alternates servers.
+    p8 = make_placement(topo, tp=8)
+    assert p8.prefill[:2] == ("g0", "g16") and p8.decode[:2] == ("g8", "g24")
+
+
+def test_tp1_placement_is_unchanged() -> None:
+    topo = catalog.build("fattree")
+    p = make_placement(topo)
+    assert p == make_placement(topo, tp=1)
+    assert p.as_dict() == {"scheme": "mixed", "prefill": list(p.prefill), "decode": list(p.decode)}
+    assert p.ranks_of("g1") == ("g1",) and p.hosts == p.prefill + p.decode
+
+
+def test_split_schemes_and_explicit_take_whole_instances() -> None:
+    topo = catalog.build("fattree")
+    racks = make_placement(topo, {"scheme": "split-racks"}, tp=4)
+    assert min(tier_mix(topo, racks)) == 2 and len(racks.prefill) == 8
+    pods = make_placement(topo, {"scheme": "split-pods"}, tp=4)
+    assert set(tier_mix(topo, pods)) == {3}
+    explicit = make_placement(topo, {"scheme": "explicit", "prefill": ["g3", "g2", "g1", "g0"],
+                                     "decode": [f"g{i}" for i in range(60, 64)]}, tp=4)
+    assert explicit.prefill == ("g0",) and explicit.decode == ("g60",)
+    assert explicit.ranks_of("g0") == ("g0", "g1", "g2", "g3")
+    part = make_placement(topo, {"scheme": "mixed", "hosts": [f"g{i}" for i in range(16)]}, tp=4)
+    assert part.prefill == ("g0", "g8") and part.decode == ("g4", "g12")
+
+
+@pytest.mark.parametrize(
+    "topology, params, tp, message",
+    [
+        ("tiny", {}, 4, "tp=4: topology tiny has servers of 2 GPUs, which cannot hold whole instances of 4 GPUs"),
+        ("fattree", {"gpus_per_server": 6}, 4, "has servers of 6 GPUs, which cannot hold whole instances of 4"),
+        ("leafspine", {}, 2, "tp=2: topology leafspine has no servers"),
+    ],
+)
+def test_servers_that_cannot_hold_whole_instances_are_refused_in_one_line(
+    topology: str, params: dict[str, Any], tp: int, message: str
+) -> None:
+    with pytest.raises(PlacementError, match=message) as info:
+        make_placement(catalog.build(topology, params), tp=tp)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"scheme": "explicit", "prefill": ["g0", "g1"], "decode": ["g4", "g5", "g6", "g7"]},
+         r"names part of TP instance g0 \(g0, g1, g2, g3\) but not g2, g3"),
+        ({"scheme": "mixed", "hosts": ["g0", "g1", "g2", "g3", "g4"]}, "takes 1 of the 4 GPUs of TP instance g4"),
+        ({"scheme": "mixed", "hosts": ["g0", "g1", "g2", "g3"]}, "gives 1 prefill and 0 decode instances of 4 GPUs"),
+        ({"scheme": "explicit", "prefill": ["g0", "g1", "g2", "g3"], "decode": ["g3", "g2", "g1", "g0"]},
+         r"TP instance g0 \(g0, g1, g2, g3\) is listed as both prefill and decode"),
+    ],
+)
+def test_bad_tp_placements_are_refused(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(PlacementError, match=message):
+        make_placement(catalog.build("fattree"), config, tp=4)
+
+
+def test_tp_must_be_a_whole_number() -> None:
+    with pytest.raises(PlacementError, match="tp must be a whole number >= 1, got 0"):
+        make_placement(catalog.build("fattree"), tp=0)
+
+
+# -- the oracle's cost of a TP transfer ------------------------------------------
+def tp_oracle(topo: Topology, inner: Any) -> TensorParallelOracle:
+    p = make_placement(topo, tp=4)
+    return TensorParallelOracle(inner, {i: p.ranks_of(i) for i in p.instances}, TP4.rank_flow_bytes)
+
+
+def test_tp_cost_on_idle_paths_is_one_rank_flow() -> None:
+    topo = catalog.build("fattree")
+    static = StaticOracle(topo)
+    oracle = tp_oracle(topo, static)
+    size = 4096 * TP4.kv_bytes_per_token + 3  # an uneven split: ranks 0-2 carry one byte more
+    est = oracle.estimate("g0", "g36", size, NOW)
+    flows = TP4.rank_flow_bytes(size)
+    per_rank = [static.estimate(f"g{i}", f"g{36 + i}", b, NOW).transfer_ms for i, b in enumerate(flows)]
+    assert est.transfer_ms == max(per_rank)
+    assert est.tier == 3 == oracle.tier("g0", "g36") and est.source == "static"
+    # every rank pair crosses the core at the same nominal bottleneck: a quarter of the bytes each
+    assert est.transfer_ms < static.estimate("g0", "g36", size, NOW).transfer_ms / 3.9
+    assert oracle.tier("g0", "g4") == 0
+
+
+def test_tp_cost_is_the_slowest_rank_under_telemetry() -> None:
+    topo = catalog.build("fattree")
+    samples = {}
+    for link in topo.links:
+        for x, y in ((link.a, link.b), (link.b, link.a)):
+            samples[(x, y)] = LinkSample(x, y, NOW, 0.0, link.rate_gbps, 0.0)
+    # Load only the path of rank 2 (g2 -> g38): its GPU link into its server switch.
+    hop = topo.path("g2", "g38")[:2]
+    assert hop[0] == "g2"
+    cap = samples[(hop[0], hop[1])].capacity_gbps
+    samples[(hop[0], hop[1])] = LinkSample(hop[0], hop[1], NOW, cap * 0.999, cap, 0.999)
+    telemetry = TelemetryOracle(topo, constant_source(TelemetrySnapshot(samples)))
+    oracle = tp_oracle(topo, telemetry)
+    size = 8192 * TP4.kv_bytes_per_token
+    per_rank = oracle.rank_estimates("g0", "g36", size, NOW)
+    assert [e.transfer_ms for e in per_rank].index(max(e.transfer_ms for e in per_rank)) == 2
+    est = oracle.estimate("g0", "g36", size, NOW)
+    assert est.transfer_ms == per_rank[2].transfer_ms == telemetry.estimate("g2", "g38", size // 4, NOW).transfer_ms
+    assert est.source == "telemetry" and est.telemetry_age_ms == 0.0
+    # A rank pair without telemetry makes the whole answer a fallback, naming the rank.
+    del samples[(hop[0], hop[1])]
+    missing = tp_oracle(topo, TelemetryOracle(topo, constant_source(TelemetrySnapshot(samples))))
+    est = missing.estimate("g0", "g36", size, NOW)
+    assert est.source == "static-fallback" and est.reason.startswith("rank 2: no telemetry for hop g2->")
+
+
+def test_tp_oracle_refuses_unknown_instances_and_bad_splits() -> None:
+    topo = catalog.build("fattree")
+    oracle = tp_oracle(topo, StaticOracle(topo))
+    with pytest.raises(ValueError, match="g1 is not a tensor-parallel instance"):
+        oracle.estimate("g1", "g4", 10, NOW)
+    bad = TensorParallelOracle(StaticOracle(topo), {"g0": ("g0", "g1"), "g4": ("g4", "g5")}, lambda n: [n])
+    with pytest.raises(ValueError, match="needs 2 flows adding up to the size"):
+        bad.estimate("g0", "g4", 10, NOW)
+    with pytest.raises(ValueError, match="same number"):
+        TensorParallelOracle(StaticOracle(topo), {"g0": ("g0", "g1"), "g4": ("g4",)}, TP4.rank_flow_bytes)
