@@ -267,6 +267,11 @@ class MininetLauncher:
     def data_addr(self, host: str) -> tuple[str, int]:
         return self.tb.data_addr(host)  # type: ignore[no-any-return]
 
+    def netns_path(self, host: str) -> str | None:
+        """The GPU host's network namespace, where a tensor-parallel worker on
+        another rank host of its instance opens this rank's sockets."""
+        return f"/proc/{self.tb.host_pid(host)}/ns/net"
+
     def popen(self, host: str, argv: list[str], log_path: Path) -> subprocess.Popen:  # type: ignore[type-arg]
         from workers.launch import worker_env
 

@@ -3,16 +3,25 @@ cannot hold whole instances, and the oracle's cost of a TP transfer (no root).""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
 from netkv import perfmodel
 from netkv.oracle import StaticOracle, TelemetryOracle, TensorParallelOracle
 from netkv.placement import PlacementError, make_placement, tier_mix, tp_instances
+from netkv.records import read_records, validate_file
 from netkv.telemetry import LinkSample, TelemetrySnapshot, constant_source
+from netkv.traces import DEFAULT_TRACE
 from topologies import catalog
 from topologies.model import Topology
+from workers.launch import LocalLauncher
+from workers.run import ReplayConfig, replay
 
 NOW = 1_000.0
 TP4 = perfmodel.build("llama-3.1-70b")  # TP 4 by default
@@ -160,3 +169,73 @@ def test_tp_oracle_refuses_unknown_instances_and_bad_splits() -> None:
         bad.estimate("g0", "g4", 10, NOW)
     with pytest.raises(ValueError, match="same number"):
         TensorParallelOracle(StaticOracle(topo), {"g0": ("g0", "g1"), "g4": ("g4",)}, TP4.rank_flow_bytes)
+
+
+# -- a replay with real worker processes on 127.0.0.1 ---------------------------------
+# Two 8-GPU servers in two racks: TP-4 instances P g0, D g4, P g8, D g12 (mixed).
+TP_FABRIC = {"gpus_per_server": 8, "servers_per_rack": 1, "racks_per_pod": 2, "pods": 1, "aggs_per_pod": 2,
+             "cores": 0, "agg_oversub": 1}
+
+
+def tp_config(**kw: Any) -> ReplayConfig:
+    cfg: dict[str, Any] = dict(
+        trace_path=str(DEFAULT_TRACE), topology="fattree", topology_params=TP_FABRIC, model="llama-3.1-70b",
+        scheduler="netkv", oracle="static", perf_overrides={"prefill_mfu": 1.0, "decode_hbm_efficiency": 1.0},
+        max_requests=12, rate_multiplier=4.0, drain_timeout_s=60.0, scale_factor=1000.0,
+    )
+    cfg.update(kw)
+    return ReplayConfig(**cfg)
+
+
+@pytest.fixture()
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="nktp-"))  # Unix socket paths are short
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_tp_replay_moves_every_transfer_as_tp_rank_flows(short_dir: Path) -> None:
+    cfg = tp_config()
+    run = short_dir / "r"
+    summary = replay(cfg, LocalLauncher(), run)
+    records = read_records(run / "records.jsonl")
+    assert summary["requests"] == len(records) == 12 and summary["problems"] == []
+    assert validate_file(run / "records.jsonl") == []
+    assert all(r["status"] == "ok" for r in records), [r["reason"] for r in records if r["status"] != "ok"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["placement"]["tp"] == 4 and info["placement"]["prefill"] == ["g0", "g8"]
+    assert info["placement"]["ranks"]["g12"] == ["g12", "g13", "g14", "g15"]
+    assert sorted(info["workers"]) == ["g0", "g12", "g4", "g8"]  # one process per instance
+    rank_addrs = info["rank_data_addrs"]
+    assert len({tuple(a) for addrs in rank_addrs.values() for a in addrs}) == 8  # a listener per decode rank
+    perf = perfmodel.build("llama-3.1-70b", overrides=cfg.perf_overrides)
+    topo = catalog.build("fattree", TP_FABRIC)
+    placement = make_placement(topo, tp=4)
+    oracle = TensorParallelOracle(StaticOracle(topo), {i: placement.ranks_of(i) for i in placement.instances},
+                                  perf.rank_flow_bytes)
+    logs = {d: (run / "logs" / f"{d}.log").read_text() for d in ("g4", "g12")}
+    for r in records:
+        assert r["prefill"] in ("g0", "g8") and r["decode"] in ("g4", "g12")
+        assert r["tier_distance"] == topo.tier_distance(r["prefill"], r["decode"])
+        flows = [math.ceil(b / cfg.scale_factor) for b in perf.rank_flow_bytes(r["kv_bytes"])]
+        assert r["bytes_sent"] == sum(flows)
+        # the scheduler priced the transfer as its slowest rank flow
+        assert r["estimate_transfer_ms"] == oracle.estimate(r["prefill"], r["decode"], r["kv_bytes"], 0.0).transfer_ms
+        # the decode instance received one flow per rank, each on that rank's listener, of that rank's bytes
+        lines = [ln for ln in logs[r["decode"]].splitlines() if f" KV {r['request_id']} complete: " in ln]
+        assert len(lines) == 1, lines
+        parts = lines[0].split(" complete: ")[1].split("; ")
+        assert len(parts) == 4
+        for i, part in enumerate(parts):
+            ip, port = rank_addrs[r["decode"]][i]
+            assert part.startswith(f"rank {i} {flows[i]} B 127.0.0.1->{ip}:{port} end "), part
+            end_ms = (float(part.rsplit(" ", 1)[1]) - summary["run_start_epoch_s"]) * 1000.0
+            assert end_ms <= r["transfer_end_ms"] + 1e-3  # the transfer ends with its last rank
+        assert max((float(p.rsplit(" ", 1)[1]) - summary["run_start_epoch_s"]) * 1000.0 for p in parts) \
+            == pytest.approx(r["transfer_end_ms"], abs=1e-3)
+
+
+def test_tp_replay_on_servers_too_small_is_refused_before_any_worker(short_dir: Path) -> None:
+    with pytest.raises(PlacementError, match="tp=4: topology tiny has servers of 2 GPUs"):
+        replay(tp_config(topology="tiny", topology_params={}), LocalLauncher(), short_dir / "r")
+    assert not (short_dir / "r" / "logs").exists()
