@@ -19,6 +19,7 @@ from netkv.records import read_records, validate_file
 from netkv.telemetry import LinkSample, TelemetrySnapshot, constant_source
 from netkv.traces import DEFAULT_TRACE
 from topologies import catalog
+from testbed.experiment import ExperimentConfig, prepare
 from topologies.model import Topology
 from workers.launch import LocalLauncher
 from workers.run import ReplayConfig, replay
@@ -239,3 +240,14 @@ def test_tp_replay_on_servers_too_small_is_refused_before_any_worker(short_dir: 
     with pytest.raises(PlacementError, match="tp=4: topology tiny has servers of 2 GPUs"):
         replay(tp_config(topology="tiny", topology_params={}), LocalLauncher(), short_dir / "r")
     assert not (short_dir / "r" / "logs").exists()
+
+
+def test_netkv_run_refuses_a_tp_model_on_small_servers_before_any_network(tmp_path: Path) -> None:
+    exp = ExperimentConfig(replay={"model": "llama-3.1-70b"}, out_dir=str(tmp_path / "r"),
+                           testbed={"topology": "tiny"}, scenario="none")
+    with pytest.raises(PlacementError, match="tp=4: topology tiny has servers of 2 GPUs") as info:
+        prepare(exp)
+    assert "\n" not in str(info.value) and not (tmp_path / "r").exists()
+    fits = ExperimentConfig(replay={"model": "llama-3.1-70b"}, out_dir=str(tmp_path / "f"),
+                            testbed={"topology": "fattree", "params": TP_FABRIC}, scenario="none")
+    assert prepare(fits)[1].model == "llama-3.1-70b"
