@@ -23,8 +23,9 @@ Every oracle answers ``estimate(src, dst, size_bytes, now_s)`` with an
   study routing on stale telemetry.
 * :class:`TensorParallelOracle` prices a transfer between two tensor-parallel
   instances (``tp`` GPU hosts each): ``tp`` concurrent flows, rank i to rank i,
-  each of its rank's share of the bytes, priced by any of the oracles above;
-  the transfer ends with its slowest flow, so its cost is the maximum.
+  each of its rank's share of the bytes, each on its own installed path, where
+  a hop crossed by k of these flows gives each 1/k of its bandwidth; the
+  transfer ends with its slowest flow, so its cost is the maximum.
 
 Per-tier base latency (:data:`BASE_LATENCY_MS_BY_TIER`) is the fixed cost of a
 transfer before bandwidth matters: RDMA/NVLink work-request setup and
@@ -418,6 +419,16 @@ class TelemetryOracle:
         self._state[key] = state
         return state
 
+    def hop_available_gbps(self, hop: Hop, now_s: float) -> float | None:
+        """Available bandwidth of one directed hop in the snapshot of ``now_s``
+        (``max(capacity - load, floor)``, as for a path), or None without a sample."""
+        s = self.snapshot(now_s).samples.get(hop)
+        if s is None:
+            return None
+        free = s.capacity_gbps - s.load_gbps
+        floor = self.min_available_fraction * s.capacity_gbps
+        return free if free >= floor else floor
+
     # -- answers -------------------------------------------------------------------
     def _resolve(self, src: str, dst: str, now_s: float) -> tuple[PairInfo, float | None, float | None, str]:
         """(pair, available_gbps or None for fallback, age_ms, reason)."""
@@ -657,17 +668,30 @@ class TensorParallelOracle:
     An instance is named by its rank-0 GPU host; ``ranks`` gives every
     instance's GPU hosts in rank order (``tp`` each).  A transfer of
     ``size_bytes`` from instance P to instance D is ``tp`` concurrent flows,
-    rank i of P to rank i of D, of ``split(size_bytes)[i]`` bytes each (the
-    perf model's ``rank_flow_bytes``), and it ends when the last flow lands::
+    rank i of P to rank i of D, of ``b_i = split(size_bytes)[i]`` bytes each
+    (the perf model's ``rank_flow_bytes``), and it ends when the last flow
+    lands::
 
-        transfer_ms(P, D, size) = max over i of inner.estimate(P_i, D_i, split(size)[i]).transfer_ms
+        transfer_ms(P, D, size) = max over i of cost_i
+        cost_i = base_latency_ms(P_i, D_i) + b_i * 8 / (min over hops h of (P_i -> D_i) of avail_h / k_h * 1e6)
+
+    where ``avail_h`` is the hop's bandwidth as the inner oracle sees it for
+    that pair (nominal for a static answer, ``max(capacity - load, floor)``
+    for a telemetry one) and ``k_h`` the number of this transfer's rank flows
+    whose installed path crosses ``h``.  Where no hop is shared (``k_h = 1``,
+    e.g. two instances of one server: every rank has its own GPU links) this
+    is exactly ``max over i of inner.estimate(P_i, D_i, b_i).transfer_ms``; where
+    the ranks share a hop (the server uplink of the default fabric, one for
+    all GPUs of a server) they share its bandwidth, as TCP flows do, so a
+    transfer between servers is not priced as if it had ``tp`` uplinks.
+    Concurrent transfers of other requests are not charged, as for a single flow.
 
     The answer is the slowest rank's :class:`Estimate` (its bandwidth, hops and
     tier), except that ``telemetry_age_ms`` is the oldest of all ranks' and a
     fallback to static on any rank makes the whole answer ``static-fallback``
-    (with that rank's reason).  Each rank pair is priced on its own installed
-    path, so the flows' sharing of a link is not charged: on a shared server
-    uplink the estimate is optimistic, as it is for concurrent requests.
+    (with that rank's reason).  The hop sharing needs the inner oracle's
+    installed paths (``paths``, as :class:`StaticOracle` and
+    :class:`TelemetryOracle` have); without them each rank is priced alone.
 
     It offers no ``transfer_table`` (a maximum of linear costs is not linear),
     so schedulers take their per-candidate ``estimate`` path: ``tp`` inner
@@ -695,8 +719,33 @@ class TensorParallelOracle:
         sizes = list(self.split(size_bytes))
         if len(sizes) != self.tp or sum(sizes) != size_bytes:
             raise ValueError(f"split({size_bytes}) gave {sizes}: needs {self.tp} flows adding up to the size")
-        return [self.inner.estimate(s, d, b, now_s)
-                for s, d, b in zip(self.ranks_of(src), self.ranks_of(dst), sizes)]
+        pairs = list(zip(self.ranks_of(src), self.ranks_of(dst)))
+        alone = [self.inner.estimate(s, d, b, now_s) for (s, d), b in zip(pairs, sizes)]
+        paths: PathTable | None = getattr(self.inner, "paths", None)
+        if paths is None:
+            return alone
+        hops = [paths.get(s, d).hops for s, d in pairs]
+        flows_on: dict[Hop, int] = {}
+        for path in hops:
+            for hop in path:
+                flows_on[hop] = flows_on.get(hop, 0) + 1
+        out: list[Estimate] = []
+        for est, path, b in zip(alone, hops, sizes):
+            if all(flows_on[h] == 1 for h in path):
+                out.append(est)
+                continue
+            available = min(self._hop_gbps(h, est, now_s) / flows_on[h] for h in path)
+            out.append(replace(est, available_gbps=available,
+                               transfer_ms=est.base_latency_ms + b * ms_per_byte(available)))
+        return out
+
+    def _hop_gbps(self, hop: Hop, est: Estimate, now_s: float) -> float:
+        """A hop's bandwidth as the inner oracle used it for this pair's estimate."""
+        if est.source == "telemetry":
+            available = self.inner.hop_available_gbps(hop, now_s)  # type: ignore[attr-defined]
+            if available is not None:
+                return float(available)
+        return self.inner.paths.topology.link_between(*hop).rate_gbps  # type: ignore[attr-defined, no-any-return]
 
     def estimate(self, src: str, dst: str, size_bytes: int, now_s: float) -> Estimate:
         per_rank = self.rank_estimates(src, dst, size_bytes, now_s)

@@ -119,19 +119,41 @@ def tp_oracle(topo: Topology, inner: Any) -> TensorParallelOracle:
     return TensorParallelOracle(inner, {i: p.ranks_of(i) for i in p.instances}, TP4.rank_flow_bytes)
 
 
-def test_tp_cost_on_idle_paths_is_one_rank_flow() -> None:
+def test_tp_cost_inside_a_server_is_the_slowest_rank_flow() -> None:
     topo = catalog.build("fattree")
     static = StaticOracle(topo)
     oracle = tp_oracle(topo, static)
     size = 4096 * TP4.kv_bytes_per_token + 3  # an uneven split: ranks 0-2 carry one byte more
-    est = oracle.estimate("g0", "g36", size, NOW)
     flows = TP4.rank_flow_bytes(size)
-    per_rank = [static.estimate(f"g{i}", f"g{36 + i}", b, NOW).transfer_ms for i, b in enumerate(flows)]
-    assert est.transfer_ms == max(per_rank)
-    assert est.tier == 3 == oracle.tier("g0", "g36") and est.source == "static"
-    # every rank pair crosses the core at the same nominal bottleneck: a quarter of the bytes each
-    assert est.transfer_ms < static.estimate("g0", "g36", size, NOW).transfer_ms / 3.9
-    assert oracle.tier("g0", "g4") == 0
+    # g0-g3 to g4-g7: every rank has its own GPU links, no hop is shared
+    est = oracle.estimate("g0", "g4", size, NOW)
+    per_rank = [static.estimate(f"g{i}", f"g{4 + i}", b, NOW).transfer_ms for i, b in enumerate(flows)]
+    assert est.transfer_ms == max(per_rank) == per_rank[0]
+    assert est.tier == 0 == oracle.tier("g0", "g4") and est.source == "static"
+
+
+def test_tp_flows_share_the_hops_they_have_in_common() -> None:
+    topo = catalog.build("fattree")
+    static = StaticOracle(topo)
+    oracle = tp_oracle(topo, static)
+    size = 4096 * TP4.kv_bytes_per_token
+    b = size // 4
+    # Recomputed from Topology.path: each rank's path, each hop's rate shared by the rank flows crossing it.
+    paths = [topo.path(f"g{i}", f"g{36 + i}") for i in range(4)]
+    crossing: dict[tuple[str, str], int] = {}
+    for path in paths:
+        for hop in zip(path, path[1:]):
+            crossing[hop] = crossing.get(hop, 0) + 1
+    assert crossing[("v0", "t0")] == 4  # one server uplink for all four ranks
+    share_gbps = [min(topo.link_between(*h).rate_gbps / crossing[h] for h in zip(p, p[1:])) for p in paths]
+    base = static.estimate("g0", "g36", 0, NOW).base_latency_ms
+    est = oracle.estimate("g0", "g36", size, NOW)
+    assert est.transfer_ms == pytest.approx(base + b * 8 / (min(share_gbps) * 1e6), rel=1e-12)
+    assert est.available_gbps == min(share_gbps) <= 100.0  # at most a quarter of the 400 Gbit/s uplink
+    assert est.tier == 3 == oracle.tier("g0", "g36")
+    # Priced alone, each rank would see the whole uplink: at least twice too cheap.
+    alone = max(static.estimate(f"g{i}", f"g{36 + i}", b, NOW).transfer_ms for i in range(4))
+    assert est.transfer_ms > 1.9 * alone
 
 
 def test_tp_cost_is_the_slowest_rank_under_telemetry() -> None:
