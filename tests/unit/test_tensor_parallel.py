@@ -20,6 +20,7 @@ from netkv.telemetry import LinkSample, TelemetrySnapshot, constant_source
 from netkv.traces import DEFAULT_TRACE
 from topologies import catalog
 from testbed.experiment import ExperimentConfig, prepare
+from testbed.transfers import ideal_ms, idle_transfers
 from topologies.model import Topology
 from workers.launch import LocalLauncher
 from workers.run import ReplayConfig, replay
@@ -273,3 +274,31 @@ def test_netkv_run_refuses_a_tp_model_on_small_servers_before_any_network(tmp_pa
     fits = ExperimentConfig(replay={"model": "llama-3.1-70b"}, out_dir=str(tmp_path / "f"),
                             testbed={"topology": "fattree", "params": TP_FABRIC}, scenario="none")
     assert prepare(fits)[1].model == "llama-3.1-70b"
+
+
+# -- the report's ideal time and idle paths of a TP transfer ------------------------------
+def test_ideal_time_and_idle_path_of_a_tp_transfer() -> None:
+    topo = catalog.build("fattree")
+    p = make_placement(topo, tp=4)
+    ranks = {i: p.ranks_of(i) for i in p.instances}
+    scale = 40_000.0
+
+    def rec(rid: str, src: str, dst: str, start: float, end: float) -> dict[str, Any]:
+        return {"request_id": rid, "status": "ok", "prefill": src, "decode": dst, "bytes_sent": 40_000,
+                "transfer_start_ms": start, "transfer_end_ms": end, "tier_distance": topo.tier_distance(src, dst)}
+
+    same_server = rec("a", "g0", "g4", 0.0, 100.0)
+    # four flows of 10 kB, each on its own 1,600 Gbit/s GPU links
+    assert ideal_ms(topo, scale, same_server, ranks) == pytest.approx(10_000 * 8 / (1600e9 / scale) * 1e3)
+    # one flow of 40 kB alone is four times longer
+    assert ideal_ms(topo, scale, same_server) == pytest.approx(4 * ideal_ms(topo, scale, same_server, ranks))
+    # across servers the four flows share the 400 Gbit/s server uplink: as long as one flow of it all
+    other_server = rec("b", "g8", "g12", 50.0, 150.0)
+    assert ideal_ms(topo, scale, rec("c", "g0", "g12", 0, 1), ranks) == pytest.approx(
+        40_000 * 8 / (400e9 / scale) * 1e3)
+    idle = idle_transfers(topo, scale, 1500, [same_server, other_server], ranks=ranks, min_ideal_ms=0.0)
+    assert [t.request_id for t in idle] == ["a", "b"]  # two servers, no hop in common
+    # rank 1 of g0 -> g12 uses g1's GPU link, which rank 1 of g0 -> g4 uses too
+    busy = idle_transfers(topo, scale, 1500, [same_server, rec("c", "g0", "g12", 50.0, 150.0)], ranks=ranks,
+                          min_ideal_ms=0.0)
+    assert busy == []
