@@ -662,6 +662,13 @@ class StaleOracle(TelemetryOracle):
         return self.delayed.at(now_s)
 
 
+# A rank flow whose path shares hops with other ranks' flows: (its hops with
+# the number of rank flows on each, its nominal share: min of rate / count).
+_RankShare = tuple[tuple[tuple[Hop, int], ...], float]
+# An instance pair: its rank pairs, and each rank's sharing (None: no hop shared).
+_RankLayout = tuple[list[tuple[str, str]], list[_RankShare | None]]
+
+
 class TensorParallelOracle:
     """Transfers between tensor-parallel instances, priced rank pair by rank pair.
 
@@ -706,6 +713,9 @@ class TensorParallelOracle:
         self.ranks = {name: tuple(hosts) for name, hosts in ranks.items()}
         self.tp = sizes.pop()
         self.split = split
+        self._layouts: dict[tuple[str, str], _RankLayout] = {}
+        self._shared_snapshot: object = None  # the inner snapshot _shared_gbps was computed on
+        self._shared_gbps: dict[tuple[str, str], float] = {}
 
     def ranks_of(self, instance: str) -> tuple[str, ...]:
         hosts = self.ranks.get(instance)
@@ -713,53 +723,86 @@ class TensorParallelOracle:
             raise ValueError(f"{instance} is not a tensor-parallel instance this oracle knows")
         return hosts
 
-    def rank_estimates(self, src: str, dst: str, size_bytes: int, now_s: float) -> list[Estimate]:
-        """The inner oracle's estimate of each rank flow, rank 0 first."""
+    # Per (src, dst) instance pair, computed once: the rank pairs and, for each
+    # rank whose path shares a hop with another rank's, its hops with the
+    # number of rank flows on each and its nominal share (min of rate / k).
+    def _layout(self, src: str, dst: str) -> _RankLayout:
+        key = (src, dst)
+        lay = self._layouts.get(key)
+        if lay is None:
+            pairs = list(zip(self.ranks_of(src), self.ranks_of(dst)))
+            paths: PathTable | None = getattr(self.inner, "paths", None)
+            shares: list[_RankShare | None] = [None] * len(pairs)
+            if paths is not None:
+                hops = [paths.get(s, d).hops for s, d in pairs]
+                flows_on: dict[Hop, int] = {}
+                for path in hops:
+                    for hop in path:
+                        flows_on[hop] = flows_on.get(hop, 0) + 1
+                link = paths.topology.link_between
+                for i, path in enumerate(hops):
+                    if any(flows_on[h] > 1 for h in path):
+                        on = tuple((h, flows_on[h]) for h in path)
+                        shares[i] = (on, min(link(*h).rate_gbps / k for h, k in on))
+            lay = self._layouts[key] = (pairs, shares)
+        return lay
+
+    def _ranks(self, src: str, dst: str, size_bytes: int, now_s: float) -> list[tuple[Estimate, float, float]]:
+        """Per rank flow: the inner estimate of it alone, and its transfer time
+        and available bandwidth once shared hops are shared."""
         _check_size(size_bytes)
         sizes = list(self.split(size_bytes))
         if len(sizes) != self.tp or sum(sizes) != size_bytes:
             raise ValueError(f"split({size_bytes}) gave {sizes}: needs {self.tp} flows adding up to the size")
-        pairs = list(zip(self.ranks_of(src), self.ranks_of(dst)))
-        alone = [self.inner.estimate(s, d, b, now_s) for (s, d), b in zip(pairs, sizes)]
-        paths: PathTable | None = getattr(self.inner, "paths", None)
-        if paths is None:
-            return alone
-        hops = [paths.get(s, d).hops for s, d in pairs]
-        flows_on: dict[Hop, int] = {}
-        for path in hops:
-            for hop in path:
-                flows_on[hop] = flows_on.get(hop, 0) + 1
-        out: list[Estimate] = []
-        for est, path, b in zip(alone, hops, sizes):
-            if all(flows_on[h] == 1 for h in path):
-                out.append(est)
+        pairs, shares = self._layout(src, dst)
+        estimate = self.inner.estimate
+        out: list[tuple[Estimate, float, float]] = []
+        for (s, d), b, share in zip(pairs, sizes, shares):
+            est = estimate(s, d, b, now_s)
+            if share is None:
+                out.append((est, est.transfer_ms, est.available_gbps))
                 continue
-            available = min(self._hop_gbps(h, est, now_s) / flows_on[h] for h in path)
-            out.append(replace(est, available_gbps=available,
-                               transfer_ms=est.base_latency_ms + b * ms_per_byte(available)))
+            on, available = share  # nominal: what a static (or fallen back) estimate used
+            if est.source == "telemetry":  # every hop of the pair has a sample, as the estimate used
+                available = self._shared_telemetry_gbps(s, d, on, now_s)
+            out.append((est, est.base_latency_ms + b * ms_per_byte(available), available))
         return out
 
-    def _hop_gbps(self, hop: Hop, est: Estimate, now_s: float) -> float:
-        """A hop's bandwidth as the inner oracle used it for this pair's estimate."""
-        if est.source == "telemetry":
-            available = self.inner.hop_available_gbps(hop, now_s)  # type: ignore[attr-defined]
-            if available is not None:
-                return float(available)
-        return self.inner.paths.topology.link_between(*hop).rate_gbps  # type: ignore[attr-defined, no-any-return]
+    def _shared_telemetry_gbps(self, s: str, d: str, on: tuple[tuple[Hop, int], ...], now_s: float) -> float:
+        """min over the rank pair's hops of (telemetry bandwidth / rank flows on
+        it), kept while the inner oracle's snapshot object stays the same."""
+        snap = self.inner.snapshot(now_s)  # type: ignore[attr-defined]
+        if snap is not self._shared_snapshot:
+            self._shared_snapshot = snap
+            self._shared_gbps = {}
+        gbps = self._shared_gbps.get((s, d))
+        if gbps is None:
+            hop_gbps = self.inner.hop_available_gbps  # type: ignore[attr-defined]
+            gbps = self._shared_gbps[(s, d)] = min(hop_gbps(h, now_s) / k for h, k in on)
+        return gbps
+
+    def rank_estimates(self, src: str, dst: str, size_bytes: int, now_s: float) -> list[Estimate]:
+        """The estimate of each rank flow, rank 0 first (shared hops shared)."""
+        return [est if est.transfer_ms == ms and est.available_gbps == gbps
+                else replace(est, transfer_ms=ms, available_gbps=gbps)
+                for est, ms, gbps in self._ranks(src, dst, size_bytes, now_s)]
 
     def estimate(self, src: str, dst: str, size_bytes: int, now_s: float) -> Estimate:
-        per_rank = self.rank_estimates(src, dst, size_bytes, now_s)
+        per_rank = self._ranks(src, dst, size_bytes, now_s)
         worst = per_rank[0]
-        for est in per_rank[1:]:
-            if est.transfer_ms > worst.transfer_ms:
-                worst = est
-        ages = [e.telemetry_age_ms for e in per_rank]
+        for r in per_rank[1:]:
+            if r[1] > worst[1]:
+                worst = r
+        est, transfer_ms, available = worst
+        ages = [r[0].telemetry_age_ms for r in per_rank]
         age = None if any(a is None for a in ages) else max(a for a in ages if a is not None)
-        for rank, est in enumerate(per_rank):
-            if est.source == "static-fallback":
-                return replace(worst, telemetry_age_ms=age, source="static-fallback",
-                               reason=f"rank {rank}: {est.reason}")
-        return replace(worst, telemetry_age_ms=age)
+        source, reason = est.source, est.reason
+        for rank, r in enumerate(per_rank):
+            if r[0].source == "static-fallback":
+                source, reason = "static-fallback", f"rank {rank}: {r[0].reason}"
+                break
+        return Estimate(transfer_ms=transfer_ms, available_gbps=available, base_latency_ms=est.base_latency_ms,
+                        tier=est.tier, hops=est.hops, telemetry_age_ms=age, source=source, reason=reason)
 
     def tier(self, src: str, dst: str) -> int:
         """Highest tier distance over the rank pairs (they are all equal when
