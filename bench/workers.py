@@ -99,6 +99,9 @@ class SamplingLauncher:
     def data_addr(self, host: str) -> tuple[str, int]:
         return self.inner.data_addr(host)
 
+    def netns_path(self, host: str) -> str | None:
+        return self.inner.netns_path(host)
+
     def popen(self, host: str, argv: list[str], log_path: Path) -> Any:
         proc = self.inner.popen(host, argv, log_path)
         self.pids[host] = proc.pid

@@ -44,8 +44,8 @@ RECORD_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("arrival_ms", "float", "scheduled arrival (trace timestamp, windowed and rate-scaled)"),
     FieldSpec("input_tokens", "int", "prompt tokens"),
     FieldSpec("output_tokens", "int", "tokens to generate"),
-    FieldSpec("prefill", "str|null", "prefill GPU host chosen"),
-    FieldSpec("decode", "str|null", "decode GPU host chosen"),
+    FieldSpec("prefill", "str|null", "prefill instance chosen: its GPU host (tensor parallelism: its rank-0 host)"),
+    FieldSpec("decode", "str|null", "decode instance chosen: its GPU host (tensor parallelism: its rank-0 host)"),
     FieldSpec("tier_distance", "int|null", "highest link tier between prefill and decode (0 server .. 3 core)"),
     FieldSpec("scheduler", "str", "decode scheduler under test"),
     FieldSpec("decision_us", "float|null", "wall time the decode scheduler took to decide, microseconds"),
@@ -61,10 +61,13 @@ RECORD_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("queue_wait_ms", "float|null", "prefill_start_ms - arrival_ms: waiting for the prefill instance"),
     FieldSpec("prefill_start_ms", "float|null", "prefill compute began"),
     FieldSpec("prefill_end_ms", "float|null", "prefill compute ended (KV ready to send)"),
-    FieldSpec("bytes_sent", "int|null", "emulated bytes on the wire: ceil(kv_bytes / scale_factor)"),
+    FieldSpec("bytes_sent", "int|null", "emulated bytes on the wire: ceil(kv_bytes / scale_factor) (tensor "
+              "parallelism: the sum over the tp rank flows of ceil(rank's bytes / scale_factor))"),
     FieldSpec("kv_bytes", "int|null", "real KV bytes the transfer stands for"),
-    FieldSpec("transfer_start_ms", "float|null", "sender began writing the KV payload (prefill host clock)"),
-    FieldSpec("transfer_end_ms", "float|null", "receiver had the whole KV payload (decode host clock)"),
+    FieldSpec("transfer_start_ms", "float|null", "sender began writing the KV payload (prefill host clock; "
+              "tensor parallelism: the earliest rank flow's start)"),
+    FieldSpec("transfer_end_ms", "float|null", "receiver had the whole KV payload (decode host clock; "
+              "tensor parallelism: when the last rank flow landed)"),
     FieldSpec("decode_admit_ms", "float|null", "decode instance admitted the request into its batch"),
     FieldSpec("first_token_ms", "float|null", "first output token emitted"),
     FieldSpec("completion_ms", "float|null", "last output token emitted"),

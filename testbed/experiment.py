@@ -267,6 +267,11 @@ class MininetLauncher:
     def data_addr(self, host: str) -> tuple[str, int]:
         return self.tb.data_addr(host)  # type: ignore[no-any-return]
 
+    def netns_path(self, host: str) -> str | None:
+        """The GPU host's network namespace, where a tensor-parallel worker on
+        another rank host of its instance opens this rank's sockets."""
+        return f"/proc/{self.tb.host_pid(host)}/ns/net"
+
     def popen(self, host: str, argv: list[str], log_path: Path) -> subprocess.Popen:  # type: ignore[type-arg]
         from workers.launch import worker_env
 
@@ -419,6 +424,8 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
     """Check everything that can be checked before a network is built."""
     from dataclasses import replace
 
+    from netkv import perfmodel
+    from netkv.placement import make_placement
     from netkv.schedulers import SCHEDULERS
     from netkv.traces import TraceError
     from workers.run import ReplayConfig, ReplayConfigError
@@ -443,6 +450,8 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
                                        "scale_factor": tb_cfg.scale, "scheduler": exp.schedulers[0]})
     except ReplayConfigError as exc:
         raise ExperimentError(str(exc)) from None
+    # The instances must fit the fabric (a TP model needs servers that hold whole instances).
+    make_placement(topo, base.placement, tp=perfmodel.build(base.model, base.gpu, base.perf_overrides).tp)
     if not Path(base.trace_path).is_file():
         raise ExperimentError(f"trace not found: {base.trace_path}")
     try:  # a malformed line or an empty window is found here, before any network exists

@@ -41,10 +41,22 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
+def tp_ranks(run_dir: Path) -> dict[str, list[str]] | None:
+    """A tensor-parallel replay's instances (rank-0 host -> GPU hosts), from its
+    run.json's placement; None for one GPU per instance or without the file."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ranks = (info.get("placement") or {}).get("ranks") if isinstance(info, dict) else None
+    return ranks if isinstance(ranks, dict) and ranks else None
+
+
 def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mtu_bytes: int,
                       slo_ms: float | None,
                       background: list[transfers.Background] | None = None) -> dict[str, Any]:
     records = read_records(run_dir / "records.jsonl")
+    ranks = tp_ranks(run_dir)  # a TP transfer is tp rank flows: its ideal time and path are theirs
     ok = [r for r in records if r.get("status") == "ok"]
     ttft = [float(r["ttft_ms"]) for r in ok]
     transfer = [float(r["transfer_end_ms"]) - float(r["transfer_start_ms"]) for r in ok]
@@ -55,8 +67,8 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         ms = float(r["transfer_end_ms"]) - float(r["transfer_start_ms"])
         by_tier_ms.setdefault(t, []).append(ms)
         if r["prefill"] != r["decode"] and int(r.get("bytes_sent") or 0) > 0:
-            ratios.append(ms / transfers.ideal_ms(topo, scale, r))
-    idle = transfers.idle_transfers(topo, scale, mtu_bytes, records, background=background or [])
+            ratios.append(ms / transfers.ideal_ms(topo, scale, r, ranks))
+    idle = transfers.idle_transfers(topo, scale, mtu_bytes, records, background=background or [], ranks=ranks)
     idle_ratios = transfers.ratios(idle)
     idle_by_tier: dict[int, list[float]] = {}
     for xfer in idle:

@@ -17,10 +17,18 @@ One place for the arithmetic that the replay integration test and
 
 Records are the dicts of :mod:`netkv.records` (``prefill``, ``decode``,
 ``bytes_sent``, ``transfer_start_ms``, ``transfer_end_ms``, ``status``).
+
+Tensor parallelism (``ranks``: each instance's GPU hosts by its rank-0 name,
+the ``ranks`` of a run's placement in ``run.json``): a transfer is ``tp``
+flows of ``bytes_sent / tp`` each, rank i to rank i; its path is every rank
+pair's, and its ideal time is a flow's bytes at the smallest share any hop
+gives (a hop crossed by k of the flows gives each 1/k of its rate), the
+arithmetic of :class:`netkv.oracle.TensorParallelOracle` at nominal rates.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -54,13 +62,34 @@ def background_of(topo: Topology, flows: Iterable[Mapping[str, Any]]) -> list[Ba
                        1000.0 * (float(f["start_s"]) + float(f["duration_s"]))) for f in flows]
 
 
-def ideal_ms(topo: Topology, scale: float, rec: Mapping[str, Any]) -> float:
-    """Payload at the path's emulated bottleneck rate, in ms."""
-    bps = topo.bottleneck_gbps(rec["prefill"], rec["decode"]) * 1e9 / scale
-    return float(rec["bytes_sent"]) * 8 / bps * 1e3
+Ranks = Mapping[str, Sequence[str]]  # TP instance (its rank-0 host) -> its GPU hosts, rank 0 first
 
 
-def bucket_ms(topo: Topology, scale: float, mtu_bytes: int, rec: Mapping[str, Any]) -> float:
+def rank_pairs(rec: Mapping[str, Any], ranks: Ranks | None = None) -> list[tuple[str, str]]:
+    """The (source, destination) GPU hosts of a transfer's flows: the record's
+    pair, or with tensor parallelism rank i of each instance to rank i."""
+    if not ranks:
+        return [(rec["prefill"], rec["decode"])]
+    return list(zip(ranks[rec["prefill"]], ranks[rec["decode"]]))
+
+
+def ideal_ms(topo: Topology, scale: float, rec: Mapping[str, Any], ranks: Ranks | None = None) -> float:
+    """Payload at the path's emulated bottleneck rate, in ms (tensor
+    parallelism: one rank flow at the smallest share of a hop's rate)."""
+    pairs = rank_pairs(rec, ranks)
+    if len(pairs) == 1:
+        bps = topo.bottleneck_gbps(*pairs[0]) * 1e9 / scale
+        return float(rec["bytes_sent"]) * 8 / bps * 1e3
+    crossing: dict[tuple[str, str], int] = {}
+    for src, dst in pairs:
+        for hop in topo.path_hops(src, dst):
+            crossing[hop] = crossing.get(hop, 0) + 1
+    share_bps = min(topo.link_between(*hop).rate_gbps / k for hop, k in crossing.items()) * 1e9 / scale
+    return math.ceil(int(rec["bytes_sent"]) / len(pairs)) * 8 / share_bps * 1e3
+
+
+def bucket_ms(topo: Topology, scale: float, mtu_bytes: int, rec: Mapping[str, Any],
+              ranks: Ranks | None = None) -> float:
     """What htb lets the path's bottleneck send at once after an idle period,
     in ms of its rate: an idle path can beat the ideal by at most this much.
 
@@ -69,9 +98,12 @@ def bucket_ms(topo: Topology, scale: float, mtu_bytes: int, rec: Mapping[str, An
     last frame of a burst may overdraw the bucket.  (A 14 kB transfer at
     5 Mbit/s on the per-switch emulator took 12.78 ms against an ideal of
     22.66 ms less a 4-frame bucket of 9.69 ms.)"""
-    mbps = topo.bottleneck_gbps(rec["prefill"], rec["decode"]) * 1000 / scale
-    burst_bytes = shaping.htb_burst_bytes(mbps, mtu_bytes) + mtu_bytes + 14
-    return burst_bytes * 8 / (mbps * 1e6) * 1e3
+    out = 0.0
+    for src, dst in rank_pairs(rec, ranks):  # tensor parallelism: the largest over the rank pairs
+        mbps = topo.bottleneck_gbps(src, dst) * 1000 / scale
+        burst_bytes = shaping.htb_burst_bytes(mbps, mtu_bytes) + mtu_bytes + 14
+        out = max(out, burst_bytes * 8 / (mbps * 1e6) * 1e3)
+    return out
 
 
 def tcp_hops(topo: Topology, src: str, dst: str) -> frozenset[tuple[str, str]]:
@@ -105,7 +137,7 @@ def _has_transfer(rec: Mapping[str, Any]) -> bool:
 
 def idle_transfers(topo: Topology, scale: float, mtu_bytes: int, records: Sequence[Mapping[str, Any]],
                    *, min_ideal_ms: float = IDLE_MIN_IDEAL_MS,
-                   background: Sequence[Background] = ()) -> list[IdleTransfer]:
+                   background: Sequence[Background] = (), ranks: Ranks | None = None) -> list[IdleTransfer]:
     """The ok transfers whose path no other transfer and no background flow
     used while they ran and whose ideal time is at least ``min_ideal_ms``.
     Any record with transfer stamps (failed ones too) counts as a possible
@@ -116,7 +148,7 @@ def idle_transfers(topo: Topology, scale: float, mtu_bytes: int, records: Sequen
     def hops_of(r: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
         key = (str(r["prefill"]), str(r["decode"]))
         if key not in hops:
-            hops[key] = tcp_hops(topo, *key)
+            hops[key] = frozenset().union(*(tcp_hops(topo, *pair) for pair in rank_pairs(r, ranks)))
         return hops[key]
 
     by_start = sorted(moved, key=lambda r: float(r["transfer_start_ms"]))
@@ -124,7 +156,7 @@ def idle_transfers(topo: Topology, scale: float, mtu_bytes: int, records: Sequen
     for i, r in enumerate(by_start):
         if r.get("status") != "ok":
             continue
-        ideal = ideal_ms(topo, scale, r)
+        ideal = ideal_ms(topo, scale, r, ranks)
         if ideal < min_ideal_ms:
             continue
         start, end = float(r["transfer_start_ms"]), float(r["transfer_end_ms"])
@@ -140,7 +172,7 @@ def idle_transfers(topo: Topology, scale: float, mtu_bytes: int, records: Sequen
                 break
         if not busy:
             out.append(IdleTransfer(str(r["request_id"]), int(r.get("tier_distance") or 0), end - start, ideal,
-                                    bucket_ms(topo, scale, mtu_bytes, r)))
+                                    bucket_ms(topo, scale, mtu_bytes, r, ranks)))
     return out
 
 

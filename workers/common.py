@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from netkv import perfmodel
@@ -28,7 +29,47 @@ def base_parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--model", default=perfmodel.DEFAULT_MODEL, help="model name in netkv.perfmodel.MODELS")
     p.add_argument("--gpu", default=perfmodel.DEFAULT_GPU, help="GPU name in netkv.perfmodel.GPUS")
     p.add_argument("--perf-json", default="{}", help="perf-model overrides as a JSON object")
+    p.add_argument("--ranks-json", default=None,
+                   help="tensor parallelism: the instance's GPU hosts in rank order, a JSON list of "
+                        '{"host", "netns" (path of the host\'s network namespace, null: this one)'
+                        '[, "ip", "port" (decode: the rank\'s KV listener)]}; absent: one GPU host')
     return p
+
+
+@dataclass(frozen=True)
+class Rank:
+    """One GPU host of a (tensor-parallel) instance."""
+
+    host: str
+    netns: str | None  # namespace to open its sockets in; None: the worker's own
+    ip: str = ""  # decode: where the rank's KV listener binds
+    port: int = 0
+
+
+def parse_ranks(args: argparse.Namespace, perf: PerfModel, listen: tuple[str, int] | None = None) -> list[Rank]:
+    """The instance's ranks from ``--ranks-json`` (rank 0 is ``--host``, in the
+    worker's own namespace), or the one host ``--host`` without it; their number
+    must be the perf model's ``tp``.  ``listen`` is a decode's ``--listen-ip/--listen-port``."""
+    if args.ranks_json is None:
+        ranks = [Rank(args.host, None, *(listen or ("", 0)))]
+    else:
+        raw = json.loads(args.ranks_json)
+        if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+            raise SystemExit(f"--ranks-json must be a JSON list of objects, got {args.ranks_json!r}")
+        want = {"host", "netns"} | ({"ip", "port"} if listen is not None else set())
+        ranks = []
+        for i, r in enumerate(raw):
+            if set(r) != want:
+                raise SystemExit(f"--ranks-json rank {i} must have exactly the keys {sorted(want)}, got {sorted(r)}")
+            ranks.append(Rank(str(r["host"]), None if r["netns"] is None else str(r["netns"]),
+                              *((str(r["ip"]), int(r["port"])) if listen is not None else ("", 0))))
+        if not ranks or ranks[0].host != args.host or ranks[0].netns is not None:
+            raise SystemExit(f"--ranks-json: rank 0 must be --host {args.host} in this namespace (netns null)")
+        if listen is not None and (ranks[0].ip, ranks[0].port) != listen:
+            raise SystemExit(f"--ranks-json: rank 0 must listen on --listen-ip/--listen-port {listen[0]}:{listen[1]}")
+    if len(ranks) != perf.tp:
+        raise SystemExit(f"{len(ranks)} rank host(s) given for a model served at tp={perf.tp}")
+    return ranks
 
 
 def build_perf(args: argparse.Namespace) -> PerfModel:

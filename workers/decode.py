@@ -18,13 +18,24 @@ its last token, frees its memory and is reported (``done``) with its
 timestamps and time-between-tokens statistics.  New requests join at
 iteration boundaries.  A request that could never fit (input + output larger
 than the whole KV capacity) is ``rejected`` at once.
+
+Tensor parallelism (``--ranks-json``, ``tp`` GPU hosts): the worker plays the
+whole instance from its rank-0 host and has one KV listener per rank, rank i's
+on rank i's address (its socket opened in rank i's network namespace:
+:mod:`workers.netns`).  A request's payload is ``tp`` flows, one per rank
+(sizes in the ``expect`` message's ``rank_wire_bytes``); it is ready when
+every rank's flow is complete, and its ``transfer_end`` is the last one's.
+One log line per request names each rank's flow: bytes, sender and receiver
+address, end time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,7 +43,8 @@ from typing import Any
 
 from netkv.perfmodel import PerfModel
 
-from .common import Control, base_parser, build_perf, log
+from .common import Control, Rank, base_parser, build_perf, log, parse_ranks
+from .netns import tcp_socket_in
 from .protocol import KV_HEADER, ProtocolError, parse_kv_header
 
 READ_BYTES = 1024 * 1024
@@ -44,6 +56,7 @@ class Expect:
     input_tokens: int
     output_tokens: int
     wire_bytes: int
+    rank_wire_bytes: list[int] = field(default_factory=list)  # tensor parallelism: each rank's flow
 
 
 @dataclass
@@ -72,15 +85,18 @@ def tbt_stats_ms(times_s: list[float]) -> tuple[float | None, float | None]:
 
 
 class DecodeWorker:
-    def __init__(self, host: str, control: Control, perf: PerfModel, max_batch: int) -> None:
+    def __init__(self, host: str, control: Control, perf: PerfModel, max_batch: int,
+                 ranks: list[Rank] | None = None) -> None:
         self.host = host
         self.control = control
         self.perf = perf
         self.max_batch = max_batch
+        self.ranks = ranks if ranks is not None else [Rank(host, None)]
         self.capacity_tokens = perf.kv_capacity_tokens
         self.reserved_tokens = 0
         self.expected: dict[str, Expect] = {}
-        self.arrived: dict[str, tuple[float, int]] = {}  # id -> (transfer_end_s, payload bytes)
+        # id -> rank -> (that rank's transfer_end_s, payload bytes, sender address)
+        self.arrived: dict[str, dict[int, tuple[float, int, str]]] = {}
         self.ready: deque[tuple[str, Expect, float]] = deque()
         self.active: list[Active] = []
         self.wake = asyncio.Event()
@@ -89,19 +105,38 @@ class DecodeWorker:
     def _maybe_ready(self, rid: str) -> None:
         if rid not in self.expected or rid not in self.arrived:
             return
+        if len(self.arrived[rid]) < len(self.ranks):
+            return  # a rank's flow is still on its way
         exp = self.expected.pop(rid)
-        end_s, got = self.arrived.pop(rid)
-        if got != exp.wire_bytes:
-            self.control.send(
-                {"t": "rejected", "id": rid, "reason": f"KV payload of {got} bytes, expected {exp.wire_bytes}"}
-            )
-            return
+        parts = self.arrived.pop(rid)
+        if len(self.ranks) == 1:
+            end_s, got, _ = parts[0]
+            if got != exp.wire_bytes:
+                self.control.send(
+                    {"t": "rejected", "id": rid, "reason": f"KV payload of {got} bytes, expected {exp.wire_bytes}"}
+                )
+                return
+        else:
+            got_per_rank = [parts[i][1] for i in range(len(self.ranks))]
+            if got_per_rank != exp.rank_wire_bytes:
+                self.control.send({"t": "rejected", "id": rid, "reason": f"KV payload of {got_per_rank} bytes "
+                                   f"per rank, expected {exp.rank_wire_bytes}"})
+                return
+            end_s = max(p[0] for p in parts.values())
+            log(self.host, f"KV {rid} complete: " + "; ".join(
+                f"rank {i} {parts[i][1]} B {parts[i][2]}->{r.ip}:{r.port} end {parts[i][0]:.6f}"
+                for i, r in enumerate(self.ranks)))
         self.ready.append((rid, exp, end_s))
         self.wake.set()
 
-    async def on_kv_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def on_kv_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               rank: int = 0) -> None:
         peer = writer.get_extra_info("peername")
-        log(self.host, f"KV connection from {peer}")
+        if len(self.ranks) == 1:
+            log(self.host, f"KV connection from {peer}")
+        else:
+            r = self.ranks[rank]
+            log(self.host, f"KV connection from {peer} to rank {rank} ({r.host} {r.ip}:{r.port})")
         try:
             while True:
                 try:
@@ -119,7 +154,7 @@ class DecodeWorker:
                         log(self.host, f"KV connection from {peer} closed with {left} of {total} bytes of {rid} missing")
                         return
                     left -= len(chunk)
-                self.arrived[rid] = (time.time(), total)
+                self.arrived.setdefault(rid, {})[rank] = (time.time(), total, str(peer[0]))
                 self._maybe_ready(rid)
         except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
             log(self.host, f"KV connection from {peer} failed: {exc!r}")
@@ -132,7 +167,8 @@ class DecodeWorker:
             return False
         if kind == "expect":
             rid = msg["id"]
-            exp = Expect(int(msg["input_tokens"]), int(msg["output_tokens"]), int(msg["wire_bytes"]))
+            exp = Expect(int(msg["input_tokens"]), int(msg["output_tokens"]), int(msg["wire_bytes"]),
+                         [int(b) for b in msg.get("rank_wire_bytes", [])])
             need = exp.input_tokens + exp.output_tokens
             if need > self.capacity_tokens:
                 self.control.send(
@@ -191,6 +227,20 @@ class DecodeWorker:
             self.active = still
 
 
+def rank_listener(rank: Rank) -> socket.socket:
+    """The bound, listening KV socket of one rank, in that rank's namespace."""
+    sock = tcp_socket_in(rank.netns)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((rank.ip, rank.port))
+        sock.listen(100)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def amain() -> None:
     parser = base_parser("decode")
     parser.add_argument("--listen-ip", required=True, help="data address to bind for KV payloads")
@@ -200,16 +250,25 @@ async def amain() -> None:
     if args.max_batch < 1:
         raise SystemExit(f"--max-batch must be >= 1, got {args.max_batch}")
     perf = build_perf(args)
+    ranks = parse_ranks(args, perf, (args.listen_ip, args.listen_port))
     control = await Control.connect(args.control)
-    worker = DecodeWorker(args.host, control, perf, args.max_batch)
-    server = await asyncio.start_server(worker.on_kv_connection, args.listen_ip, args.listen_port, reuse_address=True)
+    worker = DecodeWorker(args.host, control, perf, args.max_batch, ranks)
+    if len(ranks) == 1:
+        servers = [await asyncio.start_server(worker.on_kv_connection, args.listen_ip, args.listen_port,
+                                              reuse_address=True)]
+    else:
+        servers = [await asyncio.start_server(functools.partial(worker.on_kv_connection, rank=i),
+                                              sock=rank_listener(r)) for i, r in enumerate(ranks)]
     engine = asyncio.create_task(worker.engine())
     control.send({"t": "hello", "host": args.host, "role": "decode", "pid": os.getpid()})
-    log(args.host, f"decode worker up on {args.listen_ip}:{args.listen_port}, "
+    listen = f"{args.listen_ip}:{args.listen_port}" if len(ranks) == 1 else \
+        ", ".join(f"rank {i} {r.host} {r.ip}:{r.port}" for i, r in enumerate(ranks))
+    log(args.host, f"decode worker up on {listen}, "
                    f"KV capacity {worker.capacity_tokens} tokens, max batch {args.max_batch}")
     await control.serve(worker.handle)
     engine.cancel()
-    server.close()
+    for server in servers:
+        server.close()
     log(args.host, "decode worker stopping")
 
 

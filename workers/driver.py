@@ -6,6 +6,13 @@ one Unix-domain control socket in the run directory (filesystem paths work
 across network namespaces), so the KV payloads are the only traffic on the
 data network.
 
+An instance is one GPU host, or with tensor parallelism (the perf model's
+``tp`` > 1) ``tp`` GPU hosts of one server named by its rank-0 host
+(:mod:`netkv.placement`); there is one worker process per instance, on its
+rank-0 host, and the scheduler sees one candidate per decode instance, priced
+by :class:`netkv.oracle.TensorParallelOracle` (a transfer is ``tp`` rank
+flows and costs its slowest).
+
 Per request, at its arrival time:
 
 1. choose the prefill instance (:class:`netkv.prefill.PrefillChooser`, on
@@ -38,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from netkv import perfmodel
-from netkv.oracle import StaticOracle
+from netkv.oracle import StaticOracle, TensorParallelOracle
 from netkv.placement import make_placement, tier_mix
 from netkv.prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, PrefixCache
 from netkv.records import RecordWriter, empty_record, summarize, validate_file
@@ -128,11 +135,16 @@ class Frontend:
         self.launcher = launcher
         self.run_dir = run_dir
         self.topo = topology if topology is not None else catalog.build(config.topology, config.topology_params)
-        self.placement = make_placement(self.topo, config.placement)
         self.perf = perfmodel.build(config.model, config.gpu, config.perf_overrides)
+        # An instance is perf.tp GPU hosts of one server, named by its rank-0 host (netkv.placement).
+        self.placement = make_placement(self.topo, config.placement, tp=self.perf.tp)
         if config.oracle == "telemetry" and oracle is None:
             raise ReplayError('oracle "telemetry" needs a telemetry oracle: pass oracle= to replay()')
         self.oracle = oracle if oracle is not None else StaticOracle(self.topo)
+        if self.placement.tp > 1:  # a transfer is tp rank flows; it costs its slowest
+            self.oracle = TensorParallelOracle(self.oracle, {i: self.placement.ranks_of(i)
+                                                             for i in self.placement.instances},
+                                               self.perf.rank_flow_bytes)
         warm = getattr(self.oracle, "warm", None)
         if warm is not None:
             warm(self.placement.prefill)  # the paths from every prefill: start-up work, not a decision's
@@ -149,6 +161,7 @@ class Frontend:
         self.writers: dict[str, asyncio.StreamWriter] = {}
         self.hello: dict[str, asyncio.Event] = {}
         self.addrs: dict[str, tuple[str, int]] = {}
+        self.rank_addrs: dict[str, list[tuple[str, int]]] = {}  # tp > 1: every rank's KV listener of a decode
         self.late_reports = 0
         self.max_dispatch_lag_ms = 0.0
         self.t0 = 0.0
@@ -251,6 +264,10 @@ class Frontend:
             raise ReplayError(f"scheduler chose {decision.decode!r}, which is not a live decode instance")
         kv_bytes = int(decision.bytes_to_send)
         wire_bytes = math.ceil(kv_bytes / self.cfg.scale_factor)
+        tp_expect: dict[str, Any] = {}
+        tp_prefill: dict[str, Any] = {}
+        if self.placement.tp > 1:
+            wire_bytes, tp_expect, tp_prefill = self._rank_flows(decision.decode, kv_bytes)
         rec = empty_record(req.request_id, self.cfg.scheduler, req.arrival_ms, req.input_tokens, req.output_tokens)
         est = decision.estimate
         rec.update(
@@ -275,10 +292,19 @@ class Frontend:
         d.reserved_tokens += need
         d.flights.add(req.request_id)
         self._send(decision.decode, {"t": "expect", "id": req.request_id, "input_tokens": req.input_tokens,
-                                     "output_tokens": req.output_tokens, "wire_bytes": wire_bytes})
+                                     "output_tokens": req.output_tokens, "wire_bytes": wire_bytes, **tp_expect})
         self._send(choice.name, {"t": "prefill", "id": req.request_id, "input_tokens": req.input_tokens,
                                  "hash_ids": list(req.hash_ids), "decode": decision.decode,
-                                 "addr": list(self.addrs[decision.decode]), "wire_bytes": wire_bytes})
+                                 "addr": list(self.addrs[decision.decode]), "wire_bytes": wire_bytes, **tp_prefill})
+
+    def _rank_flows(self, decode: str, kv_bytes: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        """Tensor parallelism: the transfer as tp flows, rank i to rank i, each
+        of its rank's share (perf.rank_flow_bytes) scaled to the wire.  Returns
+        the wire bytes of all flows together and the rank fields of the
+        ``expect`` and the ``prefill`` message."""
+        rank_wire = [math.ceil(b / self.cfg.scale_factor) for b in self.perf.rank_flow_bytes(kv_bytes)]
+        return (sum(rank_wire), {"rank_wire_bytes": rank_wire},
+                {"rank_addrs": [list(a) for a in self.rank_addrs[decode]], "rank_wire_bytes": rank_wire})
 
     def _send(self, host: str, msg: dict[str, Any]) -> None:
         writer = self.writers.get(host)
@@ -306,7 +332,7 @@ class Frontend:
         elif kind == "sent":
             flight.sent = True
             if self.status_url is not None:
-                self.sent_since_report.append(self._transfer(flight))
+                self.sent_since_report.extend(self._transfers(flight))
             self.prefill_flights[flight.prefill].discard(rid)  # type: ignore[arg-type]
             rec["transfer_start_ms"] = self.ms(msg["start_s"])
             if flight.done_msg is not None:
@@ -393,14 +419,34 @@ class Frontend:
         if role == "decode":
             ip, port = self.addrs[host]
             argv += ["--listen-ip", ip, "--listen-port", str(port), "--max-batch", str(self.cfg.decode_max_batch)]
+        if self.placement.tp > 1:
+            argv += ["--ranks-json", json.dumps(self._ranks_arg(host, role))]
         return argv
+
+    def _ranks_arg(self, instance: str, role: str) -> list[dict[str, Any]]:
+        """The worker's --ranks-json: each rank host, the namespace its sockets
+        are opened in (rank 0: the worker's own) and, for a decode, its listener."""
+        netns_path = getattr(self.launcher, "netns_path", None)
+        if netns_path is None:
+            raise ReplayError(f"tp={self.placement.tp} needs a launcher that names each GPU host's network "
+                              f"namespace (netns_path); {type(self.launcher).__name__} does not")
+        out: list[dict[str, Any]] = []
+        for rank, host in enumerate(self.placement.ranks_of(instance)):
+            entry: dict[str, Any] = {"host": host, "netns": None if rank == 0 else netns_path(host)}
+            if role == "decode":
+                ip, port = self.rank_addrs[instance][rank]
+                entry.update(ip=ip, port=port)
+            out.append(entry)
+        return out
 
     async def start_workers(self) -> None:
         logs = self.run_dir / "logs"
         logs.mkdir(exist_ok=True)
         for host in self.placement.decode:
             self.addrs[host] = self.launcher.data_addr(host)
-        for host in self.placement.hosts:
+            if self.placement.tp > 1:
+                self.rank_addrs[host] = [self.launcher.data_addr(h) for h in self.placement.ranks_of(host)]
+        for host in self.placement.instances:  # one worker per instance, on its rank-0 host
             self.hello[host] = asyncio.Event()
             role = self.placement.role_of(host)
             self.procs[host] = self.launcher.popen(host, self._argv(host, role), logs / f"{host}.log")
@@ -442,15 +488,20 @@ class Frontend:
                 proc.wait()
 
     # -- progress for the controller's fabric view ----------------------------
-    @staticmethod
-    def _transfer(flight: Flight) -> dict[str, Any]:
-        return {"src": flight.prefill, "dst": flight.decode, "bytes": int(flight.rec.get("kv_bytes") or 0)}
+    def _transfers(self, flight: Flight) -> list[dict[str, Any]]:
+        """The flows of one KV transfer: one, or tp rank to rank (tensor parallelism)."""
+        kv_bytes = int(flight.rec.get("kv_bytes") or 0)
+        if self.placement.tp == 1:
+            return [{"src": flight.prefill, "dst": flight.decode, "bytes": kv_bytes}]
+        return [{"src": p, "dst": d, "bytes": b} for p, d, b in zip(
+            self.placement.ranks_of(flight.prefill), self.placement.ranks_of(flight.decode),
+            self.perf.rank_flow_bytes(kv_bytes))]
 
     def status_report(self, total: int, finished: bool = False) -> dict[str, Any]:
         """Requests with a record so far, and the KV transfers in flight at any moment
         since the previous report: those under way now (prefilled, not yet sent) and
         those that ended in between (most take milliseconds, reports come every 0.5 s)."""
-        flying = [self._transfer(f) for f in self.flights.values() if f.prefilled and not f.sent]
+        flying = [t for f in self.flights.values() if f.prefilled and not f.sent for t in self._transfers(f)]
         flying += self.sent_since_report
         self.sent_since_report = []
         return {"scheduler": self.cfg.scheduler, "requests_done": len(self.written), "requests_total": total,
@@ -564,6 +615,8 @@ class Frontend:
                             "data_addr": list(self.addrs[h]) if h in self.addrs else None}
                         for h, p in self.procs.items()},
         }
+        if self.placement.tp > 1:
+            run_info["rank_data_addrs"] = {h: [list(a) for a in addrs] for h, addrs in self.rank_addrs.items()}
         (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
         summary = summarize(records_path, self.cfg.ttft_slo_ms, SloConfig.from_dict(self.cfg.slo))
         summary.update(

@@ -17,6 +17,11 @@ Contract for implementations:
 * ``data_addr(host)`` is the address the decode worker on ``host`` binds and
   prefill workers connect to.  It must be stable for the run and distinct
   per host where hosts share an address.
+* ``netns_path(host)`` (needed only with tensor parallelism, where one worker
+  plays the ``tp`` GPU hosts of an instance from its rank-0 host): the path of
+  ``host``'s network namespace, which the worker opens the other ranks'
+  sockets in (:mod:`workers.netns`), or None when every host shares the
+  worker's own namespace.
 """
 
 from __future__ import annotations
@@ -75,6 +80,10 @@ class LocalLauncher:
                 port = self.base_port + len(self._ports)
             self._ports[host] = port
         return self.ip, self._ports[host]
+
+    def netns_path(self, host: str) -> str | None:
+        """Every host is this machine's namespace (distinct ports on ``ip``)."""
+        return None
 
     def popen(self, host: str, argv: list[str], log_path: Path) -> subprocess.Popen:
         with open(log_path, "ab") as log:

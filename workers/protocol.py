@@ -21,8 +21,16 @@ frontend -> worker
     ``expect``      {id, input_tokens, output_tokens, wire_bytes}
     ``stop``        {}: exit now
 
+With tensor parallelism (``tp`` > 1; a worker plays a whole instance from its
+rank-0 host) ``prefill`` also carries ``rank_addrs`` (the decode instance's
+listener of each rank, rank 0 first; ``addr`` is rank 0's) and
+``rank_wire_bytes`` (each rank flow's bytes; ``wire_bytes`` is their sum), and
+``expect`` carries ``rank_wire_bytes``.  ``sent`` then spans every rank's
+flow (earliest start, latest end).
+
 Data plane (the only traffic on the emulated network): one TCP connection per
-(prefill, decode) pair, kept open and reused.  Each KV transfer is a 14-byte
+(prefill, decode) pair, kept open and reused (tensor parallelism: per pair and
+rank, from rank i's host to rank i's listener).  Each KV transfer is a 14-byte
 header ``!4sHQ`` (magic ``b"NKV1"``, request-id length, payload length) then
 the request id (UTF-8) then ``payload length`` bytes of KV payload.
 """
