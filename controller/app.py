@@ -7,7 +7,9 @@
   no ARP or broadcast is ever forwarded and anything unrouted is dropped by the
   table-miss behaviour of a secure-mode bridge.
 * Faults: port-status messages (and the port descriptions a switch sends
-  when it connects) mark links out of service; the routes they cut move to
+  when it connects) mark links out of service, and so does a switch whose
+  connection ends while this controller runs (all its links, until it is
+  back); the routes they cut move to
   the remaining equal-cost paths (:meth:`ControllerState.on_port_status`),
   sent as the difference per switch (changed entries overwritten, stale ones
   deleted strictly, the rest untouched) with a barrier whose reply times it.
@@ -78,10 +80,10 @@ class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
             return
         if ev.state == MAIN_DISPATCHER:
             self.datapaths[dp.id] = dp
-            self.state.on_connect(dp.id, time.time())
+            self._apply(self.state.on_connect(dp.id, time.time()))
         elif ev.state == DEAD_DISPATCHER:
             self.datapaths.pop(dp.id, None)
-            self.state.on_disconnect(dp.id, time.time())
+            self._apply(self.state.on_disconnect(dp.id, time.time()))
 
     def _install_routes(self, dp: Any, name: str) -> None:
         ofp, parser = dp.ofproto, dp.ofproto_parser

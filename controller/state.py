@@ -186,6 +186,7 @@ class ControllerState:
         # Port-status: switch ports reported down, links out of service (Link.key)
         # and the route changes they caused (newest last).
         self.ports_down: set[tuple[str, int]] = set()
+        self.switches_down: set[str] = set()  # disconnected while this controller ran
         self.links_down: set[tuple[str, str]] = set()
         self.reroutes: deque[dict[str, object]] = deque(maxlen=REROUTES_KEPT)
         self.routes_version = 0
@@ -208,21 +209,34 @@ class ControllerState:
         return self.interface_name(src, self.topo.port_to(src, dst))
 
     # -- connections and routes ---------------------------------------------
-    def on_connect(self, dpid: int, now: float) -> None:
+    def on_connect(self, dpid: int, now: float) -> dict[str, tuple[list[FlowEntry], list[FlowEntry]]]:
+        """A switch finished its handshake.  One that had disconnected while
+        this controller ran is back in service: returns the route changes."""
         with self._lock:
             self.connected[dpid] = now
+            name = self.switch_by_dpid.get(dpid)
+            if name is None or name not in self.switches_down:
+                return {}
+            self.switches_down.discard(name)
+            return self._recompute(now, {"switch": name, "link": None, "up": True, "reported_by": name})
 
-    def on_disconnect(self, dpid: int, now: float) -> None:
+    def on_disconnect(self, dpid: int, now: float) -> dict[str, tuple[list[FlowEntry], list[FlowEntry]]]:
+        """A switch's connection ended.  While this controller runs that means
+        the switch (its process) failed: its links are out of service until it
+        is back, and the route changes that follow are returned."""
         with self._lock:
             self.connected.pop(dpid, None)
             self.routes_confirmed.pop(dpid, None)
             if self._round is not None:
                 self._round.outstanding.discard(dpid)
             name = self.switch_by_dpid.get(dpid)
-            if name is not None:
-                # A reconnecting switch restarts its counters: forget the baseline.
-                for key in [k for k in self._last if k[0] == name]:
-                    del self._last[key]
+            if name is None:
+                return {}
+            # A reconnecting switch restarts its counters: forget the baseline.
+            for key in [k for k in self._last if k[0] == name]:
+                del self._last[key]
+            self.switches_down.add(name)
+            return self._recompute(now, {"switch": name, "link": None, "up": False, "reported_by": name})
 
     def on_routes_sent(self, dpid: int, count: int, now: float) -> None:
         with self._lock:
@@ -259,26 +273,33 @@ class ControllerState:
             if key is None:
                 return {}
             (self.ports_down.discard if up else self.ports_down.add)((name, port_no))
-            down = {self._link_at[p] for p in self.ports_down}
-            if down == self.links_down:
-                return {}
-            self.links_down = down
-            new = flow_entries(self.topo, down)
-            changes: dict[str, tuple[list[FlowEntry], list[FlowEntry]]] = {}
-            for switch, entries in new.items():
-                add, delete = table_diff(self.routes.get(switch, []), entries)
-                if add or delete:
-                    changes[switch] = (add, delete)
-            self.routes = new
-            self.routes_version += 1
-            self.reroutes.append({
-                "t_s": now, "link": list(key), "up": up, "reported_by": f"{name}:{port_no}",
-                "links_down": sorted(list(k) for k in down),
-                "switches": sorted(changes), "entries_added": sum(len(a) for a, _ in changes.values()),
-                "entries_deleted": sum(len(d) for _, d in changes.values()),
-                "pending": sorted(changes), "confirmed_s": None if changes else now,
-                "confirm_ms": None if changes else 0.0})
-            return changes
+            return self._recompute(now, {"switch": None, "link": list(key), "up": up,
+                                         "reported_by": f"{name}:{port_no}"})
+
+    def _recompute(self, now: float, cause: dict[str, object]) -> dict[str, tuple[list[FlowEntry], list[FlowEntry]]]:
+        """Routes for the links now out of service (ports down, and every link
+        of a switch that is down); the per-switch changes, recorded with their
+        cause.  Called with the lock held."""
+        down = {self._link_at[p] for p in self.ports_down}
+        down |= {link.key for link in self.topo.links if link.a in self.switches_down or link.b in self.switches_down}
+        if down == self.links_down:
+            return {}
+        self.links_down = down
+        new = flow_entries(self.topo, down)
+        changes: dict[str, tuple[list[FlowEntry], list[FlowEntry]]] = {}
+        for switch, entries in new.items():
+            add, delete = table_diff(self.routes.get(switch, []), entries)
+            if add or delete:
+                changes[switch] = (add, delete)
+        self.routes = new
+        self.routes_version += 1
+        self.reroutes.append({
+            "t_s": now, **cause, "links_down": sorted(list(k) for k in down),
+            "switches": sorted(changes), "entries_added": sum(len(a) for a, _ in changes.values()),
+            "entries_deleted": sum(len(d) for _, d in changes.values()),
+            "pending": sorted(changes), "confirmed_s": None if changes else now,
+            "confirm_ms": None if changes else 0.0})
+        return changes
 
     def installed_path(self, src: str, dst: str) -> list[str]:
         """The node path traffic from src to dst takes through the routes this
@@ -383,6 +404,7 @@ class ControllerState:
                 "queues": {"rounds": self._queue_rounds, "errors": self._queue_errors,
                            "interfaces": len(self._queues), "last_error": self._queue_last_error},
                 "links_down": sorted(list(k) for k in self.links_down),
+                "switches_down": sorted(self.switches_down),
                 "routes_version": self.routes_version,
                 "reroutes": [dict(change, pending=list(change["pending"]))  # type: ignore[call-overload]
                              for change in self.reroutes],

@@ -330,3 +330,22 @@ def test_killed_decode_is_detected_failed_with_reason_and_chosen_again_after_res
     # not chosen while dead; chosen again, and served, once back
     assert not [r for r in recs if r["decode"] == "g9" and kill_ms + kill["detected_ms"] + 50 < r["arrival_ms"] < back_ms - 50]
     assert [r for r in recs if r["decode"] == "g9" and r["arrival_ms"] > back_ms and r["status"] == "ok"]
+
+
+def test_a_switch_lost_while_the_controller_runs_is_routed_around_until_it_is_back(
+        tiny: topologies.Topology) -> None:
+    state = ControllerState(tiny, scale=1000.0)
+    before = {k: list(v) for k, v in state.routes.items()}
+    a0 = tiny.node("a0").dpid
+    state.on_connect(a0, 1.0)
+    assert state.links_down == set()  # a first connection changes nothing
+    changes = state.on_disconnect(a0, 2.0)
+    assert state.switches_down == {"a0"} and changes
+    assert state.links_down == {link.key for link in tiny.links_of("a0")}
+    for src in tiny.gpu_names():
+        for dst in tiny.gpu_names():
+            if src != dst:
+                assert "a0" not in walk(tiny, state.routes, src, dst)
+    assert state.status(3.0)["reroutes"][-1]["switch"] == "a0"
+    back = state.on_connect(a0, 5.0)
+    assert back and state.switches_down == set() and state.routes == before
