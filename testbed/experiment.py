@@ -560,41 +560,12 @@ def _replay_schedulers(tb: Any, datapath: str, schedulers: list[str], base: Any,
     the scenario's background flows started afresh."""
     from dataclasses import replace
 
-    from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
-
-    from .faults import FaultRunner
-
     for name in schedulers:
         cfg = replace(base, scheduler=name)
         run_dir = out / name
         run_dir.mkdir()
-        poller = None
-        if cfg.oracle == "telemetry":
-            poller = RestTelemetryPoller(tb, tb.config.poll_interval_s, series_path=run_dir / TELEMETRY_SERIES)
-            oracle: Any = (StaleOracle(tb.topo, poller, cfg.telemetry_delay_ms) if cfg.telemetry_delay_ms
-                           else TelemetryOracle(tb.topo, poller))
-            poller.on_update = oracle.prepare  # hop figures and tables computed in the polling thread
-            poller.start()
-        else:
-            oracle = StaticOracle(tb.topo)
-        runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
-        faults = FaultRunner(tb, scen.events, run_dir, oracle=oracle, telemetry=poller) if scen.events else None
         say(f"replaying with {name} ...")
-        runner.start()
-        polled: dict[str, int] = {}
-        try:
-            summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle,
-                                               on_start=faults.attach if faults is not None else None)
-        finally:
-            if faults is not None:
-                faults.stop()
-            runner.stop()
-            if poller is not None:
-                polled = poller.stop()
-        envelope.update(polled)
-        envelope["background_flows_started"] = runner.started_flows
-        envelope["datapath"] = datapath
-        (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")
+        summary, envelope = replay_under_scenario(tb, cfg, scen, run_dir, datapath=datapath)
         flag = "" if envelope["within_envelope"] is not False else "  [OUTSIDE the emulator's envelope]"
         say(f"{name}: {summary['ok']}/{summary['requests']} ok, mean TTFT "
             f"{_fmt(summary.get('ttft_mean_ms'))} ms, p99 {_fmt(summary.get('ttft_p99_ms'))} ms; "
@@ -602,6 +573,53 @@ def _replay_schedulers(tb: Any, datapath: str, schedulers: list[str], base: Any,
             f"p95 {_fmt(envelope['machine_busy_pct_p95'])}% busy{flag}")
         if envelope.get("limiting_resource"):
             say(f"{name}: the emulator ran short of: {envelope['limiting_resource']}")
+        if scen.events:
+            bad = [r for r in envelope.get("fault_events", []) if not str(r.get("outcome", "")).startswith("ok")]
+            say(f"{name}: {len(scen.events)} fault events ({run_dir / 'events.jsonl'})"
+                + (f"; {len(bad)} did not go as planned: {bad[0].get('outcome')}" if bad else ""))
+
+
+def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_dir: Path, *,
+                          datapath: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """One replay on the running fabric: the oracle (telemetry from the
+    controller, or static), the scenario's background flows and its fault
+    events, the emulator's CPU measured around it.  Writes envelope.json (with
+    the telemetry poller's counts and the fault runner's records) and returns
+    (summary, envelope)."""
+    from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
+
+    from .faults import FaultRunner
+
+    poller = None
+    if cfg.oracle == "telemetry":
+        poller = RestTelemetryPoller(tb, tb.config.poll_interval_s, series_path=run_dir / TELEMETRY_SERIES)
+        oracle: Any = (StaleOracle(tb.topo, poller, cfg.telemetry_delay_ms) if cfg.telemetry_delay_ms
+                       else TelemetryOracle(tb.topo, poller))
+        poller.on_update = oracle.prepare  # hop figures and tables computed in the polling thread
+        poller.start()
+    else:
+        oracle = StaticOracle(tb.topo)
+    runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
+    faults = FaultRunner(tb, scen.events, run_dir, oracle=oracle, telemetry=poller) if scen.events else None
+    runner.start()
+    polled: dict[str, int] = {}
+    fault_records: list[dict[str, Any]] = []
+    try:
+        summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle,
+                                           on_start=faults.attach if faults is not None else None)
+    finally:
+        if faults is not None:
+            fault_records = faults.stop()
+        runner.stop()
+        if poller is not None:
+            polled = poller.stop()
+    envelope.update(polled)
+    envelope["background_flows_started"] = runner.started_flows
+    envelope["datapath"] = datapath or tb.report.datapath
+    if faults is not None:
+        envelope["fault_events"] = fault_records
+    (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")
+    return summary, envelope
 
 
 def _fmt(value: Any) -> str:

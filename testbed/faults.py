@@ -322,7 +322,7 @@ class FaultRunner:
         out: dict[str, Any] = {"pid": pid, "role": fe.role_of(e.host)}
         deadline = time.monotonic() + WAIT_S
         loss = None
-        while time.monotonic() < deadline and loss is None:
+        while time.monotonic() < deadline and loss is None and not self._stop.is_set():
             loss = next((x for x in list(fe.losses) if x["host"] == e.host and x["t_s"] >= killed - 0.01), None)
             time.sleep(0.02)
         if loss is None:
@@ -352,14 +352,33 @@ class FaultRunner:
         old = self.tb.kill_controller()
         killed = time.time()
         self._stop.wait(down_s)
+        outage = self._probe_oracle()  # what the oracle answers at the end of the outage
         started = time.time()
         timing = self.tb.start_controller_again()
         out: dict[str, Any] = {"pid_killed": old, "pid": timing["pid"],
                                "down_ms": round((started - killed) * 1000, 3),
                                "api_up_ms": round((timing["api_up_s"] - started) * 1000, 3),
                                "routes_ready_ms": round((timing["routes_ready_s"] - started) * 1000, 3)}
+        if outage is not None:
+            out["oracle_during_outage"] = outage
         out.update(self._await_fresh_telemetry(started))
+        after = self._probe_oracle()
+        if after is not None:
+            out["oracle_after"] = after
         return out
+
+    def _probe_oracle(self) -> dict[str, Any] | None:
+        """The oracle's answer now for one cross-fabric pair of the replay
+        (the first prefill to the last decode): its source and reason show
+        whether it runs on live telemetry or has fallen back."""
+        fe = self.frontend
+        estimate = getattr(self.oracle, "estimate", None)
+        if fe is None or estimate is None or not fe.placement.prefill or not fe.placement.decode:
+            return None
+        src, dst = fe.placement.prefill[0], fe.placement.decode[-1]
+        est = fe.call(estimate, src, dst, 10**9, time.time())
+        return {"src": src, "dst": dst, "source": est.source, "reason": est.reason,
+                "telemetry_age_ms": None if est.telemetry_age_ms is None else round(est.telemetry_age_ms, 1)}
 
     def _await_fresh_telemetry(self, since_s: float) -> dict[str, Any]:
         """When the replay's telemetry poller next held a sample measured after ``since_s``."""

@@ -396,15 +396,15 @@ class Frontend:
                     self.worker_lost(host, "watchdog")
 
     # -- faults (called from other threads: the testbed's fault runner) ----------------
-    def call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn`` in the frontend's event loop (the thread that decides),
-        and wait for it."""
+        wait for it and return its result."""
         assert self.loop is not None
 
-        async def run() -> None:
-            fn(*args, **kwargs)
+        async def run() -> Any:
+            return fn(*args, **kwargs)
 
-        asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
 
     def kill_worker(self, host: str) -> int:
         """SIGKILL the worker of ``host`` by its pid; returns the pid."""
