@@ -580,10 +580,12 @@ def _replay_schedulers(tb: Any, datapath: str, schedulers: list[str], base: Any,
 
 
 def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_dir: Path, *,
-                          datapath: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+                          datapath: str = "", on_start: Callable[[Any], None] | None = None
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One replay on the running fabric: the oracle (telemetry from the
     controller, or static), the scenario's background flows and its fault
-    events, the emulator's CPU measured around it.  Writes envelope.json (with
+    events, the emulator's CPU measured around it.  ``on_start``: also called
+    with the frontend when the replay clock starts.  Writes envelope.json (with
     the telemetry poller's counts and the fault runner's records) and returns
     (summary, envelope)."""
     from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
@@ -604,9 +606,14 @@ def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_di
     runner.start()
     polled: dict[str, int] = {}
     fault_records: list[dict[str, Any]] = []
+    def started(frontend: Any) -> None:
+        if on_start is not None:
+            on_start(frontend)
+        if faults is not None:
+            faults.attach(frontend)
+
     try:
-        summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle,
-                                           on_start=faults.attach if faults is not None else None)
+        summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle, on_start=started)
     finally:
         if faults is not None:
             fault_records = faults.stop()

@@ -274,10 +274,11 @@ class FaultRunner:
         if e.kind in ("link_down", "link_up"):
             assert e.link is not None
             up = e.kind == "link_up"
+            t_event = time.time()
             self.tb.set_link_state(e.link[0], e.link[1], up)
             self.links_changed.add(e.link)
             self._oracle_link(e.link, up=up)
-            return self._await_reroute(e.link, up)
+            return self._await_reroute(e.link, up, t_event)
         if e.kind == "link_rate":
             assert e.link is not None and e.rate_gbps is not None
             self.tb.rerate_link(e.link[0], e.link[1], e.rate_gbps)
@@ -293,17 +294,17 @@ class FaultRunner:
             return self._restart_switch(e.switch, float(e.down_s or 0.0))
         raise FaultError(f"unknown event kind {e.kind!r}")
 
-    def _await_reroute(self, link: tuple[str, str], up: bool) -> dict[str, Any]:
+    def _await_reroute(self, link: tuple[str, str], up: bool, t_event: float) -> dict[str, Any]:
         """The controller's route change for this link (from /status), if it
         comes within WAIT_S: when the port-status reached it and when the last
-        switch confirmed the new routes."""
+        switch confirmed the new routes, from ``t_event`` (just before the
+        interfaces were set down or up)."""
         deadline = time.monotonic() + WAIT_S
-        t_event = time.time()
         while time.monotonic() < deadline and not self._stop.is_set():
             status = self.tb.rest_get("/status") or {}
             for change in reversed(status.get("reroutes") or []):
                 if change.get("link") == list(link) and change.get("up") == up and \
-                        float(change.get("t_s", 0)) >= t_event - 1.0:
+                        float(change.get("t_s", 0)) >= t_event:
                     if change.get("confirmed_s") is None:
                         break
                     return {"reroute": {k: change.get(k) for k in ("t_s", "confirmed_s", "switches",
