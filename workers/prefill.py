@@ -54,11 +54,16 @@ class Sender:
         self.addr = addr
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.writer: asyncio.StreamWriter | None = None
+        self.reader: asyncio.StreamReader | None = None
         self.task = asyncio.create_task(self.run())
 
     async def _connection(self) -> asyncio.StreamWriter:
-        if self.writer is None or self.writer.is_closing():
-            _, self.writer = await asyncio.open_connection(self.addr[0], self.addr[1])
+        # The decode never writes on this connection: an end of file from it means
+        # it closed (its worker exited); a fresh connection reaches a restarted one.
+        if self.writer is None or self.writer.is_closing() or (self.reader is not None and self.reader.at_eof()):
+            if self.writer is not None:
+                self.writer.close()
+            self.reader, self.writer = await asyncio.open_connection(self.addr[0], self.addr[1])
         return self.writer
 
     async def run(self) -> None:
