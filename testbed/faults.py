@@ -350,6 +350,7 @@ class FaultRunner:
         return rec
 
     def _restart_controller(self, down_s: float) -> dict[str, Any]:
+        hops_before = len(self.telemetry().samples) if self.telemetry is not None else 0
         old = self.tb.kill_controller()
         killed = time.time()
         self._stop.wait(down_s)
@@ -362,7 +363,7 @@ class FaultRunner:
                                "routes_ready_ms": round((timing["routes_ready_s"] - started) * 1000, 3)}
         if outage is not None:
             out["oracle_during_outage"] = outage
-        out.update(self._await_fresh_telemetry(started))
+        out.update(self._await_fresh_telemetry(started, hops_before))
         after = self._probe_oracle()
         if after is not None:
             out["oracle_after"] = after
@@ -381,15 +382,15 @@ class FaultRunner:
         return {"src": src, "dst": dst, "source": est.source, "reason": est.reason,
                 "telemetry_age_ms": None if est.telemetry_age_ms is None else round(est.telemetry_age_ms, 1)}
 
-    def _await_fresh_telemetry(self, since_s: float) -> dict[str, Any]:
-        """When the replay's telemetry poller next held a sample measured after ``since_s``."""
+    def _await_fresh_telemetry(self, since_s: float, hops: int) -> dict[str, Any]:
+        """When the replay's telemetry poller next held, for as many hops as
+        before the outage, samples all measured after ``since_s``."""
         if self.telemetry is None:
             return {}
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline and not self._stop.is_set():
-            snap = self.telemetry()
-            newest = max((s.t_s for s in snap.samples.values()), default=0.0)
-            if newest > since_s:
+            samples = self.telemetry().samples
+            if samples and len(samples) >= hops and min(s.t_s for s in samples.values()) > since_s:
                 return {"telemetry_resumed_ms": round((time.time() - since_s) * 1000, 3)}
             time.sleep(0.05)
         return {"telemetry_resumed_ms": None}
