@@ -349,3 +349,21 @@ def test_a_switch_lost_while_the_controller_runs_is_routed_around_until_it_is_ba
     assert state.status(3.0)["reroutes"][-1]["switch"] == "a0"
     back = state.on_connect(a0, 5.0)
     assert back and state.switches_down == set() and state.routes == before
+
+
+def test_report_summarises_fault_events_and_ttft_around_them(tmp_path: Path) -> None:
+    from testbed.report import fault_figures
+
+    assert fault_figures(tmp_path, []) == {}
+    lines = [{"event": 0, "kind": "worker_kill", "requested_t_s": 2.0, "actual_t_s": 2.01, "outcome": "ok",
+              "detected_ms": 3.5, "requests_failed": 1, "pid": 7},
+             {"kind": "restore", "link": ["a0", "c0"], "outcome": "ok"}]
+    (tmp_path / faults.EVENTS_FILE).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    recs = [{"status": "ok", "ttft_ms": 100.0, "arrival_ms": 1000.0},
+            {"status": "ok", "ttft_ms": 300.0, "arrival_ms": 2500.0},
+            {"status": "failed", "ttft_ms": None, "arrival_ms": 2600.0}]
+    out = fault_figures(tmp_path, recs)
+    assert out["fault_events"] == [{"kind": "worker_kill", "requested_t_s": 2.0, "actual_t_s": 2.01,
+                                    "outcome": "ok", "detected_ms": 3.5, "requests_failed": 1}]
+    assert out["ttft_mean_ms_before_faults"] == 100.0 and out["ttft_mean_ms_from_first_fault"] == 300.0
+    assert out["failed_from_first_fault"] == 1
