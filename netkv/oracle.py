@@ -404,6 +404,7 @@ class TelemetryOracle:
         self._prepared: tuple[TelemetrySnapshot, _HopState, dict[str, TransferTable]] | None = None
         self._sources_in_use: set[str] = set()  # sources a decision has asked for a table
         self._capacity: dict[Hop, float] = {}  # hops re-rated or down (PathTable.capacity_overrides)
+        self._faults_epoch = 0  # set_link calls so far: a prepare() that straddles one is dropped
 
     def set_link(self, a: str, b: str, *, up: bool | None = None, rate_gbps: float | None = None) -> None:
         """A link fault (see :meth:`PathTable.set_link`).  From now on the hop's
@@ -413,6 +414,7 @@ class TelemetryOracle:
         Every cached figure is dropped; call it from the thread that decides."""
         self.paths.set_link(a, b, up=up, rate_gbps=rate_gbps)
         self._capacity = self.paths.capacity_overrides()
+        self._faults_epoch += 1
         self._state = {}
         self._tables = {}
         self._layouts = {}
@@ -552,9 +554,11 @@ class TelemetryOracle:
         one ages out) uses the prepared table, which then holds what it would
         have computed; otherwise it computes as usual."""
         now = time.time() if now_s is None else now_s
+        epoch = self._faults_epoch
         hops = self._hop_figures(snapshot)
         tables = {src: self._table_from(src, hops, now) for src in list(self._sources_in_use)}
-        self._prepared = (snapshot, hops, tables)
+        if epoch == self._faults_epoch:
+            self._prepared = (snapshot, hops, tables)
 
     def _hops_now(self, snap: TelemetrySnapshot) -> _HopState:
         if self._hop_state is not None and self._hop_state[0] == self._snapshot_epoch:
