@@ -6,6 +6,16 @@
   marks the switch ready.  Hosts get static ARP entries from the testbed, so
   no ARP or broadcast is ever forwarded and anything unrouted is dropped by the
   table-miss behaviour of a secure-mode bridge.
+* Faults: port-status messages (and the port descriptions a switch sends
+  when it connects) mark links out of service, and so does a switch whose
+  connection ends while this controller runs (all its links, until it is
+  back); the routes they cut move to
+  the remaining equal-cost paths (:meth:`ControllerState.on_port_status`),
+  sent as the difference per switch (changed entries overwritten, stale ones
+  deleted strictly, the rest untouched) with a barrier whose reply times it.
+  Switches run in fail-secure mode: while this controller is away they keep
+  forwarding on the entries they hold; when it is back they reconnect and
+  their routes are installed afresh.
 * Statistics: one thread polls port statistics from every switch each
   interval (see :meth:`NetKVController._poll_loop`); a second reads egress
   queues with ``tc`` and watches the first.
@@ -70,10 +80,10 @@ class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
             return
         if ev.state == MAIN_DISPATCHER:
             self.datapaths[dp.id] = dp
-            self.state.on_connect(dp.id, time.time())
+            self._apply(self.state.on_connect(dp.id, time.time()))
         elif ev.state == DEAD_DISPATCHER:
             self.datapaths.pop(dp.id, None)
-            self.state.on_disconnect(dp.id, time.time())
+            self._apply(self.state.on_disconnect(dp.id, time.time()))
 
     def _install_routes(self, dp: Any, name: str) -> None:
         ofp, parser = dp.ofproto, dp.ofproto_parser
@@ -83,9 +93,7 @@ class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
             match=parser.OFPMatch()))
         entries = self.state.routes.get(name, [])
         for entry in entries:
-            fields: dict[str, Any] = {"eth_type": 0x0800, "ipv4_dst": entry.ipv4_dst}
-            if entry.ipv4_src is not None:
-                fields["ipv4_src"] = entry.ipv4_src
+            fields = self._match_fields(entry)
             actions = [parser.OFPActionOutput(entry.out_port)]
             inst = [parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS, actions)]
             dp.send_msg(parser.OFPFlowMod(
@@ -93,6 +101,64 @@ class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
                 match=parser.OFPMatch(**fields), instructions=inst))
         dp.send_msg(parser.OFPBarrierRequest(dp))
         self.state.on_routes_sent(dp.id, len(entries), time.time())
+
+    @set_ev_cls(ofp_event.EventOFPPortStatus, MAIN_DISPATCHER)
+    def _on_port_status(self, ev: Any) -> None:
+        msg = ev.msg
+        ofp = msg.datapath.ofproto
+        desc = msg.desc
+        up = msg.reason != ofp.OFPPR_DELETE and self._port_up(desc, ofp)
+        LOG.info("port-status: switch %#x port %d %s", msg.datapath.id, desc.port_no, "up" if up else "down")
+        self._apply(self.state.on_port_status(msg.datapath.id, desc.port_no, up, time.time()))
+
+    @set_ev_cls(ofp_event.EventOFPPortDescStatsReply, [CONFIG_DISPATCHER, MAIN_DISPATCHER])
+    def _on_port_desc(self, ev: Any) -> None:
+        """The ports a (re)connecting switch has: a port that went down while
+        this controller was away is learnt here."""
+        msg = ev.msg
+        ofp = msg.datapath.ofproto
+        now = time.time()
+        for desc in msg.body:
+            if desc.port_no <= ofp.OFPP_MAX:
+                self._apply(self.state.on_port_status(msg.datapath.id, desc.port_no,
+                                                      self._port_up(desc, ofp), now), msg.datapath)
+
+    @staticmethod
+    def _port_up(desc: Any, ofp: Any) -> bool:
+        return not (desc.state & ofp.OFPPS_LINK_DOWN) and not (desc.config & ofp.OFPPC_PORT_DOWN)
+
+    def _apply(self, changes: dict[str, tuple[list[Any], list[Any]]], connecting: Any = None) -> None:
+        """Send each switch its route changes, then a barrier (its reply
+        confirms the change in ControllerState).  ``connecting``: the datapath
+        whose port descriptions caused them (not yet in ``datapaths``)."""
+        by_name = {name: dpid for dpid, name in self.state.switch_by_dpid.items()}
+        for name, (add, delete) in changes.items():
+            dp = self.datapaths.get(by_name[name])
+            if dp is None and connecting is not None and connecting.id == by_name[name]:
+                dp = connecting
+            if dp is None:
+                continue  # not connected: it gets the whole table when it connects
+            ofp, parser = dp.ofproto, dp.ofproto_parser
+            for entry in add:
+                actions = [parser.OFPActionOutput(entry.out_port)]
+                dp.send_msg(parser.OFPFlowMod(
+                    dp, cookie=FLOW_COOKIE, priority=entry.priority, command=ofp.OFPFC_ADD,
+                    match=parser.OFPMatch(**self._match_fields(entry)),
+                    instructions=[parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS, actions)]))
+            for entry in delete:
+                dp.send_msg(parser.OFPFlowMod(
+                    dp, cookie=FLOW_COOKIE, cookie_mask=0xFFFFFFFFFFFFFFFF, priority=entry.priority,
+                    command=ofp.OFPFC_DELETE_STRICT, out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY,
+                    match=parser.OFPMatch(**self._match_fields(entry))))
+            dp.send_msg(parser.OFPBarrierRequest(dp))
+            LOG.info("routes of %s changed: %d entries written, %d deleted", name, len(add), len(delete))
+
+    @staticmethod
+    def _match_fields(entry: Any) -> dict[str, Any]:
+        fields: dict[str, Any] = {"eth_type": 0x0800, "ipv4_dst": entry.ipv4_dst}
+        if entry.ipv4_src is not None:
+            fields["ipv4_src"] = entry.ipv4_src
+        return fields
 
     @set_ev_cls(ofp_event.EventOFPBarrierReply, MAIN_DISPATCHER)
     def _on_barrier(self, ev: Any) -> None:

@@ -91,7 +91,24 @@ STATUS = _obj({
         "reply_latency_ms_p50": NUM_OR_NULL, "reply_latency_ms_p95": NUM_OR_NULL, "counter_resets": INT,
         "last_error": STR_OR_NULL}),
     "queues": _obj({"rounds": INT, "errors": INT, "interfaces": INT, "last_error": STR_OR_NULL}),
+    "links_down": {"type": "array", "items": _ref("LinkKey"),
+                   "description": "links out of service: a switch end reported its port down"},
+    "switches_down": {"type": "array", "items": STR,
+                      "description": "switches whose connection ended while this controller ran"},
+    "routes_version": {**INT, "description": "how many times the routes were computed again (port-status, switch lost or back)"},
+    "reroutes": {"type": "array", "description": "recent route changes after port-status, oldest first", "items": _obj({
+        "t_s": {**NUM, "description": "when the port-status reached the controller (wall clock s)"},
+        "link": {"anyOf": [_ref("LinkKey"), {"type": "null"}], "description": "the link a port-status named"},
+        "switch": {**STR_OR_NULL, "description": "the switch whose connection ended or came back"},
+        "up": BOOL, "reported_by": {**STR, "description": "switch:port, or the switch"},
+        "links_down": {"type": "array", "items": _ref("LinkKey")},
+        "switches": {"type": "array", "items": STR}, "entries_added": INT, "entries_deleted": INT,
+        "pending": {"type": "array", "items": STR, "description": "switches that have not confirmed yet"},
+        "confirmed_s": {**NUM_OR_NULL, "description": "barrier reply of the last switch (wall clock s)"},
+        "confirm_ms": {**NUM_OR_NULL, "description": "from the port-status to the last confirmation"}})},
 })
+LINK_KEY = {"type": "array", "items": STR, "minItems": 2, "maxItems": 2,
+            "description": "a link as [lower node, upper node]"}
 
 _BY_TIER_INT = {"type": "object", "additionalProperties": INT}
 TOPOLOGY = _obj({
@@ -124,6 +141,9 @@ PATH = _obj({
     "hops": {"type": "array", "items": _obj({
         "src": STR, "dst": STR, "tier": INT, "capacity_gbps": NUM, "interface": STR_OR_NULL,
         "load_gbps": NUM_OR_NULL, "utilization": NUM_OR_NULL, "age_ms": NUM_OR_NULL})},
+    "links_down": {"type": "array", "items": _ref("LinkKey"),
+                   "description": "links of the answered path that are out of service (non-empty only "
+                                  "when no equal-cost detour avoids them)"},
 })
 
 ORACLE = _obj({"src": STR, "dst": STR, "bytes": INT, "units": {"type": "object", "additionalProperties": STR},
@@ -204,7 +224,7 @@ def document(gpus: list[str] | None = None, tiers: list[int] | None = None) -> d
         "paths": paths,
         "components": {"schemas": {
             "Error": ERROR, "HopRate": HOP_RATE, "Queue": QUEUE, "LinkRow": LINK_ROW, "Estimate": ESTIMATE,
-            "Status": STATUS, "Topology": TOPOLOGY, "Links": LINKS, "LinkHistory": LINK_HISTORY, "Path": PATH,
+            "Status": STATUS, "LinkKey": LINK_KEY, "Topology": TOPOLOGY, "Links": LINKS, "LinkHistory": LINK_HISTORY, "Path": PATH,
             "Oracle": ORACLE, "Transfer": transfer, "ReplayReport": REPLAY_REPORT, "Replay": REPLAY,
         }},
     }

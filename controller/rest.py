@@ -281,8 +281,12 @@ class Api:
         topo = self.state.topo
         now = self.clock()
         latest = {(r.src, r.dst): r for r in self.state.latest()}
+        try:  # the routes installed now (they differ from topo.path while a link is down)
+            nodes = self.state.installed_path(src, dst)
+        except LookupError:
+            nodes = topo.path(src, dst)
         hops = []
-        for x, y in topo.path_hops(src, dst):
+        for x, y in zip(nodes, nodes[1:]):
             link = topo.link_between(x, y)
             r = latest.get((x, y))
             hops.append({"src": x, "dst": y, "tier": link.tier, "capacity_gbps": link.rate_gbps,
@@ -290,12 +294,14 @@ class Api:
                          "load_gbps": None if r is None else r.load_gbps,
                          "utilization": None if r is None else r.utilization,
                          "age_ms": None if r is None else round((now - r.t_s) * 1000, 3)})
-        nodes = topo.path(src, dst)
+        links = [topo.link_between(x, y) for x, y in zip(nodes, nodes[1:])]
         return {"src": src, "dst": dst, "src_ip": topo.ip_of(src), "dst_ip": topo.ip_of(dst),
                 "nodes": nodes,
                 "alternatives": [p for p in topo.shortest_paths(src, dst) if p != nodes],
-                "tier_distance": topo.tier_distance(src, dst),
-                "bottleneck_gbps": topo.bottleneck_gbps(src, dst), "hops": hops}
+                "tier_distance": max(l.tier for l in links),
+                "bottleneck_gbps": min(l.rate_gbps for l in links), "hops": hops,
+                "links_down": [list(k) for k in sorted(self.state.links_down)
+                               if any(link.key == k for link in links)]}
 
     def _oracle(self, rest: list[str], query: dict[str, list[str]]) -> Any:
         self._no_rest("oracle", rest)

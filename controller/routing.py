@@ -33,8 +33,11 @@ class FlowEntry:
     out_port: int
 
 
-def flow_entries(topo: Topology) -> dict[str, list[FlowEntry]]:
-    """Flow entries per switch name, sorted, for every GPU pair."""
+def flow_entries(topo: Topology, down: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()
+                 ) -> dict[str, list[FlowEntry]]:
+    """Flow entries per switch name, sorted, for every GPU pair; with links
+    out of service (``down``, :attr:`Link.key`), the pairs they cut take the
+    remaining equal-cost paths (``topologies.model.pick_path``)."""
     # (switch, dst) -> {src: out_port}
     ports: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
     gpus = topo.gpu_names()
@@ -42,7 +45,7 @@ def flow_entries(topo: Topology) -> dict[str, list[FlowEntry]]:
         for dst in gpus:
             if src == dst:
                 continue
-            nodes = topo.path(src, dst)
+            nodes = topo.path(src, dst, down)
             for here, nxt in zip(nodes[1:-1], nodes[2:]):
                 ports[(here, dst)][src] = topo.port_to(here, nxt)
     out: dict[str, list[FlowEntry]] = {sw.name: [] for sw in topo.switches}
@@ -58,6 +61,22 @@ def flow_entries(topo: Topology) -> dict[str, list[FlowEntry]]:
     for entries in out.values():
         entries.sort()
     return out
+
+
+def table_diff(old: list[FlowEntry], new: list[FlowEntry]) -> tuple[list[FlowEntry], list[FlowEntry]]:
+    """``(to_add, to_delete)`` that turn one switch's table ``old`` into ``new``.
+
+    An entry is identified by its match and priority (what OpenFlow's ADD
+    overwrites and DELETE_STRICT removes): ``to_add`` holds the new or changed
+    entries, ``to_delete`` the old ones whose match is gone.  Entries that stay
+    are not touched, so traffic they carry is never without a route."""
+    def match(e: FlowEntry) -> tuple[int, str, str | None]:
+        return e.priority, e.ipv4_dst, e.ipv4_src
+
+    old_set = set(old)
+    new_matches = {match(e) for e in new}
+    return ([e for e in new if e not in old_set],
+            [e for e in old if match(e) not in new_matches])
 
 
 def lookup(entries: list[FlowEntry], src_ip: str, dst_ip: str) -> int | None:

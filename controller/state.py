@@ -48,7 +48,7 @@ from typing import Iterable
 
 from topologies import Hop, Topology
 
-from .routing import FlowEntry, flow_entries
+from .routing import FlowEntry, flow_entries, table_diff, walk
 
 LOG = logging.getLogger("netkv.controller.state")
 
@@ -56,6 +56,7 @@ MIN_POLL_INTERVAL_S = 0.05
 MAX_POLL_INTERVAL_S = 60.0
 MIN_HISTORY_LEN = 2
 MAX_HISTORY_LEN = 100_000
+REROUTES_KEPT = 50  # recent route changes /status lists
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,15 @@ class ControllerState:
         self.poller_error: str | None = None
         self.poller_died_s: float | None = None
         self.poll_round_failures = 0
+        # Port-status: switch ports reported down, links out of service (Link.key)
+        # and the route changes they caused (newest last).
+        self.ports_down: set[tuple[str, int]] = set()
+        self.switches_down: set[str] = set()  # disconnected while this controller ran
+        self.links_down: set[tuple[str, str]] = set()
+        self.reroutes: deque[dict[str, object]] = deque(maxlen=REROUTES_KEPT)
+        self.routes_version = 0
+        self._link_at: dict[tuple[str, int], tuple[str, str]] = {
+            (node, link.port_of(node)): link.key for link in self.topo.links for node in (link.a, link.b)}
         self._lock = threading.Lock()
 
     # -- names ----------------------------------------------------------------
@@ -199,21 +209,34 @@ class ControllerState:
         return self.interface_name(src, self.topo.port_to(src, dst))
 
     # -- connections and routes ---------------------------------------------
-    def on_connect(self, dpid: int, now: float) -> None:
+    def on_connect(self, dpid: int, now: float) -> dict[str, tuple[list[FlowEntry], list[FlowEntry]]]:
+        """A switch finished its handshake.  One that had disconnected while
+        this controller ran is back in service: returns the route changes."""
         with self._lock:
             self.connected[dpid] = now
+            name = self.switch_by_dpid.get(dpid)
+            if name is None or name not in self.switches_down:
+                return {}
+            self.switches_down.discard(name)
+            return self._recompute(now, {"switch": name, "link": None, "up": True, "reported_by": name})
 
-    def on_disconnect(self, dpid: int, now: float) -> None:
+    def on_disconnect(self, dpid: int, now: float) -> dict[str, tuple[list[FlowEntry], list[FlowEntry]]]:
+        """A switch's connection ended.  While this controller runs that means
+        the switch (its process) failed: its links are out of service until it
+        is back, and the route changes that follow are returned."""
         with self._lock:
             self.connected.pop(dpid, None)
             self.routes_confirmed.pop(dpid, None)
             if self._round is not None:
                 self._round.outstanding.discard(dpid)
             name = self.switch_by_dpid.get(dpid)
-            if name is not None:
-                # A reconnecting switch restarts its counters: forget the baseline.
-                for key in [k for k in self._last if k[0] == name]:
-                    del self._last[key]
+            if name is None:
+                return {}
+            # A reconnecting switch restarts its counters: forget the baseline.
+            for key in [k for k in self._last if k[0] == name]:
+                del self._last[key]
+            self.switches_down.add(name)
+            return self._recompute(now, {"switch": name, "link": None, "up": False, "reported_by": name})
 
     def on_routes_sent(self, dpid: int, count: int, now: float) -> None:
         with self._lock:
@@ -224,6 +247,66 @@ class ControllerState:
         with self._lock:
             if dpid in self.routes_sent:
                 self.routes_confirmed[dpid] = now
+            name = self.switch_by_dpid.get(dpid)
+            for change in self.reroutes:
+                pending = change["pending"]
+                assert isinstance(pending, list)
+                if name in pending:
+                    pending.remove(name)
+                    if not pending:
+                        change["confirmed_s"] = now
+                        change["confirm_ms"] = round((now - float(change["t_s"])) * 1000, 3)  # type: ignore[arg-type]
+
+    def on_port_status(self, dpid: int, port_no: int, up: bool, now: float
+                       ) -> dict[str, tuple[list[FlowEntry], list[FlowEntry]]]:
+        """A switch reported a port up or down (OpenFlow port-status, or the
+        port descriptions a switch sends when it connects).  A link is out of
+        service while either of its switch ends reports it down.  When the set
+        of links out of service changes, every route is computed again and the
+        changes per switch are returned (to add, to delete), to be sent at once;
+        the change is kept for /status with the time its last switch confirmed it."""
+        name = self.switch_by_dpid.get(dpid)
+        if name is None:
+            return {}
+        with self._lock:
+            key = self._link_at.get((name, port_no))
+            if key is None:
+                return {}
+            (self.ports_down.discard if up else self.ports_down.add)((name, port_no))
+            return self._recompute(now, {"switch": None, "link": list(key), "up": up,
+                                         "reported_by": f"{name}:{port_no}"})
+
+    def _recompute(self, now: float, cause: dict[str, object]) -> dict[str, tuple[list[FlowEntry], list[FlowEntry]]]:
+        """Routes for the links now out of service (ports down, and every link
+        of a switch that is down); the per-switch changes, recorded with their
+        cause.  Called with the lock held."""
+        down = {self._link_at[p] for p in self.ports_down}
+        down |= {link.key for link in self.topo.links if link.a in self.switches_down or link.b in self.switches_down}
+        if down == self.links_down:
+            return {}
+        self.links_down = down
+        new = flow_entries(self.topo, down)
+        changes: dict[str, tuple[list[FlowEntry], list[FlowEntry]]] = {}
+        for switch, entries in new.items():
+            add, delete = table_diff(self.routes.get(switch, []), entries)
+            if add or delete:
+                changes[switch] = (add, delete)
+        self.routes = new
+        self.routes_version += 1
+        self.reroutes.append({
+            "t_s": now, **cause, "links_down": sorted(list(k) for k in down),
+            "switches": sorted(changes), "entries_added": sum(len(a) for a, _ in changes.values()),
+            "entries_deleted": sum(len(d) for _, d in changes.values()),
+            "pending": sorted(changes), "confirmed_s": None if changes else now,
+            "confirm_ms": None if changes else 0.0})
+        return changes
+
+    def installed_path(self, src: str, dst: str) -> list[str]:
+        """The node path traffic from src to dst takes through the routes this
+        controller has installed (its current tables), walked hop by hop."""
+        with self._lock:
+            tables = self.routes
+        return walk(self.topo, tables, src, dst)
 
     # -- poller bookkeeping ---------------------------------------------------
     def begin_poll_round(self, now: float, dpids: Iterable[int]) -> int:
@@ -320,6 +403,11 @@ class ControllerState:
                 "poller": self._poller_health_locked(now),
                 "queues": {"rounds": self._queue_rounds, "errors": self._queue_errors,
                            "interfaces": len(self._queues), "last_error": self._queue_last_error},
+                "links_down": sorted(list(k) for k in self.links_down),
+                "switches_down": sorted(self.switches_down),
+                "routes_version": self.routes_version,
+                "reroutes": [dict(change, pending=list(change["pending"]))  # type: ignore[call-overload]
+                             for change in self.reroutes],
             }
 
     # -- statistics -----------------------------------------------------------

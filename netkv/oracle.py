@@ -49,14 +49,13 @@ import bisect
 import itertools
 import math
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from topologies.model import Hop, Topology
+from topologies.model import Hop, Link, Topology, pick_path
 
 from .telemetry import LinkSample, TelemetrySnapshot, TelemetrySource
 
@@ -75,6 +74,11 @@ MIN_AVAILABLE_FRACTION = 0.01
 DEFAULT_MAX_AGE_MS = 2000.0
 
 SOURCES = ("telemetry", "static", "static-fallback")
+# A link that is down carries nothing: its capacity is priced at this (real
+# Gbit/s), so a path that still crosses it (no equal-cost path avoids it) costs
+# about 8e3 ms per KB, orders of magnitude above any live path, while every
+# figure stays finite (a zero-byte transfer costs 0, never NaN).
+DOWN_LINK_GBPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,37 @@ class PathTable:
         self._pairs: dict[tuple[str, str], PairInfo] = {}
         self._neighbors: dict[str, list[str]] | None = None
         self._dist: dict[str, dict[str, int]] = {}
+        # Faults the oracle was told of (testbed.faults): links out of service
+        # (Link.key) and links re-rated (Link.key -> real Gbit/s).
+        self.down: set[tuple[str, str]] = set()
+        self.rates: dict[tuple[str, str], float] = {}
+
+    def set_link(self, a: str, b: str, *, up: bool | None = None, rate_gbps: float | None = None) -> None:
+        """A link went down or up, or was re-rated: routes and bottlenecks are
+        computed again (the controller moves routes by the same rule,
+        ``topologies.model.pick_path``)."""
+        key = self.topology.link_between(a, b).key
+        if up is not None:
+            (self.down.discard if up else self.down.add)(key)
+        if rate_gbps is not None:
+            if not (math.isfinite(rate_gbps) and rate_gbps > 0):
+                raise ValueError(f"rate_gbps must be finite and > 0, got {rate_gbps}")
+            self.rates[key] = float(rate_gbps)
+        self._pairs.clear()
+
+    def rate_gbps(self, link: Link) -> float:
+        """The link's capacity as the oracle prices it now (down: DOWN_LINK_GBPS)."""
+        if link.key in self.down:
+            return DOWN_LINK_GBPS
+        return self.rates.get(link.key, link.rate_gbps)
+
+    def capacity_overrides(self) -> dict[Hop, float]:
+        """Directed hops whose capacity differs from the topology's, both directions."""
+        out: dict[Hop, float] = {}
+        for key in set(self.down) | set(self.rates):
+            link = self.topology.link_between(*key)
+            out[(link.a, link.b)] = out[(link.b, link.a)] = self.rate_gbps(link)
+        return out
 
     def get(self, src: str, dst: str) -> PairInfo:
         key = (src, dst)
@@ -161,7 +196,7 @@ class PathTable:
         hops = tuple(zip(nodes, nodes[1:]))
         links = [topo.link_between(x, y) for x, y in hops]
         tier = max(l.tier for l in links)
-        bottleneck = min(l.rate_gbps for l in links)
+        bottleneck = min(self.rate_gbps(l) for l in links)
         return PairInfo(tier, hops, bottleneck, self.base_latency_ms_by_tier[tier], ms_per_byte(bottleneck))
 
     # The installed route of every pair, computed like ``Topology.path`` (same
@@ -215,7 +250,7 @@ class PathTable:
 
         back([dst])
         paths.sort()
-        return paths[zlib.crc32(f"{src}>{dst}".encode()) % len(paths)]
+        return pick_path(paths, src, dst, self.down)
 
     def warm(self, src: str, dsts: list[str]) -> None:
         for dst in dsts:
@@ -252,6 +287,12 @@ class StaticOracle:
     def __init__(self, topology: Topology, base_latency_ms_by_tier: Mapping[int, float] | None = None) -> None:
         self.paths = PathTable(topology, base_latency_ms_by_tier)
         self._tables: dict[str, TransferTable] = {}
+
+    def set_link(self, a: str, b: str, *, up: bool | None = None, rate_gbps: float | None = None) -> None:
+        """A link fault (see :meth:`PathTable.set_link`): a down link is priced
+        unavailable (DOWN_LINK_GBPS), a re-rated one at its new rate."""
+        self.paths.set_link(a, b, up=up, rate_gbps=rate_gbps)
+        self._tables = {}
 
     def tier(self, src: str, dst: str) -> int:
         return self.paths.get(src, dst).tier
@@ -367,6 +408,23 @@ class TelemetryOracle:
         # see prepare(): (snapshot, its hop figures, tables of the sources in use)
         self._prepared: tuple[TelemetrySnapshot, _HopState, dict[str, TransferTable]] | None = None
         self._sources_in_use: set[str] = set()  # sources a decision has asked for a table
+        self._capacity: dict[Hop, float] = {}  # hops re-rated or down (PathTable.capacity_overrides)
+        self._faults_epoch = 0  # set_link calls so far: a prepare() that straddles one is dropped
+
+    def set_link(self, a: str, b: str, *, up: bool | None = None, rate_gbps: float | None = None) -> None:
+        """A link fault (see :meth:`PathTable.set_link`).  From now on the hop's
+        capacity is the new rate (a down link: DOWN_LINK_GBPS) whatever the
+        telemetry sample says, and its available bandwidth is that capacity
+        minus the measured load; routes avoid down links like the controller's.
+        Every cached figure is dropped; call it from the thread that decides."""
+        self.paths.set_link(a, b, up=up, rate_gbps=rate_gbps)
+        self._capacity = self.paths.capacity_overrides()
+        self._faults_epoch += 1
+        self._state = {}
+        self._tables = {}
+        self._layouts = {}
+        self._hop_state = None
+        self._prepared = None
 
     def tier(self, src: str, dst: str) -> int:
         return self.paths.get(src, dst).tier
@@ -399,6 +457,7 @@ class TelemetryOracle:
             return state
         samples = snap.samples
         frac = self.min_available_fraction
+        capacity = self._capacity
         available = math.inf
         oldest = math.inf
         for hop in info.hops:
@@ -406,8 +465,9 @@ class TelemetryOracle:
             if s is None:
                 state = _PairState(None, None, f"no telemetry for hop {hop[0]}->{hop[1]}")
                 break
-            free = s.capacity_gbps - s.load_gbps
-            floor = frac * s.capacity_gbps
+            cap = capacity.get(hop, s.capacity_gbps) if capacity else s.capacity_gbps
+            free = cap - s.load_gbps
+            floor = frac * cap
             if free < floor:
                 free = floor
             if free < available:
@@ -509,9 +569,11 @@ class TelemetryOracle:
         one ages out) uses the prepared table, which then holds what it would
         have computed; otherwise it computes as usual."""
         now = time.time() if now_s is None else now_s
+        epoch = self._faults_epoch
         hops = self._hop_figures(snapshot)
         tables = {src: self._table_from(src, hops, now) for src in list(self._sources_in_use)}
-        self._prepared = (snapshot, hops, tables)
+        if epoch == self._faults_epoch:
+            self._prepared = (snapshot, hops, tables)
 
     def _hops_now(self, snap: TelemetrySnapshot) -> _HopState:
         if self._hop_state is not None and self._hop_state[0] == self._snapshot_epoch:
@@ -524,7 +586,9 @@ class TelemetryOracle:
     def _hop_figures(self, snap: TelemetrySnapshot) -> _HopState:
         n = len(self._hop_index)
         index = self._hop_index.get
-        rows = [(index(hop, n + 1), s.capacity_gbps, s.load_gbps, s.t_s) for hop, s in snap.samples.items()]
+        cap = self._capacity
+        rows = [(index(hop, n + 1), cap.get(hop, s.capacity_gbps) if cap else s.capacity_gbps, s.load_gbps, s.t_s)
+                for hop, s in snap.samples.items()]
         available = np.full(n + 2, math.inf)
         t_s = np.full(n + 2, math.inf)
         measured = np.zeros(n + 2, dtype=bool)

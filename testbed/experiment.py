@@ -113,7 +113,11 @@ class EmulatorMeter:
     (:func:`envelope_verdict`).  On the kernel datapath forwarding happens in
     the kernel: the machine figure is the one that matters there."""
 
-    def __init__(self, switch_pids: dict[str, int], interval_s: float = 1.0) -> None:
+    def __init__(self, switch_pids: dict[str, int], interval_s: float = 1.0, *,
+                 pids_source: Callable[[], dict[str, int]] | None = None) -> None:
+        # pids_source: the switch processes now (a switch_restart event replaces
+        # one; while it is down it is absent, and that is not a death)
+        self.pids_source = pids_source
         self.pids = dict(switch_pids)
         self.interval_s = interval_s
         # one row per second: (epoch s, {switch: % of a core}, machine busy %)
@@ -134,7 +138,14 @@ class EmulatorMeter:
             now = time.monotonic()
             dt = now - last_t
             row: dict[str, float] = {}
-            for name, pid in self.pids.items():
+            current = self.pids_source() if self.pids_source is not None else self.pids
+            for name, pid in list(self.pids.items()):
+                if current.get(name) != pid:  # restarting (absent) or restarted: a new baseline, not a death
+                    now_pid = current.get(name)
+                    last[name] = None if now_pid is None else cpu_ticks(now_pid)
+                    if now_pid is not None:
+                        self.pids[name] = now_pid
+                    continue
                 ticks = cpu_ticks(pid)
                 before = last.get(name)
                 if ticks is None or before is None:
@@ -197,17 +208,20 @@ class EmulatorMeter:
 
 
 def metered_replay(tb: Any, cfg: Any, launcher: Any, run_dir: Path, *,
-                   oracle: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                   oracle: Any = None, on_start: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """One replay (workers.run.replay) with the emulator's CPU measured
     around it; the envelope is judged over the replay clock's window (the
-    workers' start-up is not part of it).  Returns (summary, envelope)."""
+    workers' start-up is not part of it).  ``on_start``: called with the
+    frontend once the replay clock starts (the fault runner).  Returns
+    (summary, envelope)."""
     from workers.run import replay
 
-    meter = EmulatorMeter(tb.switch_processes())
+    meter = EmulatorMeter(tb.switch_processes(), pids_source=tb.switch_processes)
     meter.start()
     summary: dict[str, Any] = {}
     try:
-        summary = replay(cfg, launcher, run_dir, oracle=oracle, topology=tb.topo, status_url=tb.rest_url + "/replay")
+        summary = replay(cfg, launcher, run_dir, oracle=oracle, topology=tb.topo, status_url=tb.rest_url + "/replay",
+                         on_start=on_start)
     finally:
         start = summary.get("run_start_epoch_s")
         envelope = meter.stop((float(start), time.time()) if start else None)
@@ -470,6 +484,16 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
         except TraceError as exc:
             raise ExperimentError(str(exc)) from None
     scen = scenario_mod.load(exp.scenario, topo)
+    if scen.events:
+        from netkv.placement import PlacementError, make_placement
+
+        from .faults import FaultError, check_switch_mode, check_workers
+
+        try:
+            check_workers(scen.events, make_placement(topo, base.placement).hosts, f"scenario {scen.name}")
+            check_switch_mode(scen.events, tb_cfg.switch_mode, f"scenario {scen.name}")
+        except (FaultError, PlacementError) as exc:
+            raise ExperimentError(str(exc)) from None
     out = Path(exp.out_dir) if exp.out_dir else _default_out_dir(scen.name)
     if out.exists() and any(out.iterdir()):
         raise ExperimentError(f"run directory {out} exists and is not empty; choose another --out")
@@ -545,35 +569,12 @@ def _replay_schedulers(tb: Any, datapath: str, schedulers: list[str], base: Any,
     the scenario's background flows started afresh."""
     from dataclasses import replace
 
-    from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
-
     for name in schedulers:
         cfg = replace(base, scheduler=name)
         run_dir = out / name
         run_dir.mkdir()
-        poller = None
-        if cfg.oracle == "telemetry":
-            poller = RestTelemetryPoller(tb, tb.config.poll_interval_s, series_path=run_dir / TELEMETRY_SERIES)
-            oracle: Any = (StaleOracle(tb.topo, poller, cfg.telemetry_delay_ms) if cfg.telemetry_delay_ms
-                           else TelemetryOracle(tb.topo, poller))
-            poller.on_update = oracle.prepare  # hop figures and tables computed in the polling thread
-            poller.start()
-        else:
-            oracle = StaticOracle(tb.topo)
-        runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
         say(f"replaying with {name} ...")
-        runner.start()
-        polled: dict[str, int] = {}
-        try:
-            summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle)
-        finally:
-            runner.stop()
-            if poller is not None:
-                polled = poller.stop()
-        envelope.update(polled)
-        envelope["background_flows_started"] = runner.started_flows
-        envelope["datapath"] = datapath
-        (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")
+        summary, envelope = replay_under_scenario(tb, cfg, scen, run_dir, datapath=datapath)
         flag = "" if envelope["within_envelope"] is not False else "  [OUTSIDE the emulator's envelope]"
         say(f"{name}: {summary['ok']}/{summary['requests']} ok, mean TTFT "
             f"{_fmt(summary.get('ttft_mean_ms'))} ms, p99 {_fmt(summary.get('ttft_p99_ms'))} ms; "
@@ -581,6 +582,60 @@ def _replay_schedulers(tb: Any, datapath: str, schedulers: list[str], base: Any,
             f"p95 {_fmt(envelope['machine_busy_pct_p95'])}% busy{flag}")
         if envelope.get("limiting_resource"):
             say(f"{name}: the emulator ran short of: {envelope['limiting_resource']}")
+        if scen.events:
+            bad = [r for r in envelope.get("fault_events", []) if not str(r.get("outcome", "")).startswith("ok")]
+            say(f"{name}: {len(scen.events)} fault events ({run_dir / 'events.jsonl'})"
+                + (f"; {len(bad)} did not go as planned: {bad[0].get('outcome')}" if bad else ""))
+
+
+def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_dir: Path, *,
+                          datapath: str = "", on_start: Callable[[Any], None] | None = None
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One replay on the running fabric: the oracle (telemetry from the
+    controller, or static), the scenario's background flows and its fault
+    events, the emulator's CPU measured around it.  ``on_start``: also called
+    with the frontend when the replay clock starts.  Writes envelope.json (with
+    the telemetry poller's counts and the fault runner's records) and returns
+    (summary, envelope)."""
+    from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
+
+    from .faults import FaultRunner
+
+    poller = None
+    if cfg.oracle == "telemetry":
+        poller = RestTelemetryPoller(tb, tb.config.poll_interval_s, series_path=run_dir / TELEMETRY_SERIES)
+        oracle: Any = (StaleOracle(tb.topo, poller, cfg.telemetry_delay_ms) if cfg.telemetry_delay_ms
+                       else TelemetryOracle(tb.topo, poller))
+        poller.on_update = oracle.prepare  # hop figures and tables computed in the polling thread
+        poller.start()
+    else:
+        oracle = StaticOracle(tb.topo)
+    runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
+    faults = FaultRunner(tb, scen.events, run_dir, oracle=oracle, telemetry=poller) if scen.events else None
+    runner.start()
+    polled: dict[str, int] = {}
+    fault_records: list[dict[str, Any]] = []
+    def started(frontend: Any) -> None:
+        if on_start is not None:
+            on_start(frontend)
+        if faults is not None:
+            faults.attach(frontend)
+
+    try:
+        summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle, on_start=started)
+    finally:
+        if faults is not None:
+            fault_records = faults.stop()
+        runner.stop()
+        if poller is not None:
+            polled = poller.stop()
+    envelope.update(polled)
+    envelope["background_flows_started"] = runner.started_flows
+    envelope["datapath"] = datapath or tb.report.datapath
+    if faults is not None:
+        envelope["fault_events"] = fault_records
+    (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")
+    return summary, envelope
 
 
 def _fmt(value: Any) -> str:
@@ -739,6 +794,7 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
         except scenario_mod.ScenarioError as exc:
             print(f"{name:16s} (does not fit {args.topology}: {exc})")
             continue
-        print(f"{name:16s} {len(scen.flows)} flows, {scen.load_mbps_hops(topo, TestbedConfig().scale):.0f} "
+        events = f", {len(scen.events)} fault events" if scen.events else ""
+        print(f"{name:16s} {len(scen.flows)} flows{events}, {scen.load_mbps_hops(topo, TestbedConfig().scale):.0f} "
               f"Mbit/s x hops at the default scale: {scen.description}")
     return 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -323,7 +324,10 @@ class Testbed:
 
     def _start_controller(self) -> None:
         log_path = self.run_dir / "controller.log"
-        self._ctl_log = open(log_path, "wb")
+        if self._ctl_log is not None:
+            self._ctl_log.close()
+        # a restart (fault event) appends to the first controller's log
+        self._ctl_log = open(log_path, "ab" if self.controller is not None else "wb")
         env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
         self.controller = subprocess.Popen(self._controller_argv(), stdout=self._ctl_log,
                                            stderr=subprocess.STDOUT, cwd=str(PROJECT_ROOT),
@@ -457,17 +461,11 @@ class Testbed:
         else:  # the root namespace holds every switch end
             configure_switch_ends([x for ifs in switch_ifs.values() for x in ifs], list)
         # Host namespaces.
-        arp_lines = [f"neigh replace {self.topo.ip_of(g.name)} lladdr {self.topo.mac_of(g.name)} "
-                     f"nud permanent dev {{dev}}" for g in self.topo.gpus]
         for name, ifs in host_ifs.items():
             commands.append(self.in_host(name, ["sysctl", "-q", "-w", *shaping.host_sysctls(cfg.tcp_congestion)]))
             inputs.append(None)
-            lines = [f"link set dev {ifname} mtu {mtu} up" for ifname, _ in ifs]
-            lines += [line.format(dev=ifs[0][0]) for line in arp_lines
-                      if not line.startswith(f"neigh replace {self.topo.ip_of(name)} ")]
-            lines.append(shaping.fabric_route(ifs[0][0], self.topo.ip_of(name)))
             commands.append(self.in_host(name, ["ip", "-batch", "-"]))
-            inputs.append("\n".join(lines) + "\n")
+            inputs.append("\n".join(self._host_ip_lines(name, [i for i, _ in ifs])) + "\n")
             tc_lines = [l for ifname, mbps in ifs
                         for l in shaping.tc_batch_lines(ifname, mbps, mtu, cfg.queue_packets, cfg.link_delay_ms)]
             commands.append(self.in_host(name, ["tc", "-batch", "-"]))
@@ -477,6 +475,110 @@ class Testbed:
                     commands.append(self.in_host(name, shaping.ethtool_offloads_off(ifname)))
                     inputs.append(None)
         _check_all(_run_many(commands, inputs=inputs), "configuring the GPU hosts")
+
+    def _host_ip_lines(self, name: str, ifnames: list[str]) -> list[str]:
+        """``ip -batch`` lines of a GPU host: its links up at the MTU, static
+        ARP for every other GPU and the fabric route (also after a link_up: a
+        link set down loses its routes and neighbours)."""
+        lines = [f"link set dev {ifname} mtu {self.config.mtu_bytes} up" for ifname in ifnames]
+        lines += [f"neigh replace {self.topo.ip_of(g.name)} lladdr {self.topo.mac_of(g.name)} "
+                  f"nud permanent dev {ifnames[0]}" for g in self.topo.gpus if g.name != name]
+        lines.append(shaping.fabric_route(ifnames[0], self.topo.ip_of(name)))
+        return lines
+
+    # -- faults (testbed.faults) ------------------------------------------------
+    def _at_end(self, node: str, argv: list[str]) -> list[str]:
+        """argv run where one end of a link is: a GPU host's namespace, or the switch's."""
+        return self.in_host(node, argv) if self.topo.node(node).is_gpu else self.in_switch(node, argv)
+
+    def set_link_state(self, a: str, b: str, up: bool) -> None:
+        """Set both ends of the link a-b administratively up or down.  A GPU
+        host's end gets its addresses, neighbours and route back when it comes up."""
+        link = self.topo.link_between(a, b)
+        for node in (link.a, link.b):
+            ifname = self.intf(node, link.port_of(node))
+            if up and self.topo.node(node).is_gpu:
+                system.run(self.in_host(node, ["ip", "-batch", "-"]),
+                           input_text="\n".join(self._host_ip_lines(node, [ifname])) + "\n")
+            else:
+                system.run(self._at_end(node, ["ip", "link", "set", "dev", ifname, "up" if up else "down"]))
+
+    def emulated_rate_mbps(self, rate_gbps: float) -> float:
+        return emulated_mbps(rate_gbps, self.config.scale)
+
+    def rerate_link(self, a: str, b: str, rate_gbps: float) -> None:
+        """Change the htb rate of both ends of the link a-b (real Gbit/s)."""
+        link = self.topo.link_between(a, b)
+        mbps = self.emulated_rate_mbps(rate_gbps)
+        for node in (link.a, link.b):
+            line = shaping.tc_class_line(self.intf(node, link.port_of(node)), mbps, self.config.mtu_bytes)
+            system.run(self._at_end(node, ["tc", "-batch", "-"]), input_text=line + "\n")
+
+    def kill_controller(self) -> int:
+        """SIGKILL the controller by its pid (the switches keep their routes:
+        fail-secure mode); returns the pid."""
+        if self.controller is None:
+            raise BringUpError("no controller is running")
+        pid = self.controller.pid
+        self.controller.kill()
+        self.controller.wait(timeout=10)
+        return pid
+
+    def start_controller_again(self) -> dict[str, Any]:
+        """Start the controller again (same ports and options) and wait until
+        every switch has reconnected and confirmed its routes."""
+        self._start_controller()
+        api_up = time.time()
+        self._wait_routes()
+        assert self.controller is not None
+        return {"pid": self.controller.pid, "api_up_s": api_up, "routes_ready_s": time.time()}
+
+    def kill_switch(self, name: str) -> list[int]:
+        """SIGKILL one switch's ovs-vswitchd and ovsdb-server by their pids
+        (one process per switch only); returns the pids."""
+        if not self.per_switch:
+            raise BringUpError("switch_restart needs switch_mode per_switch")
+        p = self.switch_paths(name)
+        pids = [pid for pid in (self.switch_pids.pop(name, None), switches.read_pid(p.ovsdb_pidfile))
+                if pid is not None]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        system.wait_until(lambda: not any(system.process_alive(pid) for pid in pids), timeout_s=10)
+        self._write_state()
+        return pids
+
+    def start_switch_again(self, name: str) -> dict[str, Any]:
+        """Start one switch's ovsdb-server (on its database as it was) and
+        ovs-vswitchd again; waits until the controller has its routes installed."""
+        p = self.switch_paths(name)
+        env = switches.daemon_env(p, jemalloc=self.config.switch_jemalloc)
+        system.run(switches.ovsdb_server_argv(p), env=env)
+        system.run(switches.vswitchd_argv(p, switches.netns_name(self.prefix, name)), env=env)
+        pid = switches.read_pid(p.vswitchd_pidfile)
+        if pid is None:
+            raise BringUpError(f"ovs-vswitchd of {name} wrote no pid file (log: {p.log('ovs-vswitchd')})")
+        self.switch_pids[name] = pid
+        self._write_state()
+        time.sleep(0.2)  # let the controller see the old connection go before asking whether it is ready
+        self._wait_routes()
+        return {"pid": pid, "routes_ready_s": time.time()}
+
+    def ensure_running(self) -> dict[str, Any]:
+        """Start the controller and any switch process that is not running."""
+        out: dict[str, Any] = {}
+        if self.controller is None or self.controller.poll() is not None:
+            out["controller_started"] = self.start_controller_again()["pid"]
+        if self.per_switch:
+            dead = [sw.name for sw in self.topo.switches
+                    if not switches.vswitchd_alive(self.switch_pids.get(sw.name))]
+            for name in dead:
+                self.kill_switch(name)  # its ovsdb-server too, if it is still there
+                out.setdefault("switches_started", {})[name] = self.start_switch_again(name)["pid"]
+        self._wait_routes()
+        return out
 
     def _wait_routes(self) -> None:
         status: dict[str, Any] = {}

@@ -128,7 +128,41 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         out["problems"].append(f"partial: {missing} of the window's {expected} requests have no record")
     env_path = run_dir / "envelope.json"
     out["envelope"] = json.loads(env_path.read_text()) if env_path.exists() else None
+    out.update(fault_figures(run_dir, records))
     return out
+
+
+# What a fault event's record says about the system's answer to it (testbed.faults).
+FAULT_FIGURES = ("event_to_routes_ms", "detected_ms", "requests_failed", "routes_ready_ms",
+                 "telemetry_resumed_ms", "back_t_s")
+
+
+def fault_figures(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The replay's fault events (events.jsonl) in short, and its TTFT before
+    the first event and from it on, so schedulers can be compared under faults
+    (and how TTFT recovers).  Empty when the replay had no events."""
+    path = run_dir / "events.jsonl"
+    if not path.exists():
+        return {}
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("kind") == "restore":
+            continue
+        short = {k: rec.get(k) for k in ("kind", "requested_t_s", "actual_t_s", "outcome")}
+        short.update({k: rec[k] for k in FAULT_FIGURES if rec.get(k) is not None})
+        events.append(short)
+    first_ms = min((1000 * float(e["actual_t_s"]) for e in events if e.get("actual_t_s") is not None), default=None)
+    ok = [r for r in records if r["status"] == "ok" and r.get("ttft_ms") is not None]
+    before = [float(r["ttft_ms"]) for r in ok if first_ms is not None and r["arrival_ms"] < first_ms]
+    after = [float(r["ttft_ms"]) for r in ok if first_ms is not None and r["arrival_ms"] >= first_ms]
+    return {"fault_events": events,
+            "ttft_mean_ms_before_faults": _round(_mean(before)), "ttft_mean_ms_from_first_fault": _round(_mean(after)),
+            "failed_from_first_fault": sum(1 for r in records if r["status"] != "ok" and first_ms is not None
+                                           and r["arrival_ms"] >= first_ms)}
 
 
 # Where a request's TTFT goes: consecutive record timestamps, so the parts add
@@ -404,6 +438,18 @@ def render_table(comparison: dict[str, Any]) -> str:
                                   if v is not None) or "none")
                      + f"; busiest switch process p95 {_fmt_pct(env.get('switch_cpu_pct_p95'))} of a core, "
                        f"machine p95 {_fmt_pct(env.get('machine_busy_pct_p95'))}")
+    for name, m in comparison["schedulers"].items():
+        if m.get("fault_events"):
+            parts = []
+            for e in m["fault_events"]:
+                figures = ", ".join(f"{k} {e[k]:g}" for k in FAULT_FIGURES if k in e)
+                outcome = "" if str(e.get("outcome", "")).startswith("ok") else f" [{e.get('outcome')}]"
+                parts.append(f"{e['kind']} at {e.get('actual_t_s')} s" + (f" ({figures})" if figures else "")
+                             + outcome)
+            lines.append(f"faults, {name}: " + "; ".join(parts))
+            lines.append(f"faults, {name}: TTFT mean {m.get('ttft_mean_ms_before_faults')} ms before the first, "
+                         f"{m.get('ttft_mean_ms_from_first_fault')} ms from it on; "
+                         f"{m.get('failed_from_first_fault')} requests failed from it on")
     changes = comparison.get("ttft_mean_change_pct", {})
     for a, row in changes.items():
         lines.append(f"mean TTFT of {a} vs " + ", ".join(f"{b}: {v:+.1f}%" for b, v in row.items() if v is not None))

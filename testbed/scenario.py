@@ -14,6 +14,10 @@ destination host (one port per flow).  TCP flows back off like the other
 tenants' traffic of a real fabric would; UDP flows hold their rate whatever
 happens.  Times are seconds from the start of the replay.
 
+A scenario may also list ``events``: faults at scheduled times of the replay
+(links re-rated, down and up, workers killed, the controller or a switch
+restarted); see :mod:`testbed.faults`.
+
 Parsing and validation are plain logic (no root); :class:`ScenarioRunner`
 starts and ends the processes through a :class:`~testbed.net.Testbed`.
 """
@@ -32,10 +36,11 @@ from netkv.checks import is_finite_number
 from topologies import Topology
 
 from .config import emulated_mbps
+from .faults import Event, FaultError, parse_events
 
 SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
 FLOW_KEYS = {"src", "dst", "start_s", "duration_s", "rate_gbps", "protocol"}
-SCENARIO_KEYS = {"name", "description", "flows"}
+SCENARIO_KEYS = {"name", "description", "flows", "events"}
 BASE_PORT = 5301
 MAX_FLOWS = 64
 
@@ -59,10 +64,14 @@ class Scenario:
     name: str
     description: str = ""
     flows: list[Flow] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description,
-                "flows": [asdict(f) for f in self.flows]}
+        out: dict[str, Any] = {"name": self.name, "description": self.description,
+                               "flows": [asdict(f) for f in self.flows]}
+        if self.events:
+            out["events"] = [e.to_json() for e in self.events]
+        return out
 
     def load_mbps_hops(self, topo: Topology, scale: float) -> float:
         """Emulated Mbit/s x shaped links the flows put on the switch process
@@ -115,7 +124,11 @@ def parse(data: Any, topo: Topology, origin: str = "scenario") -> Scenario:
             raise ScenarioError(f"{where}: rate_gbps {rate:g} exceeds the path's bottleneck {bottleneck:g}")
         flows.append(Flow(str(src), str(dst), _number(raw, "start_s", where, 0, 0.0),
                           _number(raw, "duration_s", where, 1.0), rate, str(protocol)))
-    return Scenario(name, str(data.get("description", "")), flows)
+    try:
+        events = parse_events(data.get("events", []), topo, origin)
+    except FaultError as exc:
+        raise ScenarioError(str(exc)) from None
+    return Scenario(name, str(data.get("description", "")), flows, events)
 
 
 def load(name_or_path: str, topo: Topology) -> Scenario:

@@ -44,18 +44,24 @@ def tc_batch_lines(ifname: str, rate_mbps: float, mtu_bytes: int, queue_packets:
 
     With ``delay_ms`` > 0 the leaf is netem (delay plus the same queue limit)
     instead of pfifo; the caller checks that the kernel has netem."""
-    kbit = rate_kbit(rate_mbps)
-    burst = htb_burst_bytes(rate_mbps, mtu_bytes)
     if delay_ms < 0:
         raise ValueError(f"delay_ms must be >= 0, got {delay_ms}")
     leaf = (f"netem delay {delay_ms:g}ms limit {queue_packets}" if delay_ms > 0
             else f"pfifo limit {queue_packets}")
     return [
         f"qdisc replace dev {ifname} root handle {HTB_HANDLE} htb default 1",
-        f"class replace dev {ifname} parent {HTB_HANDLE} classid {HTB_CLASS} htb "
-        f"rate {kbit}kbit ceil {kbit}kbit burst {burst} cburst {burst} quantum {mtu_bytes + 14}",
+        tc_class_line(ifname, rate_mbps, mtu_bytes),
         f"qdisc replace dev {ifname} parent {HTB_CLASS} handle {LEAF_HANDLE} {leaf}",
     ]
+
+
+def tc_class_line(ifname: str, rate_mbps: float, mtu_bytes: int) -> str:
+    """The htb class at the link's rate: alone, it re-rates a shaped interface
+    in place (a link_rate fault; the leaf queue and its packets stay)."""
+    kbit = rate_kbit(rate_mbps)
+    burst = htb_burst_bytes(rate_mbps, mtu_bytes)
+    return (f"class replace dev {ifname} parent {HTB_HANDLE} classid {HTB_CLASS} htb "
+            f"rate {kbit}kbit ceil {kbit}kbit burst {burst} cburst {burst} quantum {mtu_bytes + 14}")
 
 
 def ethtool_offloads_off(ifname: str) -> list[str]:

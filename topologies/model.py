@@ -279,16 +279,16 @@ class Topology:
         self._path_cache[key] = result
         return result
 
-    def path(self, src: str, dst: str) -> list[str]:
+    def path(self, src: str, dst: str, down: "frozenset[tuple[str, str]] | set[tuple[str, str]]" = frozenset()
+             ) -> list[str]:
         """The one path the controller installs for traffic from src to dst.
 
         Equal-cost shortest paths are spread deterministically per ordered
         (src, dst) pair: the CRC32 of ``"src>dst"`` modulo the number of
         candidates picks one of them in sorted order.  Anyone holding the
-        topology computes the same answer."""
-        candidates = self.shortest_paths(src, dst)
-        pick = zlib.crc32(f"{src}>{dst}".encode()) % len(candidates)
-        return candidates[pick]
+        topology computes the same answer.  ``down``: keys (:attr:`Link.key`)
+        of links that are down; see :func:`pick_path`."""
+        return pick_path(self.shortest_paths(src, dst), src, dst, down)
 
     def path_hops(self, src: str, dst: str) -> list[Hop]:
         nodes = self.path(src, dst)
@@ -318,6 +318,30 @@ class Topology:
             "links_by_tier": self.links_by_tier(),
             "oversubscription_by_tier": self.oversubscription(),
         }
+
+
+def pick_path(candidates: list[list[str]], src: str, dst: str,
+              down: "frozenset[tuple[str, str]] | set[tuple[str, str]]" = frozenset()) -> list[str]:
+    """The installed path among ``candidates`` (the pair's equal-cost shortest
+    paths, sorted), with the links whose keys are in ``down`` out of service.
+
+    Without down links: ``candidates[crc32("src>dst") % len]``.  A pair whose
+    usual path crosses no down link keeps it (a failure moves only the routes
+    it breaks); one whose path does moves to the remaining equal-cost paths,
+    picked the same way among them; when none remains the usual path is kept
+    (nothing else reaches the destination at that length; its traffic is lost
+    until the link is back).  The controller's routes, ``/path`` and the
+    oracle all use this one rule."""
+    pick = zlib.crc32(f"{src}>{dst}".encode())
+    usual = candidates[pick % len(candidates)]
+    if not down or not _crosses(usual, down):
+        return usual
+    remaining = [p for p in candidates if not _crosses(p, down)]
+    return remaining[pick % len(remaining)] if remaining else usual
+
+
+def _crosses(nodes: list[str], down: "frozenset[tuple[str, str]] | set[tuple[str, str]]") -> bool:
+    return any((x, y) in down or (y, x) in down for x, y in zip(nodes, nodes[1:]))
 
 
 def directed_hops(links: Iterable[Link]) -> list[Hop]:

@@ -24,8 +24,11 @@ Per request, at its arrival time:
 
 Reports from the workers fill in the request's record; a record is written
 the moment its request finishes or fails, exactly once.  A worker whose
-control connection ends (it exited or was killed) fails every unfinished
-request that depends on it and is left out of later choices.  After the last
+control connection ends (it exited or was killed), or whose process a
+watchdog finds exited (every ``WORKER_POLL_S``), fails every unfinished
+request that depends on it, with a reason naming the worker and the stage the
+request was in, and is left out of later choices; it is chosen again once a
+restarted worker of that host says hello (with an empty prefix cache).  After the last
 arrival, requests not finished within ``drain_timeout_s`` fail with the stage
 they were stuck in.  Every worker process is then told to stop and, if it
 does not, ended by its pid.
@@ -61,6 +64,9 @@ from .run import ReplayConfig
 
 STOP_GRACE_S = 5.0
 KILL_GRACE_S = 2.0
+# How often the watchdog polls the worker processes: a dead worker is noticed
+# within this (its control socket closing usually tells sooner).
+WORKER_POLL_S = 0.2
 
 
 class ReplayError(RuntimeError):
@@ -126,8 +132,13 @@ class Frontend:
         scheduler: Any = None,
         topology: Any = None,
         status_url: str | None = None,
+        on_start: Any = None,
     ) -> None:
         config.validate()
+        self.on_start = on_start  # called with self once the replay clock starts
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # workers found dead: {"host", "t_s", "how", "failed"}, in order
+        self.losses: list[dict[str, Any]] = []
         self.status_url = status_url  # where progress is POSTed (the controller's /replay), or None
         self.status_failures = 0
         self.sent_since_report: list[dict[str, Any]] = []  # KV transfers that ended since the last report
@@ -367,24 +378,95 @@ class Frontend:
         rec["tbt_p99_ms"] = msg.get("tbt_p99_ms")
         self._finish(flight.req.request_id)
 
-    def worker_lost(self, host: str) -> None:
-        if self.stopping:
-            return  # told to stop; every request already has its record
+    def alive(self, host: str) -> bool:
+        return self.prefills[host].alive if host in self.prefills else self.decodes[host].alive
+
+    def role_of(self, host: str) -> str:
+        return "prefill" if host in self.prefills else "decode"
+
+    def worker_lost(self, host: str, seen_by: str = "control connection") -> None:
+        """The worker of ``host`` is gone: every request that still needs it
+        fails with the reason and the stage it was in; it is not chosen again
+        until a restarted worker says hello.  Called once per loss (by the
+        control connection's end or the watchdog, whichever is first)."""
+        if self.stopping or not self.alive(host):
+            return  # told to stop (every request has its record), or already handled
+        now = time.time()
+        self.writers.pop(host, None)
         proc = self.procs.get(host)
         rc = proc.poll() if proc is not None else None
         how = f"exited with code {rc}" if rc is not None else "closed its control connection"
         if host in self.prefills:
             self.prefills[host].alive = False
             affected = sorted(self.prefill_flights[host])
-            reason = f"prefill worker {host} {how} before the KV transfer finished"
+            what = f"prefill worker {host} {how}"
         else:
             self.decodes[host].alive = False
             affected = sorted(self.decodes[host].flights)
-            reason = f"decode worker {host} {how} before the request finished"
+            what = f"decode worker {host} {how}"
         print(f"netkv replay: worker {host} {how}; failing {len(affected)} request(s)", file=sys.stderr)
+        failed = 0
         for rid in affected:
             if rid in self.flights:
-                self._finish(rid, reason)
+                self._finish(rid, f"{what} ({self.flights[rid].stage()})")
+                failed += 1
+        self.losses.append({"host": host, "t_s": now, "how": f"{seen_by}: {how}", "failed": failed})
+
+    async def watchdog(self) -> None:
+        """Polls every worker process; one that exited while counted alive is
+        lost (its control connection may close later, or, if it hangs, never)."""
+        while True:
+            await asyncio.sleep(WORKER_POLL_S)
+            for host, proc in list(self.procs.items()):
+                if proc.poll() is not None and self.alive(host) and not self.stopping:
+                    self.worker_lost(host, "watchdog")
+
+    # -- faults (called from other threads: the testbed's fault runner) ----------------
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` in the frontend's event loop (the thread that decides),
+        wait for it and return its result."""
+        assert self.loop is not None
+
+        async def run() -> Any:
+            return fn(*args, **kwargs)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
+
+    def kill_worker(self, host: str) -> int:
+        """SIGKILL the worker of ``host`` by its pid; returns the pid."""
+        proc = self.procs[host]
+        proc.kill()
+        return int(proc.pid)
+
+    def restart_worker(self, host: str, timeout_s: float) -> tuple[int, float]:
+        """Start the worker of ``host`` again and wait for its hello; returns
+        (pid, time of the hello)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(self._restart(host, timeout_s), self.loop).result(timeout_s + 5)
+
+    async def _restart(self, host: str, timeout_s: float) -> tuple[int, float]:
+        if self.alive(host):
+            raise ReplayError(f"worker {host} is still alive")
+        old = self.procs[host]
+        if old.poll() is None:
+            old.kill()
+        await asyncio.get_running_loop().run_in_executor(None, old.wait)
+        self.hello[host] = asyncio.Event()
+        role = self.role_of(host)
+        proc = self.procs[host] = self.launcher.popen(host, self._argv(host, role), self.run_dir / "logs" / f"{host}.log")
+        try:
+            await asyncio.wait_for(self.hello[host].wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            raise ReplayError(f"restarted worker {host} did not connect within {timeout_s:g} s") from None
+        return int(proc.pid), time.time()
+
+    def _welcome_back(self, host: str) -> None:
+        """A restarted worker said hello: it starts empty, and is chosen again."""
+        if host in self.prefills:
+            self.prefills[host] = PrefillInstance(host, PrefixCache(self.perf.prefix_cache_blocks))
+            self.prefill_flights[host] = set()
+        else:
+            self.decodes[host] = DecodeState(host, PrefixCache(self.perf.prefix_cache_blocks))
 
     # -- control socket -----------------------------------------------------
     async def on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -397,6 +479,8 @@ class Frontend:
             host = str(hello.get("host"))
             if hello.get("t") != "hello" or host not in self.hello or host in self.writers:
                 raise ProtocolError(f"unexpected first control message {hello!r}")
+            if not self.alive(host):
+                self._welcome_back(host)
             self.writers[host] = writer
             self.hello[host].set()
             while True:
@@ -549,9 +633,14 @@ class Frontend:
         try:
             await self.start_workers()
             self.t0 = time.time()
+            self.loop = asyncio.get_running_loop()
+            watchdog = asyncio.create_task(self.watchdog())
             if self.status_url is not None:
                 reporter = asyncio.create_task(self.report_status(len(requests)))
+            if self.on_start is not None:
+                self.on_start(self)
             await self.replay_requests(requests)
+            watchdog.cancel()
         finally:
             self.dispatched_all = True
             if self.status_url is not None:

@@ -70,13 +70,18 @@ class Sender:
         self.rank = rank
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.writer: asyncio.StreamWriter | None = None
+        self.reader: asyncio.StreamReader | None = None
         self.task = asyncio.create_task(self.run())
 
     async def _connection(self) -> asyncio.StreamWriter:
-        if self.writer is None or self.writer.is_closing():
+        # The decode never writes on this connection: an end of file from it means
+        # it closed (its worker exited); a fresh connection reaches a restarted one.
+        if self.writer is None or self.writer.is_closing() or (self.reader is not None and self.reader.at_eof()):
+            if self.writer is not None:
+                self.writer.close()
             netns = self.worker.ranks[self.rank].netns
             if netns is None:
-                _, self.writer = await asyncio.open_connection(self.addr[0], self.addr[1])
+                self.reader, self.writer = await asyncio.open_connection(self.addr[0], self.addr[1])
             else:
                 sock = tcp_socket_in(netns)  # the flow leaves from this rank's own host
                 try:
@@ -85,7 +90,7 @@ class Sender:
                 except BaseException:
                     sock.close()
                     raise
-                _, self.writer = await asyncio.open_connection(sock=sock)
+                self.reader, self.writer = await asyncio.open_connection(sock=sock)
         return self.writer
 
     async def run(self) -> None:

@@ -187,6 +187,7 @@ def replay(
     scheduler: Any = None,
     topology: Any = None,
     status_url: str | None = None,
+    on_start: Any = None,
 ) -> dict[str, Any]:
     """Run one replay and return its summary (also written to ``summary.json``).
 
@@ -197,11 +198,13 @@ def replay(
     (tests, custom policies).  ``topology`` replaces building
     ``config.topology`` from the catalog (it must be the same fabric the
     launcher emulates).  ``status_url``: the controller's ``/replay``, where
-    progress is POSTed every half second for the fabric view."""
+    progress is POSTed every half second for the fabric view.  ``on_start``:
+    called with the frontend, in its event loop, once the replay clock starts
+    (``frontend.t0``; the testbed's fault runner schedules its events then)."""
     from .driver import Frontend  # heavy imports (schedulers, numpy) only in the frontend
 
     return Frontend(config, launcher, Path(run_dir), oracle=oracle, scheduler=scheduler, topology=topology,
-                    status_url=status_url).run()
+                    status_url=status_url, on_start=on_start).run()
 
 
 def main(argv: list[str] | None = None) -> int:
