@@ -67,6 +67,9 @@ KILL_GRACE_S = 2.0
 # How often the watchdog polls the worker processes: a dead worker is noticed
 # within this (its control socket closing usually tells sooner).
 WORKER_POLL_S = 0.2
+# how long a worker whose connection just ended is given to finish exiting, so that
+# its exit code is known when its requests are failed
+WORKER_EXIT_GRACE_S = 0.05
 
 
 class ReplayError(RuntimeError):
@@ -139,6 +142,7 @@ class Frontend:
         self.loop: asyncio.AbstractEventLoop | None = None
         # workers found dead: {"host", "t_s", "how", "failed"}, in order
         self.losses: list[dict[str, Any]] = []
+        self.background: set[asyncio.Task[None]] = set()  # tasks nobody awaits, kept referenced
         self.status_url = status_url  # where progress is POSTed (the controller's /replay), or None
         self.status_failures = 0
         self.sent_since_report: list[dict[str, Any]] = []  # KV transfers that ended since the last report
@@ -349,7 +353,12 @@ class Frontend:
             if flight.done_msg is not None:
                 self._complete(flight, flight.done_msg)
         elif kind == "send_failed":
-            self._finish(flight.req.request_id, f"transfer failed: {msg.get('reason', '')}")
+            # A decode killed mid-transfer resets the connection before its exit code
+            # is known: give it the control connection's grace, then name the death.
+            task = asyncio.get_running_loop().create_task(
+                self._transfer_failed(flight.req.request_id, flight.decode, str(msg.get("reason", ""))))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
         elif kind == "admitted":
             flight.admitted = True
             d = self.decodes[flight.decode]
@@ -366,6 +375,16 @@ class Frontend:
             self._finish(flight.req.request_id, f"rejected by decode {host}: {msg.get('reason', '')}")
         else:
             raise ProtocolError(f"{host} sent an unknown report {kind!r}")
+
+    async def _transfer_failed(self, rid: str, decode_host: str, reason: str) -> None:
+        """A failed transfer whose decode worker died is that worker's loss (every
+        request it held fails naming it); any other failure is the transfer's."""
+        await asyncio.sleep(WORKER_EXIT_GRACE_S)
+        proc = self.procs.get(decode_host)
+        if proc is not None and proc.poll() is not None and self.alive(decode_host):
+            self.worker_lost(decode_host, "failed transfer")
+        if rid in self.flights:
+            self._finish(rid, f"transfer failed: {reason}")
 
     def _complete(self, flight: Flight, msg: dict[str, Any]) -> None:
         rec = flight.rec
@@ -493,7 +512,7 @@ class Frontend:
         finally:
             writer.close()
             if host is not None and self.writers.get(host) is writer:
-                await asyncio.sleep(0.05)  # let the process finish exiting so its code is known
+                await asyncio.sleep(WORKER_EXIT_GRACE_S)  # let the process finish exiting so its code is known
                 self.worker_lost(host)
 
     # -- processes ---------------------------------------------------------------
