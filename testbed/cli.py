@@ -89,14 +89,23 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop(signal.Signals(signum).name)
 
 
+def install_stop_handlers() -> None:
+    """SIGTERM and SIGHUP raise Stop, and SIGINT KeyboardInterrupt, in the main
+    thread, so that teardown runs.  SIGINT is set explicitly: a command started
+    in the background by a non-interactive shell inherits it ignored, and Python
+    then leaves it ignored, so Ctrl-C or `kill -INT` would not stop the testbed."""
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGHUP, _raise_stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # -- up / down / clean / status ------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
     from .net import Testbed
 
     cfg = config_from_args(args)
     tb = Testbed(cfg)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGHUP, _raise_stop)
+    install_stop_handlers()
     try:
         if not args.json:
             print(f"netkv: bringing up {tb.topo.name}: {len(tb.topo.gpus)} GPUs, "

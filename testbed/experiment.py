@@ -754,12 +754,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (scenario_mod.ScenarioError, ConfigError) as exc:
         raise ExperimentError(str(exc)) from None
     require_root()
-    import signal
+    from .cli import install_stop_handlers
 
-    from .cli import _raise_stop
-
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGHUP, _raise_stop)
+    install_stop_handlers()
     result = run_experiment(exp, quiet=args.quiet)
     if args.quiet:
         print(json.dumps(result))

@@ -312,12 +312,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise SweepError(f"sweep directory {out} exists and is not empty; choose another --out")
     plan(base, knob, values, out, keep)  # every point checked before root is asked for or anything is built
     require_root()
-    import signal
+    from .cli import install_stop_handlers
 
-    from .cli import _raise_stop
-
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGHUP, _raise_stop)
+    install_stop_handlers()
     result = run_sweep(args.name, base, values, out, quiet=args.quiet, keep_schedulers=keep)
     print(json.dumps(result) if args.quiet else render_sweep(result))
     return 0 if result["nothing_lost"] else 1
