@@ -112,8 +112,10 @@ JOB_SH = f"""#!/bin/bash
 # Written by scripts/vm-check on the host; runs inside the guest as root.
 set -u
 echo "job: started $(date -u +%FT%TZ) on $(uname -r)"
-rm -rf {GUEST_REPO}
+# a fresh copy of the repository; a kept overlay (--overlay) keeps its .venv, as
+# a Vagrant VM's synced folder does between `vagrant provision` runs
 mkdir -p {GUEST_REPO}
+find {GUEST_REPO} -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {{}} +
 tar -xf {GUEST_SHARE}/repo.tar -C {GUEST_REPO}
 cd {GUEST_REPO}
 exec /usr/bin/python3 -m testbed.vmcheck guest --share {GUEST_SHARE}
@@ -419,8 +421,16 @@ def host_main(args: argparse.Namespace) -> int:
         share.mkdir()
         run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(share / "repo.tar"), "HEAD"])
         (share / "job.sh").write_text(JOB_SH)
-        overlay = work / "disk.qcow2"
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image / "rootfs.raw"), "-F", "raw", str(overlay)])
+        overlay = Path(args.overlay).resolve() if args.overlay else work / "disk.qcow2"
+        out["overlay_kept"] = str(overlay) if args.overlay else None
+        if args.overlay and overlay.exists():
+            backing = json.loads(run(["qemu-img", "info", "--output=json", str(overlay)]).stdout)
+            if backing.get("backing-filename") != str(image / "rootfs.raw"):
+                raise VmCheckError(f"{overlay} is not an overlay of the current image {image}; remove it")
+            say(f"reusing the provisioned guest disk {overlay}")
+        else:
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image / "rootfs.raw"), "-F", "raw",
+                 str(overlay)])
         if args.accel == "auto":
             ok, why = probe_kvm(image / "vmlinuz", work)
             accel = "kvm" if ok else "tcg"
@@ -608,7 +618,9 @@ def guest_main(share: Path) -> int:
     shutil.rmtree(run_out, ignore_errors=True)
     rc, stdout, stderr, s = run_step([netkv, "run", *common, "--prefix", PREFIXES["run"], "--scenario", "none",
                                       "--schedulers", "round_robin", "--max-requests", str(RUN_REQUESTS),
-                                      "--duration-s", "20", "--out", str(run_out), "--quiet"], timeout_s=1500)
+                                      "--duration-s", "20", "--out", str(run_out), "--quiet",
+                                      # workers start ten times slower under software emulation
+                                      "--set", f"startup_timeout_s={READY_TIMEOUT_S}"], timeout_s=1500)
     comparison = last_json(stdout) or {}
     m = (comparison.get("schedulers") or {}).get("round_robin") or {}
     records_path = run_out / "round_robin" / "records.jsonl"
@@ -761,6 +773,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default: %(default)s)")
     ap.add_argument("--memory-mb", type=int, default=4096, help="guest memory (default: %(default)s)")
     ap.add_argument("--timeout-min", type=float, default=150, help="stop the guest after this long")
+    ap.add_argument("--overlay", metavar="FILE",
+                    help="keep the guest's disk (a qcow2 overlay on the cached image) in FILE and reuse it "
+                         "next time, like a Vagrant VM that is provisioned again (install.sh then has "
+                         "little to do); default: a throw-away overlay, removed at the end")
     ap.add_argument("--keep-logs", metavar="DIR", help="copy the console log, job log and result here")
     sub = ap.add_subparsers(dest="mode")
     g = sub.add_parser("guest", help="(inside the guest) run the checks")
