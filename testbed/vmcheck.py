@@ -481,7 +481,7 @@ def host_main(args: argparse.Namespace) -> int:
         if args.keep_logs:
             keep = Path(args.keep_logs)
             keep.mkdir(parents=True, exist_ok=True)
-            for f in (console, share / "job.log", share / "result.json"):
+            for f in (console, share / "job.log", share / "install.log", share / "result.json"):
                 if f.exists():
                     shutil.copy2(f, keep / f.name)
     finally:
@@ -517,21 +517,31 @@ class GuestResult:
         tmp.replace(self.path)
 
 
-def run_step(argv: Sequence[str], timeout_s: float, cwd: str = GUEST_REPO) -> tuple[int, str, str, float]:
+def run_step(argv: Sequence[str], timeout_s: float, cwd: str = GUEST_REPO,
+             log: Path | None = None) -> tuple[int, str, str, float]:
     """(exit status, stdout, stderr, seconds); a step past its time is ended
-    with its whole process group."""
+    with its whole process group.  With ``log``, the output goes to that file
+    as it comes (the host can follow it in the share) and is returned as stdout."""
     t = time.monotonic()
-    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+    sink = open(log, "w") if log is not None else None
+    proc = subprocess.Popen(list(argv), stdout=sink or subprocess.PIPE,
+                            stderr=subprocess.STDOUT if sink else subprocess.PIPE, text=True, cwd=cwd,
                             start_new_session=True)
+    rc = -9
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
+        rc = proc.returncode
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        stderr += f"\n[vm-check: ended after {timeout_s:g} s]"
-        return -9, stdout, stderr, time.monotonic() - t
-    return proc.returncode, stdout, stderr, time.monotonic() - t
+        stderr = (stderr or "") + f"\n[vm-check: ended after {timeout_s:g} s]"
+    finally:
+        if sink is not None:
+            sink.close()
+    if log is not None:
+        stdout = log.read_text(errors="replace")
+    return rc, stdout or "", stderr or "", time.monotonic() - t
 
 
 def last_json(text: str) -> dict[str, Any] | None:
@@ -582,9 +592,9 @@ def guest_main(share: Path) -> int:
                 "stdout_tail": stdout.strip().splitlines()[-4:]}
 
     # 1. the Vagrantfile's provisioner: privileged shell, `bash /vagrant/scripts/install.sh`
-    rc, stdout, stderr, s = run_step(["bash", f"{GUEST_REPO}/scripts/install.sh"], timeout_s=150 * 60, cwd="/")
-    if not record("install", rc == 0, s, exit=rc, output=stdout.strip().splitlines()[-6:],
-                  **({} if rc == 0 else {"stderr_tail": stderr.strip().splitlines()[-12:]})):
+    rc, stdout, stderr, s = run_step(["bash", f"{GUEST_REPO}/scripts/install.sh"], timeout_s=150 * 60, cwd="/",
+                                     log=share / "install.log")
+    if not record("install", rc == 0, s, exit=rc, output=stdout.strip().splitlines()[-(6 if rc == 0 else 16):]):
         res.data["total_s"] = round(time.monotonic() - t0, 1)
         res.save()
         return 1
