@@ -61,6 +61,7 @@ HOST_PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-util
                  "debootstrap": "debootstrap", "mke2fs": "e2fsprogs", "git": "git"}
 SHARE_TAG = "netkvjob"
 GUEST_SHARE = "/mnt/netkvjob"
+HOST_CA_DIR = "/usr/local/share/ca-certificates"
 GUEST_REPO = "/vagrant"  # where the Vagrantfile's synced folder puts the repository
 
 # Files written into the image (path -> (mode, text)).  The unit runs whatever
@@ -117,6 +118,14 @@ echo "job: started $(date -u +%FT%TZ) on $(uname -r)"
 mkdir -p {GUEST_REPO}
 find {GUEST_REPO} -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {{}} +
 tar -xf {GUEST_SHARE}/repo.tar -C {GUEST_REPO}
+# The host's own extra CA certificates (a machine behind an intercepting proxy
+# trusts its CA; the guest's traffic leaves through the same way), and pip told
+# to use the system store as the host's pip is.
+if ls {GUEST_SHARE}/ca/*.crt >/dev/null 2>&1; then
+    cp {GUEST_SHARE}/ca/*.crt /usr/local/share/ca-certificates/
+    update-ca-certificates >/dev/null 2>&1 || echo "job: update-ca-certificates failed"
+    printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >/etc/pip.conf
+fi
 cd {GUEST_REPO}
 exec /usr/bin/python3 -m testbed.vmcheck guest --share {GUEST_SHARE}
 """
@@ -421,6 +430,14 @@ def host_main(args: argparse.Namespace) -> int:
         share.mkdir()
         run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(share / "repo.tar"), "HEAD"])
         (share / "job.sh").write_text(JOB_SH)
+        # public CA certificates this host trusts locally (not keys): the guest reaches the
+        # registries through the same network and must trust the same issuers
+        cas = sorted(Path(HOST_CA_DIR).glob("*.crt"))
+        if cas:
+            (share / "ca").mkdir()
+            for ca in cas:
+                shutil.copy2(ca, share / "ca" / ca.name)
+        out["host_ca_certificates_shared"] = [ca.name for ca in cas]
         overlay = Path(args.overlay).resolve() if args.overlay else work / "disk.qcow2"
         out["overlay_kept"] = str(overlay) if args.overlay else None
         if args.overlay and overlay.exists():
