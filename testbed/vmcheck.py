@@ -637,7 +637,8 @@ def guest_main(share: Path) -> int:
         else:
             summary["rtt_ms"] = probe.get("rtt_avg_ms")
             summary["rtt_expected_ms"] = probe.get("expected_rtt_ms")
-        record(name, rc == 0 and bool(probe.get("ok")), s, **probe,
+        passed = bool(probe.pop("ok", False))
+        record(name, rc == 0 and passed, s, **probe,
                **({} if rc == 0 else failed_detail(rc, stdout, stderr)))
 
     # 5. a short netkv run on the tiny topology: every request in has its record out
