@@ -599,7 +599,7 @@ def guest_main(share: Path) -> int:
     netkv = str(venv / "netkv")
     py = str(venv / "python")
 
-    def record(name: str, ok: bool, seconds: float, **extra: Any) -> bool:
+    def record(name: str, ok: bool, seconds: float, /, **extra: Any) -> bool:
         steps[name] = {"ok": bool(ok), "s": round(seconds, 1), **extra}
         res.save()
         return ok
@@ -727,7 +727,7 @@ def probe_rate(prefix: str) -> dict[str, Any]:
         ratio = measured / configured
         return {"ok": 0.90 <= ratio <= 1.05, "datapath": rep.datapath, "path": f"{src}->{dst}",
                 "configured_mbps": round(configured, 3), "measured_mbps": round(measured, 3),
-                "ratio": round(ratio, 3), "base_rtt_avg_ms": ping.get("avg"), "seconds": RATE_SECONDS}
+                "ratio": round(ratio, 3), "base_rtt_avg_ms": ping.get("avg"), "iperf_s": RATE_SECONDS}
     finally:
         tb.down()
 
