@@ -750,7 +750,10 @@ def probe_delay(prefix: str, delay_ms: float) -> dict[str, Any]:
         ping = _ping_stats(out)
         qdisc = trun(tb.in_host(src, ["tc", "qdisc", "show", "dev", tb.intf(src, 1)]), check=False).stdout
         avg, low = ping.get("avg"), ping.get("min")
-        ok = avg is not None and low is not None and low >= expected and avg <= expected * 1.25 + 5.0
+        # The minimum RTT is the delay plus the least overhead: it must hold the configured
+        # delay and not much more. The average also carries the emulation's scheduling
+        # noise (8-18 ms over the minimum in a TCG guest), so it is reported, not bounded.
+        ok = avg is not None and low is not None and expected <= low <= expected * 1.25 + 5.0
         return {"ok": ok, "datapath": rep.datapath, "path": f"{src}->{dst}", "links": links,
                 "link_delay_ms": delay_ms, "expected_rtt_ms": expected, "rtt_min_ms": low, "rtt_avg_ms": avg,
                 "rtt_max_ms": ping.get("max"), "netem_on_host_end": "netem" in qdisc}
