@@ -339,12 +339,15 @@ class Testbed:
                 return True
             return self.rest_get("/status") is not None
 
-        system.wait_until(api_up, timeout_s=30)
+        # os-ken's imports take a few seconds here; under software emulation (scripts/vm-check's
+        # qemu guest) ten times that, so a longer configured ready timeout also bounds this wait.
+        api_timeout_s = max(30.0, self.config.ready_timeout_s)
+        system.wait_until(api_up, timeout_s=api_timeout_s)
         if self.controller.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise BringUpError(f"the controller exited during start-up: {tail[0]} (log: {log_path})")
         if self.rest_get("/status") is None:
-            raise BringUpError(f"the controller's API did not answer on {self.rest_url} within 30 s "
+            raise BringUpError(f"the controller's API did not answer on {self.rest_url} within {api_timeout_s:.0f} s "
                                f"(log: {log_path})")
 
     def rest_get(self, path: str, timeout_s: float = 2.0) -> Any:

@@ -1,0 +1,69 @@
+"""scripts/vm-check (testbed/vmcheck.py): the pure parts here; the whole check
+boots a qemu guest for an hour or more and runs only when asked for
+(NETKV_VM_CHECK=1, root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from testbed import vmcheck
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_recipe_key_follows_what_builds_the_image() -> None:
+    rec = vmcheck.recipe("http://mirror.invalid/debian", "http://mirror.invalid/debian-security")
+    key = vmcheck.recipe_key(rec)
+    assert key == vmcheck.recipe_key(json.loads(json.dumps(rec)))  # stable
+    assert key != vmcheck.recipe_key({**rec, "include": [*rec["include"], "vim"]})
+    assert key != vmcheck.recipe_key({**rec, "mirror": "http://other.invalid/debian"})
+    # the image's own files are part of the key
+    assert "/usr/local/sbin/netkv-vm-job" in rec["files"]
+
+
+def test_mirrors_come_from_the_environment_or_apt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NETKV_VM_MIRROR", "http://m.invalid/debian/")
+    monkeypatch.setenv("NETKV_VM_SECURITY", "http://m.invalid/debian-security")
+    assert vmcheck.debian_mirrors() == ("http://m.invalid/debian", "http://m.invalid/debian-security")
+
+
+def test_ping_summary_and_last_json() -> None:
+    out = ("--- 10.0.0.3 ping statistics ---\n10 packets transmitted, 10 received, 0% packet loss\n"
+           "rtt min/avg/max/mdev = 60.412/61.020/62.901/0.700 ms\n")
+    assert vmcheck._ping_stats(out) == {"min": 60.412, "avg": 61.02, "max": 62.901}
+    assert vmcheck._ping_stats("100% packet loss") == {}
+    assert vmcheck.last_json('noise\n{"a": 1}\n{"b": 2}\ntrailing') == {"b": 2}
+    assert vmcheck.last_json("no json") is None
+
+
+def test_job_script_and_unit_agree_on_the_share() -> None:
+    job = vmcheck.IMAGE_FILES["/usr/local/sbin/netkv-vm-job"][1]
+    assert vmcheck.SHARE_TAG in job and vmcheck.GUEST_SHARE in job and "poweroff" in job
+    assert f"{vmcheck.GUEST_SHARE}/repo.tar" in vmcheck.JOB_SH and "testbed.vmcheck guest" in vmcheck.JOB_SH
+    # the guest runs the provisioner exactly as the Vagrantfile does
+    vagrantfile = (ROOT / "Vagrantfile").read_text()
+    assert 'inline: "bash /vagrant/scripts/install.sh"' in vagrantfile and vmcheck.GUEST_REPO == "/vagrant"
+
+
+def test_cli_help_runs_without_root() -> None:
+    proc = subprocess.run(["bash", str(ROOT / "scripts/vm-check"), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "--build-only" in proc.stdout
+
+
+@pytest.mark.skipif(os.environ.get("NETKV_VM_CHECK") != "1",
+                    reason="boots a qemu guest for an hour or more under software emulation; "
+                           "opt in with NETKV_VM_CHECK=1 (root)")
+def test_vm_check_end_to_end() -> None:
+    proc = subprocess.run(["bash", str(ROOT / "scripts/vm-check")], capture_output=True, text=True,
+                          timeout=4 * 3600)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and result["ok"], json.dumps(result, indent=1)
+    assert result["datapath"] == "kernel" and 0.90 <= result["rate_ratio"] <= 1.05
+    assert result["requests_in"] == result["records_out"]
+    assert result["leftovers_guest"] == 0 and result["leftovers_host"] == 0
