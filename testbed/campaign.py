@@ -250,7 +250,7 @@ def render_campaign(campaign: dict[str, Any]) -> str:
     if "netkv" in names:
         for b, s in campaign["ttft_mean_change_pct"]["netkv"].items():
             pp = campaign["ttft_slo_attainment_change_pp"]["netkv"][b]
-            ms = campaign.get("ttft_mean_change_ms", {}).get("netkv", {}).get(b)
+            ms = campaign["ttft_mean_change_ms"]["netkv"].get(b)
             in_ms = f" = {_fmt_summary({**ms, 'signed': True})} ms" if ms and ms.get("mean") is not None else ""
             lines.append(f"netkv vs {b}: mean TTFT {_fmt_summary({**s, 'signed': True})}%{in_ms} "
                          f"({s.get('verdict', '-')}); SLO attainment {_fmt_summary({**pp, 'signed': True})} points "

@@ -157,7 +157,7 @@ def write_sweep(out: Path) -> dict[str, Any]:
             "ttft_slo_attainment": {n: campaign["schedulers"][n]["ttft_slo_attainment"]
                                     for n in campaign["schedulers_order"]},
             "netkv_ttft_change_pct": campaign["ttft_mean_change_pct"].get("netkv", {}),
-            "netkv_ttft_change_ms": campaign.get("ttft_mean_change_ms", {}).get("netkv", {}),
+            "netkv_ttft_change_ms": campaign["ttft_mean_change_ms"].get("netkv", {}),
             "within_envelope": not campaign["outside_envelope"],
             "outside_envelope": campaign["outside_envelope"],
             "nothing_lost": campaign["nothing_lost"],
@@ -202,7 +202,7 @@ def plot_sweep(result: dict[str, Any], out: Path) -> Path | None:
         for i, name in enumerate(result["schedulers"]):
             if name == "netkv":
                 continue
-            _series(ax, xs, [p.get(key, {}).get(name) for p in points],
+            _series(ax, xs, [p[key].get(name) for p in points],
                     [p["within_envelope"] for p in points], f"C{i}", f"netkv vs {name}")
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_ylabel(ylabel)
@@ -252,7 +252,7 @@ def render_sweep(result: dict[str, Any]) -> str:
             cells.append(f"{cell:>26s}")
         flag = "" if p["within_envelope"] else "  OUTSIDE envelope"
         lines.append(f"{str(p['value']):>22s}" + "".join(cells) + flag)
-        by_ms = p.get("netkv_ttft_change_ms", {})
+        by_ms = p["netkv_ttft_change_ms"]
         changes = ", ".join(
             f"vs {b} {s['mean']:+.1f}% ({s['verdict']})"
             + (f" = {by_ms[b]['mean']:+.0f} ms [{by_ms[b]['ci95'][0]:+.0f}, {by_ms[b]['ci95'][1]:+.0f}]"
