@@ -52,6 +52,15 @@ RECORD_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("decision_cpu_us", "float|null",
               "CPU time of the frontend's thread during that decision, microseconds (decision_us minus this: "
               "time the thread was off the CPU: preempted, or waiting for the GIL)"),
+    FieldSpec("decision_gc_us", "float|null",
+              "wall time CPython's cyclic garbage collector ran during that decision, microseconds (included "
+              "in decision_us and decision_cpu_us: a collection's pause, not the scheduler's work)"),
+    FieldSpec("decision_preemptions", "int|null",
+              "involuntary context switches of the frontend's thread during that decision: the kernel gave "
+              "its CPU to another process (on a machine shared with the emulator, the wall time's usual excess)"),
+    FieldSpec("decision_waits", "int|null",
+              "voluntary context switches of the frontend's thread during that decision: it blocked (as on the "
+              "interpreter lock while another thread of the frontend held it)"),
     FieldSpec("views_build_us", "float|null",
               "wall time the frontend took to build the decode views the scheduler was given, microseconds"),
     FieldSpec("score_terms", "dict", "the scheduler's score terms for the chosen decode"),

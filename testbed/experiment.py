@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from netkv.records import percentile
 from netkv.slo import FLAT_TTFT_SLO_MS
 
 from . import scenario as scenario_mod
@@ -302,8 +303,14 @@ class RestTelemetryPoller:
     returns the latest copy, so a scheduler's decision never waits for HTTP.
     Each sample keeps the time the switch was measured, so the oracle sees its
     true age (and falls back to the static estimate when it is too old).
-    ``on_update``, if set, is called in the polling thread with each new
-    snapshot before the source hands it out (the oracle's ``prepare``)."""
+    ``on_update``, if set, is called with each new snapshot before the source
+    hands it out (the oracle's ``prepare``): in the polling thread until
+    :meth:`deliver_in` names the replay's event loop, then in that loop's
+    thread, between two of its callbacks.  So the refresh runs in the thread
+    that decides, never inside a decision and never holding the interpreter
+    lock while a decision waits for it (in the polling thread it did: a
+    decision of 0.2 ms of CPU could take 5 ms, the interpreter's switch
+    interval).  Its duration is kept (``telemetry_refresh_ms_*``)."""
 
     def __init__(self, testbed: Any, interval_s: float, series_path: Path | None = None) -> None:
         from netkv.telemetry import TelemetrySnapshot
@@ -317,9 +324,11 @@ class RestTelemetryPoller:
         self.latest = TelemetrySnapshot()
         self.on_update: Callable[[Any], None] | None = None
         self.fetches = 0
+        self.refresh_ms: list[float] = []  # on_update's duration, per snapshot handed over in the loop
+        self._loop: Any = None  # see deliver_in
         self.failures = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
+        self._thread = threading.Thread(target=self._poll, name="telemetry", daemon=True)
 
     def __call__(self) -> Any:
         return self.latest
@@ -341,9 +350,15 @@ class RestTelemetryPoller:
         except ValueError:
             self.failures += 1
             return
-        if self.on_update is not None:
-            self.on_update(snap)
-        self.latest = snap
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._publish, snap, True)
+            except RuntimeError:  # the loop has closed: the replay is over
+                self._loop = None
+                self._publish(snap)
+        else:
+            self._publish(snap)
         self.fetches += 1
         if self._series is not None:
             rows = [[x.src, x.dst, round(x.utilization, 4), round(x.load_gbps, 3), x.drops]
@@ -351,16 +366,35 @@ class RestTelemetryPoller:
             self._series.write(json.dumps({"t_s": round(time.time(), 3), "links": rows}) + "\n")
             self._series.flush()
 
-    def _loop(self) -> None:
+    def _publish(self, snap: Any, in_loop: bool = False) -> None:
+        if self.on_update is not None:
+            began = time.perf_counter()
+            self.on_update(snap)
+            if in_loop:  # the ones that can hold up a decision
+                self.refresh_ms.append((time.perf_counter() - began) * 1e3)
+        self.latest = snap
+
+    def deliver_in(self, loop: Any) -> None:
+        """Hand new snapshots over in ``loop``'s thread from now on (an asyncio
+        loop: the replay's frontend, which makes every decision there)."""
+        self._loop = loop
+
+    def _poll(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._fetch()
 
-    def stop(self) -> dict[str, int]:
+    def stop(self) -> dict[str, Any]:
         self._stop.set()
         self._thread.join(timeout=5)
         if self._series is not None:
             self._series.close()
-        return {"telemetry_fetches": self.fetches, "telemetry_fetch_failures": self.failures}
+        def pct(q: float) -> float | None:
+            value = percentile(self.refresh_ms, q)
+            return None if value is None else round(value, 3)
+
+        return {"telemetry_fetches": self.fetches, "telemetry_fetch_failures": self.failures,
+                "telemetry_refreshes": len(self.refresh_ms), "telemetry_refresh_ms_p50": pct(50),
+                "telemetry_refresh_ms_p99": pct(99), "telemetry_refresh_ms_max": pct(100)}
 
 
 # -- running -------------------------------------------------------------------------------
@@ -616,6 +650,8 @@ def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_di
     polled: dict[str, int] = {}
     fault_records: list[dict[str, Any]] = []
     def started(frontend: Any) -> None:
+        if poller is not None and frontend.loop is not None:
+            poller.deliver_in(frontend.loop)
         if on_start is not None:
             on_start(frontend)
         if faults is not None:

@@ -37,8 +37,10 @@ does not, ended by its pid.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
+import resource
 import subprocess
 import sys
 import time
@@ -86,6 +88,31 @@ def post_status(url: str, report: dict[str, Any], timeout_s: float = 1.0) -> Non
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         resp.read()
+
+
+class GcClock:
+    """Wall time CPython's cyclic garbage collector has run in this process
+    since :meth:`start` (``gc.callbacks``), so that a decision's record can
+    say how much of its time was a collection's pause rather than its own."""
+
+    def __init__(self) -> None:
+        self.total_s = 0.0
+        self._began: float | None = None
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self._began is not None:
+            self.total_s += time.perf_counter() - self._began
+            self._began = None
+
+    def start(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def stop(self) -> None:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)
 
 
 @dataclass
@@ -187,6 +214,7 @@ class Frontend:
         self.progress: Any = None
         self.sock_path = run_dir.resolve() / CONTROL_SOCKET_NAME
         self.stopping = False
+        self.gc_clock = GcClock()  # collections inside decisions (decision_gc_us)
 
     # -- time ------------------------------------------------------------------
     def ms(self, epoch_s: float) -> float:
@@ -239,6 +267,12 @@ class Frontend:
         self._write(rec)
 
     # -- dispatch -------------------------------------------------------------
+    def _decision_interruptions(self, gc_before_s: float, usage: Any) -> dict[str, Any]:
+        now = resource.getrusage(resource.RUSAGE_THREAD)
+        return {"decision_gc_us": (self.gc_clock.total_s - gc_before_s) * 1e6,
+                "decision_preemptions": now.ru_nivcsw - usage.ru_nivcsw,
+                "decision_waits": now.ru_nvcsw - usage.ru_nvcsw}
+
     def dispatch(self, req: Request) -> None:
         lag_ms = self.ms(time.time()) - req.arrival_ms
         self.max_dispatch_lag_ms = max(self.max_dispatch_lag_ms, lag_ms)
@@ -262,6 +296,11 @@ class Frontend:
             return
         # Wall and thread CPU time of the decision: their difference is time
         # this thread was off the CPU (preempted, or another thread held the GIL).
+        # What else the wall time holds: collections, and the thread's context
+        # switches (involuntary: the kernel gave the CPU to another process;
+        # voluntary: it blocked, as on the interpreter lock another thread held).
+        gc_before_s = self.gc_clock.total_s
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
         cpu_started = time.thread_time()
         started = time.perf_counter()
         try:
@@ -271,10 +310,12 @@ class Frontend:
                 req, f"no eligible decode: {exc}", prefill=choice.name,
                 decision_us=(time.perf_counter() - started) * 1e6,
                 decision_cpu_us=(time.thread_time() - cpu_started) * 1e6, views_build_us=views_build_us,
+                **self._decision_interruptions(gc_before_s, usage),
             )
             return
         decision_us = (time.perf_counter() - started) * 1e6
         decision_cpu_us = (time.thread_time() - cpu_started) * 1e6
+        interruptions = self._decision_interruptions(gc_before_s, usage)
         if decision.decode not in self.decodes or not self.decodes[decision.decode].alive:
             raise ReplayError(f"scheduler chose {decision.decode!r}, which is not a live decode instance")
         kv_bytes = int(decision.bytes_to_send)
@@ -289,7 +330,7 @@ class Frontend:
             prefill=choice.name, decode=decision.decode,
             tier_distance=self.topo.tier_distance(choice.name, decision.decode),
             decision_us=decision_us, decision_cpu_us=decision_cpu_us, views_build_us=views_build_us,
-            score_terms={k: float(v) for k, v in decision.score_terms.items()},
+            **interruptions, score_terms={k: float(v) for k, v in decision.score_terms.items()},
             estimate_transfer_ms=None if est is None else float(est.transfer_ms),
             tokens_sent=int(decision.tokens_to_send), kv_bytes=kv_bytes, bytes_sent=wire_bytes,
         )
@@ -697,6 +738,7 @@ class Frontend:
 
             self.progress = tqdm(total=len(requests), unit="req", desc=f"replay {self.cfg.scheduler}")
         self.writer = RecordWriter(records_path)
+        self.gc_clock.start()
         try:
             asyncio.run(self.main(requests))
         except BaseException as exc:
@@ -705,6 +747,7 @@ class Frontend:
             self._account_for_the_rest(requests, f"run interrupted ({type(exc).__name__}: {exc})")
             raise
         finally:
+            self.gc_clock.stop()
             self.writer.close()
             if self.progress is not None:
                 self.progress.close()
