@@ -385,7 +385,8 @@ class RestTelemetryPoller:
 
     def stop(self) -> dict[str, Any]:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=5)
         if self._series is not None:
             self._series.close()
         def pct(q: float) -> float | None:

@@ -217,3 +217,24 @@ def test_stale_oracle_table_is_its_transfer_model(topo: Topology) -> None:
         table = oracle.transfer_table("g2", clock[0])
         for dst in topo.gpu_names()[::7]:
             assert table[dst] == oracle.transfer_model("g2", dst, clock[0])
+
+
+def test_warmed_sources_get_prepared_tables_before_their_first_decision(topo: Topology) -> None:
+    # A source never asked about is not prepared (the poller would build tables
+    # nobody reads); one warmed at start-up is, from the next snapshot on, so
+    # its first decision reads a prepared table instead of building one.
+    rng = random.Random(5)
+    snap = random_snapshot(topo, rng, NOW)
+    source = [snap]
+    oracle = TelemetryOracle(topo, lambda: source[0], max_age_ms=None)
+    oracle.warm(["g0", "g16"])
+    new = random_snapshot(topo, rng, NOW + 1.0)
+    oracle.prepare(new, NOW + 1.0)
+    source[0] = new
+    assert oracle._prepared is not None
+    assert set(oracle._prepared[2]) == {"g0", "g16"}
+    assert oracle.transfer_table("g16", NOW + 1.2) is oracle._prepared[2]["g16"]
+    assert oracle.transfer_table("g0", NOW + 1.2) is oracle._prepared[2]["g0"]
+    fresh = oracle.transfer_table("g32", NOW + 1.2)  # not warmed: built in the call
+    assert fresh is not oracle._prepared[2].get("g32")
+    assert fresh["g64"] == oracle.transfer_model("g32", "g64", NOW + 1.2)

@@ -9,6 +9,7 @@ Also: placement and the prefill chooser (pure functions).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -26,6 +27,7 @@ from netkv.placement import PlacementError, make_placement, tier_mix
 from netkv.prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, PrefixCache
 from netkv.records import read_records, validate_file
 from topologies import catalog
+from workers.driver import GcClock
 from workers.launch import LocalLauncher
 from workers.run import ReplayConfig, ReplayConfigError, replay
 from netkv.traces import DEFAULT_TRACE
@@ -142,6 +144,9 @@ def test_records_are_consistent_with_the_trace_and_model(
         # plus the clock reads around it) and the time to build the views
         assert rec["decision_us"] > 0 and rec["views_build_us"] > 0
         assert 0 < rec["decision_cpu_us"] <= rec["decision_us"] + 50.0
+        # what else the wall time held: collections (within it) and context switches
+        assert 0 <= rec["decision_gc_us"] <= rec["decision_us"] + 50.0
+        assert rec["decision_preemptions"] >= 0 and rec["decision_waits"] >= 0
     # every request shares block 0, so the prefill caches were hit
     assert any(r["prefill_cached_tokens"] >= 512 for r in recs.values())
     topo = catalog.build("fattree")
@@ -344,3 +349,27 @@ def test_interrupted_replay_still_writes_one_record_per_request(short_dir: Path)
     interrupted = [r for r in recs if "run interrupted" in r["reason"]]
     assert interrupted and all(r["status"] == "failed" for r in interrupted)
     assert any(r["reason"].endswith("before dispatch") for r in interrupted)
+
+
+def test_gc_clock_counts_collections_only_while_started() -> None:
+    clock = GcClock()
+    gc.collect()
+    assert clock.total_s == 0.0
+    clock.start()
+    clock.start()  # idempotent: one callback, counted once
+    assert gc.callbacks.count(clock) == 1
+    try:
+        junk: list[Any] = []
+        for _ in range(20_000):  # cycles, so a collection has work
+            x: list[Any] = []
+            x.append(x)
+            junk.append(x)
+        del junk, x
+        gc.collect()
+        during = clock.total_s
+        assert during > 0.0
+    finally:
+        clock.stop()
+    assert clock not in gc.callbacks
+    gc.collect()
+    assert clock.total_s == during
