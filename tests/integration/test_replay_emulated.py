@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from netkv.records import read_records, validate_file
+from netkv.records import percentile, read_records, validate_file
 from netkv.traces import DEFAULT_TRACE
 from testbed import cleanup
 from testbed.config import TestbedConfig
@@ -52,8 +52,14 @@ def test_replay_real_trace_all_ok_and_idle_transfers_near_ideal(tb: Testbed, tmp
     assert {r["tier_distance"] for r in records} == {0, 2}, "round robin should use both tiers of tiny"
     # Idle path: no other transfer on a shared link during this one (testbed.transfers).
     idle = idle_transfers(tb.topo, tb.config.scale, tb.config.mtu_bytes, records)
+    # Judged as the report judges it (idle_transfer_ratio_p90), plus a bound on
+    # every one: a transfer of a few ms can lose a few ms to the machine's
+    # scheduling (an 8.5 ms one took 14.6 ms on an otherwise idle path in CI).
+    ratios = [t.ratio for t in idle]
+    p90 = percentile(ratios, 90)
+    assert p90 is not None and p90 <= 1.5, sorted(ratios)
     for t in idle:
-        assert t.within(1.5), (t.request_id, t.measured_ms, t.ideal_ms)
+        assert t.within(2.5), (t.request_id, t.measured_ms, t.ideal_ms)
     checked = len(idle)
     assert checked >= 5, f"only {checked} idle transfers to check"
 
