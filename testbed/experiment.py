@@ -648,7 +648,7 @@ def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_di
     runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
     faults = FaultRunner(tb, scen.events, run_dir, oracle=oracle, telemetry=poller) if scen.events else None
     runner.start()
-    polled: dict[str, int] = {}
+    polled: dict[str, Any] = {}
     fault_records: list[dict[str, Any]] = []
     def started(frontend: Any) -> None:
         if poller is not None and frontend.loop is not None:

@@ -115,6 +115,31 @@ class GcClock:
             gc.callbacks.remove(self)
 
 
+class DecisionTimer:
+    """Times one scheduling decision from its construction to :meth:`fields`:
+    wall and thread CPU time (their difference is time the thread was off the
+    CPU), and what else the wall time held: collections, and the thread's
+    context switches (involuntary: the kernel gave the CPU to another process;
+    voluntary: it blocked, as on the interpreter lock another thread held)."""
+
+    def __init__(self, gc_clock: GcClock) -> None:
+        self.gc_clock = gc_clock
+        self.gc_before_s = gc_clock.total_s
+        self.usage = resource.getrusage(resource.RUSAGE_THREAD)
+        self.cpu_started = time.thread_time()
+        self.started = time.perf_counter()
+
+    def fields(self) -> dict[str, Any]:
+        """The record's decision_* fields, as of now."""
+        wall_us = (time.perf_counter() - self.started) * 1e6
+        cpu_us = (time.thread_time() - self.cpu_started) * 1e6
+        now = resource.getrusage(resource.RUSAGE_THREAD)
+        return {"decision_us": wall_us, "decision_cpu_us": cpu_us,
+                "decision_gc_us": (self.gc_clock.total_s - self.gc_before_s) * 1e6,
+                "decision_preemptions": now.ru_nivcsw - self.usage.ru_nivcsw,
+                "decision_waits": now.ru_nvcsw - self.usage.ru_nvcsw}
+
+
 @dataclass
 class Flight:
     """A request between its dispatch and its record."""
@@ -267,12 +292,6 @@ class Frontend:
         self._write(rec)
 
     # -- dispatch -------------------------------------------------------------
-    def _decision_interruptions(self, gc_before_s: float, usage: Any) -> dict[str, Any]:
-        now = resource.getrusage(resource.RUSAGE_THREAD)
-        return {"decision_gc_us": (self.gc_clock.total_s - gc_before_s) * 1e6,
-                "decision_preemptions": now.ru_nivcsw - usage.ru_nivcsw,
-                "decision_waits": now.ru_nvcsw - usage.ru_nvcsw}
-
     def dispatch(self, req: Request) -> None:
         lag_ms = self.ms(time.time()) - req.arrival_ms
         self.max_dispatch_lag_ms = max(self.max_dispatch_lag_ms, lag_ms)
@@ -294,28 +313,14 @@ class Frontend:
         if not views:
             self._fail_undispatched(req, "no decode: no live decode instance", prefill=choice.name)
             return
-        # Wall and thread CPU time of the decision: their difference is time
-        # this thread was off the CPU (preempted, or another thread held the GIL).
-        # What else the wall time holds: collections, and the thread's context
-        # switches (involuntary: the kernel gave the CPU to another process;
-        # voluntary: it blocked, as on the interpreter lock another thread held).
-        gc_before_s = self.gc_clock.total_s
-        usage = resource.getrusage(resource.RUSAGE_THREAD)
-        cpu_started = time.thread_time()
-        started = time.perf_counter()
+        timer = DecisionTimer(self.gc_clock)
         try:
             decision = self.scheduler.choose(req, choice.name, views, self.oracle, time.time())
         except NoEligibleDecode as exc:
-            self._fail_undispatched(
-                req, f"no eligible decode: {exc}", prefill=choice.name,
-                decision_us=(time.perf_counter() - started) * 1e6,
-                decision_cpu_us=(time.thread_time() - cpu_started) * 1e6, views_build_us=views_build_us,
-                **self._decision_interruptions(gc_before_s, usage),
-            )
+            self._fail_undispatched(req, f"no eligible decode: {exc}", prefill=choice.name,
+                                    views_build_us=views_build_us, **timer.fields())
             return
-        decision_us = (time.perf_counter() - started) * 1e6
-        decision_cpu_us = (time.thread_time() - cpu_started) * 1e6
-        interruptions = self._decision_interruptions(gc_before_s, usage)
+        timing = timer.fields()
         if decision.decode not in self.decodes or not self.decodes[decision.decode].alive:
             raise ReplayError(f"scheduler chose {decision.decode!r}, which is not a live decode instance")
         kv_bytes = int(decision.bytes_to_send)
@@ -329,8 +334,7 @@ class Frontend:
         rec.update(
             prefill=choice.name, decode=decision.decode,
             tier_distance=self.topo.tier_distance(choice.name, decision.decode),
-            decision_us=decision_us, decision_cpu_us=decision_cpu_us, views_build_us=views_build_us,
-            **interruptions, score_terms={k: float(v) for k, v in decision.score_terms.items()},
+            views_build_us=views_build_us, **timing, score_terms={k: float(v) for k, v in decision.score_terms.items()},
             estimate_transfer_ms=None if est is None else float(est.transfer_ms),
             tokens_sent=int(decision.tokens_to_send), kv_bytes=kv_bytes, bytes_sent=wire_bytes,
         )
