@@ -179,8 +179,10 @@ def test_killed_run_is_swept_and_reported_partial(tmp_path: Path) -> None:
     window's requests have no record."""
     out = tmp_path / "run"
     prefix = test_prefix("x")
-    proc = subprocess.Popen(netkv_run_argv(prefix, out, "round_robin", max_requests=40, duration_s=120),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    err_path = tmp_path / "run.stderr"  # kept: why a run that ended early ended
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(netkv_run_argv(prefix, out, "round_robin", max_requests=40, duration_s=120),
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
     records = out / "round_robin" / "records.jsonl"
     try:
         deadline = time.monotonic() + 180
@@ -188,7 +190,7 @@ def test_killed_run_is_swept_and_reported_partial(tmp_path: Path) -> None:
             if records.exists() and len(records.read_text().splitlines()) >= 3:
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be killed mid-replay"
+        assert proc.poll() is None, f"the run ended before it could be killed mid-replay: {err_path.read_text()[-2000:]}"
         proc.kill()
         proc.wait(timeout=30)
     finally:
