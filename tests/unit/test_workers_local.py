@@ -121,6 +121,7 @@ def test_records_are_consistent_with_the_trace_and_model(
     lines = TRACE.read_text().splitlines()[:24]
     pm = perfmodel.build(cfg.model, cfg.gpu, cfg.perf_overrides)
     recs = {r["request_id"]: r for r in read_records(run_dir / "records.jsonl")}
+    cpu_ahead: list[str] = []
     for i, line in enumerate(lines, 1):
         src = json.loads(line)
         rec = recs[f"L{i}"]
@@ -140,13 +141,22 @@ def test_records_are_consistent_with_the_trace_and_model(
             assert rec["completion_ms"] - rec["first_token_ms"] == pytest.approx(
                 rec["tbt_mean_ms"] * (rec["output_tokens"] - 1), rel=1e-6)
         assert rec["ttft_ms"] >= rec["transfer_end_ms"] - rec["arrival_ms"]
-        # the decision's wall time, its CPU time (never more than the wall time
-        # plus the clock reads around it) and the time to build the views
+        # the decision's wall time, its CPU time and the time to build the views
         assert rec["decision_us"] > 0 and rec["views_build_us"] > 0
-        assert 0 < rec["decision_cpu_us"] <= rec["decision_us"] + 50.0
+        assert rec["decision_cpu_us"] > 0
+        # CPU time is within the wall time, except that the kernel's thread CPU
+        # clock runs ahead of the wall clock now and then: on this VM by more than
+        # 50 us in about 1 of 10,000 short intervals, by 352 us at most seen
+        # (`python -m bench clocks`, docs/schedulers.md); a wrong clock or unit
+        # would be off by far more than 2 ms
+        overshoot_us = rec["decision_cpu_us"] - rec["decision_us"]
+        assert overshoot_us <= 2000.0
+        if overshoot_us > 50.0:
+            cpu_ahead.append(rec["request_id"])
         # what else the wall time held: collections (within it) and context switches
         assert 0 <= rec["decision_gc_us"] <= rec["decision_us"] + 50.0
         assert rec["decision_preemptions"] >= 0 and rec["decision_waits"] >= 0
+    assert len(cpu_ahead) <= 2, f"thread CPU clock ahead of wall by > 50 us in {cpu_ahead}"
     # every request shares block 0, so the prefill caches were hit
     assert any(r["prefill_cached_tokens"] >= 512 for r in recs.values())
     topo = catalog.build("fattree")
