@@ -146,6 +146,11 @@ PATH = _obj({
                                   "when no equal-cost detour avoids them)"},
 })
 
+LINK_RATE = _obj({"rate_gbps": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e9,
+                               "description": "the link's configured rate, real-world Gbit/s, both directions"}})
+LINK_RATE_ANSWER = _obj({"link": _ref("LinkKey"), "rate_gbps": NUM, "previous_gbps": NUM,
+                         "topology_gbps": {**NUM, "description": "the topology's rate for this link"}})
+
 ORACLE = _obj({"src": STR, "dst": STR, "bytes": INT, "units": {"type": "object", "additionalProperties": STR},
                "scale": NUM, "max_age_ms": NUM, "telemetry": _ref("Estimate"), "static": _ref("Estimate")})
 
@@ -215,6 +220,16 @@ def document(gpus: list[str] | None = None, tiers: list[int] | None = None) -> d
                       "400": _json_answer(_ref("Error"), "malformed report"),
                       "413": _json_answer(_ref("Error"), "report larger than the limit")},
     }
+    paths["/links/{src}/{dst}"]["post"] = {
+        "summary": "the operator configured the link src-dst (either order) at a new rate; "
+                   "the topology's rate ends the change (loopback clients only)",
+        "parameters": [p for p in paths["/links/{src}/{dst}"]["get"]["parameters"] if p["in"] == "path"],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("LinkRate")}}},
+        "responses": {"200": _json_answer(_ref("LinkRateAnswer"), "the link's configured rate now"),
+                      "400": _json_answer(_ref("Error"), "malformed body or rate"),
+                      "404": _json_answer(_ref("Error"), "unknown node, or no link between them"),
+                      "413": _json_answer(_ref("Error"), "body larger than the limit")},
+    }
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": "NetKV testbed controller", "version": "1",
@@ -225,7 +240,7 @@ def document(gpus: list[str] | None = None, tiers: list[int] | None = None) -> d
         "components": {"schemas": {
             "Error": ERROR, "HopRate": HOP_RATE, "Queue": QUEUE, "LinkRow": LINK_ROW, "Estimate": ESTIMATE,
             "Status": STATUS, "LinkKey": LINK_KEY, "Topology": TOPOLOGY, "Links": LINKS, "LinkHistory": LINK_HISTORY, "Path": PATH,
-            "Oracle": ORACLE, "Transfer": transfer, "ReplayReport": REPLAY_REPORT, "Replay": REPLAY,
+            "Oracle": ORACLE, "LinkRate": LINK_RATE, "LinkRateAnswer": LINK_RATE_ANSWER, "Transfer": transfer, "ReplayReport": REPLAY_REPORT, "Replay": REPLAY,
         }},
     }
 

@@ -6,6 +6,8 @@ Endpoints (all GET; JSON unless noted; docs/telemetry.md has examples):
   /links[?tier=N][&group=tier][&limit=N]
                                 latest figures of every directed link, busiest first
   /links/<src>/<dst>[?limit=N]  one directed link's history (ring buffer), oldest first
+                                (POST /links/<a>/<b> {"rate_gbps": R}: the operator
+                                configured the link a-b at R real Gbit/s)
   /path?src=gA&dst=gB           the path installed for that pair, with per-hop load
   /oracle?src=gA&dst=gB&bytes=N the network cost oracle's estimate for N real bytes:
                                 telemetry-based and static
@@ -123,15 +125,44 @@ class Api:
         return status, JSON_TYPE, json.dumps(body).encode()
 
     def respond_post(self, raw_path: str, body: bytes) -> tuple[int, str, bytes]:
-        """POST: only /replay takes one (the replay driver's progress report)."""
+        """POST: /replay (the replay driver's progress report) and
+        /links/<a>/<b> (a link's configured rate)."""
         path = urlparse(raw_path).path.rstrip("/")
-        if path != "/replay":
-            return 405, JSON_TYPE, json.dumps({"error": f"POST is only for /replay, not {path or '/'!r}"}).encode()
+        if not post_allowed(path):
+            return 405, JSON_TYPE, json.dumps({"error": f"POST is only for /replay and /links/<a>/<b>, "
+                                                        f"not {path or '/'!r}"}).encode()
         try:
-            answer = self.report_replay(body)
+            answer = self.report_replay(body) if path == "/replay" else self.configure_link(path, body)
         except ApiError as exc:
             return exc.status, JSON_TYPE, json.dumps({"error": str(exc)}).encode()
         return 200, JSON_TYPE, json.dumps(answer).encode()
+
+    # -- a link's configured rate ------------------------------------------------
+    def configure_link(self, path: str, body: bytes) -> dict[str, Any]:
+        """Store a link's configured rate (schema LinkRate in openapi.py): what
+        the operator set it to, e.g. after a re-rate; the topology's rate
+        again ends the change.  Utilisation, /path and /oracle use it."""
+        a, b = path.strip("/").split("/")[1:]
+        for name in (a, b):
+            if name not in self.state.topo.nodes:
+                raise ApiError(404, f"unknown node {name!r}")
+        try:
+            self.state.topo.link_between(a, b)
+        except KeyError:
+            raise ApiError(404, f"no link between {a!r} and {b!r}") from None
+        try:
+            config = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "link rate is not JSON") from None
+        if not isinstance(config, dict) or set(config) != {"rate_gbps"}:
+            raise ApiError(400, f"link rate must be {{\"rate_gbps\": number}}, got {str(config)[:200]}")
+        try:
+            before = self.state.set_capacity(a, b, config["rate_gbps"])
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        return {"link": list(self.state.topo.link_between(a, b).key),
+                "rate_gbps": self.state.capacity_gbps(a, b), "previous_gbps": before,
+                "topology_gbps": self.state.topo.link_between(a, b).rate_gbps}
 
     # -- the replay's progress ---------------------------------------------------
     def report_replay(self, body: bytes) -> dict[str, Any]:
@@ -270,7 +301,7 @@ class Api:
         history = self.state.history(src, dst)
         if "limit" in query:
             history = history[-self._int(query, "limit", 1, MAX_LIMIT):]
-        return {"src": src, "dst": dst, "tier": link.tier, "capacity_gbps": link.rate_gbps,
+        return {"src": src, "dst": dst, "tier": link.tier, "capacity_gbps": self.state.capacity_gbps(src, dst),
                 "interface": self.state.egress_interface(src, dst),
                 "history_len": self.state.history_len,
                 "history": [hop_rate_json(r) for r in history]}
@@ -289,7 +320,7 @@ class Api:
         for x, y in zip(nodes, nodes[1:]):
             link = topo.link_between(x, y)
             r = latest.get((x, y))
-            hops.append({"src": x, "dst": y, "tier": link.tier, "capacity_gbps": link.rate_gbps,
+            hops.append({"src": x, "dst": y, "tier": link.tier, "capacity_gbps": self.state.capacity_gbps(x, y),
                          "interface": self.state.egress_interface(x, y),
                          "load_gbps": None if r is None else r.load_gbps,
                          "utilization": None if r is None else r.utilization,
@@ -299,7 +330,8 @@ class Api:
                 "nodes": nodes,
                 "alternatives": [p for p in topo.shortest_paths(src, dst) if p != nodes],
                 "tier_distance": max(l.tier for l in links),
-                "bottleneck_gbps": min(l.rate_gbps for l in links), "hops": hops,
+                "bottleneck_gbps": min(self.state.capacity_gbps(x, y) for x, y in zip(nodes, nodes[1:])),
+                "hops": hops,
                 "links_down": [list(k) for k in sorted(self.state.links_down)
                                if any(link.key == k for link in links)]}
 
@@ -315,6 +347,14 @@ class Api:
         max_age_ms = max(2000.0, 4000.0 * self.state.poll_interval_s)
         live = TelemetryOracle(self.state.topo, lambda: snapshot, max_age_ms=max_age_ms)
         static = StaticOracle(self.state.topo)
+        # what the controller knows of the fabric now: links out of service
+        # (port-status) and links the operator re-rated
+        for key in sorted(self.state.links_down):
+            live.set_link(*key, up=False)
+            static.set_link(*key, up=False)
+        for key, rate_gbps in sorted(self.state.capacity_overrides_gbps.items()):
+            live.set_link(*key, rate_gbps=rate_gbps)
+            static.set_link(*key, rate_gbps=rate_gbps)
         return {"src": src, "dst": dst, "bytes": size, "units": {"bytes": "real-world bytes",
                                                                   "transfer_ms": "real-world ms"},
                 "scale": self.state.scale, "max_age_ms": max_age_ms,
@@ -373,6 +413,12 @@ def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def post_allowed(path: str) -> bool:
+    """The routes that take a POST: /replay and /links/<a>/<b>."""
+    parts = path.strip("/").split("/")
+    return path == "/replay" or (len(parts) == 3 and parts[0] == "links" and all(parts[1:]))
+
+
 def serve(state: ControllerState, host: str, port: int) -> ThreadingHTTPServer:
     """Start the API in a daemon thread; returns the server (call shutdown())."""
     require_loopback(host)
@@ -388,7 +434,7 @@ def serve(state: ControllerState, host: str, port: int) -> ThreadingHTTPServer:
             self._send(status, ctype, data)
 
         def do_POST(self) -> None:  # noqa: N802 - http.server naming
-            if urlparse(self.path).path.rstrip("/") != "/replay":
+            if not post_allowed(urlparse(self.path).path.rstrip("/")):
                 self._refuse()
                 return
             try:
@@ -408,7 +454,7 @@ def serve(state: ControllerState, host: str, port: int) -> ThreadingHTTPServer:
             self._send(status, ctype, data)
 
         def _refuse(self) -> None:
-            allow = "GET, POST" if urlparse(self.path).path.rstrip("/") == "/replay" else "GET"
+            allow = "GET, POST" if post_allowed(urlparse(self.path).path.rstrip("/")) else "GET"
             data = json.dumps({"error": f"method {self.command} not allowed; use {allow}"}).encode()
             self.send_response(405)
             self.send_header("Allow", allow)

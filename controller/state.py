@@ -188,6 +188,9 @@ class ControllerState:
         self.ports_down: set[tuple[str, int]] = set()
         self.switches_down: set[str] = set()  # disconnected while this controller ran
         self.links_down: set[tuple[str, str]] = set()
+        # Links whose configured rate the operator changed (Link.key -> real
+        # Gbit/s, POST /links/<a>/<b>): utilisation and the oracle use it.
+        self.capacity_overrides_gbps: dict[tuple[str, str], float] = {}
         self.reroutes: deque[dict[str, object]] = deque(maxlen=REROUTES_KEPT)
         self.routes_version = 0
         self._link_at: dict[tuple[str, int], tuple[str, str]] = {
@@ -446,8 +449,9 @@ class ControllerState:
                 drops, errors = self._charge_drops((x, y))
                 rate_bps = nbytes * 8 / interval
                 load_gbps = rate_bps * self.scale / 1e9
-                rate = HopRate(x, y, link.tier, now, interval, rate_bps, load_gbps, link.rate_gbps,
-                               load_gbps / link.rate_gbps, packets, drops, errors,
+                capacity_gbps = self.capacity_overrides_gbps.get(link.key, link.rate_gbps)
+                rate = HopRate(x, y, link.tier, now, interval, rate_bps, load_gbps, capacity_gbps,
+                               load_gbps / capacity_gbps, packets, drops, errors,
                                f"{switch}:{port_no} {counter}", clock, now - prev.t_s)
                 ring = self._history.get((x, y))
                 if ring is None:
@@ -455,6 +459,27 @@ class ControllerState:
                 ring.append(rate)
                 produced.append(rate)
         return produced
+
+    def set_capacity(self, a: str, b: str, rate_gbps: float) -> float:
+        """The link a-b (either order) is now configured at ``rate_gbps`` real
+        Gbit/s, both directions; the topology's rate again clears the change.
+        Returns the link's previous configured rate."""
+        link = self.topo.link_between(a, b)  # KeyError: no such link
+        if isinstance(rate_gbps, bool) or not isinstance(rate_gbps, (int, float)) \
+                or not (math.isfinite(rate_gbps) and rate_gbps > 0):
+            raise ValueError(f"rate_gbps must be a finite number > 0, got {rate_gbps!r}")
+        with self._lock:
+            before = self.capacity_overrides_gbps.get(link.key, link.rate_gbps)
+            if float(rate_gbps) == link.rate_gbps:
+                self.capacity_overrides_gbps.pop(link.key, None)
+            else:
+                self.capacity_overrides_gbps[link.key] = float(rate_gbps)
+        return before
+
+    def capacity_gbps(self, a: str, b: str) -> float:
+        """The link a-b's configured rate now (real Gbit/s)."""
+        link = self.topo.link_between(a, b)
+        return self.capacity_overrides_gbps.get(link.key, link.rate_gbps)
 
     def _charge_drops(self, hop: Hop) -> tuple[int, int]:
         """Drops and errors of both ends of ``hop`` not yet charged to it."""

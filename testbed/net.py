@@ -116,6 +116,9 @@ class Testbed:
         self.report = BringUpReport(self.topo.name, len(self.topo.gpus), len(self.topo.switches),
                                     len(self.topo.links), "", config.scale)
         self._ctl_log: Any = None
+        # Links re-rated away from the topology's rate (Link.key -> real
+        # Gbit/s): told to the controller, and again after it restarts.
+        self.link_rates_gbps: dict[tuple[str, str], float] = {}
         # True once preflight found the prefix free: from then on this object
         # owns everything named with it, and only then may down() sweep it.
         self.owns_prefix = False
@@ -349,6 +352,19 @@ class Testbed:
         if self.rest_get("/status") is None:
             raise BringUpError(f"the controller's API did not answer on {self.rest_url} within {api_timeout_s:.0f} s "
                                f"(log: {log_path})")
+        for key, rate_gbps in sorted(self.link_rates_gbps.items()):  # a restarted controller learns them again
+            self._tell_controller_rate(key, rate_gbps)
+
+    def rest_post(self, path: str, body: Any, timeout_s: float = 2.0) -> Any:
+        """POST ``body`` as JSON; the answer, or None if the controller did not
+        accept it (down, or a 4xx)."""
+        req = urllib.request.Request(self.rest_url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
 
     def rest_get(self, path: str, timeout_s: float = 2.0) -> Any:
         try:
@@ -509,13 +525,27 @@ class Testbed:
     def emulated_rate_mbps(self, rate_gbps: float) -> float:
         return emulated_mbps(rate_gbps, self.config.scale)
 
-    def rerate_link(self, a: str, b: str, rate_gbps: float) -> None:
-        """Change the htb rate of both ends of the link a-b (real Gbit/s)."""
+    def rerate_link(self, a: str, b: str, rate_gbps: float) -> float | None:
+        """Change the htb rate of both ends of the link a-b (real Gbit/s) and
+        tell the controller, as an operator's configuration would (its
+        utilisation and /oracle then use the new rate).  Returns the rate the
+        controller acknowledged, None if it is down (told when it is back)."""
         link = self.topo.link_between(a, b)
         mbps = self.emulated_rate_mbps(rate_gbps)
         for node in (link.a, link.b):
             line = shaping.tc_class_line(self.intf(node, link.port_of(node)), mbps, self.config.mtu_bytes)
             system.run(self._at_end(node, ["tc", "-batch", "-"]), input_text=line + "\n")
+        if rate_gbps == link.rate_gbps:
+            self.link_rates_gbps.pop(link.key, None)
+        else:
+            self.link_rates_gbps[link.key] = float(rate_gbps)
+        return self._tell_controller_rate(link.key, rate_gbps)
+
+    def _tell_controller_rate(self, key: tuple[str, str], rate_gbps: float) -> float | None:
+        if self.controller is None or self.controller.poll() is not None:
+            return None
+        answer = self.rest_post(f"/links/{key[0]}/{key[1]}", {"rate_gbps": rate_gbps})
+        return None if answer is None else float(answer["rate_gbps"])
 
     def kill_controller(self) -> int:
         """SIGKILL the controller by its pid (the switches keep their routes:

@@ -134,6 +134,8 @@ def test_link_rate_reshapes_both_ends_and_the_oracle_prices_the_new_rate(tb: Tes
     def during() -> None:
         wait_for_event(run_dir, "link_rate")
         seen["kbit"] = [htb_rate_kbit(tb, n, i) for n, i in ends]
+        seen["controller_gbps"] = tb.rest_get("/links/t0/v0")["capacity_gbps"]
+        seen["oracle"] = tb.rest_get("/oracle?src=g0&dst=g2&bytes=1000000000")
 
     out = faulted_replay(tb, run_dir, [{"kind": "link_rate", "t_s": 2.5, "link": ["v0", "t0"],
                                         "rate_gbps": new_gbps}], during=during, scheduler="netkv",
@@ -141,6 +143,14 @@ def test_link_rate_reshapes_both_ends_and_the_oracle_prices_the_new_rate(tb: Tes
     want_kbit = tb.emulated_rate_mbps(new_gbps) * 1000
     assert all(abs(k - want_kbit) <= 0.02 * want_kbit for k in seen["kbit"]), (seen, want_kbit)
     assert [htb_rate_kbit(tb, n, i) for n, i in ends] == nominal  # restored after the replay
+    # the controller was told: its capacity and its own oracle used the new rate, and
+    # the nominal one again after the replay
+    assert out["events"][0]["controller_rate_gbps"] == new_gbps
+    assert seen["controller_gbps"] == new_gbps
+    for kind in ("static", "telemetry"):
+        assert seen["oracle"][kind]["available_gbps"] <= new_gbps, seen["oracle"]
+    assert tb.rest_get("/links/t0/v0")["capacity_gbps"] == link.rate_gbps
+    assert tb.rest_get("/oracle?src=g0&dst=g2&bytes=1000000000")["static"]["available_gbps"] > new_gbps
     event_ms = out["events"][0]["done_t_s"] * 1000
     ok = [r for r in out["records"] if r["status"] == "ok"]
     assert len(ok) == len(out["records"])
@@ -185,8 +195,20 @@ def test_killed_decode_worker_fails_its_requests_with_reason_and_serves_again_af
 def test_controller_restart_switches_keep_forwarding_telemetry_stale_then_resumed(
         tb: Testbed, tmp_path: Path) -> None:
     old_pid = tb.controller.pid if tb.controller is not None else None
-    out = faulted_replay(tb, tmp_path / "run", [{"kind": "controller_restart", "t_s": 2.5, "down_s": 3.0}])
-    ev = out["events"][0]
+    run_dir = tmp_path / "run"
+    seen: dict[str, Any] = {}
+
+    def during() -> None:
+        wait_for_event(run_dir, "controller_restart")
+        seen["rerated_gbps"] = tb.rest_get("/links/a0/t1")["capacity_gbps"]
+
+    # a link re-rated before the outage: the restarted controller is told again
+    out = faulted_replay(tb, run_dir, [{"kind": "link_rate", "t_s": 1.0, "link": ["t1", "a0"], "rate_gbps": 100},
+                                       {"kind": "controller_restart", "t_s": 2.5, "down_s": 3.0}], during=during)
+    assert out["events"][0]["controller_rate_gbps"] == 100
+    assert seen["rerated_gbps"] == 100
+    assert tb.rest_get("/links/a0/t1")["capacity_gbps"] == tb.topo.link_between("t1", "a0").rate_gbps
+    ev = next(e for e in out["events"] if e["kind"] == "controller_restart")
     assert ev["pid_killed"] == old_pid and ev["pid"] != old_pid and tb.controller is not None
     assert cleanup.read_state(tb.prefix)["controller_pid"] == ev["pid"] == tb.controller.pid
     assert ev["routes_ready_ms"] < 15000

@@ -91,6 +91,18 @@ def test_bad_replay_reports_get_a_clear_4xx(api: Api, body: bytes, status: int, 
     assert got == status and fragment in json.loads(data)["error"], data
 
 
+def test_link_rate_answers_match_the_document(api: Api) -> None:
+    status, _, data = api.respond_post("/links/v0/t0", b'{"rate_gbps": 100}')
+    assert status == 200, data
+    validate("/links/{src}/{dst}", json.loads(data), method="post")
+    status, _, data = api.respond_post("/links/v0/t0", b'{"rate_gbps": -1}')
+    assert status == 400
+    validate("/links/{src}/{dst}", json.loads(data), "400", method="post")
+    schema = openapi.document()["components"]["schemas"]["LinkRate"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"rate_gbps": 0}, schema)
+
+
 def test_post_elsewhere_is_refused(api: Api) -> None:
     assert api.respond_post("/status", b"{}")[0] == 405
 
@@ -111,6 +123,7 @@ def test_other_methods_get_405_with_allow_on_the_real_server() -> None:
     try:
         for method, path, allow in [("TRACE", "/status", "GET"), ("OPTIONS", "/links", "GET"), ("QUERY", "/", "GET"),
                                     ("HEAD", "/", "GET"), ("DELETE", "/replay", "GET, POST"),
+                                    ("PUT", "/links/v0/t0", "GET, POST"),
                                     ("POST", "/status", None)]:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request(method, path)

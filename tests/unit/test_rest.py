@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -333,3 +334,75 @@ def test_top_add_parser_wires_a_telemetry_command() -> None:
     top.add_parser(sub)
     args = ap.parse_args(["telemetry", "--once", "--url", "http://127.0.0.1:1"])
     assert args.func is top.run and args.once and args.url == "http://127.0.0.1:1"
+
+
+# -- a link's configured rate (POST /links/<a>/<b>) ------------------------------------
+
+def post_rate(api: Api, path: str, body: object) -> tuple[int, Any]:
+    status, _, data = api.respond_post(path, json.dumps(body).encode())
+    return status, json.loads(data)
+
+
+def test_a_rerated_link_is_priced_and_measured_at_its_configured_rate(api: Api) -> None:
+    size = 10**9
+    before = api.handle(f"/oracle?src=g0&dst=g2&bytes={size}")[1]
+    status, answer = post_rate(api, "/links/t0/v0", {"rate_gbps": 10})  # either order
+    assert status == 200, answer
+    assert answer == {"link": ["v0", "t0"], "rate_gbps": 10.0, "previous_gbps": 400.0, "topology_gbps": 400.0}
+    assert api.handle("/links/v0/t0")[1]["capacity_gbps"] == 10.0
+    assert api.handle("/links/t0/v0")[1]["capacity_gbps"] == 10.0
+    path = api.handle("/path?src=g0&dst=g2")[1]
+    assert path["bottleneck_gbps"] == 10.0
+    assert [h["capacity_gbps"] for h in path["hops"] if {h["src"], h["dst"]} == {"v0", "t0"}] == [10.0]
+    after = api.handle(f"/oracle?src=g0&dst=g2&bytes={size}")[1]
+    for kind in ("static", "telemetry"):
+        assert after[kind]["available_gbps"] <= 10.0, after[kind]
+        assert after[kind]["transfer_ms"] > before[kind]["transfer_ms"] + 150, (before[kind], after[kind])
+    #     # new samples of the link: utilisation against the configured rate
+    state = api.state
+    t0 = state.topo.node("t0")  # v0 -> t0 is counted where it enters t0
+    port = state.topo.port_to("t0", "v0")
+    for t_s, rx in ((NOW - 0.1, 0), (NOW, int(2e6 / 8 * 0.1))):  # 2 emulated Mbit/s for 0.1 s
+        state.on_port_stats(t0.dpid, port, t_s, rx_bytes=rx, tx_bytes=0, rx_packets=0, tx_packets=0,
+                            rx_dropped=0, tx_dropped=0, rx_errors=0, tx_errors=0)
+    latest = {(r.src, r.dst): r for r in state.latest()}[("v0", "t0")]
+    assert latest.t_s == NOW and latest.capacity_gbps == 10.0 and latest.load_gbps > 0
+    assert latest.utilization == pytest.approx(latest.load_gbps / 10.0)
+    # the topology's rate again ends the change
+    assert post_rate(api, "/links/v0/t0", {"rate_gbps": 400})[1]["previous_gbps"] == 10.0
+    assert state.capacity_overrides_gbps == {}
+    assert api.handle(f"/oracle?src=g0&dst=g2&bytes={size}")[1]["static"] == before["static"]
+
+
+def test_the_oracle_answers_for_links_out_of_service(api: Api) -> None:
+    state = api.state
+    v1 = state.topo.node("v1")
+    state.on_port_status(v1.dpid, state.topo.port_to("v1", "t1"), False, NOW)
+    answer = api.handle("/oracle?src=g0&dst=g2&bytes=1000")[1]
+    assert answer["static"]["available_gbps"] < 1e-6, answer  # no path out of that server
+    state.on_port_status(v1.dpid, state.topo.port_to("v1", "t1"), True, NOW)
+    assert api.handle("/oracle?src=g0&dst=g2&bytes=1000")[1]["static"]["available_gbps"] == 200.0
+
+
+@pytest.mark.parametrize("path,body,status,fragment", [
+    ("/links/v0/t0", {"rate_gbps": 0}, 400, "finite number > 0"),
+    ("/links/v0/t0", {"rate_gbps": -3}, 400, "finite number > 0"),
+    ("/links/v0/t0", {"rate_gbps": "fast"}, 400, "finite number > 0"),
+    ("/links/v0/t0", {"rate_gbps": True}, 400, "finite number > 0"),
+    ("/links/v0/t0", {"rate_gbps": 40, "speed": 1}, 400, "must be {\"rate_gbps\": number}"),
+    ("/links/v0/t0", [40], 400, "must be {\"rate_gbps\": number}"),
+    ("/links/v0/zz", {"rate_gbps": 40}, 404, "unknown node 'zz'"),
+    ("/links/v0/t1", {"rate_gbps": 40}, 404, "no link between 'v0' and 't1'"),
+    ("/links/v0", {"rate_gbps": 40}, 405, "POST is only for"),
+    ("/links/v0/t0/x", {"rate_gbps": 40}, 405, "POST is only for"),
+])
+def test_bad_link_rates_get_a_clear_4xx_and_change_nothing(
+        api: Api, path: str, body: object, status: int, fragment: str) -> None:
+    got, answer = post_rate(api, path, body)
+    assert got == status and fragment in answer["error"], answer
+    assert api.state.capacity_overrides_gbps == {}
+
+
+def test_a_link_rate_body_that_is_not_json_is_refused(api: Api) -> None:
+    status, _, data = api.respond_post("/links/v0/t0", b"{")
+    assert status == 400 and "not JSON" in json.loads(data)["error"]
