@@ -522,11 +522,10 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
     if scen.events:
         from netkv.placement import PlacementError, make_placement
 
-        from .faults import FaultError, check_switch_mode, check_workers
+        from .faults import FaultError, check_workers
 
         try:
             check_workers(scen.events, make_placement(topo, base.placement).hosts, f"scenario {scen.name}")
-            check_switch_mode(scen.events, tb_cfg.switch_mode, f"scenario {scen.name}")
         except (FaultError, PlacementError) as exc:
             raise ExperimentError(str(exc)) from None
     out = Path(exp.out_dir) if exp.out_dir else _default_out_dir(scen.name)

@@ -421,9 +421,7 @@ class Testbed:
             system.run(["ip", "netns", "attach", netns, str(self.host_pid(name))])
             system.run(switches.ovsdb_create_argv(p))
             system.run(switches.ovsdb_server_argv(p), env=env)
-            ports = [(self.intf(name, link.port_of(name)), link.port_of(name))
-                     for link in self.topo.links if name in (link.a, link.b)]
-            system.run(switches.bridge_config_argv(p, bridge, sw.dpid, ports, target))
+            system.run(switches.bridge_config_argv(p, bridge, sw.dpid, self.switch_ports(name), target))
             system.run(switches.vswitchd_argv(p, netns), env=env)
             pid = switches.read_pid(p.vswitchd_pidfile)
             if pid is None:
@@ -566,11 +564,19 @@ class Testbed:
         assert self.controller is not None
         return {"pid": self.controller.pid, "api_up_s": api_up, "routes_ready_s": time.time()}
 
+    def switch_ports(self, name: str) -> list[tuple[str, int]]:
+        """(interface, OpenFlow port) of every port of the switch ``name``."""
+        return [(self.intf(name, link.port_of(name)), link.port_of(name))
+                for link in self.topo.links if name in (link.a, link.b)]
+
     def kill_switch(self, name: str) -> list[int]:
-        """SIGKILL one switch's ovs-vswitchd and ovsdb-server by their pids
-        (one process per switch only); returns the pids."""
+        """Take one switch away at once.  One process per switch: SIGKILL its
+        ovs-vswitchd and ovsdb-server by their pids, and return them.  Shared
+        Open vSwitch: delete its bridge (the links' interfaces stay), and
+        return no pid."""
         if not self.per_switch:
-            raise BringUpError("switch_restart needs switch_mode per_switch")
+            system.run(switches.shared_bridge_del_argv(self.mn_name(name)))
+            return []
         p = self.switch_paths(name)
         pids = [pid for pid in (self.switch_pids.pop(name, None), switches.read_pid(p.ovsdb_pidfile))
                 if pid is not None]
@@ -585,7 +591,11 @@ class Testbed:
 
     def start_switch_again(self, name: str) -> dict[str, Any]:
         """Start one switch's ovsdb-server (on its database as it was) and
-        ovs-vswitchd again; waits until the controller has its routes installed."""
+        ovs-vswitchd again, or, with the shared Open vSwitch, add its bridge
+        again as bring-up described it and shape its ends again; waits until
+        the controller has its routes installed."""
+        if not self.per_switch:
+            return self._add_shared_bridge_again(name)
         p = self.switch_paths(name)
         env = switches.daemon_env(p, jemalloc=self.config.switch_jemalloc)
         system.run(switches.ovsdb_server_argv(p), env=env)
@@ -599,6 +609,26 @@ class Testbed:
         self._wait_routes()
         return {"pid": pid, "routes_ready_s": time.time()}
 
+    def _add_shared_bridge_again(self, name: str) -> dict[str, Any]:
+        sw = self.topo.node(name)
+        target = f"tcp:127.0.0.1:{self.config.of_port}"
+        datapath_type = "netdev" if self.datapath == "user" else "system"
+        system.run(switches.shared_bridge_add_argv(self.mn_name(name), sw.dpid, self.switch_ports(name), target,
+                                                   datapath_type))
+        # the ports' queues start empty, at each link's rate now (re-rated links included)
+        lines = []
+        for link in self.topo.links_of(name):
+            mbps = self.emulated_rate_mbps(self.link_rates_gbps.get(link.key, link.rate_gbps))
+            lines += shaping.tc_batch_lines(self.intf(name, link.port_of(name)), mbps, self.config.mtu_bytes,
+                                            self.config.queue_packets, self.config.link_delay_ms)
+        system.run(["tc", "-batch", "-"], input_text="\n".join(lines) + "\n")
+        time.sleep(0.2)  # let the controller see the old connection go before asking whether it is ready
+        self._wait_routes()
+        return {"pid": None, "routes_ready_s": time.time()}
+
+    def shared_bridge_exists(self, name: str) -> bool:
+        return system.run(["ovs-vsctl", "--timeout=10", "br-exists", self.mn_name(name)], check=False).returncode == 0
+
     def ensure_running(self) -> dict[str, Any]:
         """Start the controller and any switch process that is not running."""
         out: dict[str, Any] = {}
@@ -610,6 +640,10 @@ class Testbed:
             for name in dead:
                 self.kill_switch(name)  # its ovsdb-server too, if it is still there
                 out.setdefault("switches_started", {})[name] = self.start_switch_again(name)["pid"]
+        else:
+            for name in [sw.name for sw in self.topo.switches if not self.shared_bridge_exists(sw.name)]:
+                self.start_switch_again(name)
+                out.setdefault("bridges_added", []).append(name)
         self._wait_routes()
         return out
 

@@ -141,15 +141,13 @@ def vsctl_argv(p: SwitchPaths, *args: str) -> list[str]:
     return ["ovs-vsctl", f"--db=unix:{p.db_sock}", "--timeout=20", *args]
 
 
-def bridge_config_argv(p: SwitchPaths, bridge: str, dpid: int, ports: Sequence[tuple[str, int]],
-                       controller_target: str) -> list[str]:
-    """One ovs-vsctl transaction that describes the whole switch before its
-    ovs-vswitchd starts (it then configures everything in one pass).
-
-    ``ports``: (interface name, OpenFlow port number) pairs."""
-    txn: list[str] = ["--no-wait", "--", "init",
-                      "--", "add-br", bridge,
-                      "--", "set", "bridge", bridge, "datapath_type=netdev", "fail_mode=secure",
+def bridge_txn(bridge: str, dpid: int, ports: Sequence[tuple[str, int]], controller_target: str,
+               datapath_type: str = "netdev") -> list[str]:
+    """The ovs-vsctl commands that add one switch's bridge: its datapath,
+    OpenFlow settings, ports (``ports``: (interface name, OpenFlow port
+    number) pairs) and controller."""
+    txn: list[str] = ["--", "add-br", bridge,
+                      "--", "set", "bridge", bridge, f"datapath_type={datapath_type}", "fail_mode=secure",
                       "protocols=OpenFlow13", f"other-config:datapath-id={dpid:016x}",
                       "other-config:disable-in-band=true"]
     for ifname, ofport in ports:
@@ -157,7 +155,28 @@ def bridge_config_argv(p: SwitchPaths, bridge: str, dpid: int, ports: Sequence[t
     txn += ["--", "--id=@c", "create", "controller", f"target=\"{controller_target}\"",
             f"max_backoff={CONTROLLER_MAX_BACKOFF_MS}",
             "--", "set", "bridge", bridge, "controller=@c"]
-    return vsctl_argv(p, *txn)
+    return txn
+
+
+def bridge_config_argv(p: SwitchPaths, bridge: str, dpid: int, ports: Sequence[tuple[str, int]],
+                       controller_target: str) -> list[str]:
+    """One ovs-vsctl transaction that describes the whole switch before its
+    ovs-vswitchd starts (it then configures everything in one pass)."""
+    return vsctl_argv(p, "--no-wait", "--", "init", *bridge_txn(bridge, dpid, ports, controller_target))
+
+
+def shared_bridge_add_argv(bridge: str, dpid: int, ports: Sequence[tuple[str, int]], controller_target: str,
+                           datapath_type: str) -> list[str]:
+    """Add one switch's bridge again to the machine's shared Open vSwitch (a
+    switch_restart with switch_mode shared), in one transaction; ovs-vsctl
+    waits until ovs-vswitchd has applied it."""
+    return ["ovs-vsctl", "--timeout=20", *bridge_txn(bridge, dpid, ports, controller_target, datapath_type)]
+
+
+def shared_bridge_del_argv(bridge: str) -> list[str]:
+    """Delete one switch's bridge from the shared Open vSwitch (its ports'
+    interfaces stay: they are the links' veth ends)."""
+    return ["ovs-vsctl", "--timeout=20", "--if-exists", "del-br", bridge]
 
 
 def vswitchd_argv(p: SwitchPaths, netns: str) -> list[str]:

@@ -246,3 +246,46 @@ def test_switch_restart_routes_go_around_it_and_it_gets_its_routes_back(tb: Test
     assert [r["reason"] for r in out["records"] if r["status"] != "ok"] == []
     assert tb.flow_tables()["a1"] == flow_entries(tb.topo)["a1"]
     assert out["envelope"]["switch_processes_died"] == []
+
+
+@pytest.fixture(scope="module")
+def shared_tb() -> Any:
+    yield from running_testbed("g", switch_mode="shared")
+
+
+def test_switch_restart_on_the_shared_open_vswitch_deletes_and_adds_its_bridge(
+        shared_tb: Testbed, tmp_path: Path) -> None:
+    tb = shared_tb
+    assert not tb.per_switch
+    bridge = tb.mn_name("a1")
+    ends = [("a1", name) for name, _ in tb.switch_ports("a1")]
+    nominal_kbit = [htb_rate_kbit(tb, n, i) for n, i in ends]
+    run_dir = tmp_path / "run"
+    seen: dict[str, Any] = {}
+
+    def during() -> None:
+        # while the bridge is gone: the switch does not exist in Open vSwitch
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and tb.shared_bridge_exists("a1"):
+            time.sleep(0.02)
+        seen["bridge_gone"] = not tb.shared_bridge_exists("a1")
+        wait_for_event(run_dir, "switch_restart")
+        seen["status"] = tb.rest_get("/status")
+
+    out = faulted_replay(tb, run_dir, [{"kind": "switch_restart", "t_s": 2.5, "switch": "a1", "down_s": 1.0}],
+                         during=during)
+    ev = out["events"][0]
+    assert ev["switch_mode"] == "shared" and ev["pids_killed"] == [] and ev["pid"] is None, ev
+    assert seen["bridge_gone"] and tb.shared_bridge_exists("a1")
+    assert ev["routes_ready_ms"] < 15000, ev
+    changes = [c for c in seen["status"]["reroutes"] if c.get("switch") == "a1"]
+    assert [c["up"] for c in changes][-2:] == [False, True], changes  # routed around it, then back
+    assert [r["reason"] for r in out["records"] if r["status"] != "ok"] == []
+    # the bridge as bring-up made it: same ports and numbers (the flow entries name them),
+    # the controller's whole table, and its ends shaped at the links' rates
+    assert tb.flow_tables()["a1"] == flow_entries(tb.topo)["a1"]
+    rows = system.run(["ovs-vsctl", "--format=csv", "--no-headings", "--columns=name,ofport",
+                       "list", "Interface"]).stdout.split()
+    assert sorted(r for r in rows if r.startswith(f"{bridge}-eth")) == \
+        sorted(f"{name},{port}" for name, port in tb.switch_ports("a1"))
+    assert [htb_rate_kbit(tb, n, i) for n, i in ends] == nominal_kbit

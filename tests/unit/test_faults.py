@@ -107,15 +107,12 @@ def test_events_must_be_a_short_list(fattree: topologies.Topology) -> None:
         scenario.parse({"name": "x", "events": many}, fattree)
 
 
-def test_workers_and_switch_mode_are_checked(fattree: topologies.Topology) -> None:
+def test_workers_are_checked(fattree: topologies.Topology) -> None:
     events = parse_events([{"kind": "worker_kill", "t_s": 1, "host": "g5"},
                            {"kind": "switch_restart", "t_s": 1, "switch": "t0"}], fattree)
     faults.check_workers(events, ["g5", "g6"])
     with pytest.raises(FaultError, match="worker_kill host 'g5' runs no prefill or decode worker"):
         faults.check_workers(events, ["g6"])
-    faults.check_switch_mode(events, "per_switch")
-    with pytest.raises(FaultError, match="switch_restart needs switch_mode per_switch"):
-        faults.check_switch_mode(events, "shared")
 
 
 def run_netkv(*args: str) -> subprocess.CompletedProcess[str]:
