@@ -54,6 +54,15 @@ DEFAULT_SCENARIO = "core-hotspot"
 # packets well before a core is saturated (docs/design.md, "Envelope").
 ENVELOPE_CPU_PCT = 80.0  # the busiest switch process, % of one core
 ENVELOPE_MACHINE_PCT = 80.0  # the whole machine, % of every core
+# The replay's own process must keep up too: a request dispatched this long
+# after its trace arrival, or a hole this long in the meter's once-a-second
+# samples, means the frontend's process stood still, and every TTFT then
+# carries the stall.  Across 147 replays of 2026-12-03 the largest dispatch
+# lag was 190 ms (machine p95 99.5% busy) and the largest hole 1.93 s, but for
+# one replay: 10,754 ms and 11.7 s, while a background iperf3 in a host
+# namespace kept its one-second intervals (docs/design.md, "Envelope").
+ENVELOPE_DISPATCH_LAG_MS = 500.0
+ENVELOPE_SAMPLE_GAP_S = 3.0
 TELEMETRY_SERIES = "telemetry.jsonl"  # per replay: the controller's link table at every poll
 
 
@@ -204,7 +213,10 @@ class EmulatorMeter:
                         round(max(row.values(), default=0.0), 1), None if m is None else round(m, 1)]
                        for t, row, m in self.samples],
         }
-        out.update(envelope_verdict(out["switch_cpu_pct_p95"], out["machine_busy_pct_p95"], self.died))
+        times = [t for t, _, _ in judged]
+        out["sample_gap_s_max"] = _round1(max((b - a for a, b in zip(times, times[1:])), default=None))
+        out.update(envelope_verdict(out["switch_cpu_pct_p95"], out["machine_busy_pct_p95"], self.died,
+                                    sample_gap_s=out["sample_gap_s_max"]))
         return out
 
 
@@ -226,19 +238,31 @@ def metered_replay(tb: Any, cfg: Any, launcher: Any, run_dir: Path, *,
     finally:
         start = summary.get("run_start_epoch_s")
         envelope = meter.stop((float(start), time.time()) if start else None)
+    lag_ms = summary.get("max_dispatch_lag_ms")
+    if lag_ms is not None:
+        envelope["dispatch_lag_ms_max"] = round(float(lag_ms), 1)
+        envelope.update(envelope_verdict(envelope["switch_cpu_pct_p95"], envelope["machine_busy_pct_p95"],
+                                         envelope["switch_processes_died"], sample_gap_s=envelope["sample_gap_s_max"],
+                                         dispatch_lag_ms=float(lag_ms)))
     return summary, envelope
 
 
-def envelope_verdict(switch_p95: float | None, machine_p95: float | None,
-                     died: list[str]) -> dict[str, Any]:
+def envelope_verdict(switch_p95: float | None, machine_p95: float | None, died: list[str], *,
+                     sample_gap_s: float | None = None, dispatch_lag_ms: float | None = None) -> dict[str, Any]:
     """``within_envelope`` (None without samples) and ``limiting_resource``:
     which resource ran out (a switch process died, the busiest switch process,
-    the machine's CPU), or None."""
+    the machine's CPU, the replay's own process: a stall seen as a hole in the
+    meter's samples or as a request dispatched late), or None."""
     if died:
         return {"within_envelope": False, "limiting_resource": f"switch process died: {', '.join(died)}"}
+    stalls = []
+    if sample_gap_s is not None and sample_gap_s >= ENVELOPE_SAMPLE_GAP_S:
+        stalls.append(f"replay process stalled (no meter sample for {sample_gap_s:.1f} s)")
+    if dispatch_lag_ms is not None and dispatch_lag_ms >= ENVELOPE_DISPATCH_LAG_MS:
+        stalls.append(f"replay process stalled (a request dispatched {dispatch_lag_ms:.0f} ms after its arrival)")
     if switch_p95 is None and machine_p95 is None:
-        return {"within_envelope": None, "limiting_resource": None}
-    limits = []
+        return {"within_envelope": False if stalls else None, "limiting_resource": "; ".join(stalls) or None}
+    limits = stalls
     if switch_p95 is not None and switch_p95 >= ENVELOPE_CPU_PCT:
         limits.append(f"switch process CPU (p95 {switch_p95:.0f}% of a core)")
     if machine_p95 is not None and machine_p95 >= ENVELOPE_MACHINE_PCT:

@@ -219,6 +219,30 @@ def test_envelope_verdict_names_the_resource_that_ran_out() -> None:
     assert v["within_envelope"] is False and "died: t1" in v["limiting_resource"]
 
 
+def test_a_stalled_replay_process_is_outside_the_envelope() -> None:
+    from testbed.experiment import ENVELOPE_DISPATCH_LAG_MS, ENVELOPE_SAMPLE_GAP_S
+
+    ok = envelope_verdict(30.0, 30.0, [], sample_gap_s=1.1, dispatch_lag_ms=190.0)
+    assert ok == {"within_envelope": True, "limiting_resource": None}
+    v = envelope_verdict(30.0, 30.0, [], dispatch_lag_ms=ENVELOPE_DISPATCH_LAG_MS)
+    assert v["within_envelope"] is False and "dispatched 500 ms after its arrival" in v["limiting_resource"]
+    v = envelope_verdict(30.0, ENVELOPE_MACHINE_PCT, [], sample_gap_s=ENVELOPE_SAMPLE_GAP_S + 8.7)
+    assert v["within_envelope"] is False
+    assert v["limiting_resource"] == "replay process stalled (no meter sample for 11.7 s); machine CPU (p95 80% busy)"
+    # no CPU samples at all, but a late dispatch: still judged
+    assert envelope_verdict(None, None, [], dispatch_lag_ms=10_754.0)["within_envelope"] is False
+
+
+def test_the_meter_reports_its_largest_sample_gap() -> None:
+    from testbed.experiment import EmulatorMeter
+
+    meter = EmulatorMeter({})
+    meter.samples = [(100.0, {}, 10.0), (101.0, {}, 10.0), (112.7, {}, 10.0), (113.7, {}, 10.0)]
+    out = meter.stop((99.0, 114.0))
+    assert out["sample_gap_s_max"] == 11.7
+    assert out["within_envelope"] is False and "no meter sample for 11.7 s" in out["limiting_resource"]
+
+
 def test_machine_ticks_grow_and_busy_is_part_of_total() -> None:
     busy0, total0 = machine_ticks()
     x = 0
