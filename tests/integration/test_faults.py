@@ -275,6 +275,8 @@ def test_switch_restart_on_the_shared_open_vswitch_deletes_and_adds_its_bridge(
     out = faulted_replay(tb, run_dir, [{"kind": "switch_restart", "t_s": 2.5, "switch": "a1", "down_s": 1.0}],
                          during=during)
     ev = out["events"][0]
+    print(f"shared switch_restart a1: down {ev['down_ms']:.0f} ms, routes ready {ev['routes_ready_ms']:.0f} ms "
+          f"after the bridge was added again")
     assert ev["switch_mode"] == "shared" and ev["pids_killed"] == [] and ev["pid"] is None, ev
     assert seen["bridge_gone"] and tb.shared_bridge_exists("a1")
     assert ev["routes_ready_ms"] < 15000, ev

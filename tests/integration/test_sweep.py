@@ -44,8 +44,17 @@ def test_two_point_load_sweep_end_to_end(tmp_path: Path) -> None:
         for acc in point["accounting"]:
             # requests in = records out: every request of the window ends as one record
             assert acc["records"] == acc["requests_expected"] == 6 and acc["partial"] is False
-            recs = read_records(out / point["dir"] / acc["window"] / acc["scheduler"] / "records.jsonl")
+            replay_dir = out / point["dir"] / acc["window"] / acc["scheduler"]
+            recs = read_records(replay_dir / "records.jsonl")
             assert len({r["request_id"] for r in recs}) == 6
+            # the envelope judged the replay's own process too: its dispatch lag and the
+            # meter's largest hole, both as the summary and the samples say
+            env = json.loads((replay_dir / "envelope.json").read_text())
+            summary = json.loads((replay_dir / "summary.json").read_text())
+            assert env["dispatch_lag_ms_max"] == round(summary["max_dispatch_lag_ms"], 1)
+            times = [row[0] for row in env["series"]]
+            assert env["sample_gap_s_max"] is None or 0.5 < env["sample_gap_s_max"] <= max(
+                b - a for a, b in zip(times, times[1:])) + 0.1
         exp = json.loads((out / point["dir"] / "experiment.json").read_text())
         assert exp["replay"]["rate_multiplier"] == point["value"]  # the knob, and only it, differs
     # the sweep's figures are remade from its files alone
