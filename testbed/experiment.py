@@ -54,15 +54,20 @@ DEFAULT_SCENARIO = "core-hotspot"
 # packets well before a core is saturated (docs/design.md, "Envelope").
 ENVELOPE_CPU_PCT = 80.0  # the busiest switch process, % of one core
 ENVELOPE_MACHINE_PCT = 80.0  # the whole machine, % of every core
-# The replay's own process must keep up too: a request dispatched this long
-# after its trace arrival, or a hole this long in the meter's once-a-second
-# samples, means the frontend's process stood still, and every TTFT then
-# carries the stall.  Across 147 replays of 2026-12-03 the largest dispatch
-# lag was 190 ms (machine p95 99.5% busy) and the largest hole 1.93 s, but for
-# one replay: 10,754 ms and 11.7 s, while a background iperf3 in a host
-# namespace kept its one-second intervals (docs/design.md, "Envelope").
+# Time must keep up too.  Every time stamp of a record is wall-clock time: a
+# request dispatched this long after its trace arrival, or a hole this long in
+# the meter's once-a-second samples, means the replay's process stood still,
+# and every TTFT spanning it carries the stall; the wall clock jumping past the
+# monotonic one between two samples means the whole virtual machine was paused
+# (the hypervisor snapshotting it: its monotonic clock stood still, its wall
+# clock was stepped on afterwards).  Across 147 replays of 2026-12-03 the
+# largest dispatch lag was 190 ms (machine p95 99.5% busy) and the largest
+# hole 1.93 s, but for one replay (11.7 s, 10.8 s late); a later one had a
+# 12.4 s hole during a "virtual machine fork" in the kernel's log
+# (docs/design.md, "Envelope").
 ENVELOPE_DISPATCH_LAG_MS = 500.0
 ENVELOPE_SAMPLE_GAP_S = 3.0
+ENVELOPE_CLOCK_JUMP_S = 0.5
 TELEMETRY_SERIES = "telemetry.jsonl"  # per replay: the controller's link table at every poll
 
 
@@ -132,6 +137,11 @@ class EmulatorMeter:
         self.interval_s = interval_s
         # one row per second: (epoch s, {switch: % of a core}, machine busy %)
         self.samples: list[tuple[float, dict[str, float], float | None]] = []
+        # the monotonic clock at each sample: where the wall clock advanced far
+        # more than it between two samples, the whole virtual machine was paused
+        # (the guest's monotonic clock stands still meanwhile; its wall clock is
+        # stepped forward afterwards, and every wall-clock time stamp with it)
+        self.monotonic_s: list[float] = []
         self.died: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -169,6 +179,7 @@ class EmulatorMeter:
             busy = machine[0] - last_machine[0]
             all_ticks = machine[1] - last_machine[1]
             self.samples.append((time.time(), row, 100.0 * busy / all_ticks if all_ticks > 0 else None))
+            self.monotonic_s.append(time.monotonic())
             last_machine, last_t = machine, now
 
     def stop(self, window_epoch_s: tuple[float, float] | None = None) -> dict[str, Any]:
@@ -213,10 +224,16 @@ class EmulatorMeter:
                         round(max(row.values(), default=0.0), 1), None if m is None else round(m, 1)]
                        for t, row, m in self.samples],
         }
-        times = [t for t, _, _ in judged]
-        out["sample_gap_s_max"] = _round1(max((b - a for a, b in zip(times, times[1:])), default=None))
+        judged_at = [i for i, x in enumerate(self.samples) if window_epoch_s is None
+                     or window_epoch_s[0] + self.interval_s <= x[0] <= window_epoch_s[1]]
+        pairs = list(zip(judged_at, judged_at[1:]))
+        wall_gaps = [self.samples[j][0] - self.samples[i][0] for i, j in pairs]
+        out["sample_gap_s_max"] = _round1(max(wall_gaps, default=None))
+        jumps = [self.samples[j][0] - self.samples[i][0] - (self.monotonic_s[j] - self.monotonic_s[i])
+                 for i, j in pairs if j < len(self.monotonic_s)]
+        out["wall_clock_jump_s_max"] = _round1(max(jumps, default=None))
         out.update(envelope_verdict(out["switch_cpu_pct_p95"], out["machine_busy_pct_p95"], self.died,
-                                    sample_gap_s=out["sample_gap_s_max"]))
+                                    sample_gap_s=out["sample_gap_s_max"], clock_jump_s=out["wall_clock_jump_s_max"]))
         return out
 
 
@@ -243,20 +260,26 @@ def metered_replay(tb: Any, cfg: Any, launcher: Any, run_dir: Path, *,
         envelope["dispatch_lag_ms_max"] = round(float(lag_ms), 1)
         envelope.update(envelope_verdict(envelope["switch_cpu_pct_p95"], envelope["machine_busy_pct_p95"],
                                          envelope["switch_processes_died"], sample_gap_s=envelope["sample_gap_s_max"],
+                                         clock_jump_s=envelope["wall_clock_jump_s_max"],
                                          dispatch_lag_ms=float(lag_ms)))
     return summary, envelope
 
 
 def envelope_verdict(switch_p95: float | None, machine_p95: float | None, died: list[str], *,
-                     sample_gap_s: float | None = None, dispatch_lag_ms: float | None = None) -> dict[str, Any]:
+                     sample_gap_s: float | None = None, clock_jump_s: float | None = None,
+                     dispatch_lag_ms: float | None = None) -> dict[str, Any]:
     """``within_envelope`` (None without samples) and ``limiting_resource``:
     which resource ran out (a switch process died, the busiest switch process,
-    the machine's CPU, the replay's own process: a stall seen as a hole in the
-    meter's samples or as a request dispatched late), or None."""
+    the machine's CPU, time itself: the virtual machine paused, seen as the
+    wall clock jumping past the monotonic one, or the replay's own process
+    stalled, seen as a hole in the meter's samples or a request dispatched
+    late), or None."""
     if died:
         return {"within_envelope": False, "limiting_resource": f"switch process died: {', '.join(died)}"}
     stalls = []
-    if sample_gap_s is not None and sample_gap_s >= ENVELOPE_SAMPLE_GAP_S:
+    if clock_jump_s is not None and clock_jump_s >= ENVELOPE_CLOCK_JUMP_S:
+        stalls.append(f"virtual machine paused (wall clock jumped {clock_jump_s:.1f} s past the monotonic clock)")
+    elif sample_gap_s is not None and sample_gap_s >= ENVELOPE_SAMPLE_GAP_S:
         stalls.append(f"replay process stalled (no meter sample for {sample_gap_s:.1f} s)")
     if dispatch_lag_ms is not None and dispatch_lag_ms >= ENVELOPE_DISPATCH_LAG_MS:
         stalls.append(f"replay process stalled (a request dispatched {dispatch_lag_ms:.0f} ms after its arrival)")

@@ -52,6 +52,7 @@ def test_two_point_load_sweep_end_to_end(tmp_path: Path) -> None:
             env = json.loads((replay_dir / "envelope.json").read_text())
             summary = json.loads((replay_dir / "summary.json").read_text())
             assert env["dispatch_lag_ms_max"] == round(summary["max_dispatch_lag_ms"], 1)
+            assert "wall_clock_jump_s_max" in env  # a paused virtual machine would show there
             times = [row[0] for row in env["series"]]
             assert env["sample_gap_s_max"] is None or 0.5 < env["sample_gap_s_max"] <= max(
                 b - a for a, b in zip(times, times[1:])) + 0.1

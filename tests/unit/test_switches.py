@@ -222,7 +222,7 @@ def test_envelope_verdict_names_the_resource_that_ran_out() -> None:
 def test_a_stalled_replay_process_is_outside_the_envelope() -> None:
     from testbed.experiment import ENVELOPE_DISPATCH_LAG_MS, ENVELOPE_SAMPLE_GAP_S
 
-    ok = envelope_verdict(30.0, 30.0, [], sample_gap_s=1.1, dispatch_lag_ms=190.0)
+    ok = envelope_verdict(30.0, 30.0, [], sample_gap_s=1.1, clock_jump_s=0.1, dispatch_lag_ms=190.0)
     assert ok == {"within_envelope": True, "limiting_resource": None}
     v = envelope_verdict(30.0, 30.0, [], dispatch_lag_ms=ENVELOPE_DISPATCH_LAG_MS)
     assert v["within_envelope"] is False and "dispatched 500 ms after its arrival" in v["limiting_resource"]
@@ -236,11 +236,30 @@ def test_a_stalled_replay_process_is_outside_the_envelope() -> None:
 def test_the_meter_reports_its_largest_sample_gap() -> None:
     from testbed.experiment import EmulatorMeter
 
+    wall = [100.0, 101.0, 112.7, 113.7]
+    # the process stood still: both clocks advanced across the hole
     meter = EmulatorMeter({})
-    meter.samples = [(100.0, {}, 10.0), (101.0, {}, 10.0), (112.7, {}, 10.0), (113.7, {}, 10.0)]
+    meter.samples = [(t, {}, 10.0) for t in wall]
+    meter.monotonic_s = [t - 50.0 for t in wall]
     out = meter.stop((99.0, 114.0))
-    assert out["sample_gap_s_max"] == 11.7
-    assert out["within_envelope"] is False and "no meter sample for 11.7 s" in out["limiting_resource"]
+    assert out["sample_gap_s_max"] == 11.7 and out["wall_clock_jump_s_max"] == 0.0
+    assert out["within_envelope"] is False
+    assert out["limiting_resource"] == "replay process stalled (no meter sample for 11.7 s)"
+    # the virtual machine was paused: the monotonic clock stood still, the wall clock jumped
+    meter = EmulatorMeter({})
+    meter.samples = [(t, {}, 10.0) for t in wall]
+    meter.monotonic_s = [50.0, 51.0, 52.0, 53.0]
+    out = meter.stop((99.0, 114.0))
+    assert out["wall_clock_jump_s_max"] == 10.7
+    assert out["within_envelope"] is False
+    assert out["limiting_resource"] == ("virtual machine paused (wall clock jumped 10.7 s past the monotonic "
+                                        "clock)")
+    # an ordinary replay: one-second samples on both clocks
+    meter = EmulatorMeter({})
+    meter.samples = [(100.0 + i, {}, 10.0) for i in range(5)]
+    meter.monotonic_s = [50.0 + i for i in range(5)]
+    out = meter.stop((99.0, 105.0))
+    assert out["within_envelope"] is True and out["sample_gap_s_max"] == 1.0
 
 
 def test_machine_ticks_grow_and_busy_is_part_of_total() -> None:
