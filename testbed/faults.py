@@ -275,9 +275,11 @@ class FaultRunner:
             return self._await_reroute(e.link, up, t_event)
         if e.kind == "link_rate":
             assert e.link is not None and e.rate_gbps is not None
+            # the replay's oracle first: the controller is told over HTTP inside
+            # rerate_link, and decisions meanwhile must not price the old rate
+            self._oracle_link(e.link, rate_gbps=e.rate_gbps)
             told_gbps = self.tb.rerate_link(e.link[0], e.link[1], e.rate_gbps)
             self.links_changed.add(e.link)
-            self._oracle_link(e.link, rate_gbps=e.rate_gbps)
             return {"emulated_mbps": round(self.tb.emulated_rate_mbps(e.rate_gbps), 3),
                     "controller_rate_gbps": told_gbps}
         if e.kind == "worker_kill":
