@@ -143,13 +143,7 @@ class Api:
         the operator set it to, e.g. after a re-rate; the topology's rate
         again ends the change.  Utilisation, /path and /oracle use it."""
         a, b = path.strip("/").split("/")[1:]
-        for name in (a, b):
-            if name not in self.state.topo.nodes:
-                raise ApiError(404, f"unknown node {name!r}")
-        try:
-            self.state.topo.link_between(a, b)
-        except KeyError:
-            raise ApiError(404, f"no link between {a!r} and {b!r}") from None
+        link = self._link(a, b, f"no link between {a!r} and {b!r}")
         try:
             config = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -160,9 +154,8 @@ class Api:
             before = self.state.set_capacity(a, b, config["rate_gbps"])
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
-        return {"link": list(self.state.topo.link_between(a, b).key),
-                "rate_gbps": self.state.capacity_gbps(a, b), "previous_gbps": before,
-                "topology_gbps": self.state.topo.link_between(a, b).rate_gbps}
+        return {"link": list(link.key), "rate_gbps": self.state.capacity_gbps(a, b), "previous_gbps": before,
+                "topology_gbps": link.rate_gbps}
 
     # -- the replay's progress ---------------------------------------------------
     def report_replay(self, body: bytes) -> dict[str, Any]:
@@ -208,6 +201,17 @@ class Api:
         return self._replay([], {})
 
     # -- argument parsing ---------------------------------------------------------
+    def _link(self, a: str, b: str, missing: str) -> Any:
+        """The topology's link between the nodes a and b; 404 for an unknown
+        node, or with ``missing`` when they share no link."""
+        for name in (a, b):
+            if name not in self.state.topo.nodes:
+                raise ApiError(404, f"unknown node {name!r}")
+        try:
+            return self.state.topo.link_between(a, b)
+        except KeyError:
+            raise ApiError(404, missing) from None
+
     def _gpu(self, name: str) -> str:
         node = self.state.topo.nodes.get(name)
         if node is None or not node.is_gpu:
@@ -291,13 +295,7 @@ class Api:
         if len(rest) != 2:
             raise ApiError(404, "use /links or /links/<src>/<dst>")
         src, dst = rest
-        for name in (src, dst):
-            if name not in self.state.topo.nodes:
-                raise ApiError(404, f"unknown node {name!r}")
-        try:
-            link = self.state.topo.link_between(src, dst)
-        except KeyError:
-            raise ApiError(404, f"no link from {src!r} to {dst!r}") from None
+        link = self._link(src, dst, f"no link from {src!r} to {dst!r}")
         history = self.state.history(src, dst)
         if "limit" in query:
             history = history[-self._int(query, "limit", 1, MAX_LIMIT):]
@@ -349,12 +347,11 @@ class Api:
         static = StaticOracle(self.state.topo)
         # what the controller knows of the fabric now: links out of service
         # (port-status) and links the operator re-rated
-        for key in sorted(self.state.links_down):
-            live.set_link(*key, up=False)
-            static.set_link(*key, up=False)
-        for key, rate_gbps in sorted(self.state.capacity_overrides_gbps.items()):
-            live.set_link(*key, rate_gbps=rate_gbps)
-            static.set_link(*key, rate_gbps=rate_gbps)
+        for oracle in (live, static):
+            for key in sorted(self.state.links_down):
+                oracle.set_link(*key, up=False)
+            for key, rate_gbps in sorted(self.state.capacity_overrides_gbps.items()):
+                oracle.set_link(*key, rate_gbps=rate_gbps)
         return {"src": src, "dst": dst, "bytes": size, "units": {"bytes": "real-world bytes",
                                                                   "transfer_ms": "real-world ms"},
                 "scale": self.state.scale, "max_age_ms": max_age_ms,

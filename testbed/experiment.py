@@ -182,17 +182,20 @@ class EmulatorMeter:
             self.monotonic_s.append(time.monotonic())
             last_machine, last_t = machine, now
 
-    def stop(self, window_epoch_s: tuple[float, float] | None = None) -> dict[str, Any]:
+    def stop(self, window_epoch_s: tuple[float, float] | None = None, *,
+             dispatch_lag_ms: float | None = None) -> dict[str, Any]:
         """Figures over the samples inside ``window_epoch_s`` (the replay's
         requests: from the replay clock's start, after the workers are up, to
-        its end), or over all; the whole series is kept beside them."""
+        its end), or over all; the whole series is kept beside them.
+        ``dispatch_lag_ms``: the replay's largest dispatch lag, judged too."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         t_first = self.samples[0][0] if self.samples else time.time()
-        judged = [x for x in self.samples if window_epoch_s is None
-                  # a sample covers the second before its time stamp
-                  or window_epoch_s[0] + self.interval_s <= x[0] <= window_epoch_s[1]]
+        judged_at = [i for i, x in enumerate(self.samples) if window_epoch_s is None
+                     # a sample covers the second before its time stamp
+                     or window_epoch_s[0] + self.interval_s <= x[0] <= window_epoch_s[1]]
+        judged = [self.samples[i] for i in judged_at]
         per_switch: dict[str, list[float]] = {}
         for _, row, _ in judged:
             for name, pct in row.items():
@@ -224,16 +227,17 @@ class EmulatorMeter:
                         round(max(row.values(), default=0.0), 1), None if m is None else round(m, 1)]
                        for t, row, m in self.samples],
         }
-        judged_at = [i for i, x in enumerate(self.samples) if window_epoch_s is None
-                     or window_epoch_s[0] + self.interval_s <= x[0] <= window_epoch_s[1]]
         pairs = list(zip(judged_at, judged_at[1:]))
         wall_gaps = [self.samples[j][0] - self.samples[i][0] for i, j in pairs]
         out["sample_gap_s_max"] = _round1(max(wall_gaps, default=None))
         jumps = [self.samples[j][0] - self.samples[i][0] - (self.monotonic_s[j] - self.monotonic_s[i])
                  for i, j in pairs if j < len(self.monotonic_s)]
         out["wall_clock_jump_s_max"] = _round1(max(jumps, default=None))
+        if dispatch_lag_ms is not None:
+            out["dispatch_lag_ms_max"] = round(float(dispatch_lag_ms), 1)
         out.update(envelope_verdict(out["switch_cpu_pct_p95"], out["machine_busy_pct_p95"], self.died,
-                                    sample_gap_s=out["sample_gap_s_max"], clock_jump_s=out["wall_clock_jump_s_max"]))
+                                    sample_gap_s=out["sample_gap_s_max"], clock_jump_s=out["wall_clock_jump_s_max"],
+                                    dispatch_lag_ms=dispatch_lag_ms))
         return out
 
 
@@ -254,14 +258,8 @@ def metered_replay(tb: Any, cfg: Any, launcher: Any, run_dir: Path, *,
                          on_start=on_start)
     finally:
         start = summary.get("run_start_epoch_s")
-        envelope = meter.stop((float(start), time.time()) if start else None)
-    lag_ms = summary.get("max_dispatch_lag_ms")
-    if lag_ms is not None:
-        envelope["dispatch_lag_ms_max"] = round(float(lag_ms), 1)
-        envelope.update(envelope_verdict(envelope["switch_cpu_pct_p95"], envelope["machine_busy_pct_p95"],
-                                         envelope["switch_processes_died"], sample_gap_s=envelope["sample_gap_s_max"],
-                                         clock_jump_s=envelope["wall_clock_jump_s_max"],
-                                         dispatch_lag_ms=float(lag_ms)))
+        envelope = meter.stop((float(start), time.time()) if start else None,
+                              dispatch_lag_ms=summary.get("max_dispatch_lag_ms"))
     return summary, envelope
 
 

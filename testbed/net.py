@@ -566,8 +566,7 @@ class Testbed:
 
     def switch_ports(self, name: str) -> list[tuple[str, int]]:
         """(interface, OpenFlow port) of every port of the switch ``name``."""
-        return [(self.intf(name, link.port_of(name)), link.port_of(name))
-                for link in self.topo.links if name in (link.a, link.b)]
+        return [(self.intf(name, link.port_of(name)), link.port_of(name)) for link in self.topo.links_of(name)]
 
     def kill_switch(self, name: str) -> list[int]:
         """Take one switch away at once.  One process per switch: SIGKILL its

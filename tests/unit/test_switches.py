@@ -260,6 +260,13 @@ def test_the_meter_reports_its_largest_sample_gap() -> None:
     meter.monotonic_s = [50.0 + i for i in range(5)]
     out = meter.stop((99.0, 105.0))
     assert out["within_envelope"] is True and out["sample_gap_s_max"] == 1.0
+    # the replay's dispatch lag, handed to stop(), is kept and judged with the rest
+    meter = EmulatorMeter({})
+    meter.samples = [(100.0 + i, {}, 10.0) for i in range(5)]
+    meter.monotonic_s = [50.0 + i for i in range(5)]
+    out = meter.stop((99.0, 105.0), dispatch_lag_ms=10_754.04)
+    assert out["dispatch_lag_ms_max"] == 10_754.0 and out["within_envelope"] is False
+    assert "dispatched 10754 ms after its arrival" in out["limiting_resource"]
 
 
 def test_machine_ticks_grow_and_busy_is_part_of_total() -> None:
