@@ -40,6 +40,7 @@ import asyncio
 import gc
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -138,6 +139,43 @@ class DecisionTimer:
                 "decision_gc_us": (self.gc_clock.total_s - self.gc_before_s) * 1e6,
                 "decision_preemptions": now.ru_nivcsw - self.usage.ru_nivcsw,
                 "decision_waits": now.ru_nvcsw - self.usage.ru_nvcsw}
+
+
+class DecisionPriority:
+    """Runs each decode decision at real-time priority (SCHED_FIFO at its
+    lowest level) and gives the frontend's thread its normal scheduling back
+    after it.
+
+    Here the router shares two cores with the emulated fabric: switch
+    processes, workers and the kernel's htb and veth work.  A production router
+    has its own host, so a switch process preempting a decision is the
+    emulator's cost, not the scheduler's; it was what held NetKV's decision p99
+    above 0.5 ms in a long replay (docs/schedulers.md).  At SCHED_FIFO no
+    normal process preempts the decision; the hypervisor still can (steal).
+    The two system calls cost about 2 us per decision, outside the timed part.
+    Setting it needs CAP_SYS_NICE: without it, decisions run at normal
+    priority and :attr:`applied` is false (the summary's ``decision_realtime``)."""
+
+    def __init__(self, wanted: str) -> None:
+        self.applied = False
+        self.refusal = ""  # why real time was wanted and not applied
+        if wanted != "realtime":
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            self.applied = True
+        except OSError as exc:
+            self.refusal = f"cannot run decisions at SCHED_FIFO ({exc.strerror}); they run at normal priority"
+
+    def __enter__(self) -> "DecisionPriority":
+        if self.applied:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.applied:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 @dataclass
@@ -240,6 +278,7 @@ class Frontend:
         self.sock_path = run_dir.resolve() / CONTROL_SOCKET_NAME
         self.stopping = False
         self.gc_clock = GcClock()  # collections inside decisions (decision_gc_us)
+        self.decision_priority = DecisionPriority(config.decision_priority)
 
     # -- time ------------------------------------------------------------------
     def ms(self, epoch_s: float) -> float:
@@ -300,27 +339,31 @@ class Frontend:
         except PrefillChoiceError as exc:
             self._fail_undispatched(req, f"no prefill: {exc}")
             return
-        views_started = time.perf_counter()
-        views = [
-            DecodeView(
-                d.name, d.queued, d.active, self.cfg.decode_max_batch,
-                max(0, self.perf.kv_capacity_tokens - d.reserved_tokens), d.cache.snapshot(),
-                self.cfg.decode_max_queue, used_kv_tokens=max(0, d.reserved_tokens),
-            )
-            for d in self.decodes.values() if d.alive
-        ]
-        views_build_us = (time.perf_counter() - views_started) * 1e6
+        with self.decision_priority:
+            views_started = time.perf_counter()
+            views = [
+                DecodeView(
+                    d.name, d.queued, d.active, self.cfg.decode_max_batch,
+                    max(0, self.perf.kv_capacity_tokens - d.reserved_tokens), d.cache.snapshot(),
+                    self.cfg.decode_max_queue, used_kv_tokens=max(0, d.reserved_tokens),
+                )
+                for d in self.decodes.values() if d.alive
+            ]
+            views_build_us = (time.perf_counter() - views_started) * 1e6
+            timer = DecisionTimer(self.gc_clock)
+            try:
+                decision = self.scheduler.choose(req, choice.name, views, self.oracle, time.time()) if views else None
+                refusal = None
+            except NoEligibleDecode as exc:
+                decision, refusal = None, exc
+            timing = timer.fields()
         if not views:
             self._fail_undispatched(req, "no decode: no live decode instance", prefill=choice.name)
             return
-        timer = DecisionTimer(self.gc_clock)
-        try:
-            decision = self.scheduler.choose(req, choice.name, views, self.oracle, time.time())
-        except NoEligibleDecode as exc:
-            self._fail_undispatched(req, f"no eligible decode: {exc}", prefill=choice.name,
-                                    views_build_us=views_build_us, **timer.fields())
+        if decision is None:
+            self._fail_undispatched(req, f"no eligible decode: {refusal}", prefill=choice.name,
+                                    views_build_us=views_build_us, **timing)
             return
-        timing = timer.fields()
         if decision.decode not in self.decodes or not self.decodes[decision.decode].alive:
             raise ReplayError(f"scheduler chose {decision.decode!r}, which is not a live decode instance")
         kv_bytes = int(decision.bytes_to_send)
@@ -742,6 +785,8 @@ class Frontend:
 
             self.progress = tqdm(total=len(requests), unit="req", desc=f"replay {self.cfg.scheduler}")
         self.writer = RecordWriter(records_path)
+        if self.decision_priority.refusal:
+            print(f"netkv: note: {self.decision_priority.refusal}", file=sys.stderr)
         self.gc_clock.start()
         try:
             asyncio.run(self.main(requests))
@@ -778,6 +823,7 @@ class Frontend:
             run_dir=str(run_dir), run_start_epoch_s=self.t0, scheduler=self.cfg.scheduler,
             trace_lines_skipped=len(load.skipped), late_reports=self.late_reports,
             max_dispatch_lag_ms=self.max_dispatch_lag_ms, problems=problems,
+            decision_realtime=self.decision_priority.applied,
         )
         if self.status_url is not None:
             summary["status_report_failures"] = self.status_failures

@@ -37,6 +37,7 @@ from .launch import REPO_ROOT, Launcher, LocalLauncher
 
 DEFAULT_TRACE = str(_DEFAULT_TRACE_PATH)
 ORACLES = ("static", "telemetry")
+DECISION_PRIORITIES = ("realtime", "normal")
 
 
 class ReplayConfigError(ValueError):
@@ -83,6 +84,9 @@ class ReplayConfig:
     slo: dict[str, Any] = _f({}, "settings of the summary's SLO figures: netkv.slo.SloConfig keys (TTFT curve "
                                  "thresholds, length-aware TTFT, TBT); {}: the documented defaults", "")
     seed: int = _f(0, "seed for randomised schedulers", "")
+    decision_priority: str = _f("realtime", "CPU priority of each decode decision: 'realtime' runs it at SCHED_FIFO "
+                                            "(the router's own core, not the fabric's; needs root, else normal, "
+                                            "and the summary says so), 'normal' at the frontend's priority", "")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,6 +119,7 @@ class ReplayConfig:
             raise ReplayConfigError("telemetry_delay_ms needs oracle 'telemetry'")
         for name, allowed in (("on_trace_error", ON_ERROR_CHOICES), ("oracle", ORACLES),
                               ("prefill_policy", PREFILL_POLICIES), ("model", tuple(perfmodel.MODELS)),
+                              ("decision_priority", DECISION_PRIORITIES),
                               ("gpu", tuple(perfmodel.GPUS))):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise ReplayConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -12,8 +12,11 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
+import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,7 +30,7 @@ from netkv.placement import PlacementError, make_placement, tier_mix
 from netkv.prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, PrefixCache
 from netkv.records import read_records, validate_file
 from topologies import catalog
-from workers.driver import GcClock
+from workers.driver import DecisionPriority, GcClock
 from workers.launch import LocalLauncher
 from workers.run import ReplayConfig, ReplayConfigError, replay
 from netkv.traces import DEFAULT_TRACE
@@ -112,6 +115,8 @@ def test_every_request_ends_ok_exactly_once(good_run: tuple[ReplayConfig, Path, 
     assert summary["problems"] == [] and summary["ok"] == 24 and summary["failed"] == 0
     assert validate_file(run_dir / "records.jsonl", [f"L{i}" for i in range(1, 25)]) == []
     assert 0 <= summary["ttft_slo_attainment"] <= 1
+    if os.geteuid() == 0:  # root may run decisions at SCHED_FIFO, and this replay asked for it (the default)
+        assert summary["decision_realtime"] is True
 
 
 def test_records_are_consistent_with_the_trace_and_model(
@@ -265,6 +270,8 @@ def test_config_is_checked() -> None:
         ReplayConfig(oracle="magic")
     with pytest.raises(ReplayConfigError, match="unknown perf-model key"):
         ReplayConfig(perf_overrides={"speed": 2})
+    with pytest.raises(ReplayConfigError, match="decision_priority must be one of realtime, normal, got 'rt'"):
+        ReplayConfig(decision_priority="rt")
 
 
 # -- placement and the prefill chooser (no processes) ------------------------
@@ -383,3 +390,35 @@ def test_gc_clock_counts_collections_only_while_started() -> None:
     assert clock not in gc.callbacks
     gc.collect()
     assert clock.total_s == during
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root (CAP_SYS_NICE)")
+def test_decisions_run_at_realtime_priority_and_return_to_normal() -> None:
+    prio = DecisionPriority("realtime")
+    assert prio.applied and prio.refusal == ""
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    with pytest.raises(KeyError):  # a decision that raises still gives the thread its normal scheduling back
+        with prio:
+            assert os.sched_getscheduler(0) == os.SCHED_FIFO
+            assert os.sched_getparam(0).sched_priority == 1
+            raise KeyError("scheduler failed")
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    normal = DecisionPriority("normal")
+    with normal:
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert not normal.applied and normal.refusal == ""
+
+
+def test_without_the_right_to_real_time_decisions_run_normally_and_say_so() -> None:
+    code = ("from workers.driver import DecisionPriority; p = DecisionPriority('realtime')\n"
+            "with p: import os; print(p.applied, os.sched_getscheduler(0) == os.SCHED_OTHER, p.refusal)")
+    argv = [sys.executable, "-c", code]
+    if os.geteuid() == 0:  # root keeps the right unless the capability is dropped
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to drop CAP_SYS_NICE")
+        argv = [setpriv, "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice", *argv]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2],
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("False True cannot run decisions at SCHED_FIFO (Operation not permitted)")
