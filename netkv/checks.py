@@ -16,3 +16,13 @@ def is_finite_number(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def number_complaint(value: object, name: str, lo: float, hi: float = math.inf) -> str | None:
+    """None when ``value`` is a finite number (never a bool) in [lo, hi];
+    otherwise the one line that says what ``name`` must be."""
+    if is_finite_number(value) and lo <= value <= hi:  # type: ignore[operator]
+        return None
+    if hi == math.inf:
+        return f"{name} must be a finite number >= {lo:g}, got {value!r}"
+    return f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}"

@@ -42,7 +42,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from netkv.checks import is_finite_number
+from netkv.checks import number_complaint
 from topologies import Topology
 
 EVENT_FIELDS: dict[str, frozenset[str]] = {
@@ -89,11 +89,10 @@ class Event:
 
 
 def _number(raw: dict[str, Any], key: str, where: str, lo: float, hi: float) -> float:
-    value = raw.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite_number(value) \
-            or not lo <= value <= hi:
-        raise FaultError(f"{where}: {key} must be a number in [{lo:g}, {hi:g}], got {value!r}")
-    return float(value)
+    complaint = number_complaint(raw.get(key), key, lo, hi)
+    if complaint is not None:
+        raise FaultError(f"{where}: {complaint}")
+    return float(raw[key])
 
 
 def parse_events(raw_events: Any, topo: Topology, origin: str = "scenario") -> list[Event]:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from netkv.checks import is_finite_number
+from netkv.checks import number_complaint
 from topologies import Topology
 
 from .config import emulated_mbps
@@ -82,9 +82,10 @@ class Scenario:
 
 def _number(flow: Mapping[str, Any], key: str, where: str, minimum: float, default: float | None = None) -> float:
     value = flow.get(key, default)
-    if not is_finite_number(value) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ScenarioError(f"{where}: {key} must be a finite number >= {minimum:g}, got {value!r}")
-    return float(value)
+    complaint = number_complaint(value, key, minimum)
+    if complaint is not None:
+        raise ScenarioError(f"{where}: {complaint}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def parse(data: Any, topo: Topology, origin: str = "scenario") -> Scenario:
