@@ -178,11 +178,14 @@ def recipe_key(rec: dict[str, Any]) -> str:
 
 def run(argv: Sequence[str], *, timeout_s: float = 3600, check: bool = True,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s, env=env)
-    if check and proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise VmCheckError(f"{' '.join(argv[:4])} ... failed ({proc.returncode}): {' | '.join(tail)}")
-    return proc
+    """testbed.system.run on the host, with its failures as VmCheckError and a
+    longer default timeout (image builds take many minutes)."""
+    from .system import run as system_run
+
+    try:
+        return system_run(argv, check=check, timeout_s=timeout_s, env=env)
+    except RuntimeError as exc:  # PreflightError is one
+        raise VmCheckError(str(exc)) from None
 
 
 def ensure_host_tools() -> list[str]:
