@@ -67,3 +67,12 @@ def test_vm_check_end_to_end() -> None:
     assert result["datapath"] == "kernel" and 0.90 <= result["rate_ratio"] <= 1.05
     assert result["requests_in"] == result["records_out"]
     assert result["leftovers_guest"] == 0 and result["leftovers_host"] == 0
+
+
+def test_host_commands_fail_with_one_line_naming_the_command() -> None:
+    assert vmcheck.run(["echo", "ok"]).stdout == "ok\n"
+    with pytest.raises(vmcheck.VmCheckError, match=r"^command failed \(3\): sh -c echo no >&2; exit 3: no$"):
+        vmcheck.run(["sh", "-c", "echo no >&2; exit 3"])
+    with pytest.raises(vmcheck.VmCheckError, match="^command not found: netkv-no-such-command"):
+        vmcheck.run(["netkv-no-such-command"])
+    assert vmcheck.run(["sh", "-c", "exit 3"], check=False).returncode == 3
