@@ -289,6 +289,8 @@ def live_replay(scheduler: str, decodes: int, trace_path: str, start_s: float, d
 
     return {
         "decisions": len(recs), "polls": poller.polls, "decisions_that_built_a_table": len(refreshed),
+        # whether the decisions ran at SCHED_FIFO (root; workers.driver.DecisionPriority)
+        "decision_realtime": fe.decision_priority.applied,
         "decision_us": {"p50": pct("decision_us", 50), "p99": pct("decision_us", 99)},
         "decision_cpu_us": {"p50": pct("decision_cpu_us", 50), "p99": pct("decision_cpu_us", 99)},
         "decision_cpu_us_that_built_a_table": {"p50": pct("decision_cpu_us", 50, refreshed),
