@@ -360,10 +360,12 @@ class Frontend:
         if not views:
             self._fail_undispatched(req, "no decode: no live decode instance", prefill=choice.name)
             return
-        if decision is None:
+        if refusal is not None:
             self._fail_undispatched(req, f"no eligible decode: {refusal}", prefill=choice.name,
                                     views_build_us=views_build_us, **timing)
             return
+        if decision is None:
+            raise ReplayError(f"scheduler {self.cfg.scheduler!r} returned no decision")
         if decision.decode not in self.decodes or not self.decodes[decision.decode].alive:
             raise ReplayError(f"scheduler chose {decision.decode!r}, which is not a live decode instance")
         kv_bytes = int(decision.bytes_to_send)
