@@ -135,13 +135,13 @@ class EmulatorMeter:
         self.pids_source = pids_source
         self.pids = dict(switch_pids)
         self.interval_s = interval_s
-        # one row per second: (epoch s, {switch: % of a core}, machine busy %)
-        self.samples: list[tuple[float, dict[str, float], float | None]] = []
-        # the monotonic clock at each sample: where the wall clock advanced far
-        # more than it between two samples, the whole virtual machine was paused
-        # (the guest's monotonic clock stands still meanwhile; its wall clock is
-        # stepped forward afterwards, and every wall-clock time stamp with it)
-        self.monotonic_s: list[float] = []
+        # one row per second: (epoch s, {switch: % of a core}, machine busy %,
+        # monotonic s).  Where the wall clock advanced far more than the
+        # monotonic one between two samples, the whole virtual machine was
+        # paused (the guest's monotonic clock stands still meanwhile; its wall
+        # clock is stepped forward afterwards, and every wall-clock time stamp
+        # with it)
+        self.samples: list[tuple[float, dict[str, float], float | None, float]] = []
         self.died: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -178,8 +178,8 @@ class EmulatorMeter:
             machine = machine_ticks()
             busy = machine[0] - last_machine[0]
             all_ticks = machine[1] - last_machine[1]
-            self.samples.append((time.time(), row, 100.0 * busy / all_ticks if all_ticks > 0 else None))
-            self.monotonic_s.append(time.monotonic())
+            self.samples.append((time.time(), row, 100.0 * busy / all_ticks if all_ticks > 0 else None,
+                                 time.monotonic()))
             last_machine, last_t = machine, now
 
     def stop(self, window_epoch_s: tuple[float, float] | None = None, *,
@@ -192,16 +192,15 @@ class EmulatorMeter:
         if self._thread is not None:
             self._thread.join(timeout=5)
         t_first = self.samples[0][0] if self.samples else time.time()
-        judged_at = [i for i, x in enumerate(self.samples) if window_epoch_s is None
-                     # a sample covers the second before its time stamp
-                     or window_epoch_s[0] + self.interval_s <= x[0] <= window_epoch_s[1]]
-        judged = [self.samples[i] for i in judged_at]
+        judged = [x for x in self.samples if window_epoch_s is None
+                  # a sample covers the second before its time stamp
+                  or window_epoch_s[0] + self.interval_s <= x[0] <= window_epoch_s[1]]
         per_switch: dict[str, list[float]] = {}
-        for _, row, _ in judged:
+        for _, row, _, _ in judged:
             for name, pct in row.items():
                 per_switch.setdefault(name, []).append(pct)
-        sum_pct = [sum(row.values()) for _, row, _ in judged]
-        machine = [m for _, _, m in judged if m is not None]
+        sum_pct = [sum(row.values()) for _, row, _, _ in judged]
+        machine = [m for _, _, m, _ in judged if m is not None]
         p95 = {name: float(_p95(v) or 0.0) for name, v in per_switch.items() if v}
         busiest = max(p95, key=lambda n: p95[n]) if p95 else None
         out: dict[str, Any] = {
@@ -225,14 +224,11 @@ class EmulatorMeter:
             # every sample: [s since the first, switch processes' sum, busiest one, machine busy], judged or not
             "series": [[round(t - t_first, 2), round(sum(row.values()), 1),
                         round(max(row.values(), default=0.0), 1), None if m is None else round(m, 1)]
-                       for t, row, m in self.samples],
+                       for t, row, m, _ in self.samples],
         }
-        pairs = list(zip(judged_at, judged_at[1:]))
-        wall_gaps = [self.samples[j][0] - self.samples[i][0] for i, j in pairs]
-        out["sample_gap_s_max"] = _round1(max(wall_gaps, default=None))
-        jumps = [self.samples[j][0] - self.samples[i][0] - (self.monotonic_s[j] - self.monotonic_s[i])
-                 for i, j in pairs if j < len(self.monotonic_s)]
-        out["wall_clock_jump_s_max"] = _round1(max(jumps, default=None))
+        pairs = list(zip(judged, judged[1:]))
+        out["sample_gap_s_max"] = _round1(max((b[0] - a[0] for a, b in pairs), default=None))
+        out["wall_clock_jump_s_max"] = _round1(max((b[0] - a[0] - (b[3] - a[3]) for a, b in pairs), default=None))
         if dispatch_lag_ms is not None:
             out["dispatch_lag_ms_max"] = round(float(dispatch_lag_ms), 1)
         out.update(envelope_verdict(out["switch_cpu_pct_p95"], out["machine_busy_pct_p95"], self.died,
