@@ -15,9 +15,9 @@ import statistics
 import sys
 import time
 
-from testbed.config import TestbedConfig
-from testbed.net import BringUpError, Testbed
-from testbed.system import PreflightError
+from fabric.config import TestbedConfig
+from fabric.net import BringUpError, Testbed
+from fabric.system import PreflightError
 
 TARGETS = {"up_plus_verify_s": 20.0, "down_s": 10.0, "leftovers": 0}
 

@@ -7,7 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from netkv.repo import REPO_ROOT
 
 
 def free_port() -> int:

@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import controller_ports, fresh_out_dir
-from testbed import scenario, system
-from testbed.config import TestbedConfig
-from testbed.experiment import machine_ticks
-from testbed.net import Testbed
+from fabric import system
+from fabric.config import TestbedConfig
+from fabric.net import Testbed
+from lab import scenario
+from lab.envelope import machine_ticks
 
 COVERAGE = "netdev_received"
 MODES = ("shared", "per_switch")

@@ -29,6 +29,7 @@ records), medians over ``--live-repeats`` replays, against the paper's
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import heapq
 import itertools
@@ -46,9 +47,13 @@ from typing import Any, Callable, Sequence
 import topologies
 from netkv.oracle import StaticOracle, TelemetryOracle
 from netkv.records import RecordWriter, read_records, validate_file
-from netkv.records import percentile as records_percentile
 from netkv.request import DecodeView, Request
 from netkv.schedulers import SCHEDULERS, DecodePool, Scheduler, create
+from netkv.serving.config import ReplayConfig
+from netkv.serving.decode import Done
+from netkv.serving.ledger import Ledger
+from netkv.serving.timing import DecisionPriority
+from netkv.stats import percentile
 from netkv.telemetry import LinkSample, TelemetrySnapshot
 from netkv.traces import DEFAULT_TRACE
 from topologies import catalog
@@ -102,9 +107,10 @@ def synthetic_requests(count: int, universe: Sequence[int], rng: random.Random) 
     return out
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    idx = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
-    return sorted_values[idx]
+def _pct(values: list[float], pct: float) -> float:
+    value = percentile(values, pct)
+    assert value is not None
+    return value
 
 
 def measure(sched: Scheduler, requests: list[Request], prefill: str, decodes: Sequence[DecodeView],
@@ -133,14 +139,12 @@ def measure(sched: Scheduler, requests: list[Request], prefill: str, decodes: Se
                 samples.append((clock() - t0) / 1000.0)
         finally:
             gc.enable()
-        samples.sort()
         everything.extend(samples)
-        p50, p99 = percentile(samples, 0.50), percentile(samples, 0.99)
+        p50, p99 = _pct(samples, 50), _pct(samples, 99)
         if best is None or p99 < best[1]:
             best = (p50, p99)
     assert best is not None
-    everything.sort()
-    return {"p50": round(percentile(everything, 0.50), 2), "p99": round(percentile(everything, 0.99), 2),
+    return {"p50": round(_pct(everything, 50), 2), "p99": round(_pct(everything, 99), 2),
             "p99_quietest_round": round(best[1], 2)}
 
 
@@ -188,21 +192,18 @@ class _Poller:
 
 def live_replay(scheduler: str, decodes: int, trace_path: str, start_s: float, duration_s: float,
                 poll_interval_s: float, seed: int, work_dir: Path, prepare: bool = True) -> dict[str, Any]:
-    """One replay of a trace window through the real frontend's ``dispatch``
-    (``workers.driver.Frontend``: its prefill choice, its DecodeViews, the
-    scheduler's ``choose`` with the frontend's oracle, its records) on a
-    simulated timeline instead of worker processes: a request's prefill takes
-    the perf model's time after its prefill instance's earlier work, its KV
-    transfer the static oracle's estimate, its decode the model's
-    single-request step time per output token; the workers' reports are fed
-    to ``Frontend.on_report`` at those instants, so queue counts, reserved KV
-    and prefix caches evolve as in a replay.  The telemetry snapshot is
-    replaced at every ``poll_interval_s`` of the simulated clock, so the
-    share of decisions that pay the oracle's refresh is the live one.  The
-    timings are the ones the frontend writes into its records."""
-    from workers.driver import Frontend
-    from workers.run import ReplayConfig
-
+    """One replay of a trace window through the serving model's ledger
+    (``netkv.serving.ledger.Ledger``, as the emulator's frontend drives it: its
+    prefill choice, its DecodeViews, the scheduler's ``choose`` with the
+    oracle, its records) on a simulated timeline instead of worker processes:
+    a request's prefill takes the perf model's time after its prefill
+    instance's earlier work, its KV transfer the static oracle's estimate, its
+    decode the model's single-request step time per output token; those
+    events are handed to the ledger at their instants, so queue counts,
+    reserved KV and prefix caches evolve as in a replay.  The telemetry
+    snapshot is replaced at every ``poll_interval_s`` of the simulated clock,
+    so the share of decisions that pay the oracle's refresh is the live one.
+    The timings are the ones the ledger writes into its records."""
     gpus = 2 * decodes  # the mixed placement: every other GPU of a server decodes
     if gpus % 32:
         raise ValueError(f"live decode count must be a multiple of 16, got {decodes}")
@@ -210,73 +211,68 @@ def live_replay(scheduler: str, decodes: int, trace_path: str, start_s: float, d
                        oracle="telemetry", topology="fattree", topology_params={"pods": gpus // 32}, seed=seed)
     topo = catalog.build(cfg.topology, cfg.topology_params)
     poller = _Poller(topo, random.Random(seed))
-    oracle = TelemetryOracle(topo, poller)  # as testbed.experiment builds it for a live run
-    if prepare:  # as testbed.experiment wires its poller (absent from older oracles)
+    oracle = TelemetryOracle(topo, poller)  # as lab.emulator builds it for a live run
+    if prepare:  # as lab.emulator wires its poller (absent from older oracles)
         poller.on_update = getattr(oracle, "prepare", None)
     poller.poll()
     run_dir = work_dir / scheduler
     run_dir.mkdir(parents=True)
-    fe = Frontend(cfg, _NoLauncher(), run_dir, oracle=oracle)
-    assert len(fe.decodes) == decodes, (len(fe.decodes), decodes)
-    for host in fe.placement.decode:
-        fe.addrs[host] = _NoLauncher().data_addr(host)
+    writer = RecordWriter(run_dir / "records.jsonl")
+    priority = DecisionPriority(cfg.decision_priority)
+    ledger = Ledger(cfg, topo, writer.write, oracle=oracle, decide_in=priority)
+    assert len(ledger.decodes) == decodes, (len(ledger.decodes), decodes)
     static = StaticOracle(topo)
     requests = cfg.window().requests
-    fe.writer = RecordWriter(run_dir / "records.jsonl")
-    fe.t0 = time.time()
+    ledger.t0 = time.time()
 
     def at(ms: float) -> float:
-        return fe.t0 + ms / 1000.0
+        return ledger.t0 + ms / 1000.0
 
-    events: list[tuple[float, int, str, dict[str, Any]]] = []
+    events: list[tuple[float, int, Callable[[], Any]]] = []
     seq = itertools.count()
-    prefill_free_ms: dict[str, float] = {h: 0.0 for h in fe.prefills}
+    prefill_free_ms: dict[str, float] = {h: 0.0 for h in ledger.prefills}
     next_poll_ms = poll_interval_s * 1000.0
     refreshed: set[str] = set()  # requests whose decision computed a new transfer table itself
     table_epoch: dict[str, int] = {}
     for req in requests:
         now_ms = req.arrival_ms
         while events and events[0][0] <= now_ms:
-            _, _, host, msg = heapq.heappop(events)
-            fe.on_report(host, msg)
+            heapq.heappop(events)[2]()
         while next_poll_ms <= now_ms:
             poller.poll()
             next_poll_ms += poll_interval_s * 1000.0
-        fe.dispatch(req)
-        flight = fe.flights.get(req.request_id)
-        if flight is None:
+        order = ledger.dispatch(req, time.time())
+        if order is None:
             continue  # failed before dispatch: its record is written
+        flight = ledger.flights[req.request_id]
         # the oracle's table the decision read, if any, and whether the poller had prepared it
-        table = oracle._tables.get(flight.prefill)
-        if table is not None and table_epoch.get(flight.prefill) != table.epoch:
-            table_epoch[flight.prefill] = table.epoch
+        table = oracle._tables.get(order.prefill)
+        if table is not None and table_epoch.get(order.prefill) != table.epoch:
+            table_epoch[order.prefill] = table.epoch
             prepared = getattr(oracle, "_prepared", None)
-            if prepared is None or prepared[2].get(flight.prefill) is not table:
+            if prepared is None or prepared[2].get(order.prefill) is not table:
                 refreshed.add(req.request_id)
         rid = req.request_id
-        start = max(now_ms, prefill_free_ms[flight.prefill])
+        start = max(now_ms, prefill_free_ms[order.prefill])
         end = start + flight.predicted_prefill_ms
-        prefill_free_ms[flight.prefill] = end
-        xfer_ms = static.estimate(flight.prefill, flight.decode, int(flight.rec["kv_bytes"]), 0.0).transfer_ms
-        step_ms = fe.perf.decode_step_ms(1, req.input_tokens)
+        prefill_free_ms[order.prefill] = end
+        xfer_ms = static.estimate(order.prefill, order.decode, order.kv_bytes, 0.0).transfer_ms
+        step_ms = ledger.perf.decode_step_ms(1, req.input_tokens)
         xfer_end = end + xfer_ms
         first = xfer_end + step_ms
         done = xfer_end + step_ms * req.output_tokens
         tbt = step_ms if req.output_tokens > 1 else None
-        for t_ms, host, msg in (
-            (end, flight.prefill, {"t": "prefilled", "id": rid, "start_s": at(start), "end_s": at(end),
-                                   "cached_tokens": 0}),
-            (end, flight.prefill, {"t": "sent", "id": rid, "start_s": at(end)}),
-            (xfer_end, flight.decode, {"t": "admitted", "id": rid}),
-            (done, flight.decode, {"t": "done", "id": rid, "transfer_end_s": at(xfer_end), "admit_s": at(xfer_end),
-                                   "first_token_s": at(first), "completion_s": at(done),
-                                   "tbt_mean_ms": tbt, "tbt_p99_ms": tbt}),
+        for t_ms, event in (
+            (end, functools.partial(ledger.prefilled, rid, at(start), at(end), 0)),
+            (end, functools.partial(ledger.sent, rid, at(end))),
+            (xfer_end, functools.partial(ledger.admitted, rid)),
+            (done, functools.partial(ledger.done, Done(rid, at(xfer_end), at(xfer_end), at(first), at(done),
+                                                       tbt, tbt))),
         ):
-            heapq.heappush(events, (t_ms, next(seq), host, msg))
+            heapq.heappush(events, (t_ms, next(seq), event))
     while events:
-        _, _, host, msg = heapq.heappop(events)
-        fe.on_report(host, msg)
-    fe.writer.close()
+        heapq.heappop(events)[2]()
+    writer.close()
     problems = validate_file(run_dir / "records.jsonl", [r.request_id for r in requests])
     if problems:
         raise RuntimeError(f"live replay of {scheduler}: {problems[:3]}")
@@ -284,13 +280,13 @@ def live_replay(scheduler: str, decodes: int, trace_path: str, start_s: float, d
 
     def pct(key: str, q: float, only: set[str] | None = None) -> float | None:
         vals = [float(r[key]) for r in recs if only is None or r["request_id"] in only]
-        v = records_percentile(vals, q)
+        v = percentile(vals, q)
         return None if v is None else round(v, 1)
 
     return {
         "decisions": len(recs), "polls": poller.polls, "decisions_that_built_a_table": len(refreshed),
-        # whether the decisions ran at SCHED_FIFO (root; workers.driver.DecisionPriority)
-        "decision_realtime": fe.decision_priority.applied,
+        # whether the decisions ran at SCHED_FIFO (root; netkv.serving.timing.DecisionPriority)
+        "decision_realtime": priority.applied,
         "decision_us": {"p50": pct("decision_us", 50), "p99": pct("decision_us", 99)},
         "decision_cpu_us": {"p50": pct("decision_cpu_us", 50), "p99": pct("decision_cpu_us", 99)},
         "decision_cpu_us_that_built_a_table": {"p50": pct("decision_cpu_us", 50, refreshed),

@@ -110,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.minutes <= 600 or not args.period_s > 0:
         ap.error("--minutes must be in (0, 600] and --period-s > 0")
 
-    from testbed import scenario as scenario_mod
-    from testbed.cleanup import leftovers
-    from testbed.config import TestbedConfig
-    from testbed.experiment import DEFAULT_REPLAY, replay_under_scenario
-    from testbed.faults import MAX_EVENTS
-    from testbed.net import Testbed
-    from workers.run import ReplayConfig
+    from fabric.cleanup import leftovers
+    from fabric.config import TestbedConfig
+    from fabric.net import Testbed
+    from lab import scenario as scenario_mod
+    from lab.emulator import replay_under_scenario
+    from lab.experiment import DEFAULT_REPLAY
+    from lab.faults import MAX_EVENTS
+    from netkv.serving.config import ReplayConfig
 
     of_port, rest_port = controller_ports(args.of_port, args.rest_port)
     cfg_tb = TestbedConfig(topology=args.topology, prefix=args.prefix, of_port=of_port, rest_port=rest_port)

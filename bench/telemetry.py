@@ -32,8 +32,9 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from typing import Any
+
+from controller.client import ControllerClient
 
 ETH_IP_UDP_HEADER_BYTES = 14 + 20 + 8
 ETH_IP_TCP_HEADER_BYTES = 14 + 20 + 32  # with the timestamp option
@@ -41,8 +42,7 @@ UDP_PAYLOAD_BYTES = 1400
 
 
 def rest_get(base_url: str, path: str, timeout_s: float = 5.0) -> Any:
-    with urllib.request.urlopen(base_url.rstrip("/") + path, timeout=timeout_s) as resp:
-        return json.loads(resp.read())
+    return ControllerClient(base_url).request(path, timeout_s=timeout_s)
 
 
 def udp_wire_factor(payload_bytes: int = UDP_PAYLOAD_BYTES) -> float:
@@ -52,7 +52,7 @@ def udp_wire_factor(payload_bytes: int = UDP_PAYLOAD_BYTES) -> float:
 
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (from /proc/<pid>/stat)."""
-    from testbed.system import cpu_ticks
+    from fabric.system import cpu_ticks
 
     ticks = cpu_ticks(pid)
     if ticks is None:
@@ -170,8 +170,8 @@ def hop_samples_within(history: list[dict[str, Any]], start_s: float, end_s: flo
 # -- the benchmark -------------------------------------------------------------------
 def measure(poll_interval_s: float, *, prefix: str, scale: float, seconds: float, of_port: int,
             rest_port: int) -> dict[str, Any]:
-    from testbed.config import TestbedConfig
-    from testbed.net import Testbed
+    from fabric.config import TestbedConfig
+    from fabric.net import Testbed
 
     cfg = TestbedConfig(topology="fattree", params={}, scale=scale, prefix=prefix, of_port=of_port,
                         rest_port=rest_port, poll_interval_s=poll_interval_s)
@@ -253,7 +253,7 @@ def measure(poll_interval_s: float, *, prefix: str, scale: float, seconds: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    from testbed.config import DEFAULT_SCALE
+    from fabric.config import DEFAULT_SCALE
 
     ap = argparse.ArgumentParser(prog="python -m bench.telemetry", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -46,13 +46,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from fabric.config import TestbedConfig
+from fabric.net import BringUpError, Testbed
+from fabric.system import PreflightError
+from lab import scenario as scenario_mod
+from lab.emulator import MininetLauncher, metered_replay
+from lab.experiment import DEFAULT_REPLAY, DEFAULT_SCENARIO
+from netkv.repo import REPO_ROOT
 from netkv.schedulers import TUNING_GRID, tune
-from testbed import scenario as scenario_mod
-from testbed.config import TestbedConfig
-from testbed.experiment import DEFAULT_REPLAY, DEFAULT_SCENARIO, REPO_ROOT, MininetLauncher, metered_replay
-from testbed.net import BringUpError, Testbed
-from testbed.system import PreflightError
-from workers.run import DEFAULT_TRACE, ReplayConfig
+from netkv.serving.config import DEFAULT_TRACE, ReplayConfig
 
 from .common import controller_ports, fresh_out_dir
 

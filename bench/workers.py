@@ -18,7 +18,7 @@ Per step:
 * the frontend's CPU (this process: frontend, scheduler and samplers) over the
   same interval;
 * transfers on idle paths (no other transfer crossed a directed hop of the
-  path while it ran, ideal >= 5 ms; ``testbed.transfers``): measured time over
+  path while it ran, ideal >= 5 ms; ``lab.transfers``): measured time over
   ideal time (payload at the path's emulated bottleneck rate), p50 / p99;
 * the switch process's CPU envelope (``EmulatorMeter``);
 * the load average of the machine before and after.
@@ -52,14 +52,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from netkv.records import percentile, read_records
-from testbed import scenario as scenario_mod
-from testbed.config import TestbedConfig
-from testbed.experiment import MininetLauncher, metered_replay
-from testbed.net import BringUpError, Testbed
-from testbed.system import PreflightError, cpu_ticks
-from testbed.transfers import IDLE_MIN_IDEAL_MS, idle_transfers
-from workers.run import DEFAULT_TRACE, ReplayConfig
+from fabric.config import TestbedConfig
+from fabric.net import BringUpError, Testbed
+from fabric.system import PreflightError, cpu_ticks
+from lab import scenario as scenario_mod
+from lab.emulator import MininetLauncher, metered_replay
+from lab.transfers import IDLE_MIN_IDEAL_MS, idle_transfers
+from netkv.records import read_records
+from netkv.serving.config import DEFAULT_TRACE, ReplayConfig
+from netkv.stats import percentile
+
 from .common import controller_ports, fresh_out_dir
 
 TARGETS = {"rss_mb_max": 40.0, "transfer_ratio_p99": 1.2}

@@ -13,6 +13,7 @@ import sys
 import topologies
 from topologies import TopologyError
 
+from .client import DEFAULT_REST_PORT
 from .relay import UnixRelay
 from .rest import require_loopback, serve
 from .state import ControllerState
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="every switch has a network namespace named <prefix><switch>: read its "
                          "egress queues there")
     ap.add_argument("--rest-host", default="127.0.0.1", help="REST API listen address (loopback only)")
-    ap.add_argument("--rest-port", type=int, default=8080, help="REST API listen port")
+    ap.add_argument("--rest-port", type=int, default=DEFAULT_REST_PORT, help="REST API listen port")
     ap.add_argument("--poll-interval-s", type=float, default=0.5,
                     help="port-statistics polling interval in seconds (0.1 .. 60)")
     ap.add_argument("--prefix", default="nk",

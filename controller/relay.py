@@ -1,7 +1,7 @@
 """A Unix-socket entrance to the controller's loopback OpenFlow listener.
 
 Switch processes that run inside their own network namespaces (one per
-switch, see testbed/switches.py) cannot reach 127.0.0.1 of the root
+switch, see fabric/switches.py) cannot reach 127.0.0.1 of the root
 namespace, but a Unix socket in the filesystem is reachable from every
 namespace.  Open vSwitch accepts ``unix:PATH`` as a controller target; this
 relay accepts those connections and joins each to a fresh TCP connection to

@@ -46,6 +46,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
+from netkv.stats import percentile
 from topologies import Hop, Topology
 
 from .routing import FlowEntry, flow_entries, table_diff, walk
@@ -377,8 +378,8 @@ class ControllerState:
             "replies_missing": self.replies_missing,
             "replies_late": self.replies_late,
             "missing_by_switch": dict(sorted(self.missing_by_switch.items())),
-            "reply_latency_ms_p50": _percentile_ms(lat, 0.5),
-            "reply_latency_ms_p95": _percentile_ms(lat, 0.95),
+            "reply_latency_ms_p50": _percentile_ms(lat, 50),
+            "reply_latency_ms_p95": _percentile_ms(lat, 95),
             "counter_resets": self.counter_resets,
             "last_error": self.poller_error,
         }
@@ -580,20 +581,6 @@ def _interval_s(prev: PortCounters, cur: PortCounters) -> tuple[float, str]:
     return cur.t_s - prev.t_s, "controller"
 
 
-def _percentile_ms(sorted_s: list[float], q: float) -> float | None:
-    if not sorted_s:
-        return None
-    idx = min(len(sorted_s) - 1, max(0, math.ceil(q * len(sorted_s)) - 1))
-    return round(sorted_s[idx] * 1000, 3)
-
-
-def percentile(values: Iterable[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..1) of ``values``; None when empty."""
-    if not 0 <= q <= 1:
-        raise ValueError(f"percentile q must be 0..1, got {q}")
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    idx = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
-    return ordered[idx]
-
+def _percentile_ms(values_s: list[float], pct: float) -> float | None:
+    value = percentile(values_s, pct)
+    return None if value is None else round(value * 1000, 3)

@@ -13,13 +13,13 @@ import argparse
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any, TextIO
 
 from topologies.model import TIER_NAMES
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+from .client import ControllerClient, ControllerUnavailable, loopback_url
+
+DEFAULT_URL = loopback_url()
 CLEAR = "\x1b[H\x1b[2J"
 MIN_INTERVAL_S = 0.1
 
@@ -50,17 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def fetch_json(url: str, timeout_s: float) -> Any:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.loads(exc.read()).get("error", "")
-        except (ValueError, AttributeError):
-            detail = ""
-        raise TelemetryFetchError(f"{url}: HTTP {exc.code} {detail}".strip()) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TelemetryFetchError(f"cannot read {url}: {reason}") from None
+        return ControllerClient(url).request("", timeout_s=timeout_s)
+    except ControllerUnavailable as exc:
+        raise TelemetryFetchError(str(exc)) from None
 
 
 def snapshot(base_url: str, tier: int | None, timeout_s: float) -> dict[str, Any]:

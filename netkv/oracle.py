@@ -146,7 +146,7 @@ class PathTable:
         self._pairs: dict[tuple[str, str], PairInfo] = {}
         self._neighbors: dict[str, list[str]] | None = None
         self._dist: dict[str, dict[str, int]] = {}
-        # Faults the oracle was told of (testbed.faults): links out of service
+        # Faults the oracle was told of (lab.faults): links out of service
         # (Link.key) and links re-rated (Link.key -> real Gbit/s).
         self.down: set[tuple[str, str]] = set()
         self.rates: dict[tuple[str, str], float] = {}

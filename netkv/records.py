@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Mapping
 
 from .slo import SloConfig, slo_summary
+from .stats import percentile
 
 
 @dataclass(frozen=True)
@@ -240,19 +241,6 @@ def validate_file(path: str | Path, expected_ids: Iterable[str] | None = None) -
         problems.extend(f"{rid}: no record" for rid in sorted(expected - set(seen)))
         problems.extend(f"{rid}: record for a request that was not replayed" for rid in sorted(set(seen) - expected))
     return problems
-
-
-def percentile(values: list[float], pct: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default method); None if empty."""
-    if not values:
-        return None
-    if not 0.0 <= pct <= 100.0:
-        raise ValueError(f"pct must be in [0, 100], got {pct!r}")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * pct / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -19,13 +19,12 @@ SLO, and named assumptions.  This module stays free of numpy.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Mapping, Sequence
 
 from .checks import is_finite_number
 
-# The flat TTFT SLO of `netkv run` (testbed/experiment.py reads it from here).
+# The flat TTFT SLO of `netkv run` (lab/experiment.py reads it from here).
 # Assumption: the testbed's long-standing default; no published source is claimed for it.
 FLAT_TTFT_SLO_MS = 2000.0
 # TTFT thresholds of the attainment curve, ms (sources: docs/workers.md, "SLOs"):

@@ -34,6 +34,35 @@ class StatsError(ValueError):
     """Bad input to a statistic (too few values, non-finite values, bad level)."""
 
 
+# -- percentiles ---------------------------------------------------------------------------
+
+PERCENTILE_METHODS = ("linear", "lower")
+
+
+def percentile(values: Sequence[float], pct: float, *, method: str = "linear") -> float | None:
+    """The ``pct`` percentile (0-100) of ``values``; None if empty.  The one
+    percentile of the project: records, reports, the envelope, the
+    controller's reply latencies, benchmarks.
+
+    ``method`` as numpy names them: "linear" interpolates between the two
+    nearest ranks (numpy's default; every figure of a report); "lower" takes
+    the lower of the two (the envelope's verdict, whose thresholds were
+    calibrated with it: docs/design.md, "Envelope")."""
+    if method not in PERCENTILE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(PERCENTILE_METHODS)}, got {method!r}")
+    if not 0.0 <= pct <= 100.0:
+        raise ValueError(f"pct must be in [0, 100], got {pct!r}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * pct / 100.0
+    lo = math.floor(pos)
+    if method == "lower":
+        return ordered[lo]
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
 # -- Student t -----------------------------------------------------------------------------
 
 def _betacf(a: float, b: float, x: float) -> float:

@@ -44,11 +44,12 @@ from pathlib import Path
 from typing import Iterator
 
 from .checks import is_finite_number
+from .repo import REPO_ROOT
 from .request import BLOCK_TOKENS, Request
 
 # The default trace ships with the repository (see traces/README.md for its
 # source and licence); every default, test and help text reads it from here.
-DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "traces" / "mooncake_conversation.jsonl"
+DEFAULT_TRACE = REPO_ROOT / "traces" / "mooncake_conversation.jsonl"
 ON_ERROR_CHOICES = ("raise", "skip")
 MAX_CONTEXT_FACTOR = 1000  # sanity bound on context_factor (the trace's longest prompt is 126,195 tokens)
 REQUIRED_KEYS = ("timestamp", "input_length", "output_length", "hash_ids")

@@ -87,7 +87,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$venv/bin/netkv" ]; t
     pip_in_venv -r requirements.txt
     pip_in_venv --no-deps --no-build-isolation -e .
     rm -f "$log"
-    "$venv/bin/python" -c 'import os_ken, mininet.net, testbed.cli' \
+    "$venv/bin/python" -c 'import os_ken, mininet.net, cli.main' \
         || die "the virtual environment is incomplete after installing requirements"
     echo "$want" > "$stamp"
     changed=1

@@ -1,7 +1,7 @@
 """Pieces both worker kinds use: arguments, the control connection.
 
 Kept import-light: a worker imports asyncio, json, struct and
-:mod:`netkv.perfmodel` / :mod:`netkv.prefill` only (no numpy), so 64 of them
+:mod:`netkv.perfmodel` / :mod:`netkv.serving.prefill` only (no numpy), so 64 of them
 fit a small machine (each well under 40 MB RSS).
 """
 

@@ -1,69 +1,59 @@
-"""The frontend of a replay: trace in, worker processes driven, records out.
+"""The emulator's frontend: the serving model's ledger driving worker processes.
 
 It runs in the caller's process (the testbed CLI or ``python -m
-workers.run``), not on the emulated network: it talks to every worker over
-one Unix-domain control socket in the run directory (filesystem paths work
-across network namespaces), so the KV payloads are the only traffic on the
-data network.
+workers.run``), not on the emulated network.  The router's side of the
+serving model, dispatch, bookkeeping and records, is
+:class:`netkv.serving.ledger.Ledger`; this class is the emulator's side of it:
+it starts one worker process per instance (through a :class:`Launcher`),
+talks to every worker over one Unix-domain control socket in the run
+directory (filesystem paths work across network namespaces, so the KV
+payloads are the only traffic on the data network), paces the trace's
+arrivals on the wall clock, sends each :class:`~netkv.serving.ledger.Order`
+as an ``expect`` to the decode worker and a ``prefill`` to the prefill worker
+(:mod:`workers.protocol`), and hands the workers' reports to the ledger.
 
 An instance is one GPU host, or with tensor parallelism (the perf model's
 ``tp`` > 1) ``tp`` GPU hosts of one server named by its rank-0 host
 (:mod:`netkv.placement`); there is one worker process per instance, on its
-rank-0 host, and the scheduler sees one candidate per decode instance, priced
-by :class:`netkv.oracle.TensorParallelOracle` (a transfer is ``tp`` rank
-flows and costs its slowest).
+rank-0 host.
 
-Per request, at its arrival time:
-
-1. choose the prefill instance (:class:`netkv.prefill.PrefillChooser`, on
-   mirrors of every prefill's prefix cache and its predicted pending work);
-2. build a :class:`netkv.request.DecodeView` of every live decode instance from
-   the frontend's bookkeeping (waiting / decoding counts, reserved KV tokens,
-   a mirror of the prefix blocks it holds) and ask the scheduler under test;
-3. send ``expect`` to the decode worker and ``prefill`` to the prefill worker.
-
-Reports from the workers fill in the request's record; a record is written
-the moment its request finishes or fails, exactly once.  A worker whose
-control connection ends (it exited or was killed), or whose process a
-watchdog finds exited (every ``WORKER_POLL_S``), fails every unfinished
-request that depends on it, with a reason naming the worker and the stage the
-request was in, and is left out of later choices; it is chosen again once a
-restarted worker of that host says hello (with an empty prefix cache).  After the last
-arrival, requests not finished within ``drain_timeout_s`` fail with the stage
-they were stuck in.  Every worker process is then told to stop and, if it
-does not, ended by its pid.
+A worker whose control connection ends (it exited or was killed), or whose
+process a watchdog finds exited (every ``WORKER_POLL_S``), fails every
+unfinished request that depends on it, with a reason naming the worker and the
+stage the request was in, and is left out of later choices; it is chosen again
+once a restarted worker of that host says hello (with an empty prefix cache).
+After the last arrival, requests not finished within ``drain_timeout_s`` fail
+with the stage they were stuck in.  Every worker process is then told to stop
+and, if it does not, ended by its pid.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
-import math
-import os
-import resource
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from netkv import perfmodel
-from netkv.oracle import StaticOracle, TensorParallelOracle
-from netkv.placement import make_placement, tier_mix
-from netkv.prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, PrefixCache
-from netkv.records import RecordWriter, empty_record, summarize, validate_file
-from netkv.request import DecodeView, Request
-from netkv.schedulers import NoEligibleDecode, create
+from controller.client import ControllerClient, ControllerUnavailable
+from netkv.perfmodel import PerfModel
+from netkv.placement import Placement, tier_mix
+from netkv.records import RecordWriter, summarize, validate_file
+from netkv.request import Request
+from netkv.schedulers import Scheduler
+from netkv.serving.config import ReplayConfig
+from netkv.serving.decode import Done
+from netkv.serving.ledger import Flight, Ledger, Order
+from netkv.serving.timing import DecisionPriority
 from netkv.slo import SloConfig
 from netkv.traces import TraceIssue
-from topologies import catalog
+from topologies import Topology, catalog
 
 from .launch import Launcher
 from .protocol import CONTROL_SOCKET_NAME, MAX_LINE_BYTES, UNIX_PATH_MAX, ProtocolError, decode, encode
-from .run import ReplayConfig
 
 STOP_GRACE_S = 5.0
 KILL_GRACE_S = 2.0
@@ -73,145 +63,16 @@ WORKER_POLL_S = 0.2
 # how long a worker whose connection just ended is given to finish exiting, so that
 # its exit code is known when its requests are failed
 WORKER_EXIT_GRACE_S = 0.05
+STATUS_INTERVAL_S = 0.5  # how often a replay tells the controller its progress (for the fabric view)
 
 
 class ReplayError(RuntimeError):
     """The replay could not run (workers did not start, bad run directory...)."""
 
 
-STATUS_INTERVAL_S = 0.5  # how often a replay tells the controller its progress (for the fabric view)
-
-
-def post_status(url: str, report: dict[str, Any], timeout_s: float = 1.0) -> None:
-    """POST one progress report (schema ReplayReport, controller/openapi.py) to the
-    controller's /replay; raises OSError when it does not answer 200."""
-    req = urllib.request.Request(url, data=json.dumps(report).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        resp.read()
-
-
-class GcClock:
-    """Wall time CPython's cyclic garbage collector has run in this process
-    since :meth:`start` (``gc.callbacks``), so that a decision's record can
-    say how much of its time was a collection's pause rather than its own."""
-
-    def __init__(self) -> None:
-        self.total_s = 0.0
-        self._began: float | None = None
-
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._began = time.perf_counter()
-        elif self._began is not None:
-            self.total_s += time.perf_counter() - self._began
-            self._began = None
-
-    def start(self) -> None:
-        if self not in gc.callbacks:
-            gc.callbacks.append(self)
-
-    def stop(self) -> None:
-        if self in gc.callbacks:
-            gc.callbacks.remove(self)
-
-
-class DecisionTimer:
-    """Times one scheduling decision from its construction to :meth:`fields`:
-    wall and thread CPU time (their difference is time the thread was off the
-    CPU), and what else the wall time held: collections, and the thread's
-    context switches (involuntary: the kernel gave the CPU to another process;
-    voluntary: it blocked, as on the interpreter lock another thread held)."""
-
-    def __init__(self, gc_clock: GcClock) -> None:
-        self.gc_clock = gc_clock
-        self.gc_before_s = gc_clock.total_s
-        self.usage = resource.getrusage(resource.RUSAGE_THREAD)
-        self.cpu_started = time.thread_time()
-        self.started = time.perf_counter()
-
-    def fields(self) -> dict[str, Any]:
-        """The record's decision_* fields, as of now."""
-        wall_us = (time.perf_counter() - self.started) * 1e6
-        cpu_us = (time.thread_time() - self.cpu_started) * 1e6
-        now = resource.getrusage(resource.RUSAGE_THREAD)
-        return {"decision_us": wall_us, "decision_cpu_us": cpu_us,
-                "decision_gc_us": (self.gc_clock.total_s - self.gc_before_s) * 1e6,
-                "decision_preemptions": now.ru_nivcsw - self.usage.ru_nivcsw,
-                "decision_waits": now.ru_nvcsw - self.usage.ru_nvcsw}
-
-
-class DecisionPriority:
-    """Runs each decode decision at real-time priority (SCHED_FIFO at its
-    lowest level) and gives the frontend's thread its normal scheduling back
-    after it.
-
-    Here the router shares two cores with the emulated fabric: switch
-    processes, workers and the kernel's htb and veth work.  A production router
-    has its own host, so a switch process preempting a decision is the
-    emulator's cost, not the scheduler's; it was what held NetKV's decision p99
-    above 0.5 ms in a long replay (docs/schedulers.md).  At SCHED_FIFO no
-    normal process preempts the decision; the hypervisor still can (steal).
-    The two system calls cost about 2 us per decision, outside the timed part.
-    Setting it needs CAP_SYS_NICE: without it, decisions run at normal
-    priority and :attr:`applied` is false (the summary's ``decision_realtime``)."""
-
-    def __init__(self, wanted: str) -> None:
-        self.applied = False
-        self.refusal = ""  # why real time was wanted and not applied
-        if wanted != "realtime":
-            return
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-            self.applied = True
-        except OSError as exc:
-            self.refusal = f"cannot run decisions at SCHED_FIFO ({exc.strerror}); they run at normal priority"
-
-    def __enter__(self) -> "DecisionPriority":
-        if self.applied:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.applied:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-
-
-@dataclass
-class Flight:
-    """A request between its dispatch and its record."""
-
-    req: Request
-    rec: dict[str, Any]
-    prefill: str
-    decode: str
-    predicted_prefill_ms: float
-    reserved_tokens: int
-    prefilled: bool = False
-    sent: bool = False
-    admitted: bool = False
-    done_msg: dict[str, Any] | None = None
-
-    def stage(self) -> str:
-        if not self.prefilled:
-            return "waiting for or in prefill"
-        if not self.sent:
-            return "KV transfer in progress"
-        if not self.admitted:
-            return "KV sent, not admitted to decode (payload incomplete or no room)"
-        return "decoding"
-
-
-@dataclass
-class DecodeState:
-    name: str
-    cache: PrefixCache
-    queued: int = 0
-    active: int = 0
-    reserved_tokens: int = 0
-    alive: bool = True
-    flights: set[str] = field(default_factory=set)
+def flows_json(flight: Flight) -> list[dict[str, Any]]:
+    """The flows of one KV transfer as the fabric view shows them (real bytes)."""
+    return [{"src": f.src, "dst": f.dst, "bytes": f.kv_bytes} for f in flight.order.flows]
 
 
 class Frontend:
@@ -222,194 +83,91 @@ class Frontend:
         run_dir: Path,
         *,
         oracle: Any = None,
-        scheduler: Any = None,
-        topology: Any = None,
+        scheduler: Scheduler | None = None,
+        topology: Topology | None = None,
         status_url: str | None = None,
-        on_start: Any = None,
+        on_start: Callable[["Frontend"], None] | None = None,
     ) -> None:
         config.validate()
+        self.cfg = config
+        self.launcher = launcher
+        self.run_dir = run_dir
         self.on_start = on_start  # called with self once the replay clock starts
+        self.topo = topology if topology is not None else catalog.build(config.topology, config.topology_params)
+        self.decision_priority = DecisionPriority(config.decision_priority)
+        self.ledger = Ledger(config, self.topo, self._on_record, oracle=oracle, scheduler=scheduler,
+                             decide_in=self.decision_priority)
         self.loop: asyncio.AbstractEventLoop | None = None
         # workers found dead: {"host", "t_s", "how", "failed"}, in order
         self.losses: list[dict[str, Any]] = []
         self.background: set[asyncio.Task[None]] = set()  # tasks nobody awaits, kept referenced
-        self.status_url = status_url  # where progress is POSTed (the controller's /replay), or None
+        # where progress is POSTed (the controller's /replay), or None
+        self.status = None if status_url is None else ControllerClient(status_url)
         self.status_failures = 0
         self.sent_since_report: list[dict[str, Any]] = []  # KV transfers that ended since the last report
-        self.cfg = config
-        self.launcher = launcher
-        self.run_dir = run_dir
-        self.topo = topology if topology is not None else catalog.build(config.topology, config.topology_params)
-        self.perf = perfmodel.build(config.model, config.gpu, config.perf_overrides)
-        # An instance is perf.tp GPU hosts of one server, named by its rank-0 host (netkv.placement).
-        self.placement = make_placement(self.topo, config.placement, tp=self.perf.tp)
-        if config.oracle == "telemetry" and oracle is None:
-            raise ReplayError('oracle "telemetry" needs a telemetry oracle: pass oracle= to replay()')
-        self.oracle = oracle if oracle is not None else StaticOracle(self.topo)
-        if self.placement.tp > 1:  # a transfer is tp rank flows; it costs its slowest
-            self.oracle = TensorParallelOracle(self.oracle, {i: self.placement.ranks_of(i)
-                                                             for i in self.placement.instances},
-                                               self.perf.rank_flow_bytes)
-        warm = getattr(self.oracle, "warm", None)
-        if warm is not None:
-            warm(self.placement.prefill)  # the paths from every prefill: start-up work, not a decision's
-        self.scheduler = scheduler if scheduler is not None else create(
-            config.scheduler, config.scheduler_config, kv_bytes_per_token=self.perf.kv_bytes_per_token,
-            seed=config.seed,
-        )
-        self.chooser = PrefillChooser(self.perf, config.prefill_policy)
-        self.prefills = {h: PrefillInstance(h, PrefixCache(self.perf.prefix_cache_blocks)) for h in self.placement.prefill}
-        self.decodes = {h: DecodeState(h, PrefixCache(self.perf.prefix_cache_blocks)) for h in self.placement.decode}
-        self.prefill_flights: dict[str, set[str]] = {h: set() for h in self.placement.prefill}
-        self.flights: dict[str, Flight] = {}
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen] = {}  # type: ignore[type-arg]
         self.writers: dict[str, asyncio.StreamWriter] = {}
         self.hello: dict[str, asyncio.Event] = {}
         self.addrs: dict[str, tuple[str, int]] = {}
         self.rank_addrs: dict[str, list[tuple[str, int]]] = {}  # tp > 1: every rank's KV listener of a decode
-        self.late_reports = 0
-        self.max_dispatch_lag_ms = 0.0
-        self.t0 = 0.0
         self.writer: RecordWriter | None = None
-        self.written: set[str] = set()  # request ids that have their record
         self.all_done = asyncio.Event()
         self.dispatched_all = False
         self.progress: Any = None
         self.sock_path = run_dir.resolve() / CONTROL_SOCKET_NAME
         self.stopping = False
-        self.gc_clock = GcClock()  # collections inside decisions (decision_gc_us)
-        self.decision_priority = DecisionPriority(config.decision_priority)
 
-    # -- time ------------------------------------------------------------------
-    def ms(self, epoch_s: float) -> float:
-        return (epoch_s - self.t0) * 1000.0
+    # -- the serving model's figures ------------------------------------------------
+    @property
+    def placement(self) -> Placement:
+        return self.ledger.placement
+
+    @property
+    def perf(self) -> PerfModel:
+        return self.ledger.perf
+
+    @property
+    def t0(self) -> float:
+        return self.ledger.t0
+
+    def alive(self, host: str) -> bool:
+        return self.ledger.alive(host)
+
+    def role_of(self, host: str) -> str:
+        return self.ledger.role_of(host)
 
     # -- records ---------------------------------------------------------------
-    def _finish(self, rid: str, reason: str = "") -> None:
-        flight = self.flights.pop(rid)
-        if not flight.prefilled:
-            inst = self.prefills[flight.prefill]
-            inst.pending_ms = max(0.0, inst.pending_ms - flight.predicted_prefill_ms)
-            inst.queue_len -= 1
-        self.prefill_flights[flight.prefill].discard(rid)
-        d = self.decodes[flight.decode]
-        d.flights.discard(rid)
-        if flight.admitted:
-            d.active -= 1
-        else:
-            d.queued -= 1
-        d.reserved_tokens -= flight.reserved_tokens
-        rec = flight.rec
-        rec["status"] = "failed" if reason else "ok"
-        rec["reason"] = reason
-        self._write(rec)
-
-    def _write(self, rec: dict[str, Any]) -> None:
+    def _on_record(self, rec: dict[str, Any]) -> None:
         assert self.writer is not None
         self.writer.write(rec)
-        self.written.add(str(rec["request_id"]))
         if self.progress is not None:
             self.progress.update(1)
-        if self.dispatched_all and not self.flights:
+        if self.dispatched_all and not self.ledger.flights:
             self.all_done.set()
-
-    def _account_for_the_rest(self, requests: list[Request], why: str) -> None:
-        """One failed record for each request of the window that has none yet:
-        those in flight keep what their record already holds, those not yet
-        dispatched say so."""
-        for rid in list(self.flights):
-            if rid not in self.written:
-                self._finish(rid, f"{why} while in flight")
-        for req in requests:
-            if req.request_id not in self.written:
-                self._fail_undispatched(req, f"{why} before dispatch")
-
-    def _fail_undispatched(self, req: Request, reason: str, **extra: Any) -> None:
-        rec = empty_record(req.request_id, self.cfg.scheduler, req.arrival_ms, req.input_tokens, req.output_tokens)
-        rec.update(extra)
-        rec["reason"] = reason
-        self._write(rec)
 
     # -- dispatch -------------------------------------------------------------
     def dispatch(self, req: Request) -> None:
-        lag_ms = self.ms(time.time()) - req.arrival_ms
-        self.max_dispatch_lag_ms = max(self.max_dispatch_lag_ms, lag_ms)
-        try:
-            choice = self.chooser.choose(req.hash_ids, req.input_tokens, list(self.prefills.values()))
-        except PrefillChoiceError as exc:
-            self._fail_undispatched(req, f"no prefill: {exc}")
-            return
-        with self.decision_priority:
-            views_started = time.perf_counter()
-            views = [
-                DecodeView(
-                    d.name, d.queued, d.active, self.cfg.decode_max_batch,
-                    max(0, self.perf.kv_capacity_tokens - d.reserved_tokens), d.cache.snapshot(),
-                    self.cfg.decode_max_queue, used_kv_tokens=max(0, d.reserved_tokens),
-                )
-                for d in self.decodes.values() if d.alive
-            ]
-            views_build_us = (time.perf_counter() - views_started) * 1e6
-            timer = DecisionTimer(self.gc_clock)
-            try:
-                decision = self.scheduler.choose(req, choice.name, views, self.oracle, time.time()) if views else None
-                refusal = None
-            except NoEligibleDecode as exc:
-                decision, refusal = None, exc
-            timing = timer.fields()
-        if not views:
-            self._fail_undispatched(req, "no decode: no live decode instance", prefill=choice.name)
-            return
-        if refusal is not None:
-            self._fail_undispatched(req, f"no eligible decode: {refusal}", prefill=choice.name,
-                                    views_build_us=views_build_us, **timing)
-            return
-        if decision is None:
-            raise ReplayError(f"scheduler {self.cfg.scheduler!r} returned no decision")
-        if decision.decode not in self.decodes or not self.decodes[decision.decode].alive:
-            raise ReplayError(f"scheduler chose {decision.decode!r}, which is not a live decode instance")
-        kv_bytes = int(decision.bytes_to_send)
-        wire_bytes = math.ceil(kv_bytes / self.cfg.scale_factor)
+        order = self.ledger.dispatch(req, time.time())
+        if order is not None:
+            self._carry_out(order)
+
+    def _carry_out(self, order: Order) -> None:
+        """Tell the decode worker what comes and the prefill worker what to do.
+        With tensor parallelism the messages carry each rank's flow size and
+        the decode instance's listener of each rank (rank 0 first)."""
+        req = order.request
         tp_expect: dict[str, Any] = {}
         tp_prefill: dict[str, Any] = {}
         if self.placement.tp > 1:
-            wire_bytes, tp_expect, tp_prefill = self._rank_flows(decision.decode, kv_bytes)
-        rec = empty_record(req.request_id, self.cfg.scheduler, req.arrival_ms, req.input_tokens, req.output_tokens)
-        est = decision.estimate
-        rec.update(
-            prefill=choice.name, decode=decision.decode,
-            tier_distance=self.topo.tier_distance(choice.name, decision.decode),
-            views_build_us=views_build_us, **timing, score_terms={k: float(v) for k, v in decision.score_terms.items()},
-            estimate_transfer_ms=None if est is None else float(est.transfer_ms),
-            tokens_sent=int(decision.tokens_to_send), kv_bytes=kv_bytes, bytes_sent=wire_bytes,
-        )
-        need = req.input_tokens + req.output_tokens
-        flight = Flight(req, rec, choice.name, decision.decode, choice.predicted_prefill_ms, need)
-        self.flights[req.request_id] = flight
-        inst = self.prefills[choice.name]
-        inst.cache.insert(req.hash_ids)
-        inst.pending_ms += choice.predicted_prefill_ms
-        inst.queue_len += 1
-        self.prefill_flights[choice.name].add(req.request_id)
-        d = self.decodes[decision.decode]
-        d.cache.insert(req.hash_ids)
-        d.queued += 1
-        d.reserved_tokens += need
-        d.flights.add(req.request_id)
-        self._send(decision.decode, {"t": "expect", "id": req.request_id, "input_tokens": req.input_tokens,
-                                     "output_tokens": req.output_tokens, "wire_bytes": wire_bytes, **tp_expect})
-        self._send(choice.name, {"t": "prefill", "id": req.request_id, "input_tokens": req.input_tokens,
-                                 "hash_ids": list(req.hash_ids), "decode": decision.decode,
-                                 "addr": list(self.addrs[decision.decode]), "wire_bytes": wire_bytes, **tp_prefill})
-
-    def _rank_flows(self, decode: str, kv_bytes: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
-        """Tensor parallelism: the transfer as tp flows, rank i to rank i, each
-        of its rank's share (perf.rank_flow_bytes) scaled to the wire.  Returns
-        the wire bytes of all flows together and the rank fields of the
-        ``expect`` and the ``prefill`` message."""
-        rank_wire = [math.ceil(b / self.cfg.scale_factor) for b in self.perf.rank_flow_bytes(kv_bytes)]
-        return (sum(rank_wire), {"rank_wire_bytes": rank_wire},
-                {"rank_addrs": [list(a) for a in self.rank_addrs[decode]], "rank_wire_bytes": rank_wire})
+            rank_wire = [f.wire_bytes for f in order.flows]
+            tp_expect = {"rank_wire_bytes": rank_wire}
+            tp_prefill = {"rank_addrs": [list(a) for a in self.rank_addrs[order.decode]], "rank_wire_bytes": rank_wire}
+        self._send(order.decode, {"t": "expect", "id": req.request_id, "input_tokens": req.input_tokens,
+                                  "output_tokens": req.output_tokens, "wire_bytes": order.wire_bytes, **tp_expect})
+        self._send(order.prefill, {"t": "prefill", "id": req.request_id, "input_tokens": req.input_tokens,
+                                   "hash_ids": list(req.hash_ids), "decode": order.decode,
+                                   "addr": list(self.addrs[order.decode]), "wire_bytes": order.wire_bytes,
+                                   **tp_prefill})
 
     def _send(self, host: str, msg: dict[str, Any]) -> None:
         writer = self.writers.get(host)
@@ -418,51 +176,33 @@ class Frontend:
 
     # -- reports ---------------------------------------------------------------
     def on_report(self, host: str, msg: dict[str, Any]) -> None:
+        """One worker report (workers.protocol), handed to the ledger."""
         kind = msg["t"]
         rid = msg.get("id")
-        flight = self.flights.get(rid) if isinstance(rid, str) else None
-        if flight is None:
-            self.late_reports += 1  # the request already has its record (failed earlier)
-            return
-        rec = flight.rec
+        ledger = self.ledger
         if kind == "prefilled":
-            flight.prefilled = True
-            inst = self.prefills[flight.prefill]
-            inst.pending_ms = max(0.0, inst.pending_ms - flight.predicted_prefill_ms)
-            inst.queue_len -= 1
-            rec["prefill_start_ms"] = self.ms(msg["start_s"])
-            rec["prefill_end_ms"] = self.ms(msg["end_s"])
-            rec["queue_wait_ms"] = rec["prefill_start_ms"] - rec["arrival_ms"]
-            rec["prefill_cached_tokens"] = int(msg["cached_tokens"])
+            ledger.prefilled(rid, msg["start_s"], msg["end_s"], int(msg["cached_tokens"]))
         elif kind == "sent":
-            flight.sent = True
-            if self.status_url is not None:
-                self.sent_since_report.extend(self._transfers(flight))
-            self.prefill_flights[flight.prefill].discard(rid)  # type: ignore[arg-type]
-            rec["transfer_start_ms"] = self.ms(msg["start_s"])
-            if flight.done_msg is not None:
-                self._complete(flight, flight.done_msg)
+            flight = ledger.sent(rid, msg["start_s"])
+            if flight is not None and self.status is not None:
+                self.sent_since_report.extend(flows_json(flight))
         elif kind == "send_failed":
-            # A decode killed mid-transfer resets the connection before its exit code
-            # is known: give it the control connection's grace, then name the death.
-            task = asyncio.get_running_loop().create_task(
-                self._transfer_failed(flight.req.request_id, flight.decode, str(msg.get("reason", ""))))
-            self.background.add(task)
-            task.add_done_callback(self.background.discard)
-        elif kind == "admitted":
-            flight.admitted = True
-            d = self.decodes[flight.decode]
-            d.queued -= 1
-            d.active += 1
-        elif kind == "done":
-            if not flight.admitted:
-                self.on_report(host, {"t": "admitted", "id": rid})
-            if flight.sent:
-                self._complete(flight, msg)
+            if rid in ledger.flights:
+                # A decode killed mid-transfer resets the connection before its exit code
+                # is known: give it the control connection's grace, then name the death.
+                task = asyncio.get_running_loop().create_task(
+                    self._transfer_failed(str(rid), ledger.flights[str(rid)].decode, str(msg.get("reason", ""))))
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
             else:
-                flight.done_msg = msg  # the sender's report is still on its way
+                ledger.late_reports += 1
+        elif kind == "admitted":
+            ledger.admitted(rid)
+        elif kind == "done":
+            ledger.done(Done(str(rid), msg["transfer_end_s"], msg["admit_s"], msg["first_token_s"],
+                             msg["completion_s"], msg.get("tbt_mean_ms"), msg.get("tbt_p99_ms")))
         elif kind == "rejected":
-            self._finish(flight.req.request_id, f"rejected by decode {host}: {msg.get('reason', '')}")
+            ledger.rejected(rid, host, str(msg.get("reason", "")))
         else:
             raise ProtocolError(f"{host} sent an unknown report {kind!r}")
 
@@ -473,25 +213,8 @@ class Frontend:
         proc = self.procs.get(decode_host)
         if proc is not None and proc.poll() is not None and self.alive(decode_host):
             self.worker_lost(decode_host, "failed transfer")
-        if rid in self.flights:
-            self._finish(rid, f"transfer failed: {reason}")
-
-    def _complete(self, flight: Flight, msg: dict[str, Any]) -> None:
-        rec = flight.rec
-        rec["transfer_end_ms"] = self.ms(msg["transfer_end_s"])
-        rec["decode_admit_ms"] = self.ms(msg["admit_s"])
-        rec["first_token_ms"] = self.ms(msg["first_token_s"])
-        rec["completion_ms"] = self.ms(msg["completion_s"])
-        rec["ttft_ms"] = rec["first_token_ms"] - rec["arrival_ms"]
-        rec["tbt_mean_ms"] = msg.get("tbt_mean_ms")
-        rec["tbt_p99_ms"] = msg.get("tbt_p99_ms")
-        self._finish(flight.req.request_id)
-
-    def alive(self, host: str) -> bool:
-        return self.prefills[host].alive if host in self.prefills else self.decodes[host].alive
-
-    def role_of(self, host: str) -> str:
-        return "prefill" if host in self.prefills else "decode"
+        if rid in self.ledger.flights:
+            self.ledger.fail(rid, f"transfer failed: {reason}")
 
     def worker_lost(self, host: str, seen_by: str = "control connection") -> None:
         """The worker of ``host`` is gone: every request that still needs it
@@ -505,20 +228,11 @@ class Frontend:
         proc = self.procs.get(host)
         rc = proc.poll() if proc is not None else None
         how = f"exited with code {rc}" if rc is not None else "closed its control connection"
-        if host in self.prefills:
-            self.prefills[host].alive = False
-            affected = sorted(self.prefill_flights[host])
-            what = f"prefill worker {host} {how}"
-        else:
-            self.decodes[host].alive = False
-            affected = sorted(self.decodes[host].flights)
-            what = f"decode worker {host} {how}"
-        print(f"netkv replay: worker {host} {how}; failing {len(affected)} request(s)", file=sys.stderr)
-        failed = 0
-        for rid in affected:
-            if rid in self.flights:
-                self._finish(rid, f"{what} ({self.flights[rid].stage()})")
-                failed += 1
+        what = f"{self.role_of(host)} worker {host} {how}"
+        affected = len(self.ledger.prefill_flights[host]) if host in self.ledger.prefills \
+            else len(self.ledger.decodes[host].flights)
+        print(f"netkv replay: worker {host} {how}; failing {affected} request(s)", file=sys.stderr)
+        failed = self.ledger.instance_lost(host, what)
         self.losses.append({"host": host, "t_s": now, "how": f"{seen_by}: {how}", "failed": failed})
 
     async def watchdog(self) -> None:
@@ -569,43 +283,6 @@ class Frontend:
             raise ReplayError(f"restarted worker {host} did not connect within {timeout_s:g} s") from None
         return int(proc.pid), time.time()
 
-    def _welcome_back(self, host: str) -> None:
-        """A restarted worker said hello: it starts empty, and is chosen again."""
-        if host in self.prefills:
-            self.prefills[host] = PrefillInstance(host, PrefixCache(self.perf.prefix_cache_blocks))
-            self.prefill_flights[host] = set()
-        else:
-            self.decodes[host] = DecodeState(host, PrefixCache(self.perf.prefix_cache_blocks))
-
-    # -- control socket -----------------------------------------------------
-    async def on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host: str | None = None
-        try:
-            line = await reader.readline()
-            if not line:
-                return
-            hello = decode(line)
-            host = str(hello.get("host"))
-            if hello.get("t") != "hello" or host not in self.hello or host in self.writers:
-                raise ProtocolError(f"unexpected first control message {hello!r}")
-            if not self.alive(host):
-                self._welcome_back(host)
-            self.writers[host] = writer
-            self.hello[host].set()
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
-                self.on_report(host, decode(line))
-        except (ConnectionError, ProtocolError, ValueError) as exc:
-            print(f"netkv replay: control connection of {host or '?'} failed: {exc}", file=sys.stderr)
-        finally:
-            writer.close()
-            if host is not None and self.writers.get(host) is writer:
-                await asyncio.sleep(WORKER_EXIT_GRACE_S)  # let the process finish exiting so its code is known
-                self.worker_lost(host)
-
-    # -- processes ---------------------------------------------------------------
     def _argv(self, host: str, role: str) -> list[str]:
         argv = [sys.executable, "-m", f"workers.{role}", "--host", host, "--control", str(self.sock_path),
                 "--model", self.cfg.model, "--gpu", self.cfg.gpu, "--perf-json", json.dumps(self.cfg.perf_overrides)]
@@ -680,35 +357,54 @@ class Frontend:
                 proc.kill()
                 proc.wait()
 
-    # -- progress for the controller's fabric view ----------------------------
-    def _transfers(self, flight: Flight) -> list[dict[str, Any]]:
-        """The flows of one KV transfer: one, or tp rank to rank (tensor parallelism)."""
-        kv_bytes = int(flight.rec.get("kv_bytes") or 0)
-        if self.placement.tp == 1:
-            return [{"src": flight.prefill, "dst": flight.decode, "bytes": kv_bytes}]
-        return [{"src": p, "dst": d, "bytes": b} for p, d, b in zip(
-            self.placement.ranks_of(flight.prefill), self.placement.ranks_of(flight.decode),
-            self.perf.rank_flow_bytes(kv_bytes))]
+    # -- control socket -----------------------------------------------------
+    async def on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host: str | None = None
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            hello = decode(line)
+            host = str(hello.get("host"))
+            if hello.get("t") != "hello" or host not in self.hello or host in self.writers:
+                raise ProtocolError(f"unexpected first control message {hello!r}")
+            if not self.alive(host):
+                self.ledger.instance_back(host)  # a restarted worker starts empty, and is chosen again
+            self.writers[host] = writer
+            self.hello[host].set()
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                self.on_report(host, decode(line))
+        except (ConnectionError, ProtocolError, ValueError) as exc:
+            print(f"netkv replay: control connection of {host or '?'} failed: {exc}", file=sys.stderr)
+        finally:
+            writer.close()
+            if host is not None and self.writers.get(host) is writer:
+                await asyncio.sleep(WORKER_EXIT_GRACE_S)  # let the process finish exiting so its code is known
+                self.worker_lost(host)
 
+    # -- progress for the controller's fabric view ----------------------------
     def status_report(self, total: int, finished: bool = False) -> dict[str, Any]:
         """Requests with a record so far, and the KV transfers in flight at any moment
         since the previous report: those under way now (prefilled, not yet sent) and
         those that ended in between (most take milliseconds, reports come every 0.5 s)."""
-        flying = [t for f in self.flights.values() if f.prefilled and not f.sent for t in self._transfers(f)]
+        flying = [t for f in self.ledger.flights.values() if f.prefilled and not f.sent for t in flows_json(f)]
         flying += self.sent_since_report
         self.sent_since_report = []
-        return {"scheduler": self.cfg.scheduler, "requests_done": len(self.written), "requests_total": total,
+        return {"scheduler": self.cfg.scheduler, "requests_done": len(self.ledger.written), "requests_total": total,
                 "transfers_in_flight": [] if finished else flying, "finished": finished}
 
     def _post_status(self, report: dict[str, Any]) -> None:
-        assert self.status_url is not None
+        assert self.status is not None
         try:
-            post_status(self.status_url, report)
-        except OSError as exc:
+            self.status.request("", report, timeout_s=1.0)
+        except ControllerUnavailable as exc:
             # the view is a convenience: the replay goes on, and says so once
             self.status_failures += 1
             if self.status_failures == 1:
-                print(f"replay: could not report progress to {self.status_url}: {exc}", file=sys.stderr)
+                print(f"replay: could not report progress: {exc}", file=sys.stderr)
 
     async def report_status(self, total: int) -> None:
         loop = asyncio.get_running_loop()
@@ -724,27 +420,25 @@ class Frontend:
                 await asyncio.sleep(delay)
             self.dispatch(req)
         self.dispatched_all = True
-        if not self.flights:
+        if not self.ledger.flights:
             self.all_done.set()
         last_arrival_s = self.t0 + (requests[-1].arrival_ms / 1000.0 if requests else 0.0)
         wait_s = last_arrival_s + self.cfg.drain_timeout_s - time.time()
         try:
             await asyncio.wait_for(self.all_done.wait(), timeout=max(0.0, wait_s))
         except asyncio.TimeoutError:
-            for rid in sorted(self.flights):
-                stage = self.flights[rid].stage()
-                self._finish(rid, f"not finished within drain_timeout_s={self.cfg.drain_timeout_s:g} "
-                                  f"after the last arrival ({stage})")
+            self.ledger.fail_unfinished(f"not finished within drain_timeout_s={self.cfg.drain_timeout_s:g} "
+                                        f"after the last arrival")
 
     async def main(self, requests: list[Request]) -> None:
         server = await asyncio.start_unix_server(self.on_connection, path=str(self.sock_path), limit=MAX_LINE_BYTES)
         reporter: asyncio.Task[None] | None = None
         try:
             await self.start_workers()
-            self.t0 = time.time()
+            self.ledger.t0 = time.time()
             self.loop = asyncio.get_running_loop()
             watchdog = asyncio.create_task(self.watchdog())
-            if self.status_url is not None:
+            if self.status is not None:
                 reporter = asyncio.create_task(self.report_status(len(requests)))
             if self.on_start is not None:
                 self.on_start(self)
@@ -752,7 +446,7 @@ class Frontend:
             watchdog.cancel()
         finally:
             self.dispatched_all = True
-            if self.status_url is not None:
+            if self.status is not None:
                 if reporter is not None:
                     reporter.cancel()
                 self._post_status(self.status_report(len(requests), finished=True))
@@ -772,8 +466,6 @@ class Frontend:
         if len(str(self.sock_path).encode()) > UNIX_PATH_MAX:
             # A deep run directory (a sweep's point / window / scheduler): a Unix
             # socket path must be short, so the socket goes to a private directory.
-            import tempfile
-
             sock_dir = Path(tempfile.mkdtemp(prefix="netkv-ctl-"))
             self.sock_path = sock_dir / CONTROL_SOCKET_NAME
         if self.sock_path.exists():
@@ -789,16 +481,16 @@ class Frontend:
         self.writer = RecordWriter(records_path)
         if self.decision_priority.refusal:
             print(f"netkv: note: {self.decision_priority.refusal}", file=sys.stderr)
-        self.gc_clock.start()
+        self.ledger.gc_clock.start()
         try:
             asyncio.run(self.main(requests))
         except BaseException as exc:
             # Ctrl-C, SIGTERM, or a crash of the frontend itself: every request
             # of the window still gets its one record before the error goes on.
-            self._account_for_the_rest(requests, f"run interrupted ({type(exc).__name__}: {exc})")
+            self.ledger.account_for_the_rest(requests, f"run interrupted ({type(exc).__name__}: {exc})")
             raise
         finally:
-            self.gc_clock.stop()
+            self.ledger.gc_clock.stop()
             self.writer.close()
             if self.progress is not None:
                 self.progress.close()
@@ -823,11 +515,11 @@ class Frontend:
         summary = summarize(records_path, self.cfg.ttft_slo_ms, SloConfig.from_dict(self.cfg.slo))
         summary.update(
             run_dir=str(run_dir), run_start_epoch_s=self.t0, scheduler=self.cfg.scheduler,
-            trace_lines_skipped=len(load.skipped), late_reports=self.late_reports,
-            max_dispatch_lag_ms=self.max_dispatch_lag_ms, problems=problems,
+            trace_lines_skipped=len(load.skipped), late_reports=self.ledger.late_reports,
+            max_dispatch_lag_ms=self.ledger.max_dispatch_lag_ms, problems=problems,
             decision_realtime=self.decision_priority.applied,
         )
-        if self.status_url is not None:
+        if self.status is not None:
             summary["status_report_failures"] = self.status_failures
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

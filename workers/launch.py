@@ -26,28 +26,18 @@ Contract for implementations:
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 from pathlib import Path
 from typing import Protocol
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from netkv.repo import REPO_ROOT, child_env
 
 
 class Launcher(Protocol):
     def popen(self, host: str, argv: list[str], log_path: Path) -> subprocess.Popen: ...
 
     def data_addr(self, host: str) -> tuple[str, int]: ...
-
-
-def worker_env() -> dict[str, str]:
-    """Environment for a worker: this one, with the repo root on PYTHONPATH
-    and unbuffered output (so a killed worker's log is complete)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def _free_port(ip: str) -> int:
@@ -93,7 +83,7 @@ class LocalLauncher:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO_ROOT,
-                env=worker_env(),
+                env=child_env(),
                 start_new_session=True,  # a Ctrl-C in the terminal reaches the frontend only
             )
         self.started.append(proc)

@@ -4,7 +4,7 @@ One instance per prefill GPU host.  Requests arrive from the frontend over the
 control socket and are served first come, first served, one at a time:
 
 1. look up the request's leading 512-token blocks in the LRU prefix cache
-   (:class:`netkv.prefill.PrefixCache`, capacity from the perf model);
+   (:class:`netkv.serving.prefill.PrefixCache`, capacity from the perf model);
 2. "compute" the uncached tokens: sleep :meth:`PerfModel.prefill_ms`;
 3. insert the request's blocks into the cache, report ``prefilled``;
 4. hand the KV payload (``wire_bytes`` = real KV bytes / scale factor, sent
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netkv.perfmodel import PerfModel
-from netkv.prefill import PrefixCache
+from netkv.serving.prefill import PrefillCompute
 
 from .common import Control, Rank, base_parser, build_perf, log, parse_ranks
 from .netns import tcp_socket_in
@@ -129,12 +129,10 @@ class Sender:
 
 
 class PrefillWorker:
-    def __init__(self, host: str, control: Control, cache_blocks: int, perf: PerfModel,
-                 ranks: list[Rank] | None = None) -> None:
+    def __init__(self, host: str, control: Control, perf: PerfModel, ranks: list[Rank] | None = None) -> None:
         self.host = host
         self.control = control
-        self.cache = PrefixCache(cache_blocks)
-        self.perf = perf
+        self.compute_model = PrefillCompute(perf)
         self.ranks = ranks if ranks is not None else [Rank(host, None)]
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
         self.senders: dict[tuple[str, int], Sender] = {}
@@ -143,10 +141,9 @@ class PrefillWorker:
         while True:
             job = await self.jobs.get()
             start_s = time.time()
-            cached = self.cache.cached_tokens(job.hash_ids, job.input_tokens)
-            t_ms = self.perf.prefill_ms(job.input_tokens - cached, cached)
+            cached, t_ms = self.compute_model.start(job.hash_ids, job.input_tokens)
             await asyncio.sleep(t_ms / 1000.0)
-            self.cache.insert(job.hash_ids)
+            self.compute_model.finish(job.hash_ids)
             end_s = time.time()
             self.control.send(
                 {"t": "prefilled", "id": job.request_id, "start_s": start_s, "end_s": end_s, "cached_tokens": cached}
@@ -186,7 +183,7 @@ async def amain() -> None:
     perf = build_perf(args)
     ranks = parse_ranks(args, perf)
     control = await Control.connect(args.control)
-    worker = PrefillWorker(args.host, control, perf.prefix_cache_blocks, perf, ranks)
+    worker = PrefillWorker(args.host, control, perf, ranks)
     compute = asyncio.create_task(worker.compute())
     control.send({"t": "hello", "host": args.host, "role": "prefill", "pid": os.getpid()})
     tp_note = "" if len(ranks) == 1 else f", tp {len(ranks)} on {', '.join(r.host for r in ranks)}"

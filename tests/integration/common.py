@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from testbed.config import TestbedConfig
-from testbed.net import Testbed
+from fabric.config import TestbedConfig
+from fabric.net import Testbed
 from tests.conftest import free_port, test_prefix
 
 

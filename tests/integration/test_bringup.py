@@ -15,14 +15,14 @@ from typing import Iterator
 import pytest
 
 from controller.routing import flow_entries, walk
-from testbed import cleanup, system
-from testbed.config import TestbedConfig
-from testbed.net import Testbed
+from fabric import cleanup, system
+from fabric.config import TestbedConfig
+from fabric.net import Testbed
 from tests.conftest import free_port, test_prefix
 from tests.integration.common import running_testbed
 
 pytestmark = pytest.mark.root
-NETKV = [sys.executable, "-m", "testbed.cli"]
+NETKV = [sys.executable, "-m", "cli.main"]
 ROOT = Path(__file__).resolve().parents[2]
 
 

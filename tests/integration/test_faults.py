@@ -18,14 +18,16 @@ from typing import Any, Callable
 import pytest
 
 from controller.routing import flow_entries, walk
+from fabric import cleanup, switches, system
+from fabric.net import Testbed
+from lab import scenario
+from lab.rundir import TELEMETRY_SERIES
+from lab.emulator import replay_under_scenario
+from lab.faults import EVENTS_FILE
 from netkv.records import read_records, validate_file
+from netkv.serving.config import ReplayConfig
 from netkv.traces import DEFAULT_TRACE
-from testbed import cleanup, scenario, switches, system
-from testbed.experiment import TELEMETRY_SERIES, replay_under_scenario
-from testbed.faults import EVENTS_FILE
-from testbed.net import Testbed
 from tests.integration.common import running_testbed
-from workers.run import ReplayConfig
 
 pytestmark = pytest.mark.root
 

@@ -17,9 +17,9 @@ import json
 import os
 import shutil
 import signal
-import sys
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -35,7 +35,7 @@ import jsonschema
 import pytest
 
 from bench.telemetry import iperf_result, iperf_server, iperf_udp_client, rest_get, udp_wire_factor
-from testbed.net import Testbed
+from fabric.net import Testbed
 from tests.conftest import free_port
 from tests.integration.common import cross_pair, running_testbed
 

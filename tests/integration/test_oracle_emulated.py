@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import pytest
 
 from bench.telemetry import iperf_server, iperf_udp_client, rest_get, tcp_transfer_s, udp_wire_factor
-from testbed.config import emulated_bytes
-from testbed.net import Testbed
+from fabric.config import emulated_bytes
+from fabric.net import Testbed
 from tests.integration.common import cross_pair, running_testbed
 
 pytestmark = pytest.mark.root

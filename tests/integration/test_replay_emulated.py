@@ -12,15 +12,17 @@ from typing import Any
 
 import pytest
 
-from netkv.records import percentile, read_records, validate_file
+from fabric import cleanup
+from fabric.config import TestbedConfig
+from fabric.net import Testbed
+from lab.emulator import MininetLauncher
+from lab.transfers import ideal_ms, idle_transfers
+from netkv.records import read_records, validate_file
+from netkv.serving.config import ReplayConfig
+from netkv.stats import percentile
 from netkv.traces import DEFAULT_TRACE
-from testbed import cleanup
-from testbed.config import TestbedConfig
-from testbed.experiment import MininetLauncher
-from testbed.net import Testbed
-from testbed.transfers import idle_transfers, ideal_ms
 from tests.conftest import free_port, test_prefix
-from workers.run import ReplayConfig, replay
+from workers.run import replay
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +52,7 @@ def test_replay_real_trace_all_ok_and_idle_transfers_near_ideal(tb: Testbed, tmp
         assert r["prefill_end_ms"] <= r["transfer_start_ms"] <= r["transfer_end_ms"] <= r["first_token_ms"]
         assert r["tier_distance"] == tb.topo.tier_distance(r["prefill"], r["decode"])
     assert {r["tier_distance"] for r in records} == {0, 2}, "round robin should use both tiers of tiny"
-    # Idle path: no other transfer on a shared link during this one (testbed.transfers).
+    # Idle path: no other transfer on a shared link during this one (lab.transfers).
     idle = idle_transfers(tb.topo, tb.config.scale, tb.config.mtu_bytes, records)
     # Judged as the report judges it (idle_transfer_ratio_p90), plus a bound on
     # every one: a transfer of a few ms can lose a few ms to the machine's
@@ -121,7 +123,7 @@ def test_two_transfers_share_one_bottleneck(tmp_path: Path) -> None:
 
 def netkv_run_argv(prefix: str, out: Path, schedulers: str, *, max_requests: int, duration_s: int) -> list[str]:
     """`netkv run` on the tiny fabric without background flows, quiet."""
-    return [sys.executable, "-m", "testbed.cli", "run", "--topology", "tiny", "--prefix", prefix,
+    return [sys.executable, "-m", "cli.main", "run", "--topology", "tiny", "--prefix", prefix,
             "--of-port", str(free_port()), "--rest-port", str(free_port()), "--scenario", "none",
             "--schedulers", schedulers, "--max-requests", str(max_requests), "--duration-s", str(duration_s),
             "--out", str(out), "--quiet"]
@@ -149,7 +151,7 @@ def test_netkv_run_cli_end_to_end(tmp_path: Path) -> None:
     for m in comparison["schedulers"].values():
         assert m["partial"] is False and m["requests_expected"] == 12 and m["requests_without_record"] == 0
     # The report is remade from the files alone.
-    again = subprocess.run([sys.executable, "-m", "testbed.cli", "report", str(out), "--json"],
+    again = subprocess.run([sys.executable, "-m", "cli.main", "report", str(out), "--json"],
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 0 and json.loads(again.stdout)["schedulers"] == comparison["schedulers"]
 
@@ -165,7 +167,7 @@ def test_netkv_run_bad_input_before_any_network(tmp_path: Path) -> None:
                            (["--scenario", "hotspots"], "not a GPU host of tiny"),
                            (["--set", "rate_multplier=2"], "unknown replay config key 'rate_multplier'"),
                            (["--trace", str(tmp_path / "missing.jsonl")], "trace not found")):
-        proc = subprocess.run([sys.executable, "-m", "testbed.cli", "run", "--topology", "tiny",
+        proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "--topology", "tiny",
                                "--prefix", test_prefix("c"), "--out", str(tmp_path / "o"), *args],
                               capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert proc.returncode == 2, (args, proc.stderr)
@@ -197,13 +199,13 @@ def test_killed_run_is_swept_and_reported_partial(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert cleanup.leftovers(prefix).total > 0  # nothing had a chance to clean up
-    clean = subprocess.run([sys.executable, "-m", "testbed.cli", "clean", "--prefix", prefix],
+    clean = subprocess.run([sys.executable, "-m", "cli.main", "clean", "--prefix", prefix],
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     left = cleanup.leftovers(prefix)
     assert left.total == 0, left.as_dict()
     written = len(read_records(records))
-    report = subprocess.run([sys.executable, "-m", "testbed.cli", "report", str(out), "--json"],
+    report = subprocess.run([sys.executable, "-m", "cli.main", "report", str(out), "--json"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert report.returncode == 0, report.stderr
     m = json.loads(report.stdout)["schedulers"]["round_robin"]

@@ -12,14 +12,15 @@ from typing import Any
 
 import pytest
 
+from fabric.config import TestbedConfig
+from fabric.net import Testbed
+from lab.emulator import MininetLauncher
 from netkv import perfmodel
 from netkv.records import read_records, validate_file
+from netkv.serving.config import ReplayConfig
 from netkv.traces import DEFAULT_TRACE
-from testbed.config import TestbedConfig
-from testbed.experiment import MininetLauncher
-from testbed.net import Testbed
 from tests.conftest import free_port, test_prefix
-from workers.run import ReplayConfig, replay
+from workers.run import replay
 
 pytestmark = pytest.mark.root
 # Two 8-GPU servers, one per rack, in one pod: TP-4 instances P g0, D g4 (same

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fabric import cleanup
 from netkv.records import read_records
-from testbed import cleanup
 from tests.conftest import free_port, test_prefix
 
 pytestmark = pytest.mark.root
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_two_point_load_sweep_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     prefix = test_prefix("w")
-    argv = [sys.executable, "-m", "testbed.cli", "sweep", "load", "--values", "1,2", "--topology", "tiny",
+    argv = [sys.executable, "-m", "cli.main", "sweep", "load", "--values", "1,2", "--topology", "tiny",
             "--prefix", prefix, "--of-port", str(free_port()), "--rest-port", str(free_port()),
             "--scenario", "none", "--schedulers", "round_robin,netkv", "--max-requests", "6",
             "--duration-s", "20", "--out", str(out), "--quiet"]
@@ -59,7 +59,7 @@ def test_two_point_load_sweep_end_to_end(tmp_path: Path) -> None:
         exp = json.loads((out / point["dir"] / "experiment.json").read_text())
         assert exp["replay"]["rate_multiplier"] == point["value"]  # the knob, and only it, differs
     # the sweep's figures are remade from its files alone
-    report = subprocess.run([sys.executable, "-m", "testbed.cli", "report", str(out), "--json"],
+    report = subprocess.run([sys.executable, "-m", "cli.main", "report", str(out), "--json"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert report.returncode == 0, report.stderr[-2000:]
     assert json.loads(report.stdout)["points"] == result["points"]
@@ -68,7 +68,7 @@ def test_two_point_load_sweep_end_to_end(tmp_path: Path) -> None:
 
 def test_sweep_bad_value_refused_before_any_network(tmp_path: Path) -> None:
     prefix = test_prefix("w")
-    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "sweep", "load", "--values", "1,-3",
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "sweep", "load", "--values", "1,-3",
                            "--topology", "tiny", "--prefix", prefix, "--scenario", "none",
                            "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2

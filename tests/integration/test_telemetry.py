@@ -19,9 +19,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from bench.telemetry import (hop_samples_within, iperf_result, iperf_server, iperf_udp_client, rest_get,
-                             udp_wire_factor)
-from testbed.net import Testbed
+from bench.telemetry import hop_samples_within, iperf_result, iperf_server, iperf_udp_client, rest_get, udp_wire_factor
+from fabric.net import Testbed
 from tests.integration.common import cross_pair, running_testbed
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,12 +9,15 @@ from typing import Any
 
 import pytest
 
-from testbed.campaign import aggregate, summary, window_runs
-from testbed.experiment import ExperimentConfig, ExperimentError, _check_windows, prepare, window_dir_name
+from lab.campaign import aggregate, summary
+from lab.experiment import ExperimentConfig, ExperimentError, _check_windows, prepare
+from lab.rundir import window_dir_name
+from lab.report import ttft_breakdown_ms
+from lab.rundir import window_runs
+from lab.sweep import SWEEPS, SweepError, plan, point_experiment
+from cli.lab import parse_values
+from netkv.serving.config import ReplayConfig
 from netkv.slo import ttft_attainment_curve
-from testbed.report import ttft_breakdown_ms
-from testbed.sweep import SWEEPS, SweepError, parse_values, plan, point_experiment
-from workers.run import ReplayConfig
 
 
 def test_summary_uses_student_t_and_calls_an_interval_over_zero_not_significant() -> None:

@@ -7,11 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from netkv.request import BLOCK_TOKENS, matched_prefix_blocks
+from netkv.serving.config import ReplayConfig, ReplayConfigError
 from netkv.traces import DEFAULT_TRACE, MAX_CONTEXT_FACTOR, TraceError, load_trace, scale_context
-from workers.run import ReplayConfig, ReplayConfigError
 
 
 def _write(tmp_path: Path, rows: list[tuple[float, int, int, list[int]]]) -> Path:

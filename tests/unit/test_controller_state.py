@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import topologies
 from controller.queues import QueueReadError, parse_qdisc_json
-from controller.state import ControllerState, QueueSample, percentile
+from controller.state import ControllerState, QueueSample
 
 SCALE = 20_000.0
 
@@ -257,14 +257,6 @@ def test_parse_qdisc_json_keeps_root_qdiscs_of_the_prefix_only() -> None:
 def test_parse_qdisc_json_rejects_garbage(text: str) -> None:
     with pytest.raises(QueueReadError):
         parse_qdisc_json(text, 1.0, "nc")
-
-
-def test_percentile_nearest_rank() -> None:
-    assert percentile([5, 1, 3, 2, 4], 0.5) == 3
-    assert percentile([1, 2, 3, 4], 0.95) == 4
-    assert percentile([], 0.5) is None
-    with pytest.raises(ValueError, match="0..1"):
-        percentile([1], 1.5)
 
 
 class _Boom(BaseException):

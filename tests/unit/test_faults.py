@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,15 +21,16 @@ import topologies
 from controller.rest import Api
 from controller.routing import flow_entries, walk
 from controller.state import ControllerState
+from lab import faults, scenario
+from lab.faults import Event, FaultError, FaultRunner, parse_events
 from netkv.oracle import DOWN_LINK_GBPS, StaticOracle, TelemetryOracle
 from netkv.records import read_records, validate_file
+from netkv.serving.config import ReplayConfig
 from netkv.telemetry import LinkSample, TelemetrySnapshot
 from netkv.traces import DEFAULT_TRACE
-from testbed import faults, scenario
-from testbed.faults import Event, FaultError, FaultRunner, parse_events
 from topologies.model import pick_path
 from workers.launch import LocalLauncher
-from workers.run import ReplayConfig, replay
+from workers.run import replay
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,7 @@ def test_workers_are_checked(fattree: topologies.Topology) -> None:
 
 
 def run_netkv(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
 
 
@@ -349,7 +349,7 @@ def test_a_switch_lost_while_the_controller_runs_is_routed_around_until_it_is_ba
 
 
 def test_report_summarises_fault_events_and_ttft_around_them(tmp_path: Path) -> None:
-    from testbed.report import fault_figures
+    from lab.report import fault_figures
 
     assert fault_figures(tmp_path, []) == {}
     lines = [{"event": 0, "kind": "worker_kill", "requested_t_s": 2.0, "actual_t_s": 2.01, "outcome": "ok",

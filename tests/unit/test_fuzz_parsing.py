@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import topologies
+from fabric.config import ConfigError, TestbedConfig
+from lab import scenario as scenario_mod
+from lab.experiment import ExperimentConfig, ExperimentError
+from netkv.serving.config import ReplayConfig, ReplayConfigError
 from netkv.traces import TraceError, iter_trace, load_trace, parse_line
-from testbed import scenario as scenario_mod
-from testbed.config import ConfigError, TestbedConfig
-from testbed.experiment import ExperimentConfig, ExperimentError
-from workers.run import ReplayConfig, ReplayConfigError
 
 TOPO = topologies.build("tiny")
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,8 +9,14 @@ from typing import Any
 import pytest
 
 from netkv.records import (
-    FIELD_NAMES, RecordError, RecordWriter, check_record, empty_record, percentile, read_records,
-    summarize, validate_file,
+    FIELD_NAMES,
+    RecordError,
+    RecordWriter,
+    check_record,
+    empty_record,
+    read_records,
+    summarize,
+    validate_file,
 )
 
 
@@ -98,8 +104,3 @@ def test_summary_is_computed_from_the_file(tmp_path: Path) -> None:
         summarize(path, ttft_slo_ms=0)
 
 
-def test_percentile_matches_linear_interpolation() -> None:
-    assert percentile([], 50) is None
-    assert percentile([5.0], 99) == 5.0
-    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 25) == 2.0
-    assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import topologies
+from lab.report import scheduler_metrics
 from netkv.records import RecordWriter, empty_record
-from testbed.report import scheduler_metrics
-from workers.run import ReplayConfig
+from netkv.serving.config import ReplayConfig
 
 TOPO = topologies.build("fattree")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import topologies
+from lab.report import scheduler_metrics, window_size
 from netkv.records import RecordWriter, empty_record
-from testbed.report import scheduler_metrics, window_size
-from workers.run import ReplayConfig
+from netkv.serving.config import ReplayConfig
 
 TOPO = topologies.build("fattree")
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from netkv import slo
 from netkv.records import RecordWriter, empty_record, summarize
@@ -113,7 +114,7 @@ def test_summary_carries_the_slo_figures(tmp_path: Path) -> None:
 
 
 def test_replay_config_slo_settings_are_checked() -> None:
-    from workers.run import ReplayConfig, ReplayConfigError
+    from netkv.serving.config import ReplayConfig, ReplayConfigError
 
     assert ReplayConfig().slo == {}
     assert ReplayConfig(slo={"tbt_slo_ms": 50.0}).slo == {"tbt_slo_ms": 50.0}
@@ -124,7 +125,7 @@ def test_replay_config_slo_settings_are_checked() -> None:
 
 
 def test_flat_slo_is_one_definition() -> None:
-    from testbed.experiment import DEFAULT_REPLAY
+    from lab.experiment import DEFAULT_REPLAY
 
     assert DEFAULT_REPLAY["ttft_slo_ms"] == slo.FLAT_TTFT_SLO_MS
     assert slo.FLAT_TTFT_SLO_MS in slo.DEFAULT_TTFT_THRESHOLDS_MS

@@ -9,11 +9,12 @@ import statistics
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from netkv import stats
 from netkv.schedulers import baselines
-from netkv.stats import StatsError, compare_paired, mean_ci, select_windows, t_cdf, t_quantile
+from netkv.stats import StatsError, compare_paired, mean_ci, percentile, select_windows, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize("p", [0.6, 0.9, 0.95, 0.975, 0.995])
@@ -170,3 +171,20 @@ def test_exact_fits_are_not_lost_to_rounding() -> None:
     # 0.3 s windows: 3 x 0.1 is not exactly 0.3 in floating point
     assert len(select_windows(0.9, 0.3, 3)) == 3
     assert select_windows(1.0, 0.1, 10) == pytest.approx([i * 0.1 for i in range(10)])
+
+
+def test_percentile_matches_linear_interpolation() -> None:
+    assert percentile([], 50) is None
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 25) == 2.0
+    assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+    with pytest.raises(ValueError, match="pct must be in"):
+        percentile([1.0], 101)
+
+
+def test_percentile_lower_takes_the_lower_rank() -> None:
+    assert percentile([40.0, 50.0], 95, method="lower") == 40.0
+    assert percentile([3.0, 1.0, 2.0], 50, method="lower") == 2.0
+    assert percentile([], 95, method="lower") is None
+    with pytest.raises(ValueError, match="method must be"):
+        percentile([1.0], 50, method="nearest")

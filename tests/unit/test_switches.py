@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from cli.common import parse_bool
 from controller.queues import QueueReader, QueueReadError, tc_batch_argv
 from controller.relay import UnixRelay
-from testbed import switches
-from testbed.cli import parse_bool
-from testbed.config import ConfigError, TestbedConfig
-from testbed.experiment import ENVELOPE_CPU_PCT, ENVELOPE_MACHINE_PCT, envelope_verdict, machine_ticks
+from fabric import switches
+from fabric.config import ConfigError, TestbedConfig
+from lab.envelope import ENVELOPE_CPU_PCT, ENVELOPE_MACHINE_PCT, envelope_verdict, machine_ticks
 
 
 def test_auto_mode_is_per_switch_on_the_userspace_datapath_only() -> None:
@@ -220,7 +220,7 @@ def test_envelope_verdict_names_the_resource_that_ran_out() -> None:
 
 
 def test_a_stalled_replay_process_is_outside_the_envelope() -> None:
-    from testbed.experiment import ENVELOPE_DISPATCH_LAG_MS, ENVELOPE_SAMPLE_GAP_S
+    from lab.envelope import ENVELOPE_DISPATCH_LAG_MS, ENVELOPE_SAMPLE_GAP_S
 
     ok = envelope_verdict(30.0, 30.0, [], sample_gap_s=1.1, clock_jump_s=0.1, dispatch_lag_ms=190.0)
     assert ok == {"within_envelope": True, "limiting_resource": None}
@@ -234,7 +234,7 @@ def test_a_stalled_replay_process_is_outside_the_envelope() -> None:
 
 
 def test_the_meter_reports_its_largest_sample_gap() -> None:
-    from testbed.experiment import EmulatorMeter
+    from lab.envelope import EmulatorMeter
 
     wall = [100.0, 101.0, 112.7, 113.7]
     # the process stood still: both clocks advanced across the hole
@@ -275,7 +275,7 @@ def test_machine_ticks_grow_and_busy_is_part_of_total() -> None:
 
 
 def test_meter_judges_only_the_replay_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    from testbed.experiment import EmulatorMeter
+    from lab.envelope import EmulatorMeter
 
     meter = EmulatorMeter({"t0": 1, "t1": 2})
     # worker start-up (machine saturated), then the replay, then teardown
@@ -294,7 +294,7 @@ def test_meter_judges_only_the_replay_window(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_leftover_switch_files_are_listed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from testbed import cleanup
+    from fabric import cleanup
 
     monkeypatch.setattr(cleanup, "STATE_ROOT", tmp_path)
     assert cleanup.switch_instance_files("nk") == []

@@ -1,4 +1,4 @@
-"""The replay's telemetry poller (testbed.experiment.RestTelemetryPoller)
+"""The replay's telemetry poller (lab.emulator.RestTelemetryPoller)
 hands each snapshot to the oracle's refresh: in its own thread until the
 replay's event loop is named, then in that loop's thread, so that a refresh
 never runs beside a decision holding the interpreter lock."""
@@ -9,8 +9,8 @@ import asyncio
 import threading
 from typing import Any
 
+from lab.emulator import RestTelemetryPoller
 from netkv.telemetry import LinkSample, TelemetrySnapshot
-from testbed.experiment import RestTelemetryPoller
 
 
 class FakeBed:

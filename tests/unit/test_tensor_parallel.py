@@ -12,18 +12,19 @@ from typing import Any, Iterator
 
 import pytest
 
+from lab.experiment import ExperimentConfig, prepare
+from lab.transfers import ideal_ms, idle_transfers
 from netkv import perfmodel
 from netkv.oracle import StaticOracle, TelemetryOracle, TensorParallelOracle
 from netkv.placement import PlacementError, make_placement, tier_mix, tp_instances
 from netkv.records import read_records, validate_file
+from netkv.serving.config import ReplayConfig
 from netkv.telemetry import LinkSample, TelemetrySnapshot, constant_source
 from netkv.traces import DEFAULT_TRACE
 from topologies import catalog
-from testbed.experiment import ExperimentConfig, prepare
-from testbed.transfers import ideal_ms, idle_transfers
 from topologies.model import Topology
 from workers.launch import LocalLauncher
-from workers.run import ReplayConfig, replay
+from workers.run import replay
 
 NOW = 1_000.0
 TP4 = perfmodel.build("llama-3.1-70b")  # TP 4 by default

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from controller.routing import FLOW_COOKIE, FlowEntry
-from testbed import shaping
-from testbed.config import ConfigError, TestbedConfig, emulated_bytes, emulated_mbps
-from testbed.net import parse_flow_dump
+from fabric import shaping
+from fabric.config import ConfigError, TestbedConfig, emulated_bytes, emulated_mbps
+from fabric.net import parse_flow_dump
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def test_flow_dump_parser() -> None:
 
 
 def run_netkv(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
 
 
@@ -112,7 +112,7 @@ def test_cli_topo_describes_default() -> None:
 
 
 def test_every_subcommand_has_help() -> None:
-    from testbed.cli import build_parser
+    from cli.main import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -149,7 +149,7 @@ def test_vagrantfile_is_valid_and_provisions_with_the_ci_install_script() -> Non
 
 
 def test_ovs_not_running_and_not_startable_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from testbed import system
+    from fabric import system
 
     monkeypatch.setattr(system, "ovs_running", lambda: False)
     monkeypatch.setattr(system, "OVS_CTL", "/nonexistent/ovs-ctl")
@@ -158,7 +158,7 @@ def test_ovs_not_running_and_not_startable_is_one_clear_error(monkeypatch: pytes
 
 
 def test_kernel_datapath_refused_where_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from testbed import system
+    from fabric import system
 
     monkeypatch.setattr(system, "kernel_datapath_available", lambda: False)
     assert system.choose_datapath("auto") == "user"

@@ -1,4 +1,4 @@
-"""testbed.transfers: ideal time, htb bucket and the idle-path rule on hand-built records."""
+"""lab.transfers: ideal time, htb bucket and the idle-path rule on hand-built records."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 import topologies
-from testbed.transfers import bucket_ms, idle_transfers, ideal_ms
+from lab.transfers import bucket_ms, ideal_ms, idle_transfers
 
 TOPO = topologies.build("fattree")
 SCALE = 40_000.0
@@ -40,7 +40,7 @@ def test_idle_rule() -> None:
 
 
 def test_background_flows_make_a_path_busy_while_they_run() -> None:
-    from testbed.transfers import BACKGROUND_SLACK_MS, background_of
+    from lab.transfers import BACKGROUND_SLACK_MS, background_of
 
     # a background flow g2 -> g34 crosses the core from 10 s to 20 s of the replay
     bg = background_of(TOPO, [{"src": "g2", "dst": "g34", "start_s": 10, "duration_s": 10}])
@@ -57,7 +57,7 @@ def test_background_flows_make_a_path_busy_while_they_run() -> None:
 
 
 def test_a_transfer_on_another_ones_ack_path_is_not_idle() -> None:
-    from testbed.transfers import tcp_hops
+    from lab.transfers import tcp_hops
 
     # g1 -> g9 sends data v0 -> t0 -> v1; g10 -> g2 sends the other way, over the first one's ACK path
     x, y = ("g1", "g9"), ("g10", "g2")

@@ -1,4 +1,4 @@
-"""scripts/vm-check (testbed/vmcheck.py): the pure parts here; the whole check
+"""scripts/vm-check (guests/vmcheck.py): the pure parts here; the whole check
 boots a qemu guest for an hour or more and runs only when asked for
 (NETKV_VM_CHECK=1, root)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import vmcheck
+from guests import vmcheck
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,7 @@ def test_ping_summary_and_last_json() -> None:
 def test_job_script_and_unit_agree_on_the_share() -> None:
     job = vmcheck.IMAGE_FILES["/usr/local/sbin/netkv-vm-job"][1]
     assert vmcheck.SHARE_TAG in job and vmcheck.GUEST_SHARE in job and "poweroff" in job
-    assert f"{vmcheck.GUEST_SHARE}/repo.tar" in vmcheck.JOB_SH and "testbed.vmcheck guest" in vmcheck.JOB_SH
+    assert f"{vmcheck.GUEST_SHARE}/repo.tar" in vmcheck.JOB_SH and "guests.vmcheck guest" in vmcheck.JOB_SH
     # the guest runs the provisioner exactly as the Vagrantfile does
     vagrantfile = (ROOT / "Vagrantfile").read_text()
     assert 'inline: "bash /vagrant/scripts/install.sh"' in vagrantfile and vmcheck.GUEST_REPO == "/vagrant"

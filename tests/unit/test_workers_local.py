@@ -27,13 +27,14 @@ import pytest
 
 from netkv import perfmodel
 from netkv.placement import PlacementError, make_placement, tier_mix
-from netkv.prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, PrefixCache
 from netkv.records import read_records, validate_file
-from topologies import catalog
-from workers.driver import DecisionPriority, GcClock
-from workers.launch import LocalLauncher
-from workers.run import ReplayConfig, ReplayConfigError, replay
+from netkv.serving.config import ReplayConfig, ReplayConfigError
+from netkv.serving.prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, PrefixCache
+from netkv.serving.timing import DecisionPriority, GcClock
 from netkv.traces import DEFAULT_TRACE
+from topologies import catalog
+from workers.launch import LocalLauncher
+from workers.run import replay
 
 TRACE = DEFAULT_TRACE
 # Two GPUs from each of: server 0, server 1 (same rack), rack 1 (same pod), pod 1:
@@ -410,7 +411,7 @@ def test_decisions_run_at_realtime_priority_and_return_to_normal() -> None:
 
 
 def test_without_the_right_to_real_time_decisions_run_normally_and_say_so() -> None:
-    code = ("from workers.driver import DecisionPriority; p = DecisionPriority('realtime')\n"
+    code = ("from netkv.serving.timing import DecisionPriority; p = DecisionPriority('realtime')\n"
             "with p: import os; print(p.applied, os.sched_getscheduler(0) == os.SCHED_OTHER, p.refusal)")
     argv = [sys.executable, "-c", code]
     if os.geteuid() == 0:  # root keeps the right unless the capability is dropped

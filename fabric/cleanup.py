@@ -5,7 +5,7 @@ A running instance records what it starts in ``/run/netkv/<prefix>/``:
 and ``pids.jsonl`` (worker and traffic processes started later, one line
 each).  In the per_switch mode every switch also has its own Open vSwitch
 daemons and files under ``/run/netkv/<prefix>/sw/<switch>/`` and a network
-namespace attached as ``<prefix><switch>`` (:mod:`testbed.switches`).
+namespace attached as ``<prefix><switch>`` (:mod:`fabric.switches`).
 Every pid is stored with a marker that must still appear in its
 command line before it is signalled, so a recycled pid is never hit.
 
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .switches import switches_root
-from .system import OVS_DB_SOCKET, process_alive, process_cmdline, run
+from fabric.switches import switches_root
+from fabric.system import OVS_DB_SOCKET, process_alive, process_cmdline, run
 
 STATE_ROOT = Path(os.environ.get("NETKV_STATE_ROOT", "/run/netkv"))
 

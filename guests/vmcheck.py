@@ -6,7 +6,7 @@ Vagrant itself cannot boot a VM here, but qemu can boot Debian's own kernel,
 so this builds an equivalent guest from Debian's packages alone and runs the
 Vagrantfile's provisioner and the checks inside it:
 
-host (``python3 -m testbed.vmcheck``, standard library only, root):
+host (``python3 -m guests.vmcheck``, standard library only, root):
   1. the guest image, built once and cached under ``/var/cache/netkv-vm/<key>/``
      (``key`` = hash of the recipe below): a ``debootstrap`` root file system of
      Debian 12 with the stock ``linux-image-amd64`` kernel, its modules and
@@ -21,7 +21,7 @@ host (``python3 -m testbed.vmcheck``, standard library only, root):
   4. waits for the guest to power off (or the time limit), prints one JSON
      object, removes the overlay, the share and every process it started.
 
-guest (``python3 -m testbed.vmcheck guest``, run by a systemd unit of the image):
+guest (``python3 -m guests.vmcheck guest``, run by a systemd unit of the image):
   ``bash /vagrant/scripts/install.sh`` as the Vagrantfile's provisioner runs it,
   then ``netkv up --check --json`` on the tiny topology with ``--datapath auto``
   (must choose the kernel datapath), the shaped-link rate check (iperf3), a
@@ -127,7 +127,7 @@ if ls {GUEST_SHARE}/ca/*.crt >/dev/null 2>&1; then
     printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >/etc/pip.conf
 fi
 cd {GUEST_REPO}
-exec /usr/bin/python3 -m testbed.vmcheck guest --share {GUEST_SHARE}
+exec /usr/bin/python3 -m guests.vmcheck guest --share {GUEST_SHARE}
 """
 
 # Guest check settings.
@@ -178,9 +178,9 @@ def recipe_key(rec: dict[str, Any]) -> str:
 
 def run(argv: Sequence[str], *, timeout_s: float = 3600, check: bool = True,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """testbed.system.run on the host, with its failures as VmCheckError and a
+    """fabric.system.run on the host, with its failures as VmCheckError and a
     longer default timeout (image builds take many minutes)."""
-    from .system import run as system_run
+    from fabric.system import run as system_run
 
     try:
         return system_run(argv, check=check, timeout_s=timeout_s, env=env)
@@ -632,7 +632,7 @@ def guest_main(share: Path) -> int:
 
     # 3. the shaped-link rate check, and 4. the delay check (probes below, in the venv)
     for name, extra in (("rate", []), ("delay", ["--delay-ms", f"{DELAY_MS:g}"])):
-        rc, stdout, stderr, s = run_step([py, "-m", "testbed.vmcheck", f"probe-{name}",
+        rc, stdout, stderr, s = run_step([py, "-m", "guests.vmcheck", f"probe-{name}",
                                           "--prefix", PREFIXES[name], *extra], timeout_s=900)
         probe = last_json(stdout) or {}
         if name == "rate":
@@ -686,7 +686,7 @@ def guest_main(share: Path) -> int:
            up_said=seen.strip().splitlines()[-3:])
 
     # 7. nothing of any prefix left anywhere in the guest
-    rc, stdout, stderr, s = run_step([py, "-m", "testbed.vmcheck", "probe-leftovers",
+    rc, stdout, stderr, s = run_step([py, "-m", "guests.vmcheck", "probe-leftovers",
                                       "--prefix", *PREFIXES.values()], timeout_s=300)
     left = last_json(stdout) or {}
     summary["leftovers_guest"] = left.get("total")
@@ -706,9 +706,9 @@ def _ping_stats(output: str) -> dict[str, float]:
 
 
 def probe_rate(prefix: str) -> dict[str, Any]:
-    from .config import TestbedConfig
-    from .net import Testbed
-    from .system import run as trun
+    from fabric.config import TestbedConfig
+    from fabric.net import Testbed
+    from fabric.system import run as trun
 
     tb = Testbed(TestbedConfig(topology="tiny", prefix=prefix, ready_timeout_s=READY_TIMEOUT_S))
     src, dst = "g0", "g2"
@@ -736,9 +736,9 @@ def probe_rate(prefix: str) -> dict[str, Any]:
 
 
 def probe_delay(prefix: str, delay_ms: float) -> dict[str, Any]:
-    from .config import TestbedConfig
-    from .net import Testbed
-    from .system import run as trun
+    from fabric.config import TestbedConfig
+    from fabric.net import Testbed
+    from fabric.system import run as trun
 
     tb = Testbed(TestbedConfig(topology="tiny", prefix=prefix, link_delay_ms=delay_ms,
                                ready_timeout_s=READY_TIMEOUT_S))
@@ -767,8 +767,8 @@ def probe_delay(prefix: str, delay_ms: float) -> dict[str, Any]:
 def probe_leftovers(prefixes: Sequence[str]) -> dict[str, Any]:
     """What any of the prefixes left, by the testbed's own account and by a look
     at the whole guest (bridges, namespaces, veths, processes)."""
-    from . import cleanup
-    from .system import run as trun
+    from fabric import cleanup
+    from fabric.system import run as trun
 
     per_prefix = {p: cleanup.leftovers(p).total for p in prefixes}
     bridges = [b for b in trun(["ovs-vsctl", "--timeout=10", "list-br"], check=False).stdout.split() if b]

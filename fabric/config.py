@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import topologies
+from controller.client import DEFAULT_REST_PORT
+from fabric.switches import MODES as SWITCH_MODES
 from netkv.checks import is_finite_number
 from topologies import Topology, TopologyError
-
-from .switches import MODES as SWITCH_MODES
 
 # 1 emulated bit stands for SCALE real bits; KV payloads are divided by the same
 # factor.  40,000 puts the default fat-tree's links at 5-40 Mbit/s.  At 20,000 the
@@ -54,7 +54,7 @@ class TestbedConfig:
                 "datapath allocates and frees a batch of packet buffers per port per wake-up, but no "
                 "gain was measurable (docs/design.md), so it is off unless asked for"})
     of_port: int = field(default=6653, metadata={"help": "controller OpenFlow port on 127.0.0.1"})
-    rest_port: int = field(default=8080, metadata={"help": "controller REST API port on 127.0.0.1"})
+    rest_port: int = field(default=DEFAULT_REST_PORT, metadata={"help": "controller REST API port on 127.0.0.1"})
     poll_interval_s: float = field(default=0.5, metadata={
         "help": "controller port-statistics polling interval, seconds (0.1 .. 60)"})
     queue_packets: int = field(default=64, metadata={

@@ -1,7 +1,7 @@
 """Commands that shape and tune the emulated links, built as argv lists.
 
 Nothing here runs anything: the functions return lists (or ``tc -batch`` /
-``ip -batch`` lines) that :mod:`testbed.net` executes, so they are unit-tested
+``ip -batch`` lines) that :mod:`fabric.net` executes, so they are unit-tested
 and logged as they are.
 
 Each end of a link gets an htb root with one class at the emulated rate and a

@@ -1,108 +1,36 @@
-"""``netkv``: the testbed's one command.
-
-Every subcommand explains its options with ``--help``.  Bad input ends with
-one line on stderr and a non-zero exit status, never a traceback; a failed
-bring-up removes what it built before it exits.
-"""
+"""``netkv up``, ``down``, ``clean``, ``status`` and ``topo``: the emulated fabric."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
 import time
-import traceback
-from dataclasses import fields
-from pathlib import Path
-from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 import topologies
-from topologies import TopologyError
+from controller.client import ControllerClient, loopback_url
+from fabric import cleanup, system
+from fabric.config import TestbedConfig, check_prefix, emulated_mbps
+from fabric.net import Testbed
+from fabric.switches import vswitchd_alive
 
-from . import cleanup, system
-from .switches import vswitchd_alive
-from .config import ConfigError, TestbedConfig, check_prefix, emulated_mbps
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
-
-class CliError(Exception):
-    """One-line user error."""
-
-
-# -- shared options -------------------------------------------------------------
-def add_testbed_options(ap: argparse.ArgumentParser) -> None:
-    """One option per TestbedConfig field, named after it, with its help text."""
-    group = ap.add_argument_group("testbed")
-    group.add_argument("--config", type=Path, metavar="FILE",
-                       help="start from a saved testbed configuration (JSON, e.g. a run's "
-                            "testbed.json); options given here override it")
-    for f in fields(TestbedConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = str(f.metadata.get("help", ""))
-        if f.name == "params":
-            group.add_argument("--param", dest="params", action="append", metavar="KEY=VALUE",
-                               help=help_text + "; repeatable")
-            continue
-        kinds: dict[type, Callable[[str], Any]] = {bool: parse_bool, int: int, float: float, str: str}
-        kind = kinds.get(type(f.default), str)
-        group.add_argument(flag, dest=f.name, type=kind, default=None,
-                           help=f"{help_text} (default: {f.default})")
-
-
-def parse_bool(text: str) -> bool:
-    """A yes/no option value: true/false, yes/no, on/off, 1/0."""
-    value = text.strip().lower()
-    if value in ("true", "yes", "on", "1"):
-        return True
-    if value in ("false", "no", "off", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def config_from_args(args: argparse.Namespace) -> TestbedConfig:
-    cfg = TestbedConfig.load(args.config) if getattr(args, "config", None) else TestbedConfig()
-    for f in fields(TestbedConfig):
-        value = getattr(args, f.name, None)
-        if value is None:
-            continue
-        if f.name == "params":
-            value = {**cfg.params, **topologies.parse_params(value)}
-        setattr(cfg, f.name, value)
-    cfg.validate()
-    return cfg
-
-
-def add_prefix_option(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--prefix", default="nk", help="testbed instance prefix (default: %(default)s)")
-
-
-class Stop(Exception):
-    """Raised in the main thread by SIGTERM/SIGHUP so that teardown runs."""
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise Stop(signal.Signals(signum).name)
-
-
-def install_stop_handlers() -> None:
-    """SIGTERM and SIGHUP raise Stop, and SIGINT KeyboardInterrupt, in the main
-    thread, so that teardown runs.  SIGINT is set explicitly: a command started
-    in the background by a non-interactive shell inherits it ignored, and Python
-    then leaves it ignored, so Ctrl-C or `kill -INT` would not stop the testbed."""
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGHUP, _raise_stop)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+from .common import (
+    EXIT_FAIL,
+    EXIT_OK,
+    CliError,
+    Stop,
+    add_prefix_option,
+    add_testbed_options,
+    config_from_args,
+    install_stop_handlers,
+)
 
 
 # -- up / down / clean / status ------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
-    from .net import Testbed
-
     cfg = config_from_args(args)
     tb = Testbed(cfg)
     install_stop_handlers()
@@ -172,8 +100,6 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import urllib.request
-
     prefix = check_prefix(args.prefix)
     state = cleanup.read_state(prefix)
     out: dict[str, Any] = {"prefix": prefix, "up": False}
@@ -189,11 +115,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             out["switch_processes_dead"] = sorted(n for n, pid in pids.items() if not vswitchd_alive(pid))
         out["config"] = state.get("config")
         port = state.get("rest_port")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as resp:
-                out["controller"] = json.loads(resp.read())
-        except (OSError, ValueError):
-            out["controller"] = None
+        out["controller"] = ControllerClient(loopback_url(int(port))).get("/status") \
+            if isinstance(port, int) else None
         out["up"] = bool(out["owner_alive"] and out["controller"] and out["controller"].get("ready")
                          and not out.get("switch_processes_dead"))
     if os.geteuid() == 0:
@@ -257,21 +180,7 @@ def cmd_topo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- wiring -----------------------------------------------------------------------
-Command = Callable[[argparse.Namespace], int]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="netkv",
-        description="NetKV testbed: an emulated GPU fabric (Mininet + Open vSwitch + an os-ken "
-                    "controller) that replays LLM-serving traces and moves real KV bytes over TCP "
-                    "to compare decode-instance schedulers.",
-        epilog="Most commands need root. Start with `netkv topo`, then `sudo netkv up --check`.")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log every command the testbed runs")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser("up", help="bring the emulated fabric up and keep it until Ctrl-C",
                        description="Build the topology in Mininet, start the controller, shape the "
                                    "links, install routes and check that every GPU host reaches "
@@ -310,64 +219,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-params", action="store_true", help="list every topology's parameters")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_topo)
-
-    for module_name in ("controller.top", "testbed.experiment", "testbed.sweep", "testbed.report"):
-        try:
-            module = __import__(module_name, fromlist=["add_parser"])
-        except ImportError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # that part of the testbed is not installed in this tree
-            raise
-        module.add_parser(sub)
-    return ap
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception classes that mean "bad input": one line, exit status 2."""
-    errors: list[type[BaseException]] = [CliError, ConfigError, TopologyError, system.PreflightError]
-    for module, name in (("testbed.scenario", "ScenarioError"), ("testbed.experiment", "ExperimentError"),
-                         ("workers.run", "ReplayConfigError"), ("netkv.traces", "TraceError"),
-                         ("netkv.placement", "PlacementError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
-
-
-def main(argv: list[str] | None = None) -> int:
-    USER_ERRORS = _user_errors()
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="netkv: %(levelname)s %(message)s")
-    try:
-        return int(args.func(args))
-    except USER_ERRORS as exc:
-        print(f"netkv: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("netkv: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # the reader of our output went away (netkv ... | head): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FAIL
-    except Exception as exc:  # noqa: BLE001 - one line for the user, details in a file
-        from .net import BringUpError
-
-        if isinstance(exc, BringUpError):
-            print(f"netkv: error: {exc}", file=sys.stderr)
-            return EXIT_FAIL
-        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"netkv-error-{os.getpid()}.log"
-        try:
-            log.write_text(traceback.format_exc())
-            where = f" (details: {log})"
-        except OSError:
-            where = ""
-        print(f"netkv: error: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
-        return EXIT_FAIL
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,19 +16,16 @@ are listed).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from lab.report import BREAKDOWN_PARTS, plot_attainment, plot_breakdown, ttft_breakdown_ms, write_report
+from lab.rundir import window_runs
 from netkv import stats
 from netkv.paper import PAPER_FIGURES, PAPER_SOURCE
 from netkv.records import read_records
-
 from netkv.slo import ttft_attainment_curve
 
-from .report import ttft_breakdown_ms, write_report
-
-WINDOW_DIR = re.compile(r"^w(\d+)-")
 # Per-scheduler figures carried across windows (from each window's comparison).
 CAMPAIGN_METRICS = ("ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "ttft_slo_attainment",
                     "ttft_slo_attainment_length_aware", "tbt_mean_ms", "tbt_slo_attainment",
@@ -46,13 +43,6 @@ def summary(values: list[float]) -> dict[str, Any]:
     return {"n": ci.n, "values": [round(v, 4) for v in ci.values], "mean": round(ci.mean, 4),
             "ci95": None if ci.low is None or ci.high is None else [round(ci.low, 4), round(ci.high, 4)],
             "verdict": ci.verdict}
-
-
-def window_runs(run: Path) -> list[Path]:
-    """The windows' run directories of a campaign, in window order."""
-    found = [(int(m.group(1)), p) for p in run.iterdir()
-             if p.is_dir() and (m := WINDOW_DIR.match(p.name)) and (p / "experiment.json").is_file()]
-    return [p for _, p in sorted(found)]
 
 
 def is_campaign(run: Path) -> bool:
@@ -182,8 +172,6 @@ def plot_campaign(campaign: dict[str, Any], run: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .report import BREAKDOWN_PARTS, plot_attainment, plot_breakdown
 
     names: list[str] = campaign["schedulers_order"]
     if not names:

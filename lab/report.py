@@ -19,18 +19,20 @@ scheduler, the change of its mean TTFT against each other one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import topologies
-from netkv.records import percentile, read_records
+from fabric.config import TestbedConfig
+from lab import transfers
+from lab.rundir import TELEMETRY_SERIES
+from netkv.records import read_records
+from netkv.serving.config import ReplayConfig, ReplayConfigError
 from netkv.slo import SloConfig, slo_summary
-
-from . import transfers
-from .config import TestbedConfig
+from netkv.stats import percentile
+from netkv.traces import TraceError
 
 
 def _mean(values: list[float]) -> float | None:
@@ -141,7 +143,7 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
     return out
 
 
-# What a fault event's record says about the system's answer to it (testbed.faults).
+# What a fault event's record says about the system's answer to it (lab.faults).
 FAULT_FIGURES = ("event_to_routes_ms", "detected_ms", "requests_failed", "routes_ready_ms",
                  "telemetry_resumed_ms", "back_t_s")
 
@@ -229,9 +231,6 @@ def _slo_config(run_dir: Path) -> SloConfig | None:
 def window_size(run_dir: Path) -> int | None:
     """How many requests the replay's window holds, from the replay's own
     config.json (None when it cannot be read back)."""
-    from netkv.traces import TraceError
-    from workers.run import ReplayConfig, ReplayConfigError
-
     try:
         return len(ReplayConfig.load(run_dir / "config.json").window().requests)
     except (ReplayConfigError, TraceError, OSError):
@@ -345,8 +344,6 @@ def plot_utilisation(comparison: dict[str, Any], run: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from .experiment import TELEMETRY_SERIES
 
     exp = json.loads((run / "experiment.json").read_text())
     topo = TestbedConfig.from_json(exp["testbed"]).validate()
@@ -464,37 +461,3 @@ def render_table(comparison: dict[str, Any]) -> str:
         lines.append(f"mean TTFT of {a} vs " + ", ".join(f"{b}: {v:+.1f}%" for b, v in row.items() if v is not None))
     lines.append(f"files: {comparison['run_dir']}/comparison.json, comparison.png")
     return "\n".join(lines)
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("report", help="remake a run's, campaign's or sweep's figures and plots from its files",
-                       description="Read a run directory (experiment.json, <scheduler>/records.jsonl) and "
-                                   "write comparison.json, comparison.png and utilisation.png beside them; "
-                                   "of a campaign (several windows) also campaign.json and campaign.png with "
-                                   "95%% intervals across windows and the paper's figures beside ours; of a "
-                                   "sweep, sweep.json and sweep.png. Needs no root.")
-    p.add_argument("run_dir", type=Path, help="a directory made by `netkv run` or `netkv sweep`")
-    p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a table")
-    p.set_defaults(func=cmd_report)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from .cli import CliError
-
-    if (args.run_dir / "sweep.json").is_file() or (args.run_dir / "sweep-plan.json").is_file():
-        from .sweep import render_sweep, write_sweep
-
-        result = write_sweep(args.run_dir)
-        print(json.dumps(result) if args.json else render_sweep(result))
-        return 0
-    if not (args.run_dir / "experiment.json").is_file():
-        raise CliError(f"{args.run_dir} is not a run directory (no experiment.json)")
-    from .campaign import is_campaign, render_campaign, write_campaign
-
-    if is_campaign(args.run_dir):
-        campaign = write_campaign(args.run_dir)
-        print(json.dumps(campaign) if args.json else render_campaign(campaign))
-        return 0
-    comparison = write_report(args.run_dir)
-    print(json.dumps(comparison) if args.json else render_table(comparison))
-    return 0

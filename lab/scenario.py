@@ -16,10 +16,10 @@ happens.  Times are seconds from the start of the replay.
 
 A scenario may also list ``events``: faults at scheduled times of the replay
 (links re-rated, down and up, workers killed, the controller or a switch
-restarted); see :mod:`testbed.faults`.
+restarted); see :mod:`lab.faults`.
 
 Parsing and validation are plain logic (no root); :class:`ScenarioRunner`
-starts and ends the processes through a :class:`~testbed.net.Testbed`.
+starts and ends the processes through a :class:`~fabric.net.Testbed`.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from fabric.config import emulated_mbps
+from lab.faults import Event, FaultError, parse_events
 from netkv.checks import number_complaint
+from netkv.repo import REPO_ROOT
 from topologies import Topology
 
-from .config import emulated_mbps
-from .faults import Event, FaultError, parse_events
-
-SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
+SCENARIO_DIR = REPO_ROOT / "scenarios"
 FLOW_KEYS = {"src", "dst", "start_s", "duration_s", "rate_gbps", "protocol"}
 SCENARIO_KEYS = {"name", "description", "flows", "events"}
 BASE_PORT = 5301

@@ -13,16 +13,16 @@ remake the figures of a sweep that was interrupted.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .campaign import write_campaign
-from .experiment import ExperimentConfig, ExperimentError, prepare, run_experiment
+from fabric.config import TestbedConfig
+from lab.campaign import write_campaign
+from lab.experiment import ExperimentConfig, ExperimentError, prepare
+from lab.run import run_experiment
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,6 @@ def point_experiment(base: ExperimentConfig, knob: Knob, value: Any, out: Path,
     else:
         exp.testbed.setdefault("params", {})[knob.key] = value
     if knob.scale_factor_of is not None:
-        from .config import TestbedConfig
-
         try:
             factor = float(knob.scale_factor_of(value))
         except (KeyError, ValueError, TypeError):
@@ -263,66 +261,3 @@ def render_sweep(result: dict[str, Any]) -> str:
     lines.append("requests in = records out at every point" if result["nothing_lost"] else "PARTIAL: records missing")
     lines.append(f"files: {result['dir']}/sweep.json, sweep.png")
     return "\n".join(lines)
-
-
-# -- command line ------------------------------------------------------------------------
-def add_parser(sub: Any) -> None:
-    from .experiment import add_run_options
-
-    lines = "\n".join(f"  {k.name:10s} {k.section}.{k.key} over {', '.join(map(str, k.values))}: {k.help}"
-                      for k in SWEEPS.values())
-    p = sub.add_parser(
-        "sweep", help="run a named sweep over one knob, every scheduler at every point",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run one knob over several values; at every point, every scheduler replays the same "
-                    "trace windows on the same fabric under the same scenario (an ordinary campaign per "
-                    "point). Writes sweep.json and sweep.png (95% intervals across windows; hollow points "
-                    "had a replay outside the emulator's envelope).\n\nsweeps:\n" + lines)
-    p.add_argument("name", choices=sorted(SWEEPS), help="the knob to sweep")
-    p.add_argument("--values", help="comma-separated values instead of the sweep's defaults")
-    add_run_options(p)
-    p.set_defaults(func=cmd_sweep)
-
-
-def parse_values(knob: Knob, text: str | None) -> list[Any]:
-    if text is None:
-        return list(knob.values)
-    try:
-        values = [knob.parse(v.strip()) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SweepError(f"--values {text!r}: not a comma-separated list for {knob.key}") from None
-    if not values:
-        raise SweepError("--values is empty")
-    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-        raise SweepError(f"--values {text!r}: values must be finite")
-    return values
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from .experiment import experiment_from_args
-    from .system import require_root
-
-    knob = SWEEPS[args.name]
-    values = parse_values(knob, args.values)
-    base = experiment_from_args(args)
-    keep = bool(args.schedulers)
-    out = Path(args.out).resolve() if args.out else _default_sweep_dir(args.name)
-    base.out_dir = ""
-    if out.exists() and any(out.iterdir()):
-        raise SweepError(f"sweep directory {out} exists and is not empty; choose another --out")
-    plan(base, knob, values, out, keep)  # every point checked before root is asked for or anything is built
-    require_root()
-    from .cli import install_stop_handlers
-
-    install_stop_handlers()
-    result = run_sweep(args.name, base, values, out, quiet=args.quiet, keep_schedulers=keep)
-    print(json.dumps(result) if args.quiet else render_sweep(result))
-    return 0 if result["nothing_lost"] else 1
-
-
-def _default_sweep_dir(name: str) -> Path:
-    import time
-
-    from .experiment import REPO_ROOT
-
-    return REPO_ROOT / "runs" / (time.strftime("%Y%m%d-%H%M%S") + f"-sweep-{name}")

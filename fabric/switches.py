@@ -21,8 +21,8 @@ on every packet of every hop, and it cannot use the second core
   every instance of a testbed shares the run directory ``sw/``, where the
   bridges' OpenFlow management sockets ``<bridge>.mgmt`` are too.
 
-Everything here builds argv lists and paths; :mod:`testbed.net` runs them.
-The sweep (:mod:`testbed.cleanup`) finds the daemons by the instance's own
+Everything here builds argv lists and paths; :mod:`fabric.net` runs them.
+The sweep (:mod:`fabric.cleanup`) finds the daemons by the instance's own
 directory in their command line, the namespaces by their exact names.
 """
 
@@ -32,6 +32,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from fabric.system import process_alive, process_cmdline
 
 OVS_SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 SWITCH_BINARIES = ("ovsdb-tool", "ovsdb-server", "ovs-vswitchd", "ovs-appctl")
@@ -210,8 +212,6 @@ def read_pid(pidfile: Path) -> int | None:
 
 def vswitchd_alive(pid: object) -> bool:
     """Is ``pid`` a live ovs-vswitchd (not a recycled pid)?"""
-    from .system import process_alive, process_cmdline
-
     return isinstance(pid, int) and process_alive(pid) and \
         any(part.endswith("ovs-vswitchd") for part in process_cmdline(pid))
 

@@ -1,4 +1,4 @@
-"""Prefix caches and the frontend's choice of prefill instance.
+"""A prefill instance of the serving model, and the router's choice of one.
 
 :class:`PrefixCache` is the LRU cache of 512-token KV blocks keyed by the
 trace's ``hash_ids``.  A prefill worker keeps one for real; the frontend keeps
@@ -25,6 +25,11 @@ traded against load).
 Policies (``prefill_policy``): ``"cache_load"`` (the rule above, default),
 ``"least_loaded"`` (ignore caches: smallest pending_ms), ``"round_robin"``
 (ignore both; a baseline).
+
+:class:`PrefillCompute` is the instance itself, whichever engine drives it:
+requests are served first come, first served, one at a time; each looks up
+its leading blocks in the cache, computes the uncached tokens
+(:meth:`PerfModel.prefill_ms`) and then inserts its blocks.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .perfmodel import BLOCK_TOKENS, PerfModel
+from netkv.perfmodel import BLOCK_TOKENS, PerfModel
 
 PREFILL_POLICIES = ("cache_load", "least_loaded", "round_robin")
 
@@ -137,3 +142,21 @@ class PrefillChooser:
                 best = (key, PrefillChoice(inst.name, cached, t_ms, cost))
         assert best is not None
         return best[1]
+
+
+class PrefillCompute:
+    """One prefill instance's compute and its prefix cache (the engine keeps
+    the FIFO queue and the clock)."""
+
+    def __init__(self, perf: PerfModel) -> None:
+        self.perf = perf
+        self.cache = PrefixCache(perf.prefix_cache_blocks)
+
+    def start(self, hash_ids: Sequence[int], input_tokens: int) -> tuple[int, float]:
+        """A request's prefill begins: (its cached tokens, how long it computes in ms)."""
+        cached = self.cache.cached_tokens(hash_ids, input_tokens)
+        return cached, self.perf.prefill_ms(input_tokens - cached, cached)
+
+    def finish(self, hash_ids: Iterable[int]) -> None:
+        """The prefill ended: its blocks are in the cache now."""
+        self.cache.insert(hash_ids)

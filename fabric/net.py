@@ -5,52 +5,48 @@
 1. validate the configuration and the machine (root, commands, Open vSwitch
    running or startable, datapath, free loopback ports, prefix not in use);
 2. record itself in ``/run/netkv/<prefix>/state.json`` so that a crash at any
-   later point can be swept (:mod:`testbed.cleanup`);
+   later point can be swept (:mod:`fabric.cleanup`);
 3. start the controller (``python -m controller``) on 127.0.0.1;
 4. build the topology in Mininet: one namespace per GPU host, one Open vSwitch
    bridge per switch, one veth pair per link with explicit port numbers.  On
    the userspace datapath every switch is by default its own ``ovs-vswitchd``
-   in its own namespace (:mod:`testbed.switches`, ``switch_mode``); with
+   in its own namespace (:mod:`fabric.switches`, ``switch_mode``); with
    ``switch_mode=shared`` (and on the kernel datapath) the machine's one
    Open vSwitch serves every bridge;
 5. tune every interface: MTU, htb shaping at the emulated rate on both ends
-   (:mod:`testbed.shaping`), offloads off on the userspace datapath, IPv6 off,
+   (:mod:`fabric.shaping`), offloads off on the userspace datapath, IPv6 off,
    slow start after idle off and static ARP inside every host;
 6. wait until the controller has installed and confirmed every switch's routes;
 7. check reachability between GPU hosts at every tier distance.
 
-``down()`` is :func:`testbed.cleanup.sweep` for this prefix, so a normal stop,
+``down()`` is :func:`fabric.cleanup.sweep` for this prefix, so a normal stop,
 an exception during bring-up, Ctrl-C and ``netkv down`` from another terminal
 all remove the same things.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from controller.client import ControllerClient, loopback_url
+from fabric import cleanup, shaping, switches, system
+from fabric.config import ConfigError, TestbedConfig, emulated_mbps
+from netkv.repo import REPO_ROOT, child_env
 from topologies import Link, Topology
-
-from . import cleanup, shaping, switches, system
-from .config import ConfigError, TestbedConfig, emulated_mbps
 
 if TYPE_CHECKING:
     from controller.routing import FlowEntry
 
 LOG = logging.getLogger("netkv.testbed")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_PORT = 7000  # the port every worker listens on inside its host namespace
 
 
@@ -138,7 +134,11 @@ class Testbed:
 
     @property
     def rest_url(self) -> str:
-        return f"http://127.0.0.1:{self.config.rest_port}"
+        return loopback_url(self.config.rest_port)
+
+    @property
+    def api(self) -> ControllerClient:
+        return ControllerClient(self.rest_url)
 
     def emulated_mbps(self, link: Link) -> float:
         return emulated_mbps(link.rate_gbps, self.config.scale)
@@ -331,10 +331,9 @@ class Testbed:
             self._ctl_log.close()
         # a restart (fault event) appends to the first controller's log
         self._ctl_log = open(log_path, "ab" if self.controller is not None else "wb")
-        env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
         self.controller = subprocess.Popen(self._controller_argv(), stdout=self._ctl_log,
-                                           stderr=subprocess.STDOUT, cwd=str(PROJECT_ROOT),
-                                           env=env, start_new_session=True)
+                                           stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+                                           env=child_env(), start_new_session=True)
         self._write_state()
 
         def api_up() -> bool:
@@ -356,22 +355,13 @@ class Testbed:
             self._tell_controller_rate(key, rate_gbps)
 
     def rest_post(self, path: str, body: Any, timeout_s: float = 2.0) -> Any:
-        """POST ``body`` as JSON; the answer, or None if the controller did not
-        accept it (down, or a 4xx)."""
-        req = urllib.request.Request(self.rest_url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                return json.loads(resp.read())
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
+        """POST ``body`` as JSON to the controller; the answer, or None if it
+        did not accept it (down, or a 4xx)."""
+        return self.api.post(path, body, timeout_s=timeout_s)
 
     def rest_get(self, path: str, timeout_s: float = 2.0) -> Any:
-        try:
-            with urllib.request.urlopen(self.rest_url + path, timeout=timeout_s) as resp:
-                return json.loads(resp.read())
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
+        """GET from the controller; the answer, or None when it is down."""
+        return self.api.get(path, timeout_s=timeout_s)
 
     def _build(self) -> None:
         from mininet.link import Link as MnLink
@@ -407,7 +397,7 @@ class Testbed:
 
     def _start_switch_instances(self) -> None:
         """One ovsdb-server and one ovs-vswitchd per switch, inside the switch's
-        namespace, all switches in parallel (see testbed.switches)."""
+        namespace, all switches in parallel (see fabric.switches)."""
         target = f"unix:{switches.controller_socket(self.run_dir)}"
         jemalloc = self.config.switch_jemalloc
 
@@ -503,7 +493,7 @@ class Testbed:
         lines.append(shaping.fabric_route(ifnames[0], self.topo.ip_of(name)))
         return lines
 
-    # -- faults (testbed.faults) ------------------------------------------------
+    # -- faults (lab.faults) ------------------------------------------------
     def _at_end(self, node: str, argv: list[str]) -> list[str]:
         """argv run where one end of a link is: a GPU host's namespace, or the switch's."""
         return self.in_host(node, argv) if self.topo.node(node).is_gpu else self.in_switch(node, argv)

@@ -32,9 +32,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from fabric import shaping
 from topologies import Topology
-
-from . import shaping
 
 IDLE_MIN_IDEAL_MS = 5.0  # below this, per-packet latency of the emulator dominates the ratio
 # Background flows start just before the replay's clock starts and stop just

@@ -1,7 +1,7 @@
 """Faults as scenario events: links, workers, the controller and switches
 fail mid-replay on schedule, and each is recorded.
 
-A scenario's ``events`` list (beside its ``flows``; :mod:`testbed.scenario`)::
+A scenario's ``events`` list (beside its ``flows``; :mod:`lab.scenario`)::
 
     {"kind": "link_down", "t_s": 10, "link": ["a0", "c0"]}
     {"kind": "link_up", "t_s": 20, "link": ["a0", "c0"]}
@@ -28,7 +28,7 @@ recovery) and the outcome.  At the end of a replay the fabric is restored
 scheduler meets the same fabric; the restorations are recorded too.
 
 Parsing and validation are plain logic (no root); :class:`FaultRunner` acts
-through a :class:`testbed.net.Testbed` and the replay's frontend.
+through a :class:`fabric.net.Testbed` and the replay's frontend.
 """
 
 from __future__ import annotations

@@ -1,0 +1,242 @@
+"""``netkv run``, ``sweep``, ``report``, ``schedulers`` and ``scenarios``: experiments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import topologies
+from fabric.config import ConfigError, TestbedConfig
+from fabric.system import require_root
+from lab import scenario as scenario_mod
+from lab.campaign import is_campaign, render_campaign, write_campaign
+from lab.experiment import DEFAULT_REPLAY, DEFAULT_SCENARIO, DEFAULT_SCHEDULERS, ExperimentConfig, ExperimentError, prepare
+from lab.report import render_table, write_report
+from lab.run import run_experiment
+from lab.rundir import default_out_dir
+from lab.sweep import SWEEPS, Knob, SweepError, plan, render_sweep, run_sweep, write_sweep
+from netkv.schedulers import describe
+
+from .common import CliError, add_testbed_options, config_from_args, install_stop_handlers
+
+
+def add_parsers(sub: Any) -> None:
+    add_run_parsers(sub)
+    add_sweep_parser(sub)
+    add_report_parser(sub)
+
+
+# -- command line ------------------------------------------------------------------------
+def add_run_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "run", help="replay a trace once per scheduler under scripted congestion and compare",
+        description="Bring the fabric up, then for each scheduler: start the scenario's background "
+                    "flows, replay the trace window through 64 worker processes that move real KV "
+                    "bytes over TCP, and write one record per request. Ends with a comparison "
+                    "(comparison.json and plots) in the run directory, beside the full configuration "
+                    "(experiment.json) that `netkv run --config` repeats.",
+        epilog="Replay settings (--set KEY=VALUE, value as JSON): see `python -m workers.run --help`.")
+    add_run_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("schedulers", help="list the decode schedulers",
+                       description="Every registered decode scheduler with its one-line description.")
+    p.set_defaults(func=cmd_schedulers)
+
+    p = sub.add_parser("scenarios", help="list the congestion scenarios",
+                       description="Scenarios in scenarios/ with their description and flows.")
+    p.add_argument("--topology", default="fattree", help="topology to check them against")
+    p.set_defaults(func=cmd_scenarios)
+
+
+def add_run_options(p: Any) -> None:
+    """The testbed and experiment options `netkv run` and `netkv sweep` share."""
+    add_testbed_options(p)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--experiment", type=Path, metavar="FILE",
+                   help="repeat a run: its experiment.json (options given here override it)")
+    g.add_argument("--schedulers", help=f"comma-separated (default: {','.join(DEFAULT_SCHEDULERS)}); "
+                                        f"`netkv schedulers` lists them")
+    g.add_argument("--scenario", help=f"congestion script name or JSON path (default: {DEFAULT_SCENARIO}; "
+                                      f"known: {', '.join(scenario_mod.names())})")
+    g.add_argument("--trace", help="Mooncake-format JSONL trace (default: traces/mooncake_conversation.jsonl "
+                                   "in the repository)")
+    g.add_argument("--start-s", type=float, help="window start in the trace, seconds (default 0)")
+    g.add_argument("--duration-s", type=float, help="window length, seconds of trace time (default 60)")
+    g.add_argument("--rate-multiplier", type=float, help="replay speed-up of arrivals (default 1)")
+    g.add_argument("--max-requests", type=int, help="replay at most this many requests of the window")
+    g.add_argument("--window-starts-s", metavar="S,S,...",
+                   help="a campaign: several disjoint trace windows (comma-separated starts, seconds), each "
+                        "replayed by every scheduler; figures get 95%% intervals across windows")
+    g.add_argument("--oracle", choices=("static", "telemetry"),
+                   help="network cost oracle the schedulers consult (default: telemetry)")
+    g.add_argument("--ttft-slo-ms", type=float, help="TTFT SLO for attainment figures")
+    g.add_argument("--set", dest="replay_set", action="append", metavar="KEY=VALUE",
+                   help="any other replay setting, value as JSON (repeatable)")
+    g.add_argument("--out", help="run directory (default: runs/<time>-<scenario>)")
+    g.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    if args.experiment:
+        try:
+            exp = ExperimentConfig.from_json(json.loads(args.experiment.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CliError(f"cannot read experiment {args.experiment}: {exc}") from None
+        exp.out_dir = ""
+        exp.recorded = {}
+        if args.config is None:
+            base_tb = TestbedConfig.from_json(exp.testbed)
+            for f in fields(TestbedConfig):
+                if getattr(args, f.name, None) is None:
+                    setattr(args, f.name, getattr(base_tb, f.name) if f.name != "params" else
+                            [f"{k}={v}" for k, v in base_tb.params.items()] or None)
+    else:
+        exp = ExperimentConfig(replay=dict(DEFAULT_REPLAY))
+    exp.testbed = config_from_args(args).to_json()
+    if args.schedulers:
+        exp.schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+    if args.scenario:
+        exp.scenario = args.scenario
+    for key, value in (("trace_path", args.trace), ("start_s", args.start_s), ("duration_s", args.duration_s),
+                       ("rate_multiplier", args.rate_multiplier), ("max_requests", args.max_requests),
+                       ("oracle", args.oracle), ("ttft_slo_ms", args.ttft_slo_ms)):
+        if value is not None:
+            exp.replay[key] = str(Path(value).resolve()) if key == "trace_path" else value
+    for item in args.replay_set or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--set {item!r} is not KEY=VALUE")
+        try:
+            exp.replay[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            exp.replay[key.strip()] = raw
+    if args.window_starts_s:
+        try:
+            exp.window_starts_s = [float(v) for v in args.window_starts_s.split(",") if v.strip()]
+        except ValueError:
+            raise CliError(f"--window-starts-s {args.window_starts_s!r} is not a comma-separated list of seconds") \
+                from None
+    if args.out:
+        exp.out_dir = str(Path(args.out).resolve())
+    return exp
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    exp = experiment_from_args(args)
+    try:
+        prepare(exp)  # every check that needs no network, before root is even asked for
+    except (scenario_mod.ScenarioError, ConfigError) as exc:
+        raise ExperimentError(str(exc)) from None
+    require_root()
+    install_stop_handlers()
+    result = run_experiment(exp, quiet=args.quiet)
+    if args.quiet:
+        print(json.dumps(result))
+        return 0 if result.get("nothing_lost", True) else 1
+    if exp.window_starts_s:
+        print(render_campaign(result))
+        return 0 if result["nothing_lost"] else 1
+    print(render_table(result))
+    bad = [s for s, m in result.get("schedulers", {}).items() if m.get("problems")]
+    return 1 if bad else 0
+
+
+def cmd_schedulers(args: argparse.Namespace) -> int:
+    for name, text in describe().items():
+        print(f"{name:22s} {text}")
+    return 0
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    topo = topologies.build(args.topology)
+    for name in scenario_mod.names():
+        try:
+            scen = scenario_mod.load(name, topo)
+        except scenario_mod.ScenarioError as exc:
+            print(f"{name:16s} (does not fit {args.topology}: {exc})")
+            continue
+        events = f", {len(scen.events)} fault events" if scen.events else ""
+        print(f"{name:16s} {len(scen.flows)} flows{events}, {scen.load_mbps_hops(topo, TestbedConfig().scale):.0f} "
+              f"Mbit/s x hops at the default scale: {scen.description}")
+    return 0
+
+
+# -- command line ------------------------------------------------------------------------
+def add_sweep_parser(sub: Any) -> None:
+    lines = "\n".join(f"  {k.name:10s} {k.section}.{k.key} over {', '.join(map(str, k.values))}: {k.help}"
+                      for k in SWEEPS.values())
+    p = sub.add_parser(
+        "sweep", help="run a named sweep over one knob, every scheduler at every point",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run one knob over several values; at every point, every scheduler replays the same "
+                    "trace windows on the same fabric under the same scenario (an ordinary campaign per "
+                    "point). Writes sweep.json and sweep.png (95% intervals across windows; hollow points "
+                    "had a replay outside the emulator's envelope).\n\nsweeps:\n" + lines)
+    p.add_argument("name", choices=sorted(SWEEPS), help="the knob to sweep")
+    p.add_argument("--values", help="comma-separated values instead of the sweep's defaults")
+    add_run_options(p)
+    p.set_defaults(func=cmd_sweep)
+
+
+def parse_values(knob: Knob, text: str | None) -> list[Any]:
+    if text is None:
+        return list(knob.values)
+    try:
+        values = [knob.parse(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SweepError(f"--values {text!r}: not a comma-separated list for {knob.key}") from None
+    if not values:
+        raise SweepError("--values is empty")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise SweepError(f"--values {text!r}: values must be finite")
+    return values
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    knob = SWEEPS[args.name]
+    values = parse_values(knob, args.values)
+    base = experiment_from_args(args)
+    keep = bool(args.schedulers)
+    out = Path(args.out).resolve() if args.out else default_out_dir(f"sweep-{args.name}")
+    base.out_dir = ""
+    if out.exists() and any(out.iterdir()):
+        raise SweepError(f"sweep directory {out} exists and is not empty; choose another --out")
+    plan(base, knob, values, out, keep)  # every point checked before root is asked for or anything is built
+    require_root()
+    install_stop_handlers()
+    result = run_sweep(args.name, base, values, out, quiet=args.quiet, keep_schedulers=keep)
+    print(json.dumps(result) if args.quiet else render_sweep(result))
+    return 0 if result["nothing_lost"] else 1
+
+
+def add_report_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="remake a run's, campaign's or sweep's figures and plots from its files",
+                       description="Read a run directory (experiment.json, <scheduler>/records.jsonl) and "
+                                   "write comparison.json, comparison.png and utilisation.png beside them; "
+                                   "of a campaign (several windows) also campaign.json and campaign.png with "
+                                   "95%% intervals across windows and the paper's figures beside ours; of a "
+                                   "sweep, sweep.json and sweep.png. Needs no root.")
+    p.add_argument("run_dir", type=Path, help="a directory made by `netkv run` or `netkv sweep`")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a table")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if (args.run_dir / "sweep.json").is_file() or (args.run_dir / "sweep-plan.json").is_file():
+        result = write_sweep(args.run_dir)
+        print(json.dumps(result) if args.json else render_sweep(result))
+        return 0
+    if not (args.run_dir / "experiment.json").is_file():
+        raise CliError(f"{args.run_dir} is not a run directory (no experiment.json)")
+    if is_campaign(args.run_dir):
+        campaign = write_campaign(args.run_dir)
+        print(json.dumps(campaign) if args.json else render_campaign(campaign))
+        return 0
+    comparison = write_report(args.run_dir)
+    print(json.dumps(comparison) if args.json else render_table(comparison))
+    return 0

@@ -1,0 +1,218 @@
+"""The emulator as an engine: one replay on the running fabric.
+
+:func:`replay_under_scenario` runs one scheduler's replay of one window on a
+running :class:`fabric.net.Testbed`: the oracle (telemetry from the
+controller through :class:`RestTelemetryPoller`, or static), the scenario's
+background flows and fault events, the worker processes started in the GPU
+hosts' namespaces (:class:`MininetLauncher`), and the emulator's CPU measured
+around it (:mod:`lab.envelope`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from lab import scenario as scenario_mod
+from lab.envelope import EmulatorMeter
+from lab.faults import FaultRunner
+from lab.rundir import TELEMETRY_SERIES
+from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
+from netkv.repo import REPO_ROOT, child_env
+from netkv.stats import percentile
+from netkv.telemetry import TelemetrySnapshot
+from workers.run import replay
+
+
+def metered_replay(tb: Any, cfg: Any, launcher: Any, run_dir: Path, *,
+                   oracle: Any = None, on_start: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One replay (workers.run.replay) with the emulator's CPU measured
+    around it; the envelope is judged over the replay clock's window (the
+    workers' start-up is not part of it).  ``on_start``: called with the
+    frontend once the replay clock starts (the fault runner).  Returns
+    (summary, envelope)."""
+    meter = EmulatorMeter(tb.switch_processes(), pids_source=tb.switch_processes)
+    meter.start()
+    summary: dict[str, Any] = {}
+    try:
+        summary = replay(cfg, launcher, run_dir, oracle=oracle, topology=tb.topo, status_url=tb.rest_url + "/replay",
+                         on_start=on_start)
+    finally:
+        start = summary.get("run_start_epoch_s")
+        envelope = meter.stop((float(start), time.time()) if start else None,
+                              dispatch_lag_ms=summary.get("max_dispatch_lag_ms"))
+    return summary, envelope
+
+
+# -- the launcher and the telemetry source the replay uses ------------------------------------
+class MininetLauncher:
+    """workers.launch.Launcher over a running Testbed: each worker runs inside
+    its GPU host's namespaces, listens on the host's emulated address, and its
+    pid is recorded for the testbed's sweep."""
+
+    def __init__(self, testbed: Any) -> None:
+        self.tb = testbed
+
+    def data_addr(self, host: str) -> tuple[str, int]:
+        return self.tb.data_addr(host)  # type: ignore[no-any-return]
+
+    def netns_path(self, host: str) -> str | None:
+        """The GPU host's network namespace, where a tensor-parallel worker on
+        another rank host of its instance opens this rank's sockets."""
+        return f"/proc/{self.tb.host_pid(host)}/ns/net"
+
+    def popen(self, host: str, argv: list[str], log_path: Path) -> subprocess.Popen:  # type: ignore[type-arg]
+        with open(log_path, "ab") as log:
+            return self.tb.popen(host, argv, kind="worker", marker="workers.", stdin=subprocess.DEVNULL,
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+                                 env=child_env())  # type: ignore[no-any-return]
+
+
+class RestTelemetryPoller:
+    """A netkv.telemetry.TelemetrySource fed by the controller's ``/links``.
+
+    A thread fetches the table once per polling interval and the source
+    returns the latest copy, so a scheduler's decision never waits for HTTP.
+    Each sample keeps the time the switch was measured, so the oracle sees its
+    true age (and falls back to the static estimate when it is too old).
+    ``on_update``, if set, is called with each new snapshot before the source
+    hands it out (the oracle's ``prepare``): in the polling thread until
+    :meth:`deliver_in` names the replay's event loop, then in that loop's
+    thread, between two of its callbacks.  So the refresh runs in the thread
+    that decides, never inside a decision and never holding the interpreter
+    lock while a decision waits for it (in the polling thread it did: a
+    decision of 0.2 ms of CPU could take 5 ms, the interpreter's switch
+    interval).  Its duration is kept (``telemetry_refresh_ms_*``)."""
+
+    def __init__(self, testbed: Any, interval_s: float, series_path: Path | None = None) -> None:
+        self.tb = testbed
+        self.interval_s = interval_s
+        # Every fetched table is also appended here, one line per poll
+        # (``{"t_s", "links": [[src, dst, utilization, load_gbps, drops], ...]}``),
+        # so that a report can draw link utilisation over time.
+        self._series = series_path.open("a") if series_path is not None else None
+        self.latest = TelemetrySnapshot()
+        self.on_update: Callable[[Any], None] | None = None
+        self.fetches = 0
+        self.refresh_ms: list[float] = []  # on_update's duration, per snapshot handed over in the loop
+        self._loop: Any = None  # see deliver_in
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="telemetry", daemon=True)
+
+    def __call__(self) -> Any:
+        return self.latest
+
+    def start(self) -> "RestTelemetryPoller":
+        self._fetch()
+        self._thread.start()
+        return self
+
+    def _fetch(self) -> None:
+        body = self.tb.rest_get("/links", timeout_s=max(1.0, self.interval_s))
+        if body is None:
+            self.failures += 1
+            return
+        try:
+            snap = TelemetrySnapshot.from_json(body)
+        except ValueError:
+            self.failures += 1
+            return
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._publish, snap, True)
+            except RuntimeError:  # the loop has closed: the replay is over
+                self._loop = None
+                self._publish(snap)
+        else:
+            self._publish(snap)
+        self.fetches += 1
+        if self._series is not None:
+            rows = [[x.src, x.dst, round(x.utilization, 4), round(x.load_gbps, 3), x.drops]
+                    for x in snap.samples.values()]
+            self._series.write(json.dumps({"t_s": round(time.time(), 3), "links": rows}) + "\n")
+            self._series.flush()
+
+    def _publish(self, snap: Any, in_loop: bool = False) -> None:
+        if self.on_update is not None:
+            began = time.perf_counter()
+            self.on_update(snap)
+            if in_loop:  # the ones that can hold up a decision
+                self.refresh_ms.append((time.perf_counter() - began) * 1e3)
+        self.latest = snap
+
+    def deliver_in(self, loop: Any) -> None:
+        """Hand new snapshots over in ``loop``'s thread from now on (an asyncio
+        loop: the replay's frontend, which makes every decision there)."""
+        self._loop = loop
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._fetch()
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=5)
+        if self._series is not None:
+            self._series.close()
+        def pct(q: float) -> float | None:
+            value = percentile(self.refresh_ms, q)
+            return None if value is None else round(value, 3)
+
+        return {"telemetry_fetches": self.fetches, "telemetry_fetch_failures": self.failures,
+                "telemetry_refreshes": len(self.refresh_ms), "telemetry_refresh_ms_p50": pct(50),
+                "telemetry_refresh_ms_p99": pct(99), "telemetry_refresh_ms_max": pct(100)}
+
+
+def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_dir: Path, *,
+                          datapath: str = "", on_start: Callable[[Any], None] | None = None
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One replay on the running fabric: the oracle (telemetry from the
+    controller, or static), the scenario's background flows and its fault
+    events, the emulator's CPU measured around it.  ``on_start``: also called
+    with the frontend when the replay clock starts.  Writes envelope.json (with
+    the telemetry poller's counts and the fault runner's records) and returns
+    (summary, envelope)."""
+    poller = None
+    if cfg.oracle == "telemetry":
+        poller = RestTelemetryPoller(tb, tb.config.poll_interval_s, series_path=run_dir / TELEMETRY_SERIES)
+        oracle: Any = (StaleOracle(tb.topo, poller, cfg.telemetry_delay_ms) if cfg.telemetry_delay_ms
+                       else TelemetryOracle(tb.topo, poller))
+        poller.on_update = oracle.prepare  # hop figures and tables computed in the polling thread
+        poller.start()
+    else:
+        oracle = StaticOracle(tb.topo)
+    runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
+    faults = FaultRunner(tb, scen.events, run_dir, oracle=oracle, telemetry=poller) if scen.events else None
+    runner.start()
+    polled: dict[str, Any] = {}
+    fault_records: list[dict[str, Any]] = []
+    def started(frontend: Any) -> None:
+        if poller is not None and frontend.loop is not None:
+            poller.deliver_in(frontend.loop)
+        if on_start is not None:
+            on_start(frontend)
+        if faults is not None:
+            faults.attach(frontend)
+
+    try:
+        summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle, on_start=started)
+    finally:
+        if faults is not None:
+            fault_records = faults.stop()
+        runner.stop()
+        if poller is not None:
+            polled = poller.stop()
+    envelope.update(polled)
+    envelope["background_flows_started"] = runner.started_flows
+    envelope["datapath"] = datapath or tb.report.datapath
+    if faults is not None:
+        envelope["fault_events"] = fault_records
+    (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")
+    return summary, envelope

@@ -1,0 +1,115 @@
+"""``netkv run``'s work: bring the fabric up once, replay every window with
+every scheduler, bring it down, and write the comparison or the campaign.
+
+One run directory holds everything needed to read and to repeat it::
+
+    runs/<time>-<scenario>/
+      experiment.json      the full configuration (rerun: netkv run --experiment this)
+      scenario.json        the congestion script as it was used
+      testbed.json         the fabric's configuration and bring-up report
+      <scheduler>/         one replay: config.json, records.jsonl, summary.json,
+                           envelope.json, worker and iperf3 logs
+      comparison.json      metrics per scheduler, read back from the records
+      *.png                plots made from comparison.json and the records
+
+With several windows (a campaign) each window is such a directory
+(``w<i>-<start>s/``) and ``campaign.json`` sits above them.  The fabric is
+brought up once and kept for every scheduler; workers and the background
+flows are started afresh for each replay so that every scheduler meets the
+same congestion from the same start.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fabric.net import Testbed
+from lab import scenario as scenario_mod
+from lab.campaign import write_campaign
+from lab.emulator import replay_under_scenario
+from lab.experiment import ExperimentConfig, prepare
+from lab.report import write_report
+from lab.rundir import provenance, window_dir_name
+
+
+def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Bring the fabric up once, replay every window with every scheduler,
+    bring it down, and write the comparison (one window) or the campaign
+    (several windows: one ordinary run directory per window, each repeatable
+    alone, and campaign.json across them)."""
+
+    tb_cfg, base, scen, out = prepare(exp)
+    out.mkdir(parents=True, exist_ok=True)
+    exp.out_dir = str(out)
+    exp.recorded = provenance()
+    (out / "experiment.json").write_text(json.dumps(exp.to_json(), indent=2) + "\n")
+    (out / "scenario.json").write_text(json.dumps(scen.to_json(), indent=2) + "\n")
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(f"netkv: {text}", flush=True)
+
+    windows = [(out / window_dir_name(i, start), replace(exp, window_starts_s=[], out_dir=str(out / window_dir_name(i, start)),
+                                                       replay={**exp.replay, "start_s": start}),
+                replace(base, start_s=start))
+               for i, start in enumerate(exp.window_starts_s)] or [(out, exp, base)]
+    tb = Testbed(tb_cfg)
+    load_bg = scen.load_mbps_hops(tb.topo, tb_cfg.scale)
+    say(f"run directory {out}")
+    say(f"scenario {scen.name}: {len(scen.flows)} background flows, {load_bg:.0f} Mbit/s x hops "
+        f"on the emulator when all run")
+    try:
+        report = tb.up()
+        say(f"fabric up in {report.up_s:.1f} s ({report.datapath} datapath, "
+            f"{report.pings_ok}/{report.pings_total} pairs reachable)")
+        say(f"live fabric view {tb.rest_url}/ (the replay shows there while it runs)")
+        bringup = json.dumps({"config": tb_cfg.to_json(), "bringup": report.as_dict()}, indent=2, default=str) + "\n"
+        for k, (w_dir, w_exp, w_base) in enumerate(windows):
+            if w_dir != out:
+                say(f"window {k + 1}/{len(windows)}: trace [{w_base.start_s:g}, "
+                    f"{w_base.start_s + float(w_base.duration_s or 0):g}) s -> {w_dir.name}/")
+                w_dir.mkdir()
+                (w_dir / "experiment.json").write_text(json.dumps(w_exp.to_json(), indent=2) + "\n")
+                (w_dir / "scenario.json").write_text(json.dumps(scen.to_json(), indent=2) + "\n")
+            (w_dir / "testbed.json").write_text(bringup)
+            _replay_schedulers(tb, report.datapath, w_exp.schedulers, w_base, scen, w_dir, say)
+    finally:
+        tb.down()
+    if len(windows) == 1 and windows[0][0] == out:
+        comparison = write_report(out)
+        say(f"comparison: {out / 'comparison.json'}; plots: {', '.join(p.name for p in sorted(out.glob('*.png')))}")
+        return comparison
+    campaign = write_campaign(out)
+    say(f"campaign: {out / 'campaign.json'}; plots: {', '.join(p.name for p in sorted(out.glob('*.png')))}")
+    return campaign
+
+
+def _replay_schedulers(tb: Any, datapath: str, schedulers: list[str], base: Any, scen: scenario_mod.Scenario,
+                       out: Path, say: Any) -> None:
+    """One window: every scheduler in turn on the running fabric, each with
+    the scenario's background flows started afresh."""
+
+    for name in schedulers:
+        cfg = replace(base, scheduler=name)
+        run_dir = out / name
+        run_dir.mkdir()
+        say(f"replaying with {name} ...")
+        summary, envelope = replay_under_scenario(tb, cfg, scen, run_dir, datapath=datapath)
+        flag = "" if envelope["within_envelope"] is not False else "  [OUTSIDE the emulator's envelope]"
+        say(f"{name}: {summary['ok']}/{summary['requests']} ok, mean TTFT "
+            f"{_fmt(summary.get('ttft_mean_ms'))} ms, p99 {_fmt(summary.get('ttft_p99_ms'))} ms; "
+            f"busiest switch process p95 {_fmt(envelope['switch_cpu_pct_p95'])}% of a core, machine "
+            f"p95 {_fmt(envelope['machine_busy_pct_p95'])}% busy{flag}")
+        if envelope.get("limiting_resource"):
+            say(f"{name}: the emulator ran short of: {envelope['limiting_resource']}")
+        if scen.events:
+            bad = [r for r in envelope.get("fault_events", []) if not str(r.get("outcome", "")).startswith("ok")]
+            say(f"{name}: {len(scen.events)} fault events ({run_dir / 'events.jsonl'})"
+                + (f"; {len(bad)} did not go as planned: {bad[0].get('outcome')}" if bad else ""))
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.1f}"
