@@ -10,8 +10,13 @@ requests_in, records_out (one record per request, whatever happened),
 failed_by_reason, the fault events and their outcomes, the resident memory
 (MB) of the controller, the frontend/driver process and the workers at the
 start and end of the replay (the controller is a new process after every
-controller_restart: its figure is the one running then), the emulator's
-envelope and the leftovers after teardown.  A benchmark to read, not a test.
+controller_restart: its figure is the one running then), the driver's growth
+per request replayed and per minute (a least-squares slope of its resident
+memory against requests done, after the first ``--warmup-min`` minutes, when
+its prefix-cache mirrors and the oracle's tables have filled), the emulator's
+envelope and the leftovers after teardown.  ``--trace-memory`` also names the
+driver's ten largest growth sites (``tracemalloc``, from the end of the
+warm-up to the end of the replay).  A benchmark to read, not a test.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import sys
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -48,8 +54,11 @@ class RssSampler:
     """Every RSS_INTERVAL_S while the replay runs: the controller's, this
     process's (the frontend/driver) and the workers' (sum and largest)."""
 
-    def __init__(self, tb: Any) -> None:
+    def __init__(self, tb: Any, warmup_s: float, trace_memory: bool) -> None:
         self.tb = tb
+        self.warmup_s = warmup_s
+        self.trace_memory = trace_memory
+        self.warm_snapshot: tracemalloc.Snapshot | None = None
         self.frontend: Any = None
         self.samples: list[dict[str, Any]] = []
         self._stop = threading.Event()
@@ -64,8 +73,11 @@ class RssSampler:
         workers = [rss_mb(p.pid) for p in list(self.frontend.procs.values()) if p.poll() is None]
         live = [w for w in workers if w is not None]
         ctl = self.tb.controller
+        if self.trace_memory and self.warm_snapshot is None and time.time() - self.frontend.t0 >= self.warmup_s:
+            self.warm_snapshot = tracemalloc.take_snapshot()
         self.samples.append({
             "t_s": round(time.time() - self.frontend.t0, 1),
+            "requests_done": len(self.frontend.ledger.written),
             "controller": rss_mb(ctl.pid if ctl is not None and ctl.poll() is None else None),
             "driver": rss_mb(os.getpid()),
             "workers_sum": round(sum(live), 1), "workers_max": max(live, default=None), "workers": len(live)})
@@ -80,6 +92,30 @@ class RssSampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+
+def growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
+    """The driver's resident memory against requests done and against time,
+    after the warm-up: least-squares slopes (KB per request, MB per minute)."""
+    rows = [s for s in samples if s["t_s"] >= warmup_s and s.get("driver") is not None]
+    if len(rows) < 3 or rows[-1]["requests_done"] == rows[0]["requests_done"]:
+        return {"samples": len(rows), "kb_per_request": None, "mb_per_minute": None}
+
+    def slope(xs: list[float], ys: list[float]) -> float:
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+    rss = [float(s["driver"]) for s in rows]
+    return {"samples": len(rows), "from_t_s": rows[0]["t_s"],
+            "requests": rows[-1]["requests_done"] - rows[0]["requests_done"],
+            "kb_per_request": round(1024 * slope([float(s["requests_done"]) for s in rows], rss), 3),
+            "mb_per_minute": round(60 * slope([float(s["t_s"]) for s in rows], rss), 4)}
+
+
+def top_growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` source lines whose allocations grew most between two snapshots."""
+    return [{"where": str(s.traceback[0]), "kb": round(s.size_diff / 1024, 1), "blocks": s.count_diff}
+            for s in after.compare_to(before, "lineno")[:n]]
 
 
 def repeated(events: list[Any], period_s: float, duration_s: float) -> list[Any]:
@@ -106,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--of-port", type=int, default=None)
     ap.add_argument("--rest-port", type=int, default=None)
     ap.add_argument("--out", help="output directory (default runs/soak-<time>)")
+    ap.add_argument("--warmup-min", type=float, default=3.0,
+                    help="minutes of the replay left out of the driver's growth (default 3)")
+    ap.add_argument("--trace-memory", action="store_true",
+                    help="trace the driver's allocations (tracemalloc; slows it) and name its growth sites")
     args = ap.parse_args(argv)
     if not 0 < args.minutes <= 600 or not args.period_s > 0:
         ap.error("--minutes must be in (0, 600] and --period-s > 0")
@@ -136,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     requests_in = len(cfg.window().requests)
     out = fresh_out_dir(ap, args.out, "soak")
     tb = Testbed(cfg_tb)
-    sampler = RssSampler(tb)
+    if args.trace_memory:
+        tracemalloc.start(1)
+    sampler = RssSampler(tb, args.warmup_min * 60.0, args.trace_memory)
     result: dict[str, Any] = {"bench": "soak", "minutes": args.minutes, "scenario": scen.name,
                               "period_s": args.period_s, "scheduler": args.scheduler, "topology": topo.name,
                               "out": str(out), "requests_in": requests_in}
@@ -172,10 +214,14 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb_start": {k: first.get(k) for k in ("controller", "driver", "workers_sum", "workers_max")},
         "rss_mb_end": {k: last.get(k) for k in ("controller", "driver", "workers_sum", "workers_max")},
         "rss_samples": len(sampler.samples),
+        "driver_growth": growth(sampler.samples, args.warmup_min * 60.0),
         "envelope": {k: envelope.get(k) for k in ("within_envelope", "limiting_resource", "switch_cpu_pct_p95",
                                                   "machine_busy_pct_p95", "switch_processes_died")},
         "wall_s": round(time.monotonic() - t0, 1),
     })
+    if sampler.warm_snapshot is not None:
+        result["driver_growth_sites"] = top_growth(sampler.warm_snapshot, tracemalloc.take_snapshot())
+        tracemalloc.stop()
     (out / "soak.json").write_text(json.dumps({**result, "rss_series": sampler.samples}, indent=2) + "\n")
     print(json.dumps(result))
     return 0 if result["nothing_lost"] and result["leftovers"]["total"] == 0 else 1

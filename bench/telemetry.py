@@ -253,7 +253,7 @@ def measure(poll_interval_s: float, *, prefix: str, scale: float, seconds: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fabric.config import DEFAULT_SCALE
+    from netkv.serving.config import DEFAULT_SCALE
 
     ap = argparse.ArgumentParser(prog="python -m bench.telemetry", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

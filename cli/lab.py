@@ -14,7 +14,14 @@ from fabric.config import ConfigError, TestbedConfig
 from fabric.system import require_root
 from lab import scenario as scenario_mod
 from lab.campaign import is_campaign, render_campaign, write_campaign
-from lab.experiment import DEFAULT_REPLAY, DEFAULT_SCENARIO, DEFAULT_SCHEDULERS, ExperimentConfig, ExperimentError, prepare
+from lab.experiment import (
+    DEFAULT_REPLAY,
+    DEFAULT_SCENARIO,
+    DEFAULT_SCHEDULERS,
+    ExperimentConfig,
+    ExperimentError,
+    prepare,
+)
 from lab.report import render_table, write_report
 from lab.run import run_experiment
 from lab.rundir import default_out_dir

@@ -332,10 +332,6 @@ class ControllerState:
             self.poller_alive = True
             return number
 
-    def on_poll_sent(self, now: float) -> None:
-        """Older interface: a round for every connected switch."""
-        self.begin_poll_round(now, list(self.connected))
-
     def on_stats_reply(self, dpid: int, now: float) -> None:
         """A (final part of a) port-stats reply from ``dpid`` arrived."""
         with self._lock:

@@ -16,13 +16,13 @@ import topologies
 from controller.client import DEFAULT_REST_PORT
 from fabric.switches import MODES as SWITCH_MODES
 from netkv.checks import is_finite_number
+from netkv.serving.config import DEFAULT_SCALE
 from topologies import Topology, TopologyError
 
 # 1 emulated bit stands for SCALE real bits; KV payloads are divided by the same
 # factor.  40,000 puts the default fat-tree's links at 5-40 Mbit/s.  At 20,000 the
 # default run (scenario hotspots) kept the userspace switch process at 88-92% of a
 # core on average, saturated at its busiest; see docs/design.md "Scale factor".
-DEFAULT_SCALE = 40_000.0
 PREFIX_RE = re.compile(r"^[a-z]{2,4}$")
 IFNAME_MAX = 15  # Linux interface names
 
@@ -160,13 +160,6 @@ class TestbedConfig:
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_json(data)
 
-    @staticmethod
-    def help_of(name: str) -> str:
-        for f in fields(TestbedConfig):
-            if f.name == name:
-                return str(f.metadata.get("help", ""))
-        raise KeyError(name)
-
 
 def check_prefix(prefix: str) -> str:
     """An instance prefix: 2-4 lowercase letters (raises ConfigError)."""
@@ -179,7 +172,3 @@ def emulated_mbps(rate_gbps: float, scale: float) -> float:
     """Emulated link rate in Mbit/s for a real rate in Gbit/s."""
     return rate_gbps * 1000.0 / scale
 
-
-def emulated_bytes(real_bytes: int, scale: float) -> int:
-    """Payload bytes put on the emulated wire for ``real_bytes`` of KV (at least 1)."""
-    return max(1, round(real_bytes / scale))

@@ -22,36 +22,34 @@
 ``down()`` is :func:`fabric.cleanup.sweep` for this prefix, so a normal stop,
 an exception during bring-up, Ctrl-C and ``netkv down`` from another terminal
 all remove the same things.
+
+Faults applied to a running fabric (links down and up, re-rated, switches and
+the controller killed and started again) are :mod:`fabric.faults`; its checks
+(reachability, flow tables) are :mod:`fabric.verify`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from controller.client import ControllerClient, loopback_url
 from fabric import cleanup, shaping, switches, system
-from fabric.config import ConfigError, TestbedConfig, emulated_mbps
+from fabric.config import TestbedConfig, emulated_mbps
+from fabric.system import BringUpError
+from fabric.verify import verify_reachability
 from netkv.repo import REPO_ROOT, child_env
 from topologies import Link, Topology
 
-if TYPE_CHECKING:
-    from controller.routing import FlowEntry
-
 LOG = logging.getLogger("netkv.testbed")
 DATA_PORT = 7000  # the port every worker listens on inside its host namespace
-
-
-class BringUpError(RuntimeError):
-    """Bring-up failed; the network was removed again before this was raised."""
 
 
 @dataclass
@@ -75,23 +73,6 @@ class BringUpReport:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def _run_many(commands: Sequence[Sequence[str]], *, inputs: Sequence[str | None] | None = None,
-              workers: int = 16) -> list[subprocess.CompletedProcess[str]]:
-    ins = list(inputs) if inputs is not None else [None] * len(commands)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(system.run, argv, check=False, input_text=text)
-                   for argv, text in zip(commands, ins)]
-        return [f.result() for f in futures]
-
-
-def _check_all(results: list[subprocess.CompletedProcess[str]], what: str) -> None:
-    bad = [r for r in results if r.returncode != 0]
-    if bad:
-        first = bad[0]
-        raise BringUpError(f"{what} failed on {len(bad)} of {len(results)} commands; first: "
-                           f"{' '.join(first.args)}: {(first.stderr or first.stdout).strip()[:300]}")
 
 
 class Testbed:
@@ -205,9 +186,9 @@ class Testbed:
         self.owns_prefix = True
         steps["preflight"] = time.monotonic() - t0
         try:
-            self._write_state()
+            self.write_state()
             t = time.monotonic()
-            self._start_controller()
+            self.start_controller()
             steps["controller"] = time.monotonic() - t
             t = time.monotonic()
             self._build()
@@ -216,12 +197,12 @@ class Testbed:
             self._tune()
             steps["tune"] = time.monotonic() - t
             t = time.monotonic()
-            self._wait_routes()
+            self.wait_routes()
             steps["routes"] = time.monotonic() - t
             self.report.up_s = time.monotonic() - t0
             if verify:
                 t = time.monotonic()
-                self.verify_reachability()
+                verify_reachability(self)
                 self.report.verify_s = time.monotonic() - t
         except BaseException:
             self.down()
@@ -292,7 +273,7 @@ class Testbed:
             LOG.warning("net.ipv4.ip_forward is 1 in the root namespace: emulated frames seen by its "
                         "kernel could be routed out; the testbed itself never enables it")
 
-    def _write_state(self) -> None:
+    def write_state(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {
             "prefix": self.prefix,
@@ -325,7 +306,7 @@ class Testbed:
             argv += ["--param", f"{key}={value}"]
         return argv
 
-    def _start_controller(self) -> None:
+    def start_controller(self) -> None:
         log_path = self.run_dir / "controller.log"
         if self._ctl_log is not None:
             self._ctl_log.close()
@@ -334,7 +315,7 @@ class Testbed:
         self.controller = subprocess.Popen(self._controller_argv(), stdout=self._ctl_log,
                                            stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
                                            env=child_env(), start_new_session=True)
-        self._write_state()
+        self.write_state()
 
         def api_up() -> bool:
             if self.controller is None or self.controller.poll() is not None:
@@ -352,7 +333,7 @@ class Testbed:
             raise BringUpError(f"the controller's API did not answer on {self.rest_url} within {api_timeout_s:.0f} s "
                                f"(log: {log_path})")
         for key, rate_gbps in sorted(self.link_rates_gbps.items()):  # a restarted controller learns them again
-            self._tell_controller_rate(key, rate_gbps)
+            self.tell_controller_rate(key, rate_gbps)
 
     def rest_post(self, path: str, body: Any, timeout_s: float = 2.0) -> Any:
         """POST ``body`` as JSON to the controller; the answer, or None if it
@@ -387,11 +368,11 @@ class Testbed:
                             mac=self.topo.mac_of(node.name))
             else:
                 net.addSwitch(self.mn_name(node.name), dpid=f"{node.dpid:016x}")
-        self._write_state()  # node shells exist from here on
+        self.write_state()  # node shells exist from here on
         for link in self.topo.links:
             net.addLink(self.mn_name(link.a), self.mn_name(link.b), port1=link.a_port, port2=link.b_port)
         net.start()
-        self._write_state()
+        self.write_state()
         if self.per_switch:
             self._start_switch_instances()
 
@@ -427,7 +408,7 @@ class Testbed:
                     self.switch_pids[name] = fut.result()
                 except (RuntimeError, system.PreflightError) as exc:
                     errors.append(f"{name}: {exc}")
-        self._write_state()
+        self.write_state()
         if errors:
             raise BringUpError(f"{len(errors)} of {len(names)} switch instances failed to start; first: "
                                f"{errors[0][:400]}")
@@ -472,7 +453,7 @@ class Testbed:
             commands.append(self.in_host(name, ["sysctl", "-q", "-w", *shaping.host_sysctls(cfg.tcp_congestion)]))
             inputs.append(None)
             commands.append(self.in_host(name, ["ip", "-batch", "-"]))
-            inputs.append("\n".join(self._host_ip_lines(name, [i for i, _ in ifs])) + "\n")
+            inputs.append("\n".join(self.host_ip_lines(name, [i for i, _ in ifs])) + "\n")
             tc_lines = [l for ifname, mbps in ifs
                         for l in shaping.tc_batch_lines(ifname, mbps, mtu, cfg.queue_packets, cfg.link_delay_ms)]
             commands.append(self.in_host(name, ["tc", "-batch", "-"]))
@@ -481,9 +462,9 @@ class Testbed:
                 for ifname, _ in ifs:
                     commands.append(self.in_host(name, shaping.ethtool_offloads_off(ifname)))
                     inputs.append(None)
-        _check_all(_run_many(commands, inputs=inputs), "configuring the GPU hosts")
+        system.check_all(system.run_many(commands, inputs=inputs), "configuring the GPU hosts")
 
-    def _host_ip_lines(self, name: str, ifnames: list[str]) -> list[str]:
+    def host_ip_lines(self, name: str, ifnames: list[str]) -> list[str]:
         """``ip -batch`` lines of a GPU host: its links up at the MTU, static
         ARP for every other GPU and the fabric route (also after a link_up: a
         link set down loses its routes and neighbours)."""
@@ -493,150 +474,17 @@ class Testbed:
         lines.append(shaping.fabric_route(ifnames[0], self.topo.ip_of(name)))
         return lines
 
-    # -- faults (lab.faults) ------------------------------------------------
-    def _at_end(self, node: str, argv: list[str]) -> list[str]:
-        """argv run where one end of a link is: a GPU host's namespace, or the switch's."""
-        return self.in_host(node, argv) if self.topo.node(node).is_gpu else self.in_switch(node, argv)
+    def switch_ports(self, name: str) -> list[tuple[str, int]]:
+        """(interface, OpenFlow port) of every port of the switch ``name``."""
+        return [(self.intf(name, link.port_of(name)), link.port_of(name)) for link in self.topo.links_of(name)]
 
-    def set_link_state(self, a: str, b: str, up: bool) -> None:
-        """Set both ends of the link a-b administratively up or down.  A GPU
-        host's end gets its addresses, neighbours and route back when it comes up."""
-        link = self.topo.link_between(a, b)
-        for node in (link.a, link.b):
-            ifname = self.intf(node, link.port_of(node))
-            if up and self.topo.node(node).is_gpu:
-                system.run(self.in_host(node, ["ip", "-batch", "-"]),
-                           input_text="\n".join(self._host_ip_lines(node, [ifname])) + "\n")
-            else:
-                system.run(self._at_end(node, ["ip", "link", "set", "dev", ifname, "up" if up else "down"]))
-
-    def emulated_rate_mbps(self, rate_gbps: float) -> float:
-        return emulated_mbps(rate_gbps, self.config.scale)
-
-    def rerate_link(self, a: str, b: str, rate_gbps: float) -> float | None:
-        """Change the htb rate of both ends of the link a-b (real Gbit/s) and
-        tell the controller, as an operator's configuration would (its
-        utilisation and /oracle then use the new rate).  Returns the rate the
-        controller acknowledged, None if it is down (told when it is back)."""
-        link = self.topo.link_between(a, b)
-        mbps = self.emulated_rate_mbps(rate_gbps)
-        for node in (link.a, link.b):
-            line = shaping.tc_class_line(self.intf(node, link.port_of(node)), mbps, self.config.mtu_bytes)
-            system.run(self._at_end(node, ["tc", "-batch", "-"]), input_text=line + "\n")
-        if rate_gbps == link.rate_gbps:
-            self.link_rates_gbps.pop(link.key, None)
-        else:
-            self.link_rates_gbps[link.key] = float(rate_gbps)
-        return self._tell_controller_rate(link.key, rate_gbps)
-
-    def _tell_controller_rate(self, key: tuple[str, str], rate_gbps: float) -> float | None:
+    def tell_controller_rate(self, key: tuple[str, str], rate_gbps: float) -> float | None:
         if self.controller is None or self.controller.poll() is not None:
             return None
         answer = self.rest_post(f"/links/{key[0]}/{key[1]}", {"rate_gbps": rate_gbps})
         return None if answer is None else float(answer["rate_gbps"])
 
-    def kill_controller(self) -> int:
-        """SIGKILL the controller by its pid (the switches keep their routes:
-        fail-secure mode); returns the pid."""
-        if self.controller is None:
-            raise BringUpError("no controller is running")
-        pid = self.controller.pid
-        self.controller.kill()
-        self.controller.wait(timeout=10)
-        return pid
-
-    def start_controller_again(self) -> dict[str, Any]:
-        """Start the controller again (same ports and options) and wait until
-        every switch has reconnected and confirmed its routes."""
-        self._start_controller()
-        api_up = time.time()
-        self._wait_routes()
-        assert self.controller is not None
-        return {"pid": self.controller.pid, "api_up_s": api_up, "routes_ready_s": time.time()}
-
-    def switch_ports(self, name: str) -> list[tuple[str, int]]:
-        """(interface, OpenFlow port) of every port of the switch ``name``."""
-        return [(self.intf(name, link.port_of(name)), link.port_of(name)) for link in self.topo.links_of(name)]
-
-    def kill_switch(self, name: str) -> list[int]:
-        """Take one switch away at once.  One process per switch: SIGKILL its
-        ovs-vswitchd and ovsdb-server by their pids, and return them.  Shared
-        Open vSwitch: delete its bridge (the links' interfaces stay), and
-        return no pid."""
-        if not self.per_switch:
-            system.run(switches.shared_bridge_del_argv(self.mn_name(name)))
-            return []
-        p = self.switch_paths(name)
-        pids = [pid for pid in (self.switch_pids.pop(name, None), switches.read_pid(p.ovsdb_pidfile))
-                if pid is not None]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        system.wait_until(lambda: not any(system.process_alive(pid) for pid in pids), timeout_s=10)
-        self._write_state()
-        return pids
-
-    def start_switch_again(self, name: str) -> dict[str, Any]:
-        """Start one switch's ovsdb-server (on its database as it was) and
-        ovs-vswitchd again, or, with the shared Open vSwitch, add its bridge
-        again as bring-up described it and shape its ends again; waits until
-        the controller has its routes installed."""
-        if not self.per_switch:
-            return self._add_shared_bridge_again(name)
-        p = self.switch_paths(name)
-        env = switches.daemon_env(p, jemalloc=self.config.switch_jemalloc)
-        system.run(switches.ovsdb_server_argv(p), env=env)
-        system.run(switches.vswitchd_argv(p, switches.netns_name(self.prefix, name)), env=env)
-        pid = switches.read_pid(p.vswitchd_pidfile)
-        if pid is None:
-            raise BringUpError(f"ovs-vswitchd of {name} wrote no pid file (log: {p.log('ovs-vswitchd')})")
-        self.switch_pids[name] = pid
-        self._write_state()
-        time.sleep(0.2)  # let the controller see the old connection go before asking whether it is ready
-        self._wait_routes()
-        return {"pid": pid, "routes_ready_s": time.time()}
-
-    def _add_shared_bridge_again(self, name: str) -> dict[str, Any]:
-        sw = self.topo.node(name)
-        target = f"tcp:127.0.0.1:{self.config.of_port}"
-        datapath_type = "netdev" if self.datapath == "user" else "system"
-        system.run(switches.shared_bridge_add_argv(self.mn_name(name), sw.dpid, self.switch_ports(name), target,
-                                                   datapath_type))
-        # the ports' queues start empty, at each link's rate now (re-rated links included)
-        lines = []
-        for link in self.topo.links_of(name):
-            mbps = self.emulated_rate_mbps(self.link_rates_gbps.get(link.key, link.rate_gbps))
-            lines += shaping.tc_batch_lines(self.intf(name, link.port_of(name)), mbps, self.config.mtu_bytes,
-                                            self.config.queue_packets, self.config.link_delay_ms)
-        system.run(["tc", "-batch", "-"], input_text="\n".join(lines) + "\n")
-        time.sleep(0.2)  # let the controller see the old connection go before asking whether it is ready
-        self._wait_routes()
-        return {"pid": None, "routes_ready_s": time.time()}
-
-    def shared_bridge_exists(self, name: str) -> bool:
-        return system.run(["ovs-vsctl", "--timeout=10", "br-exists", self.mn_name(name)], check=False).returncode == 0
-
-    def ensure_running(self) -> dict[str, Any]:
-        """Start the controller and any switch process that is not running."""
-        out: dict[str, Any] = {}
-        if self.controller is None or self.controller.poll() is not None:
-            out["controller_started"] = self.start_controller_again()["pid"]
-        if self.per_switch:
-            dead = [sw.name for sw in self.topo.switches
-                    if not switches.vswitchd_alive(self.switch_pids.get(sw.name))]
-            for name in dead:
-                self.kill_switch(name)  # its ovsdb-server too, if it is still there
-                out.setdefault("switches_started", {})[name] = self.start_switch_again(name)["pid"]
-        else:
-            for name in [sw.name for sw in self.topo.switches if not self.shared_bridge_exists(sw.name)]:
-                self.start_switch_again(name)
-                out.setdefault("bridges_added", []).append(name)
-        self._wait_routes()
-        return out
-
-    def _wait_routes(self) -> None:
+    def wait_routes(self) -> None:
         status: dict[str, Any] = {}
 
         def ready() -> bool:
@@ -651,85 +499,3 @@ class Testbed:
                 f"routes not installed within {self.config.ready_timeout_s:.0f} s: "
                 f"{status.get('switches_ready', 0)} of {status.get('switches_expected', '?')} switches ready "
                 f"(controller log: {self.run_dir / 'controller.log'})")
-
-    # -- checks ---------------------------------------------------------------
-    def flow_tables(self) -> dict[str, list["FlowEntry"]]:
-        """The controller's entries as Open vSwitch holds them, per switch name."""
-        tables = {}
-        for sw in self.topo.switches:
-            bridge = self.mn_name(sw.name)
-            target = f"unix:{self.switch_paths(sw.name).mgmt(bridge)}" if self.per_switch else bridge
-            text = system.run(["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", target]).stdout
-            tables[sw.name] = parse_flow_dump(sw.name, text)
-        return tables
-
-    def ping_pairs(self) -> list[tuple[str, str]]:
-        """Every GPU pings its farthest peer (all uplinks are crossed) and its
-        nearest one (all GPU links and server switches are crossed)."""
-        gpus = self.topo.gpu_names()
-        pairs: list[tuple[str, str]] = []
-        for src in gpus:
-            by_tier: dict[int, str] = {}
-            for dst in gpus:
-                if dst != src:
-                    by_tier.setdefault(self.topo.tier_distance(src, dst), dst)
-            tiers = sorted(by_tier)
-            pairs.append((src, by_tier[tiers[-1]]))
-            if tiers[0] != tiers[-1]:
-                pairs.append((src, by_tier[tiers[0]]))
-        return pairs
-
-    def ping(self, pairs: Sequence[tuple[str, str]], *, count: int = 1,
-             timeout_s: int = 2) -> list[tuple[str, str, bool]]:
-        commands = [self.in_host(src, ["ping", "-n", "-q", "-c", str(count), "-W", str(timeout_s),
-                                       self.topo.ip_of(dst)]) for src, dst in pairs]
-        results = _run_many(commands, workers=32)
-        return [(src, dst, r.returncode == 0) for (src, dst), r in zip(pairs, results)]
-
-    def verify_reachability(self, pairs: Sequence[tuple[str, str]] | None = None) -> None:
-        pairs = list(pairs) if pairs is not None else self.ping_pairs()
-        results = self.ping(pairs)
-        failed = [(s, d) for s, d, ok in results if not ok]
-        if failed:  # the first packet may race a late flow entry: one retry
-            retry = self.ping(failed, count=2)
-            failed = [(s, d) for s, d, ok in retry if not ok]
-        report = self.report
-        report.pings_total = len(pairs)
-        report.pings_ok = len(pairs) - len(failed)
-        report.failed_pairs = failed
-        for src, dst in pairs:
-            if (src, dst) not in failed:
-                tier = self.topo.tier_distance(src, dst)
-                report.pings_by_tier[tier] = report.pings_by_tier.get(tier, 0) + 1
-        if failed:
-            shown = ", ".join(f"{s}->{d}" for s, d in failed[:5])
-            raise BringUpError(f"{len(failed)} of {len(pairs)} GPU pairs cannot reach each other: {shown}")
-
-
-def config_error_line(exc: Exception) -> str:
-    return str(exc) if isinstance(exc, (ConfigError, BringUpError, system.PreflightError)) else repr(exc)
-
-
-def parse_flow_dump(switch: str, text: str) -> list["FlowEntry"]:
-    """Entries of ``ovs-ofctl -O OpenFlow13 dump-flows`` that carry this
-    controller's cookie, as :class:`controller.routing.FlowEntry`."""
-    from controller.routing import FLOW_COOKIE, FlowEntry
-
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("cookie="):
-            continue
-        match_part, _, actions = line.partition(" actions=")
-        fields: dict[str, str] = {}
-        for item in match_part.replace(" ", ",").split(","):
-            key, _, value = item.partition("=")
-            if key:
-                fields[key] = value
-        if int(fields.get("cookie", "0"), 16) != FLOW_COOKIE:
-            continue
-        if not actions.startswith("output:"):
-            raise ValueError(f"{switch}: unexpected actions {actions!r}")
-        out.append(FlowEntry(switch, int(fields.get("priority", "32768")), fields["nw_dst"],
-                             fields.get("nw_src"), int(actions[len("output:"):])))
-    return sorted(out)

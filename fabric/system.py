@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -24,6 +25,10 @@ OVS_CTL = "/usr/share/openvswitch/scripts/ovs-ctl"
 OVS_PIDFILE = Path("/var/run/openvswitch/ovs-vswitchd.pid")
 OVS_DB_SOCKET = Path("/var/run/openvswitch/db.sock")
 REQUIRED_BINARIES = ("mnexec", "ovs-vsctl", "ovs-ofctl", "tc", "ip", "ethtool", "ping", "iperf3")
+
+
+class BringUpError(RuntimeError):
+    """Bring-up failed; the network was removed again before this was raised."""
 
 
 class PreflightError(RuntimeError):
@@ -188,3 +193,22 @@ def default_tcp_congestion() -> str:
         return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     except OSError:
         return ""
+
+
+def run_many(commands: Sequence[Sequence[str]], *, inputs: Sequence[str | None] | None = None,
+             workers: int = 16) -> list[subprocess.CompletedProcess[str]]:
+    """Run every command (argv lists, never a shell), ``workers`` at a time;
+    their results in order, whatever their exit status."""
+    ins = list(inputs) if inputs is not None else [None] * len(commands)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(run, argv, check=False, input_text=text) for argv, text in zip(commands, ins)]
+        return [f.result() for f in futures]
+
+
+def check_all(results: list[subprocess.CompletedProcess[str]], what: str) -> None:
+    """BringUpError naming the first failed command, if any failed."""
+    bad = [r for r in results if r.returncode != 0]
+    if bad:
+        first = bad[0]
+        raise BringUpError(f"{what} failed on {len(bad)} of {len(results)} commands; first: "
+                           f"{' '.join(first.args)}: {(first.stderr or first.stdout).strip()[:300]}")

@@ -17,12 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from fabric.config import TestbedConfig
+from fabric.net import Testbed
 from lab import scenario as scenario_mod
 from lab.envelope import EmulatorMeter
 from lab.faults import FaultRunner
 from lab.rundir import TELEMETRY_SERIES
 from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
 from netkv.repo import REPO_ROOT, child_env
+from netkv.serving.config import ReplayConfig
 from netkv.stats import percentile
 from netkv.telemetry import TelemetrySnapshot
 from workers.run import replay
@@ -216,3 +219,31 @@ def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_di
         envelope["fault_events"] = fault_records
     (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")
     return summary, envelope
+
+
+class EmulatorEngine:
+    """The emulated fabric as an experiment's engine (:mod:`lab.engine`)."""
+
+    def __init__(self, config: TestbedConfig) -> None:
+        self.config = config
+        self.tb = Testbed(config)
+        self.topology = self.tb.topo
+        self.datapath = ""
+
+    def up(self) -> dict[str, Any]:
+        report = self.tb.up()
+        self.datapath = report.datapath
+        return {"config": self.config.to_json(), "bringup": report.as_dict()}
+
+    def describe(self) -> list[str]:
+        report = self.tb.report
+        return [f"fabric up in {report.up_s:.1f} s ({report.datapath} datapath, "
+                f"{report.pings_ok}/{report.pings_total} pairs reachable)",
+                f"live fabric view {self.tb.rest_url}/ (the replay shows there while it runs)"]
+
+    def replay(self, cfg: ReplayConfig, scen: scenario_mod.Scenario,
+               run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        return replay_under_scenario(self.tb, cfg, scen, run_dir, datapath=self.datapath)
+
+    def down(self) -> None:
+        self.tb.down()

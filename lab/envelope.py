@@ -14,8 +14,10 @@ comparison, the report).  Calibration and history: docs/design.md, "Envelope".
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+from array import array
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,18 +42,10 @@ ENVELOPE_MACHINE_PCT = 80.0  # the whole machine, % of every core
 # the meter's once-a-second samples, means the replay's process stood still,
 # and every TTFT spanning it carries the stall; the wall clock jumping past the
 # monotonic one between two samples means the whole virtual machine was paused
-# (the hypervisor snapshotting it: its monotonic clock stood still, its wall
-# clock was stepped on afterwards).  Across 147 replays of 2026-12-03 the
-# largest dispatch lag was 190 ms (machine p95 99.5% busy) and the largest
-# hole 1.93 s, but for one replay (11.7 s, 10.8 s late); a later one had a
-# 12.4 s hole during a "virtual machine fork" in the kernel's log
-# (docs/design.md, "Envelope").
+# (its monotonic clock stood still, its wall clock was stepped on afterwards).
+# The figures and the replays behind them: docs/design.md, "Envelope".
 ENVELOPE_DISPATCH_LAG_MS = 500.0
-
-
 ENVELOPE_SAMPLE_GAP_S = 3.0
-
-
 ENVELOPE_CLOCK_JUMP_S = 0.5
 
 
@@ -75,13 +69,18 @@ class EmulatorMeter:
         self.pids_source = pids_source
         self.pids = dict(switch_pids)
         self.interval_s = interval_s
-        # one row per second: (epoch s, {switch: % of a core}, machine busy %,
-        # monotonic s).  Where the wall clock advanced far more than the
-        # monotonic one between two samples, the whole virtual machine was
+        # One column per second, kept in flat arrays (a replay of hours keeps
+        # them all, for the series): epoch s, monotonic s, machine busy %
+        # (NaN: unknown), and per switch process its % of a core (NaN: not
+        # measured in that second).  Where the wall clock advanced far more than
+        # the monotonic one between two samples, the whole virtual machine was
         # paused (the guest's monotonic clock stands still meanwhile; its wall
         # clock is stepped forward afterwards, and every wall-clock time stamp
-        # with it)
-        self.samples: list[tuple[float, dict[str, float], float | None, float]] = []
+        # with it).
+        self.t_s = array("d")
+        self.mono_s = array("d")
+        self.machine_pct = array("d")
+        self.switch_pct: dict[str, array[float]] = {}
         self.died: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -118,9 +117,20 @@ class EmulatorMeter:
             machine = machine_ticks()
             busy = machine[0] - last_machine[0]
             all_ticks = machine[1] - last_machine[1]
-            self.samples.append((time.time(), row, 100.0 * busy / all_ticks if all_ticks > 0 else None,
-                                 time.monotonic()))
+            self.add(time.time(), row, 100.0 * busy / all_ticks if all_ticks > 0 else None, time.monotonic())
             last_machine, last_t = machine, now
+
+    def add(self, t_s: float, switch_pct: dict[str, float], machine_pct: float | None, mono_s: float) -> None:
+        """One second's sample: its wall-clock time, each switch process's % of
+        a core, the machine's busy %, its monotonic time."""
+        n = len(self.t_s)
+        self.t_s.append(t_s)
+        self.mono_s.append(mono_s)
+        self.machine_pct.append(math.nan if machine_pct is None else machine_pct)
+        for name in switch_pct.keys() - self.switch_pct.keys():
+            self.switch_pct[name] = array("d", [math.nan] * n)
+        for name, column in self.switch_pct.items():
+            column.append(switch_pct.get(name, math.nan))
 
     def stop(self, window_epoch_s: tuple[float, float] | None = None, *,
              dispatch_lag_ms: float | None = None) -> dict[str, Any]:
@@ -131,22 +141,25 @@ class EmulatorMeter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        t_first = self.samples[0][0] if self.samples else time.time()
-        judged = [x for x in self.samples if window_epoch_s is None
+        n = len(self.t_s)
+        t_first = self.t_s[0] if n else time.time()
+        judged = [i for i in range(n) if window_epoch_s is None
                   # a sample covers the second before its time stamp
-                  or window_epoch_s[0] + self.interval_s <= x[0] <= window_epoch_s[1]]
-        per_switch: dict[str, list[float]] = {}
-        for _, row, _, _ in judged:
-            for name, pct in row.items():
-                per_switch.setdefault(name, []).append(pct)
-        sum_pct = [sum(row.values()) for _, row, _, _ in judged]
-        machine = [m for _, _, m, _ in judged if m is not None]
+                  or window_epoch_s[0] + self.interval_s <= self.t_s[i] <= window_epoch_s[1]]
+
+        def measured(i: int) -> list[float]:
+            return [v for column in self.switch_pct.values() if not math.isnan(v := column[i])]
+
+        per_switch = {name: [v for i in judged if not math.isnan(v := column[i])]
+                      for name, column in self.switch_pct.items()}
+        sum_pct = [sum(measured(i)) for i in judged]
+        machine = [m for i in judged if not math.isnan(m := self.machine_pct[i])]
         p95 = {name: float(percentile(v, 95, method="lower") or 0.0) for name, v in per_switch.items() if v}
         busiest = max(p95, key=lambda n: p95[n]) if p95 else None
         out: dict[str, Any] = {
             "switch_processes": len(self.pids),
             "samples": len(judged),
-            "samples_outside_window": len(self.samples) - len(judged),
+            "samples_outside_window": n - len(judged),
             # the busiest single switch process: the one that saturates first
             "busiest_switch": busiest,
             "switch_cpu_pct_mean": _mean(per_switch[busiest]) if busiest else None,
@@ -162,13 +175,15 @@ class EmulatorMeter:
             "envelope_cpu_pct": ENVELOPE_CPU_PCT,
             "envelope_machine_pct": ENVELOPE_MACHINE_PCT,
             # every sample: [s since the first, switch processes' sum, busiest one, machine busy], judged or not
-            "series": [[round(t - t_first, 2), round(sum(row.values()), 1),
-                        round(max(row.values(), default=0.0), 1), None if m is None else round(m, 1)]
-                       for t, row, m, _ in self.samples],
+            "series": [[round(self.t_s[i] - t_first, 2), round(sum(measured(i)), 1),
+                        round(max(measured(i), default=0.0), 1),
+                        None if math.isnan(self.machine_pct[i]) else round(self.machine_pct[i], 1)]
+                       for i in range(n)],
         }
         pairs = list(zip(judged, judged[1:]))
-        out["sample_gap_s_max"] = _round1(max((b[0] - a[0] for a, b in pairs), default=None))
-        out["wall_clock_jump_s_max"] = _round1(max((b[0] - a[0] - (b[3] - a[3]) for a, b in pairs), default=None))
+        out["sample_gap_s_max"] = _round1(max((self.t_s[b] - self.t_s[a] for a, b in pairs), default=None))
+        out["wall_clock_jump_s_max"] = _round1(max((self.t_s[b] - self.t_s[a] - (self.mono_s[b] - self.mono_s[a])
+                                                    for a, b in pairs), default=None))
         if dispatch_lag_ms is not None:
             out["dispatch_lag_ms_max"] = round(float(dispatch_lag_ms), 1)
         out.update(envelope_verdict(out["switch_cpu_pct_p95"], out["machine_busy_pct_p95"], self.died,

@@ -42,6 +42,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from fabric import faults as fabric_faults
 from netkv.checks import number_complaint
 from topologies import Topology
 
@@ -268,7 +269,7 @@ class FaultRunner:
             assert e.link is not None
             up = e.kind == "link_up"
             t_event = time.time()
-            self.tb.set_link_state(e.link[0], e.link[1], up)
+            fabric_faults.set_link_state(self.tb, e.link[0], e.link[1], up)
             self.links_changed.add(e.link)
             self._oracle_link(e.link, up=up)
             return self._await_reroute(e.link, up, t_event)
@@ -277,7 +278,7 @@ class FaultRunner:
             # the replay's oracle first: the controller is told over HTTP inside
             # rerate_link, and decisions meanwhile must not price the old rate
             self._oracle_link(e.link, rate_gbps=e.rate_gbps)
-            told_gbps = self.tb.rerate_link(e.link[0], e.link[1], e.rate_gbps)
+            told_gbps = fabric_faults.rerate_link(self.tb, e.link[0], e.link[1], e.rate_gbps)
             self.links_changed.add(e.link)
             return {"emulated_mbps": round(self.tb.emulated_rate_mbps(e.rate_gbps), 3),
                     "controller_rate_gbps": told_gbps}
@@ -347,12 +348,12 @@ class FaultRunner:
 
     def _restart_controller(self, down_s: float) -> dict[str, Any]:
         hops_before = len(self.telemetry().samples) if self.telemetry is not None else 0
-        old = self.tb.kill_controller()
+        old = fabric_faults.kill_controller(self.tb)
         killed = time.time()
         self._stop.wait(down_s)
         outage = self._probe_oracle()  # what the oracle answers at the end of the outage
         started = time.time()
-        timing = self.tb.start_controller_again()
+        timing = fabric_faults.start_controller_again(self.tb)
         out: dict[str, Any] = {"pid_killed": old, "pid": timing["pid"],
                                "down_ms": round((started - killed) * 1000, 3),
                                "api_up_ms": round((timing["api_up_s"] - started) * 1000, 3),
@@ -392,11 +393,11 @@ class FaultRunner:
         return {"telemetry_resumed_ms": None}
 
     def _restart_switch(self, switch: str, down_s: float) -> dict[str, Any]:
-        pids = self.tb.kill_switch(switch)
+        pids = fabric_faults.kill_switch(self.tb, switch)
         killed = time.time()
         self._stop.wait(down_s)
         started = time.time()
-        timing = self.tb.start_switch_again(switch)
+        timing = fabric_faults.start_switch_again(self.tb, switch)
         return {"switch_mode": "per_switch" if self.tb.per_switch else "shared",
                 "pids_killed": pids, "pid": timing["pid"], "down_ms": round((started - killed) * 1000, 3),
                 "routes_ready_ms": round((timing["routes_ready_s"] - started) * 1000, 3)}
@@ -408,8 +409,8 @@ class FaultRunner:
         for link in sorted(self.links_changed):
             rec: dict[str, Any] = {"kind": "restore", "link": list(link), "actual_t_s": self._now_s()}
             try:
-                self.tb.set_link_state(link[0], link[1], True)
-                self.tb.rerate_link(link[0], link[1], self.tb.topo.link_between(*link).rate_gbps)
+                fabric_faults.set_link_state(self.tb, link[0], link[1], True)
+                fabric_faults.rerate_link(self.tb, link[0], link[1], self.tb.topo.link_between(*link).rate_gbps)
                 rec["outcome"] = "ok"
             except Exception as exc:  # noqa: BLE001
                 rec["outcome"] = f"failed: {type(exc).__name__}: {exc}"
@@ -417,7 +418,7 @@ class FaultRunner:
         if self.links_changed or any(e.kind in ("controller_restart", "switch_restart") for e in self.events):
             rec = {"kind": "restore", "what": "controller and switches", "actual_t_s": self._now_s()}
             try:
-                rec.update(self.tb.ensure_running())
+                rec.update(fabric_faults.ensure_running(self.tb))
                 rec["outcome"] = "ok"
             except Exception as exc:  # noqa: BLE001
                 rec["outcome"] = f"failed: {type(exc).__name__}: {exc}"

@@ -24,22 +24,22 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from fabric.net import Testbed
 from lab import scenario as scenario_mod
 from lab.campaign import write_campaign
-from lab.emulator import replay_under_scenario
+from lab.engine import DEFAULT_ENGINE, ENGINES, Engine
 from lab.experiment import ExperimentConfig, prepare
 from lab.report import write_report
 from lab.rundir import provenance, window_dir_name
+from netkv.serving.config import ReplayConfig
 
 
-def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Bring the fabric up once, replay every window with every scheduler,
-    bring it down, and write the comparison (one window) or the campaign
-    (several windows: one ordinary run directory per window, each repeatable
-    alone, and campaign.json across them)."""
+def run_experiment(exp: ExperimentConfig, *, quiet: bool = False, engine: str = DEFAULT_ENGINE) -> dict[str, Any]:
+    """Bring the engine up once (the emulated fabric by default), replay every
+    window with every scheduler, bring it down, and write the comparison (one
+    window) or the campaign (several windows: one ordinary run directory per
+    window, each repeatable alone, and campaign.json across them)."""
 
     tb_cfg, base, scen, out = prepare(exp)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,17 +56,15 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
                                                        replay={**exp.replay, "start_s": start}),
                 replace(base, start_s=start))
                for i, start in enumerate(exp.window_starts_s)] or [(out, exp, base)]
-    tb = Testbed(tb_cfg)
-    load_bg = scen.load_mbps_hops(tb.topo, tb_cfg.scale)
+    eng = ENGINES[engine](tb_cfg)
+    load_bg = scen.load_mbps_hops(eng.topology, tb_cfg.scale)
     say(f"run directory {out}")
     say(f"scenario {scen.name}: {len(scen.flows)} background flows, {load_bg:.0f} Mbit/s x hops "
         f"on the emulator when all run")
     try:
-        report = tb.up()
-        say(f"fabric up in {report.up_s:.1f} s ({report.datapath} datapath, "
-            f"{report.pings_ok}/{report.pings_total} pairs reachable)")
-        say(f"live fabric view {tb.rest_url}/ (the replay shows there while it runs)")
-        bringup = json.dumps({"config": tb_cfg.to_json(), "bringup": report.as_dict()}, indent=2, default=str) + "\n"
+        bringup = json.dumps(eng.up(), indent=2, default=str) + "\n"
+        for line in eng.describe():
+            say(line)
         for k, (w_dir, w_exp, w_base) in enumerate(windows):
             if w_dir != out:
                 say(f"window {k + 1}/{len(windows)}: trace [{w_base.start_s:g}, "
@@ -75,9 +73,9 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
                 (w_dir / "experiment.json").write_text(json.dumps(w_exp.to_json(), indent=2) + "\n")
                 (w_dir / "scenario.json").write_text(json.dumps(scen.to_json(), indent=2) + "\n")
             (w_dir / "testbed.json").write_text(bringup)
-            _replay_schedulers(tb, report.datapath, w_exp.schedulers, w_base, scen, w_dir, say)
+            _replay_schedulers(eng, w_exp.schedulers, w_base, scen, w_dir, say)
     finally:
-        tb.down()
+        eng.down()
     if len(windows) == 1 and windows[0][0] == out:
         comparison = write_report(out)
         say(f"comparison: {out / 'comparison.json'}; plots: {', '.join(p.name for p in sorted(out.glob('*.png')))}")
@@ -87,9 +85,9 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False) -> dict[str, A
     return campaign
 
 
-def _replay_schedulers(tb: Any, datapath: str, schedulers: list[str], base: Any, scen: scenario_mod.Scenario,
-                       out: Path, say: Any) -> None:
-    """One window: every scheduler in turn on the running fabric, each with
+def _replay_schedulers(eng: Engine, schedulers: list[str], base: ReplayConfig, scen: scenario_mod.Scenario,
+                       out: Path, say: Callable[[str], None]) -> None:
+    """One window: every scheduler in turn on the running engine, each with
     the scenario's background flows started afresh."""
 
     for name in schedulers:
@@ -97,7 +95,7 @@ def _replay_schedulers(tb: Any, datapath: str, schedulers: list[str], base: Any,
         run_dir = out / name
         run_dir.mkdir()
         say(f"replaying with {name} ...")
-        summary, envelope = replay_under_scenario(tb, cfg, scen, run_dir, datapath=datapath)
+        summary, envelope = eng.replay(cfg, scen, run_dir)
         flag = "" if envelope["within_envelope"] is not False else "  [OUTSIDE the emulator's envelope]"
         say(f"{name}: {summary['ok']}/{summary['requests']} ok, mean TTFT "
             f"{_fmt(summary.get('ttft_mean_ms'))} ms, p99 {_fmt(summary.get('ttft_p99_ms'))} ms; "

@@ -29,10 +29,6 @@ class Request:
         if self.output_tokens < 0:
             raise ValueError(f"request {self.request_id}: output_tokens must be >= 0, got {self.output_tokens}")
 
-    @property
-    def total_tokens(self) -> int:
-        """KV tokens the decode instance must hold by the end of the request."""
-        return self.input_tokens + self.output_tokens
 
 
 @dataclass(frozen=True)

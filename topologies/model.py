@@ -36,7 +36,7 @@ from __future__ import annotations
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Mapping
 
 SWITCH_LETTER_BY_TIER: Mapping[int, str] = {0: "v", 1: "t", 2: "a", 3: "c"}
 TIER_NAMES: Mapping[int, str] = {
@@ -131,6 +131,7 @@ class Topology:
     _path_cache: dict[tuple[str, str], list[list[str]]] = field(
         default_factory=dict, repr=False
     )
+    _dist_cache: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
     # -- construction -------------------------------------------------------
     def add_node(self, node: Node) -> Node:
@@ -156,6 +157,7 @@ class Topology:
         self._adj[lower].append(link)
         self._adj[upper].append(link)
         self._path_cache.clear()
+        self._dist_cache.clear()
         return link
 
     # -- queries --------------------------------------------------------------
@@ -237,47 +239,57 @@ class Topology:
         return dict(sorted(out.items()))
 
     # -- routing -------------------------------------------------------------
+    def _dist_from(self, src: str) -> dict[str, int]:
+        """Hop count from ``src`` to every node it reaches (one BFS per source,
+        kept): GPU hosts never forward, so they are reached but not crossed."""
+        dist = self._dist_cache.get(src)
+        if dist is not None:
+            return dist
+        dist = {src: 0}
+        order = deque([src])
+        while order:
+            cur = order.popleft()
+            if cur != src and self.nodes[cur].is_gpu:
+                continue
+            for link in self._adj[cur]:
+                nxt = link.other(cur)
+                if nxt not in dist:
+                    dist[nxt] = dist[cur] + 1
+                    order.append(nxt)
+        self._dist_cache[src] = dist
+        return dist
+
     def shortest_paths(self, src: str, dst: str) -> list[list[str]]:
-        """Every shortest node path from ``src`` to ``dst``, sorted by names."""
+        """Every shortest node path from ``src`` to ``dst``, sorted by names
+        (enumerated backwards from ``dst`` over the source's BFS distances, so
+        every pair from one source costs one BFS)."""
         key = (src, dst)
         cached = self._path_cache.get(key)
         if cached is not None:
             return cached
         self.node(src)
         self.node(dst)
-        dist = {src: 0}
-        order = deque([src])
-        while order:
-            cur = order.popleft()
-            for link in self._adj[cur]:
-                nxt = link.other(cur)
-                # GPU hosts never forward: only the destination may be a GPU.
-                if nxt in dist or (self.nodes[nxt].is_gpu and nxt != dst):
-                    continue
-                dist[nxt] = dist[cur] + 1
-                order.append(nxt)
+        dist = self._dist_from(src)
         if dst not in dist:
             raise TopologyError(f"no path from {src} to {dst}")
         paths: list[list[str]] = []
 
-        def extend(prefix: list[str]) -> None:
-            cur = prefix[-1]
-            if cur == dst:
-                paths.append(list(prefix))
+        def back(suffix: list[str]) -> None:
+            cur = suffix[-1]
+            if cur == src:
+                paths.append(suffix[::-1])
                 return
-            for link in sorted(self._adj[cur], key=lambda l: l.other(cur)):
-                nxt = link.other(cur)
-                if dist.get(nxt) == dist[cur] + 1 and (not self.nodes[nxt].is_gpu or nxt == dst):
-                    # stay on a shortest path to dst: dst must be reachable in the rest
-                    prefix.append(nxt)
-                    extend(prefix)
-                    prefix.pop()
+            for link in self._adj[cur]:
+                prev = link.other(cur)
+                if dist.get(prev) == dist[cur] - 1 and (prev == src or not self.nodes[prev].is_gpu):
+                    suffix.append(prev)
+                    back(suffix)
+                    suffix.pop()
 
-        extend([src])
-        shortest = min(len(p) for p in paths)
-        result = sorted(p for p in paths if len(p) == shortest)
-        self._path_cache[key] = result
-        return result
+        back([dst])
+        paths.sort()
+        self._path_cache[key] = paths
+        return paths
 
     def path(self, src: str, dst: str, down: "frozenset[tuple[str, str]] | set[tuple[str, str]]" = frozenset()
              ) -> list[str]:
@@ -342,11 +354,3 @@ def pick_path(candidates: list[list[str]], src: str, dst: str,
 
 def _crosses(nodes: list[str], down: "frozenset[tuple[str, str]] | set[tuple[str, str]]") -> bool:
     return any((x, y) in down or (y, x) in down for x, y in zip(nodes, nodes[1:]))
-
-
-def directed_hops(links: Iterable[Link]) -> list[Hop]:
-    out: list[Hop] = []
-    for link in links:
-        out.append((link.a, link.b))
-        out.append((link.b, link.a))
-    return out

@@ -9,6 +9,7 @@ drives :mod:`netkv.serving` in process); it is what a replay directory's
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,12 +23,22 @@ from netkv.traces import DEFAULT_TRACE as _DEFAULT_TRACE_PATH
 from netkv.traces import MAX_CONTEXT_FACTOR, ON_ERROR_CHOICES, TraceLoad, load_trace
 
 DEFAULT_TRACE = str(_DEFAULT_TRACE_PATH)
+# Real link rates and KV payload bytes are both divided by this on the emulated
+# fabric, so that transfer times keep their real values (docs/design.md, "Scale
+# factor").  The one default: the testbed's `scale` reads it from here.
+DEFAULT_SCALE = 40_000.0
 
 
 ORACLES = ("static", "telemetry")
 
 
 DECISION_PRIORITIES = ("realtime", "normal")
+
+
+def wire_bytes(real_bytes: int, scale: float) -> int:
+    """Bytes put on the emulated wire for ``real_bytes`` of KV: divided by the
+    scale factor, rounded up (a non-empty payload never becomes empty)."""
+    return math.ceil(real_bytes / scale)
 
 
 class ReplayConfigError(ValueError):
@@ -67,7 +78,7 @@ class ReplayConfig:
                                           "(netkv.perfmodel.PERF_OVERRIDE_KEYS)", "")
     decode_max_batch: int = _f(128, "requests one decode instance decodes together at most", "requests")
     decode_max_queue: int = _f(64, "requests waiting at one decode instance that the scheduler allows", "requests")
-    scale_factor: float = _f(1000.0, "emulated link rates and KV payload bytes are divided by this", "x")
+    scale_factor: float = _f(DEFAULT_SCALE, "emulated link rates and KV payload bytes are divided by this", "x")
     drain_timeout_s: float = _f(120.0, "after the last arrival, wait this long before failing unfinished requests", "s")
     startup_timeout_s: float = _f(30.0, "time allowed for every worker to connect", "s")
     ttft_slo_ms: float | None = _f(None, "TTFT SLO for the summary's attainment figure (null: none)", "ms")

@@ -29,7 +29,6 @@ in, so the bookkeeping is tested without processes (tests/unit/test_ledger.py).
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable
@@ -42,7 +41,7 @@ from netkv.request import DecodeView, Request
 from netkv.schedulers import NoEligibleDecode, Scheduler, create
 from topologies import Topology
 
-from .config import ReplayConfig
+from .config import ReplayConfig, wire_bytes
 from .decode import Done
 from .prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, PrefixCache
 from .timing import DecisionTimer, GcClock
@@ -276,9 +275,9 @@ class Ledger:
         scaled to the wire on its own."""
         scale = self.cfg.scale_factor
         if self.placement.tp == 1:
-            flows: tuple[Flow, ...] = (Flow(prefill, decode, kv_bytes, math.ceil(kv_bytes / scale)),)
+            flows: tuple[Flow, ...] = (Flow(prefill, decode, kv_bytes, wire_bytes(kv_bytes, scale)),)
         else:
-            flows = tuple(Flow(p, d, b, math.ceil(b / scale)) for p, d, b in zip(
+            flows = tuple(Flow(p, d, b, wire_bytes(b, scale)) for p, d, b in zip(
                 self.placement.ranks_of(prefill), self.placement.ranks_of(decode),
                 self.perf.rank_flow_bytes(kv_bytes)))
         return Order(req, prefill, decode, kv_bytes, sum(f.wire_bytes for f in flows), flows)

@@ -15,11 +15,11 @@ from typing import Iterator
 import pytest
 
 from controller.routing import flow_entries, walk
-from fabric import cleanup, system
+from fabric import cleanup, system, verify
 from fabric.config import TestbedConfig
 from fabric.net import Testbed
-from tests.conftest import free_port, test_prefix
-from tests.integration.common import running_testbed
+from tests.helpers.fabric import running_testbed
+from tests.helpers.net import free_port, test_prefix
 
 pytestmark = pytest.mark.root
 NETKV = [sys.executable, "-m", "cli.main"]
@@ -40,7 +40,7 @@ def assert_nothing_left(prefix: str) -> None:
 
 
 def check_flow_tables(tb: Testbed) -> None:
-    tables = tb.flow_tables()
+    tables = verify.flow_tables(tb)
     expected = {name: sorted(entries) for name, entries in flow_entries(tb.topo).items()}
     assert tables == expected, "flow tables on the switches differ from the computed routes"
     gpus = tb.topo.gpu_names()
@@ -59,7 +59,7 @@ def tiny() -> Iterator[Testbed]:
 def test_tiny_all_pairs_reach_each_other(tiny: Testbed) -> None:
     gpus = tiny.topo.gpu_names()
     pairs = [(s, d) for s in gpus for d in gpus if s != d]
-    results = tiny.ping(pairs, count=1)
+    results = verify.ping(tiny, pairs, count=1)
     assert all(ok for _, _, ok in results), [r for r in results if not r[2]]
     assert {tiny.topo.tier_distance(s, d) for s, d in pairs} == {0, 2}
 
@@ -129,7 +129,7 @@ def test_default_fattree_up_verify_routes_teardown(mode: str) -> None:
         assert set(report.pings_by_tier) == {0, 3}
         # every tier distance, explicitly
         pairs = [("g0", "g1"), ("g0", "g9"), ("g0", "g17"), ("g0", "g33"), ("g63", "g2"), ("g40", "g47")]
-        assert all(ok for _, _, ok in tb.ping(pairs)), "a pair at some tier distance is unreachable"
+        assert all(ok for _, _, ok in verify.ping(tb, pairs)), "a pair at some tier distance is unreachable"
         assert {tb.topo.tier_distance(s, d) for s, d in pairs} == {0, 1, 2, 3}
         check_flow_tables(tb)
         print(f"{mode}: up {report.up_s:.1f} s, verify {report.verify_s:.1f} s, steps {report.steps_s}")

@@ -18,16 +18,17 @@ from typing import Any, Callable
 import pytest
 
 from controller.routing import flow_entries, walk
-from fabric import cleanup, switches, system
+from fabric import cleanup, switches, system, verify
+from fabric import faults as fabric_faults
 from fabric.net import Testbed
 from lab import scenario
-from lab.rundir import TELEMETRY_SERIES
 from lab.emulator import replay_under_scenario
 from lab.faults import EVENTS_FILE
+from lab.rundir import TELEMETRY_SERIES
 from netkv.records import read_records, validate_file
 from netkv.serving.config import ReplayConfig
 from netkv.traces import DEFAULT_TRACE
-from tests.integration.common import running_testbed
+from tests.helpers.fabric import running_testbed
 
 pytestmark = pytest.mark.root
 
@@ -93,7 +94,7 @@ def test_link_down_moves_routes_and_link_up_moves_them_back(tb: Testbed, tmp_pat
         wait_for_event(run_dir, "link_down")
         seen["path"] = tb.rest_get("/path?src=g0&dst=g3")
         seen["status"] = tb.rest_get("/status")
-        seen["ovs"] = walk(tb.topo, tb.flow_tables(), "g0", "g3")  # the switches' own tables
+        seen["ovs"] = walk(tb.topo, verify.flow_tables(tb), "g0", "g3")  # the switches' own tables
 
     out = faulted_replay(tb, run_dir, [{"kind": "link_down", "t_s": 2, "link": ["t0", "a1"]},
                                        {"kind": "link_up", "t_s": 7, "link": ["a1", "t0"]}], during=during)
@@ -109,7 +110,7 @@ def test_link_down_moves_routes_and_link_up_moves_them_back(tb: Testbed, tmp_pat
     assert crossed, "round robin should send g0's KV to g3"
     # after the run: back on the usual path, in the controller and in the switches
     assert tb.rest_get("/path?src=g0&dst=g3")["nodes"][3] == "a1"
-    assert walk(tb.topo, tb.flow_tables(), "g0", "g3")[3] == "a1"
+    assert walk(tb.topo, verify.flow_tables(tb), "g0", "g3")[3] == "a1"
     assert tb.rest_get("/status")["links_down"] == []
 
 
@@ -247,7 +248,7 @@ def test_switch_restart_routes_go_around_it_and_it_gets_its_routes_back(tb: Test
     changes = [c for c in seen["status"]["reroutes"] if c.get("switch") == "a1"]
     assert [c["up"] for c in changes][-2:] == [False, True], changes  # routed around it, then back
     assert [r["reason"] for r in out["records"] if r["status"] != "ok"] == []
-    assert tb.flow_tables()["a1"] == flow_entries(tb.topo)["a1"]
+    assert verify.flow_tables(tb)["a1"] == flow_entries(tb.topo)["a1"]
     assert out["envelope"]["switch_processes_died"] == []
 
 
@@ -269,9 +270,9 @@ def test_switch_restart_on_the_shared_open_vswitch_deletes_and_adds_its_bridge(
     def during() -> None:
         # while the bridge is gone: the switch does not exist in Open vSwitch
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and tb.shared_bridge_exists("a1"):
+        while time.monotonic() < deadline and fabric_faults.shared_bridge_exists(tb, "a1"):
             time.sleep(0.02)
-        seen["bridge_gone"] = not tb.shared_bridge_exists("a1")
+        seen["bridge_gone"] = not fabric_faults.shared_bridge_exists(tb, "a1")
         wait_for_event(run_dir, "switch_restart")
         seen["status"] = tb.rest_get("/status")
 
@@ -281,14 +282,14 @@ def test_switch_restart_on_the_shared_open_vswitch_deletes_and_adds_its_bridge(
     print(f"shared switch_restart a1: down {ev['down_ms']:.0f} ms, routes ready {ev['routes_ready_ms']:.0f} ms "
           f"after the bridge was added again")
     assert ev["switch_mode"] == "shared" and ev["pids_killed"] == [] and ev["pid"] is None, ev
-    assert seen["bridge_gone"] and tb.shared_bridge_exists("a1")
+    assert seen["bridge_gone"] and fabric_faults.shared_bridge_exists(tb, "a1")
     assert ev["routes_ready_ms"] < 15000, ev
     changes = [c for c in seen["status"]["reroutes"] if c.get("switch") == "a1"]
     assert [c["up"] for c in changes][-2:] == [False, True], changes  # routed around it, then back
     assert [r["reason"] for r in out["records"] if r["status"] != "ok"] == []
     # the bridge as bring-up made it: same ports and numbers (the flow entries name them),
     # the controller's whole table, and its ends shaped at the links' rates
-    assert tb.flow_tables()["a1"] == flow_entries(tb.topo)["a1"]
+    assert verify.flow_tables(tb)["a1"] == flow_entries(tb.topo)["a1"]
     rows = system.run(["ovs-vsctl", "--format=csv", "--no-headings", "--columns=name,ofport",
                        "list", "Interface"]).stdout.split()
     assert sorted(r for r in rows if r.startswith(f"{bridge}-eth")) == \

@@ -36,8 +36,8 @@ import pytest
 
 from bench.telemetry import iperf_result, iperf_server, iperf_udp_client, rest_get, udp_wire_factor
 from fabric.net import Testbed
-from tests.conftest import free_port
-from tests.integration.common import cross_pair, running_testbed
+from tests.helpers.fabric import cross_pair, running_testbed
+from tests.helpers.net import free_port
 
 # the same tolerance as the telemetry tests (tests/integration/test_telemetry.py)
 RATE_TOLERANCE = 0.15

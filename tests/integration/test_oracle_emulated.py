@@ -16,9 +16,9 @@ from typing import Any, Iterator
 import pytest
 
 from bench.telemetry import iperf_server, iperf_udp_client, rest_get, tcp_transfer_s, udp_wire_factor
-from fabric.config import emulated_bytes
 from fabric.net import Testbed
-from tests.integration.common import cross_pair, running_testbed
+from netkv.serving.config import wire_bytes
+from tests.helpers.fabric import cross_pair, running_testbed
 
 pytestmark = pytest.mark.root
 POLL_INTERVAL_S = 0.5
@@ -58,7 +58,7 @@ def test_oracle_ranks_idle_path_cheaper_and_predicts_transfer_times(tb: Testbed)
     idle_mbps = min(tb.emulated_mbps(l) for l in topo.path_links(*idle))
     emu_bytes = int(idle_mbps * 1e6 / 8 * 3.0)
     real_bytes = emu_bytes * int(tb.config.scale)
-    assert emulated_bytes(real_bytes, tb.config.scale) == emu_bytes
+    assert wire_bytes(real_bytes, tb.config.scale) == emu_bytes
 
     server = iperf_server(tb, busy[1], 5211)
     bg = iperf_udp_client(tb, busy[0], busy[1], 5211, bg_payload_mbps, 40.0)

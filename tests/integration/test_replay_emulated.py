@@ -21,7 +21,7 @@ from netkv.records import read_records, validate_file
 from netkv.serving.config import ReplayConfig
 from netkv.stats import percentile
 from netkv.traces import DEFAULT_TRACE
-from tests.conftest import free_port, test_prefix
+from tests.helpers.net import free_port, test_prefix
 from workers.run import replay
 
 pytestmark = pytest.mark.root

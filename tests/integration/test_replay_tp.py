@@ -19,7 +19,7 @@ from netkv import perfmodel
 from netkv.records import read_records, validate_file
 from netkv.serving.config import ReplayConfig
 from netkv.traces import DEFAULT_TRACE
-from tests.conftest import free_port, test_prefix
+from tests.helpers.net import free_port, test_prefix
 from workers.run import replay
 
 pytestmark = pytest.mark.root

@@ -13,7 +13,7 @@ import pytest
 
 from fabric import cleanup
 from netkv.records import read_records
-from tests.conftest import free_port, test_prefix
+from tests.helpers.net import free_port, test_prefix
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parents[2]

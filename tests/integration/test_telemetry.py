@@ -21,7 +21,7 @@ import pytest
 
 from bench.telemetry import hop_samples_within, iperf_result, iperf_server, iperf_udp_client, rest_get, udp_wire_factor
 from fabric.net import Testbed
-from tests.integration.common import cross_pair, running_testbed
+from tests.helpers.fabric import cross_pair, running_testbed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -187,7 +187,7 @@ def test_packets_take_the_path_the_api_reports(tb: Testbed) -> None:
     seconds = 3.0
     # one scapy capture per interface, where the interface is (its switch's namespace)
     sniffers = {iface: subprocess.Popen(
-        tb.in_switch(sw, [sys.executable, "-m", "tests.integration.sniff", iface, src_ip, dst_ip,
+        tb.in_switch(sw, [sys.executable, "-m", "tests.helpers.sniff", iface, src_ip, dst_ip,
                           str(seconds + 3.0)]),
         stdout=subprocess.PIPE, text=True, cwd=ROOT) for sw, iface in on_path + off_path}
     try:

@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 
+from cli.lab import parse_values
 from lab.campaign import aggregate, summary
 from lab.experiment import ExperimentConfig, ExperimentError, _check_windows, prepare
-from lab.rundir import window_dir_name
 from lab.report import ttft_breakdown_ms
-from lab.rundir import window_runs
+from lab.rundir import window_dir_name, window_runs
 from lab.sweep import SWEEPS, SweepError, plan, point_experiment
-from cli.lab import parse_values
 from netkv.serving.config import ReplayConfig
 from netkv.slo import ttft_attainment_curve
 

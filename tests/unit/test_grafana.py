@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from controller import metrics
-from tests.unit.test_rest import NOW, loaded_state
+from tests.helpers.controller import NOW, loaded_state
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docs" / "grafana" / "netkv-fabric.json"

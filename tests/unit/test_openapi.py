@@ -11,7 +11,7 @@ import pytest
 
 from controller import openapi
 from controller.rest import Api
-from tests.unit.test_rest import NOW, loaded_state
+from tests.helpers.controller import NOW, loaded_state
 
 
 @pytest.fixture()
@@ -116,7 +116,7 @@ def test_other_methods_get_405_with_allow_on_the_real_server() -> None:
     import http.client
 
     from controller.rest import serve
-    from tests.conftest import free_port
+    from tests.helpers.net import free_port
 
     port = free_port()
     server = serve(loaded_state(), "127.0.0.1", port)

@@ -15,8 +15,8 @@ from typing import Any
 import topologies
 from controller.rest import serve
 from controller.state import ControllerState
-from tests.conftest import free_port
-from tests.unit.test_workers_local import HOSTS, base_config
+from tests.helpers.net import free_port
+from tests.helpers.replay import HOSTS, base_config
 from workers.launch import LocalLauncher
 from workers.run import replay
 

@@ -64,8 +64,8 @@ def test_experiment_config_rejects_unknown_keys() -> None:
 
 
 def test_saved_experiment_reruns_with_the_same_settings(tmp_path: Path) -> None:
-    from cli.main import build_parser
     from cli.lab import experiment_from_args
+    from cli.main import build_parser
 
     parser = build_parser()
     first = experiment_from_args(parser.parse_args(

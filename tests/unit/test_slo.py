@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from netkv import slo
 from netkv.records import RecordWriter, empty_record, summarize
 from netkv.slo import SloConfig, SloError
-from tests.unit.test_records import ok_record
+from tests.helpers.records import ok_record
 
 
 def _rec(rid: str, ttft_ms: float, input_tokens: int = 1000, tbt_mean_ms: float | None = 10.0,

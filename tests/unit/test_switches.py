@@ -239,14 +239,16 @@ def test_the_meter_reports_its_largest_sample_gap() -> None:
     wall = [100.0, 101.0, 112.7, 113.7]
     # the process stood still: both clocks advanced across the hole
     meter = EmulatorMeter({})
-    meter.samples = [(t, {}, 10.0, t - 50.0) for t in wall]
+    for sample in [(t, {}, 10.0, t - 50.0) for t in wall]:
+        meter.add(*sample)
     out = meter.stop((99.0, 114.0))
     assert out["sample_gap_s_max"] == 11.7 and out["wall_clock_jump_s_max"] == 0.0
     assert out["within_envelope"] is False
     assert out["limiting_resource"] == "replay process stalled (no meter sample for 11.7 s)"
     # the virtual machine was paused: the monotonic clock stood still, the wall clock jumped
     meter = EmulatorMeter({})
-    meter.samples = [(t, {}, 10.0, mono) for t, mono in zip(wall, [50.0, 51.0, 52.0, 53.0])]
+    for sample in [(t, {}, 10.0, mono) for t, mono in zip(wall, [50.0, 51.0, 52.0, 53.0])]:
+        meter.add(*sample)
     out = meter.stop((99.0, 114.0))
     assert out["wall_clock_jump_s_max"] == 10.7
     assert out["within_envelope"] is False
@@ -254,12 +256,14 @@ def test_the_meter_reports_its_largest_sample_gap() -> None:
                                         "clock)")
     # an ordinary replay: one-second samples on both clocks
     meter = EmulatorMeter({})
-    meter.samples = [(100.0 + i, {}, 10.0, 50.0 + i) for i in range(5)]
+    for sample in [(100.0 + i, {}, 10.0, 50.0 + i) for i in range(5)]:
+        meter.add(*sample)
     out = meter.stop((99.0, 105.0))
     assert out["within_envelope"] is True and out["sample_gap_s_max"] == 1.0
     # the replay's dispatch lag, handed to stop(), is kept and judged with the rest
     meter = EmulatorMeter({})
-    meter.samples = [(100.0 + i, {}, 10.0, 50.0 + i) for i in range(5)]
+    for sample in [(100.0 + i, {}, 10.0, 50.0 + i) for i in range(5)]:
+        meter.add(*sample)
     out = meter.stop((99.0, 105.0), dispatch_lag_ms=10_754.04)
     assert out["dispatch_lag_ms_max"] == 10_754.0 and out["within_envelope"] is False
     assert "dispatched 10754 ms after its arrival" in out["limiting_resource"]
@@ -279,16 +283,18 @@ def test_meter_judges_only_the_replay_window(monkeypatch: pytest.MonkeyPatch) ->
 
     meter = EmulatorMeter({"t0": 1, "t1": 2})
     # worker start-up (machine saturated), then the replay, then teardown
-    meter.samples = [(100.0, {"t0": 5.0, "t1": 3.0}, 100.0, 50.0), (101.0, {"t0": 6.0, "t1": 2.0}, 100.0, 51.0),
+    for sample in [(100.0, {"t0": 5.0, "t1": 3.0}, 100.0, 50.0), (101.0, {"t0": 6.0, "t1": 2.0}, 100.0, 51.0),
                      (103.0, {"t0": 20.0, "t1": 10.0}, 40.0, 53.0), (104.0, {"t0": 30.0, "t1": 12.0}, 50.0, 54.0),
-                     (106.0, {"t0": 1.0, "t1": 1.0}, 99.0, 56.0)]
+                     (106.0, {"t0": 1.0, "t1": 1.0}, 99.0, 56.0)]:
+        meter.add(*sample)
     out = meter.stop((101.5, 105.0))
     assert out["samples"] == 2 and out["samples_outside_window"] == 3
     assert out["busiest_switch"] == "t0" and out["switch_cpu_pct_max"] == 30.0
     assert out["machine_busy_pct_p95"] == 40.0 and out["within_envelope"] is True
     assert len(out["series"]) == 5 and out["series"][0] == [0.0, 8.0, 5.0, 100.0]
     whole = EmulatorMeter({"t0": 1})
-    whole.samples = [(1.0, {"t0": 99.0}, 50.0, 1.0), (2.0, {"t0": 99.0}, 50.0, 2.0)]
+    for sample in [(1.0, {"t0": 99.0}, 50.0, 1.0), (2.0, {"t0": 99.0}, 50.0, 2.0)]:
+        whole.add(*sample)
     verdict = whole.stop()
     assert verdict["within_envelope"] is False and "switch process CPU" in verdict["limiting_resource"]
 

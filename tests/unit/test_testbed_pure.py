@@ -14,8 +14,9 @@ import pytest
 
 from controller.routing import FLOW_COOKIE, FlowEntry
 from fabric import shaping
-from fabric.config import ConfigError, TestbedConfig, emulated_bytes, emulated_mbps
-from fabric.net import parse_flow_dump
+from fabric.config import ConfigError, TestbedConfig, emulated_mbps
+from fabric.verify import parse_flow_dump
+from netkv.serving.config import wire_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,9 +27,9 @@ def test_scale_divides_rates_and_bytes_alike() -> None:
     assert emulated_mbps(400, 20_000) == pytest.approx(20.0)
     real_bytes = 1_500_000_000
     real_s = real_bytes * 8 / 400e9
-    emu_s = emulated_bytes(real_bytes, 20_000) * 8 / (emulated_mbps(400, 20_000) * 1e6)
+    emu_s = wire_bytes(real_bytes, 20_000) * 8 / (emulated_mbps(400, 20_000) * 1e6)
     assert emu_s == pytest.approx(real_s, rel=1e-6)
-    assert emulated_bytes(1, 20_000) == 1  # never an empty payload
+    assert wire_bytes(1, 20_000) == 1  # never an empty payload
 
 
 def test_htb_commands() -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from netkv.traces import TraceError, load_trace, iter_trace
-from netkv.traces import DEFAULT_TRACE
+from netkv.traces import DEFAULT_TRACE, TraceError, iter_trace, load_trace
 
 TRACE = DEFAULT_TRACE
 

@@ -31,16 +31,11 @@ from netkv.records import read_records, validate_file
 from netkv.serving.config import ReplayConfig, ReplayConfigError
 from netkv.serving.prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, PrefixCache
 from netkv.serving.timing import DecisionPriority, GcClock
-from netkv.traces import DEFAULT_TRACE
+from tests.helpers.replay import FAST, HOSTS, TRACE, base_config
 from topologies import catalog
 from workers.launch import LocalLauncher
 from workers.run import replay
 
-TRACE = DEFAULT_TRACE
-# Two GPUs from each of: server 0, server 1 (same rack), rack 1 (same pod), pod 1:
-# mixed placement -> prefill g0 g8 g16 g32, decode g1 g9 g17 g33, every tier 0..3 present.
-HOSTS = ["g0", "g1", "g8", "g9", "g16", "g17", "g32", "g33"]
-FAST = {"prefill_mfu": 1.0, "decode_hbm_efficiency": 1.0}  # shortest honest compute times
 RSS_LIMIT_KB = 40 * 1024
 
 
@@ -87,13 +82,6 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def base_config(**kw: Any) -> ReplayConfig:
-    cfg: dict[str, Any] = dict(
-        trace_path=str(TRACE), topology="fattree", placement={"scheme": "mixed", "hosts": HOSTS},
-        scheduler="round_robin", perf_overrides=dict(FAST), drain_timeout_s=30.0, scale_factor=1000.0,
-    )
-    cfg.update(kw)
-    return ReplayConfig(**cfg)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 from fabric.config import TestbedConfig
 from fabric.net import Testbed
-from tests.conftest import free_port, test_prefix
+from tests.helpers.net import free_port, test_prefix
 
 
 def running_testbed(suffix: str, topology: str = "tiny", **settings: Any) -> Iterator[Testbed]:

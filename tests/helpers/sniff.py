@@ -1,6 +1,6 @@
 """Count the IPv4 packets from SRC to DST that cross one interface, with
 scapy, for SECONDS; run where the interface is (a switch's namespace in the
-per_switch mode):  python -m tests.integration.sniff IFACE SRC DST SECONDS
+per_switch mode):  python -m tests.helpers.sniff IFACE SRC DST SECONDS
 
 Prints ``ready`` once the capture runs, then the count as its last line."""
 
