@@ -48,7 +48,7 @@ import topologies
 from netkv.oracle import StaticOracle, TelemetryOracle
 from netkv.records import RecordWriter, read_records, validate_file
 from netkv.request import DecodeView, Request
-from netkv.schedulers import SCHEDULERS, DecodePool, Scheduler, create
+from netkv.schedulers import SCHEDULERS, DecodePool, Scheduler, SchedulerLoadError, create, resolve
 from netkv.serving.config import ReplayConfig
 from netkv.serving.decode import Done
 from netkv.serving.ledger import Ledger
@@ -369,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--rounds must be 1..reps/100 (each round >= 100 decisions), got {args.rounds}")
     names = [n.strip() for n in args.schedulers.split(",") if n.strip()]
     for n in names:
-        if n not in SCHEDULERS:
-            ap.error(f"unknown scheduler {n!r}; known: {', '.join(SCHEDULERS)}")
+        try:
+            resolve(n)
+        except SchedulerLoadError as exc:
+            ap.error(str(exc))
 
     rng = random.Random(args.seed)
     topo = big_fattree(max(sizes) + 8)

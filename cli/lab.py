@@ -13,11 +13,12 @@ import topologies
 from fabric.config import ConfigError, TestbedConfig
 from fabric.system import require_root
 from lab import scenario as scenario_mod
-from lab.campaign import is_campaign, render_campaign, write_campaign
+from lab.campaign import AA_SUFFIX, is_campaign, render_campaign, write_campaign
 from lab.experiment import (
     DEFAULT_REPLAY,
     DEFAULT_SCENARIO,
     DEFAULT_SCHEDULERS,
+    ORDERS,
     ExperimentConfig,
     ExperimentError,
     prepare,
@@ -26,7 +27,7 @@ from lab.report import render_table, write_report
 from lab.run import run_experiment
 from lab.rundir import default_out_dir
 from lab.sweep import SWEEPS, Knob, SweepError, plan, render_sweep, run_sweep, write_sweep
-from netkv.schedulers import describe
+from netkv.schedulers import SchedulerLoadError, describe, known, resolve
 
 from .common import CliError, add_testbed_options, config_from_args, install_stop_handlers
 
@@ -84,6 +85,17 @@ def add_run_options(p: Any) -> None:
     g.add_argument("--ttft-slo-ms", type=float, help="TTFT SLO for attainment figures")
     g.add_argument("--set", dest="replay_set", action="append", metavar="KEY=VALUE",
                    help="any other replay setting, value as JSON (repeatable)")
+    g.add_argument("--variant", dest="variants", action="append", metavar="LABEL=JSON",
+                   help="a scheduler label replayed with other replay settings, e.g. "
+                        "'netkv_static={\"scheduler\": \"netkv\", \"oracle\": \"static\"}' (repeatable; list "
+                        "the label in --schedulers)")
+    g.add_argument("--aa", metavar="SCHEDULER",
+                   help="A/A: replay SCHEDULER a second time in every window, as SCHEDULER@aa; their paired "
+                        "difference is the testbed's own noise floor, reported beside every change")
+    g.add_argument("--order", choices=ORDERS,
+                   help="the order of the replays within each window: fixed (as listed; default), alternate "
+                        "(reversed every other window), random (shuffled per window, from --order-seed)")
+    g.add_argument("--order-seed", type=int, help="seed of --order random (default 0)")
     g.add_argument("--out", help="run directory (default: runs/<time>-<scenario>)")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -122,6 +134,24 @@ def experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:
             exp.replay[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             exp.replay[key.strip()] = raw
+    for item in args.variants or []:
+        label, sep, raw = item.partition("=")
+        try:
+            overrides = json.loads(raw) if sep else None
+        except json.JSONDecodeError:
+            overrides = None
+        if not label or not isinstance(overrides, dict):
+            raise CliError(f"--variant {item!r} is not LABEL=JSON-object")
+        exp.variants[label.strip()] = overrides
+    if args.aa:
+        label = args.aa + AA_SUFFIX
+        exp.variants[label] = {"scheduler": args.aa}
+        if label not in exp.schedulers:
+            exp.schedulers.append(label)
+    if args.order is not None:
+        exp.order = args.order
+    if args.order_seed is not None:
+        exp.order_seed = args.order_seed
     if args.window_starts_s:
         try:
             exp.window_starts_s = [float(v) for v in args.window_starts_s.split(",") if v.strip()]
@@ -156,6 +186,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_schedulers(args: argparse.Namespace) -> int:
     for name, text in describe().items():
         print(f"{name:22s} {text}")
+    for name in known()[len(describe()):]:  # installed entry points of the netkv.schedulers group
+        try:
+            print(f"{name:22s} {resolve(name).doc}  [entry point]")
+        except SchedulerLoadError as exc:
+            print(f"{name:22s} (does not load: {exc})")
+    print("or any 'package.module:Class' that subclasses netkv.schedulers.Scheduler (docs/schedulers.md)")
     return 0
 
 

@@ -24,7 +24,9 @@ from fabric.system import PreflightError
 from lab.experiment import ExperimentError
 from lab.scenario import ScenarioError
 from netkv.placement import PlacementError
+from netkv.schedulers import SchedulerLoadError
 from netkv.serving.config import ReplayConfigError
+from netkv.serving.ledger import LedgerError
 from netkv.traces import TraceError
 from topologies import TopologyError
 
@@ -34,7 +36,7 @@ from .common import EXIT_FAIL, EXIT_USAGE, CliError
 # Exception classes that mean "bad input": one line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CliError, ConfigError, TopologyError, PreflightError, ScenarioError, ExperimentError, ReplayConfigError,
-    TraceError, PlacementError)
+    TraceError, PlacementError, SchedulerLoadError, LedgerError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 from lab.report import BREAKDOWN_PARTS, plot_attainment, plot_breakdown, ttft_breakdown_ms, write_report
 from lab.rundir import window_runs
+from lab.verdict import inside
 from netkv import stats
 from netkv.paper import PAPER_FIGURES, PAPER_SOURCE
 from netkv.records import read_records
@@ -28,21 +29,32 @@ from netkv.slo import ttft_attainment_curve
 
 # Per-scheduler figures carried across windows (from each window's comparison).
 CAMPAIGN_METRICS = ("ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "ttft_slo_attainment",
-                    "ttft_slo_attainment_length_aware", "tbt_mean_ms", "tbt_slo_attainment",
+                    "ttft_slo_attainment_length_aware", "tbt_mean_ms", "tbt_p99_ms", "tbt_slo_attainment",
                     "transfer_mean_ms", "decision_us_p50", "decision_us_p99", "decision_cpu_us_p99",
                     "decision_us_p99_unswitched", "idle_transfer_ratio_p90")
 BASELINES_FOR_PAPER = ("round_robin", "tuned_cache_load")
+MIN_RESULT_WINDOWS = 2  # fewer windows inside the envelope than this: not a result
+AA_SUFFIX = "@aa"  # a label that replays its scheduler a second time in every window (the noise floor)
 
 
-def summary(values: list[float]) -> dict[str, Any]:
+def summary(values: list[float], left_out: list[str] | None = None) -> dict[str, Any]:
     """Mean, 95% interval across windows (netkv.stats.mean_ci), the values and
-    the verdict, as JSON; "no data" without values."""
+    the verdict, as JSON; "no data" without values.  ``left_out`` names the
+    windows that were not used (outside the envelope, unjudged or partial);
+    fewer than MIN_RESULT_WINDOWS used windows is not a result."""
+    out: dict[str, Any]
     if not values:
-        return {"n": 0, "values": [], "mean": None, "ci95": None, "verdict": "no data"}
-    ci = stats.mean_ci(values)
-    return {"n": ci.n, "values": [round(v, 4) for v in ci.values], "mean": round(ci.mean, 4),
-            "ci95": None if ci.low is None or ci.high is None else [round(ci.low, 4), round(ci.high, 4)],
-            "verdict": ci.verdict}
+        out = {"n": 0, "values": [], "mean": None, "ci95": None, "verdict": "no data"}
+    else:
+        ci = stats.mean_ci(values)
+        out = {"n": ci.n, "values": [round(v, 4) for v in ci.values], "mean": round(ci.mean, 4),
+               "ci95": None if ci.low is None or ci.high is None else [round(ci.low, 4), round(ci.high, 4)],
+               "verdict": ci.verdict}
+    if left_out is not None:
+        out["windows_left_out"] = left_out
+        if out["n"] < MIN_RESULT_WINDOWS:
+            out["verdict"] = f"not a result: {out['n']} window(s) inside the envelope"
+    return out
 
 
 def is_campaign(run: Path) -> bool:
@@ -58,68 +70,151 @@ def _pooled(windows: Iterable[Path], scheduler: str) -> list[dict[str, Any]]:
     return out
 
 
+def usable(m: dict[str, Any] | None) -> bool:
+    """A replay that counts in a headline: complete and judged inside the envelope."""
+    return m is not None and not m["partial"] and inside(m.get("verdict"))
+
+
+def _paired(comparisons: list[dict[str, Any]], windows: list[str], a: str, b: str,
+            value: Any, only_usable: bool) -> tuple[list[float], list[str]]:
+    """One value per window for the pair (a, b), and the windows left out."""
+    values, left = [], []
+    for c, w in zip(comparisons, windows):
+        ma, mb = c["schedulers"].get(a), c["schedulers"].get(b)
+        if not ma or not mb or ma["partial"] or mb["partial"] or (only_usable and not (usable(ma) and usable(mb))):
+            left.append(w)  # a partial replay's requests are not its window's
+            continue
+        v = value(c, ma, mb)
+        if v is None:
+            left.append(w)
+        else:
+            values.append(float(v))
+    return values, left
+
+
+def _pct(c: dict[str, Any], ma: dict[str, Any], mb: dict[str, Any]) -> float | None:
+    if ma["ttft_mean_ms"] is None or not mb["ttft_mean_ms"]:
+        return None
+    return 100.0 * (ma["ttft_mean_ms"] / mb["ttft_mean_ms"] - 1)
+
+
+def _key_diff(key: str, scale: float = 1.0) -> Any:
+    def diff(c: dict[str, Any], ma: dict[str, Any], mb: dict[str, Any]) -> float | None:
+        if ma.get(key) is None or mb.get(key) is None:
+            return None
+        return scale * (float(ma[key]) - float(mb[key]))
+    return diff
+
+
+def _common(field: str) -> Any:
+    def get(c: dict[str, Any], ma: dict[str, Any], mb: dict[str, Any]) -> float | None:
+        a, b = ma["_name"], mb["_name"]
+        return ((c.get("ttft_mean_change_common") or {}).get(a, {}).get(b) or {}).get(field)
+    return get
+
+
 def aggregate(run: Path, comparisons: list[dict[str, Any]]) -> dict[str, Any]:
+    """The campaign's figures.  Headline figures use only the windows in which
+    every replay they compare was complete and judged inside the emulator's
+    envelope (lab.verdict, re-judged under today's rule); the same figure over
+    every complete window follows as a second line (``*_all_windows``), never
+    first.  The headline TTFT change pairs the two schedulers on the requests
+    both served (``ttft_mean_change_pct``); over each one's own served requests
+    it is ``ttft_mean_change_pct_served``."""
     exp = json.loads((run / "experiment.json").read_text())
     names: list[str] = list(exp["schedulers"])
     starts = [float(v) for v in exp.get("window_starts_s", [])]
+    done = window_runs(run)
+    wnames = [w.name for w in done]
+    for c in comparisons:
+        for name, m in c["schedulers"].items():
+            m["_name"] = name
     per: dict[str, Any] = {}
+    per_all: dict[str, Any] = {}
     for name in names:
-        rows = [c["schedulers"].get(name) for c in comparisons]
-        per[name] = {key: summary([r[key] for r in rows if r and r.get(key) is not None])
+        rows = [(c["schedulers"].get(name), w) for c, w in zip(comparisons, wnames)]
+        left = [w for m, w in rows if not usable(m)]
+        per[name] = {key: summary([m[key] for m, _ in rows if usable(m) and m.get(key) is not None], left)
                      for key in CAMPAIGN_METRICS}
-    changes: dict[str, dict[str, Any]] = {}
-    changes_ms: dict[str, dict[str, Any]] = {}
-    slo_changes: dict[str, dict[str, Any]] = {}
+        per_all[name] = {key: summary([m[key] for m, _ in rows if m and not m["partial"] and m.get(key) is not None])
+                         for key in CAMPAIGN_METRICS}
+    figures: dict[str, tuple[Any, bool]] = {
+        "ttft_mean_change_pct": (_common("pct"), True),
+        "ttft_mean_change_ms": (_common("ms"), True),
+        "ttft_mean_change_pct_served": (_pct, True),
+        "ttft_slo_attainment_change_pp": (_key_diff("ttft_slo_attainment", 100.0), True),
+        "tbt_mean_change_ms": (_key_diff("tbt_mean_ms"), True),
+        "tbt_p99_change_ms": (_key_diff("tbt_p99_ms"), True),
+        "ttft_mean_change_pct_all_windows": (_common("pct"), False),
+        "ttft_slo_attainment_change_pp_all_windows": (_key_diff("ttft_slo_attainment", 100.0), False),
+    }
+    pairs: dict[str, dict[str, dict[str, Any]]] = {key: {} for key in figures}
     for a in names:
         for b in names:
             if a == b:
                 continue
-            pct, diff_ms, pp = [], [], []
-            for c in comparisons:
-                ma, mb = c["schedulers"].get(a), c["schedulers"].get(b)
-                if not ma or not mb or ma["partial"] or mb["partial"]:
-                    continue  # a partial replay's requests are not its window's
-                if ma["ttft_mean_ms"] is not None and mb["ttft_mean_ms"]:
-                    pct.append(100.0 * (ma["ttft_mean_ms"] / mb["ttft_mean_ms"] - 1))
-                    diff_ms.append(ma["ttft_mean_ms"] - mb["ttft_mean_ms"])
-                if ma.get("ttft_slo_attainment") is not None and mb.get("ttft_slo_attainment") is not None:
-                    pp.append(100.0 * (ma["ttft_slo_attainment"] - mb["ttft_slo_attainment"]))
-            changes.setdefault(a, {})[b] = summary(pct)
-            changes_ms.setdefault(a, {})[b] = summary(diff_ms)
-            slo_changes.setdefault(a, {})[b] = summary(pp)
+            for key, (value, only_usable) in figures.items():
+                values, left = _paired(comparisons, wnames, a, b, value, only_usable)
+                pairs[key].setdefault(a, {})[b] = summary(values, left if only_usable else None)
     accounting = []
-    outside = []
-    for c, w in zip(comparisons, window_runs(run)):
+    outside, unjudged, rejudged = [], [], []
+    for c, w in zip(comparisons, wnames):
         for name, m in c["schedulers"].items():
-            accounting.append({"window": w.name, "scheduler": name, "records": m["requests"],
+            accounting.append({"window": w, "scheduler": name, "records": m["requests"],
                                "requests_expected": m["requests_expected"],
                                "requests_without_record": m["requests_without_record"], "partial": m["partial"]})
-            env = m.get("envelope") or {}
-            if env.get("within_envelope") is False:
-                outside.append({"window": w.name, "scheduler": name, "limiting_resource": env.get("limiting_resource")})
-    done = window_runs(run)
+            verdict = m.get("verdict") or {}
+            entry = {"window": w, "scheduler": name, "limiting_resource": verdict.get("limiting_resource")}
+            if verdict.get("within_envelope") is False:
+                outside.append(entry)
+            elif verdict.get("within_envelope") is None:
+                unjudged.append(entry)
+            if verdict.get("changed"):
+                rejudged.append({**entry, "stored_within_envelope": verdict.get("stored_within_envelope"),
+                                 "within_envelope": verdict.get("within_envelope")})
+    for c in comparisons:
+        for m in c["schedulers"].values():
+            m.pop("_name", None)
     breakdown = {name: ttft_breakdown_ms(_pooled(done, name)) for name in names}
     curves = {name: [[t, f] for t, f in ttft_attainment_curve(_pooled(done, name))] for name in names}
+    noise = {name[:-len(AA_SUFFIX)]: {"label": name, "ttft_mean_change_pct": pairs["ttft_mean_change_pct"][name][
+        name[:-len(AA_SUFFIX)]], "ttft_mean_change_ms": pairs["ttft_mean_change_ms"][name][name[:-len(AA_SUFFIX)]]}
+        for name in names if name.endswith(AA_SUFFIX) and name[:-len(AA_SUFFIX)] in names}
     return {
         "run_dir": str(run), "scenario": exp.get("scenario"), "schedulers_order": names,
-        "windows": [w.name for w in done], "window_starts_s": starts,
+        "windows": wnames, "window_starts_s": starts,
         "windows_missing": len(starts) - len(done),
         "window_length_s": exp.get("replay", {}).get("duration_s"),
+        "replay_order_by_window": {w.name: _window_order(w) for w in done},
         "schedulers": per,
-        "ttft_mean_change_pct": changes,
-        "ttft_mean_change_ms": changes_ms,
-        "ttft_slo_attainment_change_pp": slo_changes,
+        "schedulers_all_windows": per_all,
+        **pairs,
+        "aa_noise_floor": noise,
         "ttft_breakdown_ms": breakdown,
         "ttft_slo_attainment_curve": curves,
         "accounting": accounting,
         "nothing_lost": all(not a["partial"] for a in accounting) and len(done) == len(starts),
         "outside_envelope": outside,
-        "versus_paper": versus_paper(names, changes, slo_changes, per),
-        "note": ("mean [95% CI] across windows (Student t); a change is paired by window: "
-                 "(mean TTFT of row / of column - 1) x 100, negative is better "
-                 "(ttft_mean_change_ms: the same pairing as a difference in ms); "
-                 "significant only when its interval excludes zero"),
+        "unjudged": unjudged,
+        "verdict_changed_on_rejudging": rejudged,
+        "versus_paper": versus_paper(names, pairs["ttft_mean_change_pct"], pairs["ttft_slo_attainment_change_pp"],
+                                     per),
+        "note": ("mean [95% CI] across windows (Student t); headline figures use only the windows whose replays "
+                 "were all complete and judged inside the emulator's envelope (under today's rule), the same "
+                 "figure over every complete window is *_all_windows; a change is paired by window and is the mean "
+                 "of the per-window changes: (mean TTFT of row / of column - 1) x 100 over the requests both "
+                 "served, negative is better (ttft_mean_change_pct_served: over each one's own served requests; "
+                 "ttft_mean_change_ms: the same pairing as a difference in ms); significant only when its "
+                 "interval excludes zero; fewer than 2 usable windows is not a result"),
     }
+
+
+def _window_order(window: Path) -> list[str]:
+    """The order the window's replays ran in (its experiment.json)."""
+    try:
+        return list(json.loads((window / "experiment.json").read_text()).get("schedulers", []))
+    except (OSError, ValueError):
+        return []
 
 
 def versus_paper(names: list[str], changes: dict[str, Any], slo_changes: dict[str, Any],
@@ -232,20 +327,32 @@ def render_campaign(campaign: dict[str, Any]) -> str:
              f"(starts {', '.join(f'{v:g}' for v in campaign['window_starts_s'])} s); "
              "mean [95% CI] across windows"]
     cols = [("ttft_mean_ms", "TTFT mean ms", 0), ("ttft_p99_ms", "TTFT p99 ms", 0),
-            ("ttft_slo_attainment", "SLO att.", 3), ("tbt_mean_ms", "TBT mean ms", 2),
+            ("ttft_slo_attainment", "SLO att.", 3), ("tbt_mean_ms", "TBT mean ms", 2), ("tbt_p99_ms", "TBT p99 ms", 1),
             ("decision_us_p99", "decide p99 us", 0), ("decision_cpu_us_p99", "decide cpu p99 us", 0)]
-    lines.append(f"{'scheduler':18s}" + "".join(f"{h:>26s}" for _, h, _ in cols))
+    lines.append(f"{'scheduler':22s}" + "".join(f"{h:>24s}" for _, h, _ in cols))
     for name in names:
         m = campaign["schedulers"][name]
-        lines.append(f"{name:18s}" + "".join(f"{_fmt_summary(m[k], d):>26s}" for k, _, d in cols))
+        left = m["ttft_mean_ms"].get("windows_left_out") or []
+        lines.append(f"{name:22s}" + "".join(f"{_fmt_summary(m[k], d):>24s}" for k, _, d in cols)
+                     + (f"  (without {', '.join(left)})" if left else ""))
+    for base, aa in campaign.get("aa_noise_floor", {}).items():
+        s = aa["ttft_mean_change_pct"]
+        lines.append(f"noise floor (A/A: {base} replayed twice per window): mean TTFT "
+                     f"{_fmt_summary({**s, 'signed': True})}% ({s.get('verdict', '-')})")
     if "netkv" in names:
         for b, s in campaign["ttft_mean_change_pct"]["netkv"].items():
             pp = campaign["ttft_slo_attainment_change_pp"]["netkv"][b]
             ms = campaign["ttft_mean_change_ms"]["netkv"].get(b)
+            tbt = campaign["tbt_mean_change_ms"]["netkv"][b]
+            allw = campaign["ttft_mean_change_pct_all_windows"]["netkv"][b]
             in_ms = f" = {_fmt_summary({**ms, 'signed': True})} ms" if ms and ms.get("mean") is not None else ""
             lines.append(f"netkv vs {b}: mean TTFT {_fmt_summary({**s, 'signed': True})}%{in_ms} "
                          f"({s.get('verdict', '-')}); SLO attainment {_fmt_summary({**pp, 'signed': True})} points "
-                         f"({pp.get('verdict', '-')}); per window {', '.join(f'{v:+.1f}%' for v in s['values'])}")
+                         f"({pp.get('verdict', '-')}); TBT mean {_fmt_summary({**tbt, 'signed': True}, 2)} ms "
+                         f"({tbt.get('verdict', '-')}); per window {', '.join(f'{v:+.1f}%' for v in s['values'])}")
+            if s.get("windows_left_out"):
+                lines.append(f"  {'':14s}left out: {', '.join(s['windows_left_out'])}; with every window: mean TTFT "
+                             f"{_fmt_summary({**allw, 'signed': True})}% ({allw.get('verdict', '-')})")
     if campaign["versus_paper"]:
         lines.append(f"beside the paper ({PAPER_SOURCE}):")
         for row in campaign["versus_paper"]:
@@ -260,9 +367,16 @@ def render_campaign(campaign: dict[str, Any]) -> str:
     lines.append("requests in = records out for every replay" if campaign["nothing_lost"] else
                  f"PARTIAL: {len(lost)} replays lack records, {campaign['windows_missing']} windows missing")
     if campaign["outside_envelope"]:
-        lines.append("OUTSIDE the emulator's envelope: " + ", ".join(
+        lines.append("OUTSIDE the emulator's envelope (left out of the headline): " + ", ".join(
             f"{o['window']}/{o['scheduler']} ({o['limiting_resource']})" for o in campaign["outside_envelope"]))
-    else:
+    if campaign.get("unjudged"):
+        lines.append("UNJUDGED (left out of the headline): " + ", ".join(
+            f"{o['window']}/{o['scheduler']} ({o['limiting_resource']})" for o in campaign["unjudged"]))
+    if not campaign["outside_envelope"] and not campaign.get("unjudged"):
         lines.append("every replay inside the emulator's envelope")
+    for o in campaign.get("verdict_changed_on_rejudging", []):
+        lines.append(f"re-judged under today's rule: {o['window']}/{o['scheduler']} was "
+                     f"{o['stored_within_envelope']} when it ran, is {o['within_envelope']} now "
+                     f"({o['limiting_resource']})")
     lines.append(f"files: {campaign['run_dir']}/campaign.json, campaign.png")
     return "\n".join(lines)

@@ -17,36 +17,14 @@ from __future__ import annotations
 import math
 import os
 import threading
-from array import array
 import time
+from array import array
 from pathlib import Path
 from typing import Any, Callable
 
 from fabric.system import cpu_ticks
+from lab.verdict import ENVELOPE_CPU_PCT, ENVELOPE_MACHINE_PCT, rejudge
 from netkv.stats import percentile
-
-# The envelope, on the 95th percentile of one-second samples.  Calibrated by
-# fidelity, not by saturation: on the per-switch emulator, replays whose machine
-# p95 stayed at or below 79% kept idle-path transfers within 1.08-1.16x of
-# ideal at p90, and replays at 82-90% (scenario hotspots) saw same-server
-# transfers, which cross no loaded link, take 1.17-1.88x: CPU contention slows
-# packets well before a core is saturated (docs/design.md, "Envelope").
-ENVELOPE_CPU_PCT = 80.0  # the busiest switch process, % of one core
-
-
-ENVELOPE_MACHINE_PCT = 80.0  # the whole machine, % of every core
-
-
-# Time must keep up too.  Every time stamp of a record is wall-clock time: a
-# request dispatched this long after its trace arrival, or a hole this long in
-# the meter's once-a-second samples, means the replay's process stood still,
-# and every TTFT spanning it carries the stall; the wall clock jumping past the
-# monotonic one between two samples means the whole virtual machine was paused
-# (its monotonic clock stood still, its wall clock was stepped on afterwards).
-# The figures and the replays behind them: docs/design.md, "Envelope".
-ENVELOPE_DISPATCH_LAG_MS = 500.0
-ENVELOPE_SAMPLE_GAP_S = 3.0
-ENVELOPE_CLOCK_JUMP_S = 0.5
 
 
 # -- measuring the emulator itself ------------------------------------------------------
@@ -134,18 +112,21 @@ class EmulatorMeter:
 
     def stop(self, window_epoch_s: tuple[float, float] | None = None, *,
              dispatch_lag_ms: float | None = None) -> dict[str, Any]:
-        """Figures over the samples inside ``window_epoch_s`` (the replay's
-        requests: from the replay clock's start, after the workers are up, to
-        its end), or over all; the whole series is kept beside them.
+        """The replay's ``envelope.json``: figures over the samples inside
+        ``window_epoch_s`` (the replay's requests: from the replay clock's
+        start, after the workers are up, to its end; None: every sample), the
+        whole series with what a later re-judgement needs, and the verdict
+        (:func:`lab.verdict.rejudge`, the one implementation of the rule).
         ``dispatch_lag_ms``: the replay's largest dispatch lag, judged too."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         n = len(self.t_s)
         t_first = self.t_s[0] if n else time.time()
-        judged = [i for i in range(n) if window_epoch_s is None
-                  # a sample covers the second before its time stamp
-                  or window_epoch_s[0] + self.interval_s <= self.t_s[i] <= window_epoch_s[1]]
+        mono_first = self.mono_s[0] if n else 0.0
+        window = window_epoch_s if window_epoch_s is not None else (t_first - self.interval_s,
+                                                                      self.t_s[-1] if n else t_first)
+        judged = [i for i in range(n) if window[0] + self.interval_s <= self.t_s[i] <= window[1]]
 
         def measured(i: int) -> list[float]:
             return [v for column in self.switch_pct.values() if not math.isnan(v := column[i])]
@@ -163,61 +144,36 @@ class EmulatorMeter:
             # the busiest single switch process: the one that saturates first
             "busiest_switch": busiest,
             "switch_cpu_pct_mean": _mean(per_switch[busiest]) if busiest else None,
-            "switch_cpu_pct_p95": _round1(p95[busiest]) if busiest else None,
             "switch_cpu_pct_max": _round1(max(per_switch[busiest])) if busiest else None,
             # every switch process together, % of one core
             "switch_cpu_sum_pct_mean": _mean(sum_pct),
             "switch_cpu_sum_pct_p95": _round1(percentile(sum_pct, 95, method="lower")),
             # the whole machine (every core), % of its capacity
             "machine_busy_pct_mean": _mean(machine),
-            "machine_busy_pct_p95": _round1(percentile(machine, 95, method="lower")),
             "switch_processes_died": list(self.died),
             "envelope_cpu_pct": ENVELOPE_CPU_PCT,
             "envelope_machine_pct": ENVELOPE_MACHINE_PCT,
-            # every sample: [s since the first, switch processes' sum, busiest one, machine busy], judged or not
-            "series": [[round(self.t_s[i] - t_first, 2), round(sum(measured(i)), 1),
+            # what a re-judgement needs (lab.verdict): the clocks of the first sample and of the window
+            "interval_s": self.interval_s,
+            "series_start_epoch_s": round(t_first, 3),
+            "window_epoch_s": [round(window[0], 3), round(window[1], 3)],
+            # every sample: [s since the first, switch processes' sum, busiest one, machine busy,
+            # monotonic s since the first], judged or not
+            "series": [[round(self.t_s[i] - t_first, 3), round(sum(measured(i)), 1),
                         round(max(measured(i), default=0.0), 1),
-                        None if math.isnan(self.machine_pct[i]) else round(self.machine_pct[i], 1)]
+                        None if math.isnan(self.machine_pct[i]) else round(self.machine_pct[i], 1),
+                        round(self.mono_s[i] - mono_first, 3)]
                        for i in range(n)],
+            # each switch process's % of a core in every sample (null: not measured then)
+            "switch_series": {name: [None if math.isnan(v) else round(v, 1) for v in column]
+                              for name, column in self.switch_pct.items()},
         }
-        pairs = list(zip(judged, judged[1:]))
-        out["sample_gap_s_max"] = _round1(max((self.t_s[b] - self.t_s[a] for a, b in pairs), default=None))
-        out["wall_clock_jump_s_max"] = _round1(max((self.t_s[b] - self.t_s[a] - (self.mono_s[b] - self.mono_s[a])
-                                                    for a, b in pairs), default=None))
         if dispatch_lag_ms is not None:
             out["dispatch_lag_ms_max"] = round(float(dispatch_lag_ms), 1)
-        out.update(envelope_verdict(out["switch_cpu_pct_p95"], out["machine_busy_pct_p95"], self.died,
-                                    sample_gap_s=out["sample_gap_s_max"], clock_jump_s=out["wall_clock_jump_s_max"],
-                                    dispatch_lag_ms=dispatch_lag_ms))
+        verdict = rejudge(out, None)
+        out.update({k: verdict[k] for k in ("switch_cpu_pct_p95", "machine_busy_pct_p95", "sample_gap_s_max",
+                                            "wall_clock_jump_s_max", "within_envelope", "limiting_resource")})
         return out
-
-
-def envelope_verdict(switch_p95: float | None, machine_p95: float | None, died: list[str], *,
-                     sample_gap_s: float | None = None, clock_jump_s: float | None = None,
-                     dispatch_lag_ms: float | None = None) -> dict[str, Any]:
-    """``within_envelope`` (None without samples) and ``limiting_resource``:
-    which resource ran out (a switch process died, the busiest switch process,
-    the machine's CPU, time itself: the virtual machine paused, seen as the
-    wall clock jumping past the monotonic one, or the replay's own process
-    stalled, seen as a hole in the meter's samples or a request dispatched
-    late), or None."""
-    if died:
-        return {"within_envelope": False, "limiting_resource": f"switch process died: {', '.join(died)}"}
-    stalls = []
-    if clock_jump_s is not None and clock_jump_s >= ENVELOPE_CLOCK_JUMP_S:
-        stalls.append(f"virtual machine paused (wall clock jumped {clock_jump_s:.1f} s past the monotonic clock)")
-    elif sample_gap_s is not None and sample_gap_s >= ENVELOPE_SAMPLE_GAP_S:
-        stalls.append(f"replay process stalled (no meter sample for {sample_gap_s:.1f} s)")
-    if dispatch_lag_ms is not None and dispatch_lag_ms >= ENVELOPE_DISPATCH_LAG_MS:
-        stalls.append(f"replay process stalled (a request dispatched {dispatch_lag_ms:.0f} ms after its arrival)")
-    if switch_p95 is None and machine_p95 is None:
-        return {"within_envelope": False if stalls else None, "limiting_resource": "; ".join(stalls) or None}
-    limits = stalls
-    if switch_p95 is not None and switch_p95 >= ENVELOPE_CPU_PCT:
-        limits.append(f"switch process CPU (p95 {switch_p95:.0f}% of a core)")
-    if machine_p95 is not None and machine_p95 >= ENVELOPE_MACHINE_PCT:
-        limits.append(f"machine CPU (p95 {machine_p95:.0f}% busy)")
-    return {"within_envelope": not limits, "limiting_resource": "; ".join(limits) or None}
 
 
 def machine_ticks() -> tuple[int, int]:

@@ -10,6 +10,7 @@ is :mod:`lab.run`; the defaults of ``netkv run`` are here.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from lab.faults import FaultError, check_workers
 from lab.rundir import default_out_dir
 from netkv import perfmodel
 from netkv.placement import PlacementError, make_placement
-from netkv.schedulers import SCHEDULERS
+from netkv.schedulers import SchedulerLoadError, create, resolve
 from netkv.schedulers.baselines import tuning_window_s
 from netkv.serving.config import ReplayConfig, ReplayConfigError
 from netkv.slo import FLAT_TTFT_SLO_MS
@@ -30,6 +31,12 @@ DEFAULT_SCHEDULERS = ("round_robin", "tuned_cache_load", "netkv")
 
 
 DEFAULT_SCENARIO = "core-hotspot"
+
+
+ORDERS = ("fixed", "alternate", "random")
+# what a variant may not change: the window every scheduler of the experiment replays
+VARIANT_FIXED = frozenset({"trace_path", "start_s", "duration_s", "rate_multiplier", "max_requests",
+                           "on_trace_error", "context_factor"})
 
 
 class ExperimentError(RuntimeError):
@@ -50,6 +57,16 @@ class ExperimentConfig:
         "help": "several disjoint trace windows, each replayed by every scheduler on the same fabric "
                 "(a campaign: one sub-run per window, figures with 95% intervals across windows); "
                 "empty: the one window replay.start_s"})
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": "labels in 'schedulers' that replay with other replay settings, {label: {replay key: value}}; "
+                "'scheduler' is the scheduler a label runs (default: the label itself). An A/A copy: "
+                "{'netkv@aa': {'scheduler': 'netkv'}}; an ablation: {'netkv_static': {'scheduler': 'netkv', "
+                "'oracle': 'static'}}"})
+    order: str = field(default="fixed", metadata={
+        "help": "the order the schedulers replay in within each window: 'fixed' (as listed), 'alternate' "
+                "(reversed in every other window), 'random' (shuffled per window from order_seed); each "
+                "window's experiment.json records the order it ran in"})
+    order_seed: int = field(default=0, metadata={"help": "seed of the 'random' order"})
     out_dir: str = field(default="", metadata={"help": "run directory (default runs/<time>-<scenario>)"})
     recorded: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "what produced the run (versions, git commit), written by the run; ignored when repeated"})
@@ -73,7 +90,33 @@ class ExperimentConfig:
         schedulers = data.get("schedulers", [])
         if not isinstance(schedulers, list) or not all(isinstance(s, str) for s in schedulers):
             raise ExperimentError(f"experiment setting 'schedulers' must be a list of names, got {schedulers!r}")
+        variants = data.get("variants", {})
+        if not isinstance(variants, dict) or not all(isinstance(k, str) and isinstance(v, dict)
+                                                     for k, v in variants.items()):
+            raise ExperimentError(f"experiment setting 'variants' must map labels to JSON objects, got {variants!r}")
+        if data.get("order", "fixed") not in ORDERS:
+            raise ExperimentError(f"experiment setting 'order' must be one of {', '.join(ORDERS)}, "
+                                  f"got {data.get('order')!r}")
+        seed = data.get("order_seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ExperimentError(f"experiment setting 'order_seed' must be a whole number >= 0, got {seed!r}")
         return cls(**data)
+
+    def replay_order(self, window_index: int) -> list[str]:
+        """The labels in the order they replay in window ``window_index``."""
+        labels = list(self.schedulers)
+        if self.order == "alternate" and window_index % 2 == 1:
+            labels.reverse()
+        elif self.order == "random":
+            random.Random(self.order_seed * 1_000_003 + window_index).shuffle(labels)
+        return labels
+
+    def replay_config(self, base: ReplayConfig, label: str) -> ReplayConfig:
+        """The replay configuration of one label: the base with the label's
+        scheduler and, for a variant, its settings."""
+        overrides = dict(self.variants.get(label, {}))
+        scheduler = overrides.pop("scheduler", label)
+        return ReplayConfig.from_dict({**base.to_dict(), **overrides, "scheduler": scheduler})
 
 
 def _check_windows(exp: ExperimentConfig, base: Any) -> list[float]:
@@ -110,10 +153,21 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
     if not exp.schedulers:
         raise ExperimentError("give at least one scheduler")
     for name in exp.schedulers:
-        if name not in SCHEDULERS:
-            raise ExperimentError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+        scheduler = exp.variants.get(name, {}).get("scheduler", name)
+        try:
+            resolve(str(scheduler))
+        except SchedulerLoadError as exc:
+            raise ExperimentError(f"variant {name!r}: {exc}" if name in exp.variants else str(exc)) from None
     if len(set(exp.schedulers)) != len(exp.schedulers):
         raise ExperimentError("a scheduler is listed twice")
+    unused = sorted(set(exp.variants) - set(exp.schedulers))
+    if unused:
+        raise ExperimentError(f"variant {unused[0]!r} is not among the schedulers {exp.schedulers}")
+    for label, overrides in exp.variants.items():
+        fixed = sorted(set(overrides) & (VARIANT_FIXED | {"topology", "topology_params", "scale_factor"}))
+        if fixed:
+            raise ExperimentError(f"variant {label!r} may not set {fixed[0]!r}: every scheduler of an experiment "
+                                  f"replays the same windows on the same fabric")
     managed = {"topology", "topology_params", "scale_factor", "scheduler"}
     overlap = sorted(set(exp.replay) & managed)
     if overlap:
@@ -125,6 +179,16 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
                                        "scale_factor": tb_cfg.scale, "scheduler": exp.schedulers[0]})
     except ReplayConfigError as exc:
         raise ExperimentError(str(exc)) from None
+    for label in exp.schedulers:
+        try:
+            cfg = exp.replay_config(base, label)
+        except ReplayConfigError as exc:
+            raise ExperimentError(f"variant {label!r}: {exc}") from None
+        try:  # the scheduler's own settings, checked by building it once
+            create(cfg.scheduler, cfg.scheduler_config, seed=cfg.seed,
+                   kv_bytes_per_token=perfmodel.build(cfg.model, cfg.gpu, cfg.perf_overrides).kv_bytes_per_token)
+        except ValueError as exc:
+            raise ExperimentError(f"{label}: {exc}") from None
     # The instances must fit the fabric (a TP model needs servers that hold whole instances).
     make_placement(topo, base.placement, tp=perfmodel.build(base.model, base.gpu, base.perf_overrides).tp)
     if not Path(base.trace_path).is_file():

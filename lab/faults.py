@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from fabric import faults as fabric_faults
+from fabric.config import emulated_mbps
 from netkv.checks import number_complaint
 from topologies import Topology
 
@@ -280,7 +281,7 @@ class FaultRunner:
             self._oracle_link(e.link, rate_gbps=e.rate_gbps)
             told_gbps = fabric_faults.rerate_link(self.tb, e.link[0], e.link[1], e.rate_gbps)
             self.links_changed.add(e.link)
-            return {"emulated_mbps": round(self.tb.emulated_rate_mbps(e.rate_gbps), 3),
+            return {"emulated_mbps": round(emulated_mbps(e.rate_gbps, self.tb.config.scale), 3),
                     "controller_rate_gbps": told_gbps}
         if e.kind == "worker_kill":
             return self._kill_worker(e)

@@ -28,6 +28,7 @@ import topologies
 from fabric.config import TestbedConfig
 from lab import transfers
 from lab.rundir import TELEMETRY_SERIES
+from lab.verdict import describe, judge_replay
 from netkv.records import read_records
 from netkv.serving.config import ReplayConfig, ReplayConfigError
 from netkv.slo import SloConfig, slo_summary
@@ -85,6 +86,7 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
     unswitched = [float(r["decision_us"]) for r in switched if r["decision_preemptions"] == 0
                   and r.get("decision_waits") == 0 and not r.get("decision_gc_us")]
     tbt = [float(r["tbt_mean_ms"]) for r in ok if r.get("tbt_mean_ms") is not None]
+    tbt_p99 = [float(r["tbt_p99_ms"]) for r in ok if r.get("tbt_p99_ms") is not None]
     reasons: dict[str, int] = {}
     for r in records:
         if r.get("status") != "ok":
@@ -95,6 +97,8 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         "ttft_mean_ms": _round(_mean(ttft)), "ttft_p50_ms": _round(percentile(ttft, 50)),
         "ttft_p99_ms": _round(percentile(ttft, 99)),
         "tbt_mean_ms": _round(_mean(tbt), 3),
+        # the 99th percentile, over the requests, of each request's own p99 time between tokens
+        "tbt_p99_ms": _round(percentile(tbt_p99, 99), 3),
         "transfer_mean_ms": _round(_mean(transfer)), "transfer_p99_ms": _round(percentile(transfer, 99)),
         "transfer_ratio_p50": _round(percentile(ratios, 50), 3),
         "transfer_ratio_p99": _round(percentile(ratios, 99), 3),
@@ -134,11 +138,15 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
     missing = None if expected is None else max(0, expected - len(records))
     out["requests_expected"] = expected
     out["requests_without_record"] = missing
-    out["partial"] = not summary_path.exists() or bool(missing)
+    # without its config.json the window is unknown, so nothing says the records are all of it
+    out["partial"] = not summary_path.exists() or bool(missing) or expected is None
     if missing:
         out["problems"].append(f"partial: {missing} of the window's {expected} requests have no record")
+    if expected is None:
+        out["problems"].append("partial: config.json cannot be read, so the window's size is unknown")
     env_path = run_dir / "envelope.json"
     out["envelope"] = json.loads(env_path.read_text()) if env_path.exists() else None
+    out["verdict"] = judge_replay(run_dir)  # the envelope judged again under today's rule (lab.verdict)
     out.update(fault_figures(run_dir, records))
     return out
 
@@ -237,6 +245,25 @@ def window_size(run_dir: Path) -> int | None:
         return None
 
 
+def ok_ttft_by_request(path: Path) -> dict[str, float]:
+    """TTFT of every request a replay served, by request id."""
+    return {str(r["request_id"]): float(r["ttft_ms"]) for r in read_records(path) if r.get("status") == "ok"
+            and r.get("ttft_ms") is not None} if path.exists() else {}
+
+
+def common_request_change(a: dict[str, float], b: dict[str, float]) -> dict[str, Any]:
+    """A's mean TTFT against B's over the requests both served: the change in
+    % and in ms, and how many requests that is (where the two failed
+    different requests, their plain means are over different requests)."""
+    ids = a.keys() & b.keys()
+    if not ids:
+        return {"requests": 0, "pct": None, "ms": None}
+    mean_a = sum(a[i] for i in ids) / len(ids)
+    mean_b = sum(b[i] for i in ids) / len(ids)
+    return {"requests": len(ids), "only_a": len(a.keys() - ids), "only_b": len(b.keys() - ids),
+            "pct": _round(100.0 * (mean_a / mean_b - 1), 3) if mean_b else None, "ms": _round(mean_a - mean_b, 2)}
+
+
 def compare(run: Path) -> dict[str, Any]:
     exp = json.loads((run / "experiment.json").read_text())
     tb_cfg = TestbedConfig.from_json(exp["testbed"])
@@ -250,17 +277,25 @@ def compare(run: Path) -> dict[str, Any]:
         if (run / name / "records.jsonl").exists():
             per[name] = scheduler_metrics(run / name, topo, tb_cfg.scale, tb_cfg.mtu_bytes, slo, background)
     changes: dict[str, dict[str, float | None]] = {}
+    common: dict[str, dict[str, dict[str, Any]]] = {}
+    ttft = {name: ok_ttft_by_request(run / name / "records.jsonl") for name in per}
     for a, ma in per.items():
         for b, mb in per.items():
             # a partial replay's requests are not the window's: no comparison with it
             if a == b or ma["ttft_mean_ms"] is None or not mb["ttft_mean_ms"] or ma["partial"] or mb["partial"]:
                 continue
             changes.setdefault(a, {})[b] = _round(100.0 * (ma["ttft_mean_ms"] / mb["ttft_mean_ms"] - 1), 2)
-    outside = [s for s, m in per.items() if m["envelope"] and m["envelope"].get("within_envelope") is False]
+            common.setdefault(a, {})[b] = common_request_change(ttft[a], ttft[b])
+    outside = [s for s, m in per.items() if m["verdict"]["within_envelope"] is False]
+    unjudged = [s for s, m in per.items() if m["verdict"]["within_envelope"] is None]
+    rejudged = {s: m["verdict"] for s, m in per.items() if m["verdict"]["changed"]}
     return {"run_dir": str(run), "scenario": exp.get("scenario"), "topology": topo.name,
             "scale": tb_cfg.scale, "schedulers": per,
             "ttft_mean_change_pct": changes,
+            "ttft_mean_change_common": common,
             "outside_envelope": outside,
+            "unjudged": unjudged,
+            "verdict_changed_on_rejudging": rejudged,
             "note": ("TTFT change: (mean TTFT of row / mean TTFT of column - 1) x 100; negative is better. "
                      "transfer_ratio: measured / ideal on the nominal path bottleneck.")}
 
@@ -427,9 +462,9 @@ def render_table(comparison: dict[str, Any]) -> str:
                 v = m.get(key)
                 cell = "-" if v is None else (f"{100 * v:.1f}%" if key == "ttft_slo_attainment" else f"{v:.2f}")
             row += f"{cell:>15s}"
-        env = m.get("envelope") or {}
-        if env.get("within_envelope") is False:
-            row += f"  OUTSIDE ENVELOPE ({env.get('limiting_resource') or 'switch CPU'})"
+        verdict = m.get("verdict") or {}
+        if verdict.get("within_envelope") is not True:
+            row += f"  {describe(verdict).upper() if verdict.get('within_envelope') is None else describe(verdict)}"
         if m.get("partial"):
             missing = m.get("requests_without_record")
             row += ("  PARTIAL: " + (f"{missing} of {m.get('requests_expected')} requests have no record"
@@ -456,6 +491,9 @@ def render_table(comparison: dict[str, Any]) -> str:
             lines.append(f"faults, {name}: TTFT mean {m.get('ttft_mean_ms_before_faults')} ms before the first, "
                          f"{m.get('ttft_mean_ms_from_first_fault')} ms from it on; "
                          f"{m.get('failed_from_first_fault')} requests failed from it on")
+    for name, verdict in (comparison.get("verdict_changed_on_rejudging") or {}).items():
+        lines.append(f"re-judged, {name}: {describe(verdict)} under today's rule; stored at run time: "
+                     f"{verdict.get('stored_within_envelope')}")
     changes = comparison.get("ttft_mean_change_pct", {})
     for a, row in changes.items():
         lines.append(f"mean TTFT of {a} vs " + ", ".join(f"{b}: {v:+.1f}%" for b, v in row.items() if v is not None))

@@ -32,6 +32,7 @@ from lab.engine import DEFAULT_ENGINE, ENGINES, Engine
 from lab.experiment import ExperimentConfig, prepare
 from lab.report import write_report
 from lab.rundir import provenance, window_dir_name
+from netkv.schedulers import provenance as scheduler_provenance
 from netkv.serving.config import ReplayConfig
 
 
@@ -45,6 +46,9 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False, engine: str = 
     out.mkdir(parents=True, exist_ok=True)
     exp.out_dir = str(out)
     exp.recorded = provenance()
+    # where each scheduler's code came from (a scheduler from outside the repository: its version and hash)
+    exp.recorded["schedulers"] = {label: scheduler_provenance(exp.replay_config(base, label).scheduler)
+                                  for label in exp.schedulers}
     (out / "experiment.json").write_text(json.dumps(exp.to_json(), indent=2) + "\n")
     (out / "scenario.json").write_text(json.dumps(scen.to_json(), indent=2) + "\n")
 
@@ -52,8 +56,10 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False, engine: str = 
         if not quiet:
             print(f"netkv: {text}", flush=True)
 
-    windows = [(out / window_dir_name(i, start), replace(exp, window_starts_s=[], out_dir=str(out / window_dir_name(i, start)),
-                                                       replay={**exp.replay, "start_s": start}),
+    # each window's own experiment: repeatable alone, in the order its replays ran
+    windows = [(out / window_dir_name(i, start),
+                replace(exp, window_starts_s=[], out_dir=str(out / window_dir_name(i, start)),
+                        replay={**exp.replay, "start_s": start}, schedulers=exp.replay_order(i), order="fixed"),
                 replace(base, start_s=start))
                for i, start in enumerate(exp.window_starts_s)] or [(out, exp, base)]
     eng = ENGINES[engine](tb_cfg)
@@ -73,7 +79,7 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False, engine: str = 
                 (w_dir / "experiment.json").write_text(json.dumps(w_exp.to_json(), indent=2) + "\n")
                 (w_dir / "scenario.json").write_text(json.dumps(scen.to_json(), indent=2) + "\n")
             (w_dir / "testbed.json").write_text(bringup)
-            _replay_schedulers(eng, w_exp.schedulers, w_base, scen, w_dir, say)
+            _replay_schedulers(eng, w_exp, w_exp.replay_order(0), w_base, scen, w_dir, say)
     finally:
         eng.down()
     if len(windows) == 1 and windows[0][0] == out:
@@ -85,13 +91,13 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False, engine: str = 
     return campaign
 
 
-def _replay_schedulers(eng: Engine, schedulers: list[str], base: ReplayConfig, scen: scenario_mod.Scenario,
-                       out: Path, say: Callable[[str], None]) -> None:
-    """One window: every scheduler in turn on the running engine, each with
-    the scenario's background flows started afresh."""
+def _replay_schedulers(eng: Engine, exp: ExperimentConfig, labels: list[str], base: ReplayConfig,
+                       scen: scenario_mod.Scenario, out: Path, say: Callable[[str], None]) -> None:
+    """One window: every scheduler (label) in turn on the running engine, each
+    with the scenario's background flows started afresh."""
 
-    for name in schedulers:
-        cfg = replace(base, scheduler=name)
+    for name in labels:
+        cfg = exp.replay_config(base, name)
         run_dir = out / name
         run_dir.mkdir()
         say(f"replaying with {name} ...")

@@ -156,13 +156,17 @@ def write_sweep(out: Path) -> dict[str, Any]:
                                     for n in campaign["schedulers_order"]},
             "netkv_ttft_change_pct": campaign["ttft_mean_change_pct"].get("netkv", {}),
             "netkv_ttft_change_ms": campaign["ttft_mean_change_ms"].get("netkv", {}),
-            "within_envelope": not campaign["outside_envelope"],
+            "netkv_tbt_change_ms": campaign["tbt_mean_change_ms"].get("netkv", {}),
+            # inside only when every replay of the point was judged inside (unjudged is not inside)
+            "within_envelope": not campaign["outside_envelope"] and not campaign["unjudged"],
             "outside_envelope": campaign["outside_envelope"],
+            "unjudged": campaign["unjudged"],
             "nothing_lost": campaign["nothing_lost"],
             "accounting": campaign["accounting"],
         })
     result = {"sweep": plan_["sweep"], "knob": plan_["knob"], "dir": str(out), "schedulers": names,
-              "points": rows, "points_outside_envelope": [r["value"] for r in rows if not r.get("within_envelope", True)],
+              "points": rows,
+              "points_outside_envelope": [r["value"] for r in rows if not r["missing"] and not r["within_envelope"]],
               "nothing_lost": all(r.get("nothing_lost") for r in rows)}
     (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_sweep(result, out)
@@ -248,7 +252,7 @@ def render_sweep(result: dict[str, Any]) -> str:
             cell = "-" if s.get("mean") is None else f"{s['mean']:.0f}" + (
                 f" [{s['ci95'][0]:.0f}, {s['ci95'][1]:.0f}]" if s.get("ci95") else "")
             cells.append(f"{cell:>26s}")
-        flag = "" if p["within_envelope"] else "  OUTSIDE envelope"
+        flag = "" if p["within_envelope"] else "  a replay OUTSIDE the envelope or unjudged (left out of its changes)"
         lines.append(f"{str(p['value']):>22s}" + "".join(cells) + flag)
         by_ms = p["netkv_ttft_change_ms"]
         changes = ", ".join(

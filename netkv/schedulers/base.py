@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import math
+import sys
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Mapping, Sequence, TypeVar
 
 from ..oracle import Estimate, Oracle
@@ -92,12 +97,89 @@ def register(cls: S) -> S:
     return cls
 
 
+ENTRY_POINT_GROUP = "netkv.schedulers"  # where an installed package names its schedulers
+
+
+class SchedulerLoadError(ValueError):
+    """A scheduler name that names no scheduler (one line)."""
+
+
+def _entry_points(name: str | None = None) -> list[metadata.EntryPoint]:
+    eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return [ep for ep in eps if name is None or ep.name == name]
+
+
+def known() -> list[str]:
+    """Every scheduler name: the built-in ones, then installed entry points."""
+    return list(SCHEDULERS) + sorted(ep.name for ep in _entry_points() if ep.name not in SCHEDULERS)
+
+
+def resolve(name: str) -> type[Scheduler]:
+    """The scheduler class a name stands for: a built-in name
+    (:data:`SCHEDULERS`), ``package.module:Class`` (importable from the
+    Python path), the name of an entry point of the ``netkv.schedulers``
+    group (an installed package's), or ``remote+unix:///path`` /
+    ``remote+http://127.0.0.1:PORT`` (a scheduler in another process,
+    :mod:`netkv.schedulers.remote`).  Whatever it is must subclass
+    :class:`Scheduler` and carry a one-line ``doc``."""
+    cls: object = SCHEDULERS.get(name)
+    if cls is not None:
+        return cls  # type: ignore[return-value]
+    if name.startswith("remote+"):  # a scheduler in another process (the module imports this one)
+        from .remote import remote_class
+
+        return remote_class(name)
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # noqa: BLE001 - an import error of the user's module, in one line
+            raise SchedulerLoadError(f"scheduler {name!r}: cannot import {module_name!r}: "
+                                     f"{type(exc).__name__}: {exc}") from None
+        cls = getattr(module, attr, None)
+        if cls is None:
+            raise SchedulerLoadError(f"scheduler {name!r}: module {module_name!r} has no {attr!r}")
+    else:
+        eps = _entry_points(name)
+        if not eps:
+            raise SchedulerLoadError(f"unknown scheduler {name!r}; known: {', '.join(known())} "
+                                     f"(or package.module:Class, or an entry point of {ENTRY_POINT_GROUP!r})")
+        try:
+            cls = eps[0].load()
+        except Exception as exc:  # noqa: BLE001
+            raise SchedulerLoadError(f"scheduler {name!r}: entry point {eps[0].value!r} does not load: "
+                                     f"{type(exc).__name__}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Scheduler)):
+        raise SchedulerLoadError(f"scheduler {name!r} is {cls!r}, not a subclass of netkv.schedulers.Scheduler")
+    if not cls.doc:
+        raise SchedulerLoadError(f"scheduler {name!r}: {cls.__name__} needs a one-line doc")
+    return cls
+
+
+def provenance(name: str) -> dict[str, object]:
+    """Where a scheduler's code comes from, for experiment.json: built in, or
+    its module, file, the version of the distribution that installed it and
+    the SHA-256 of its module file (a scheduler edited between two runs shows)."""
+    cls = resolve(name)
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    out: dict[str, object] = {"class": f"{cls.__module__}:{cls.__qualname__}",
+                              "source": "built-in" if name in SCHEDULERS else "remote" if name.startswith("remote+")
+                              else "module" if ":" in name else "entry point"}
+    if out["source"] not in ("built-in", "remote"):
+        top = cls.__module__.split(".")[0]
+        dists = metadata.packages_distributions().get(top, [])
+        out["distribution"] = {d: metadata.version(d) for d in dists}
+        out["file"] = path
+        if path:
+            out["sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return out
+
+
 def create(name: str, config: Mapping[str, object] | None = None, *, kv_bytes_per_token: int,
            seed: int = 0) -> Scheduler:
-    cls = SCHEDULERS.get(name)
-    if cls is None:
-        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
-    return cls(config or {}, kv_bytes_per_token=kv_bytes_per_token, seed=seed)
+    """A scheduler by name (:func:`resolve`), its configuration checked."""
+    return resolve(name)(config or {}, kv_bytes_per_token=kv_bytes_per_token, seed=seed)
 
 
 def describe() -> dict[str, str]:

@@ -20,6 +20,7 @@ from .base import (
     LOAD_PARAMS,
     CostFn,
     Decision,
+    NoEligibleDecode,
     Param,
     Scheduler,
     argmin_by_name,
@@ -225,6 +226,70 @@ class StaticTopology(Scheduler):
         cost, _, (d, tier, load, penalty) = argmin_by_name(rows)
         return _decision(self, request, d, {"cost": cost, "tier": float(tier), "load_ms": load,
                                             "tier_penalty_ms": penalty, "eligible": float(len(ok))})
+
+
+DOMAIN_NAMES = {0: "server", 1: "rack", 2: "pod"}
+
+
+@register
+class DynamoTopology(Scheduler):
+    """NVIDIA Dynamo's decode pick in disaggregated serving, with its
+    topology-aware KV transfer (experimental, 1.2 and later).
+
+    Once the prefill worker is chosen, Dynamo routes the decode request with the
+    overlap credit set to 0 (the decode receives the KV from the prefill), so
+    its KV-router cost is load only: ``decode_blocks +
+    active_request_weight * active requests``, lowest wins (temperature 0).
+    The prefill worker's topology domain then constrains it: ``required``
+    leaves out every decode outside the domain (a request with none there
+    fails); ``preferred`` multiplies the cost of each decode inside it by
+    ``exp(-tanh(w))`` (w = ``preferred_weight``; 0.85 gives about 0.50).  The
+    domain here is the server (tier distance 0), the rack (1) or the pod (2).
+    Static topology only: no telemetry.  Sources: docs/schedulers.md."""
+
+    name = "dynamo_topology"
+    doc = "Dynamo decode pick (KV-router cost, overlap credit 0) with topology-aware KV transfer: domain required/preferred"
+    params: ClassVar[Mapping[str, Param]] = {
+        "domain_tier": Param(0.0, 0.0, 2.0, "the prefill's topology domain: decodes within this tier distance "
+                                            "share it (0 server, 1 rack, 2 pod)"),
+        "required": Param(0.0, 0.0, 1.0, "1: enforcement 'required' (only decodes in the domain); 0: 'preferred'"),
+        "preferred_weight": Param(0.85, 0.0, 1.0, "kv_transfer_preferred_weight w: a decode in the domain costs "
+                                                  "exp(-tanh(w)) times its cost"),
+        "active_request_weight": Param(0.0, 0.0, 1e6, "decode_active_request_weight: cost per active request"),
+    }
+
+    def __init__(self, config: Mapping[str, object], *, kv_bytes_per_token: int, seed: int = 0) -> None:
+        super().__init__(config, kv_bytes_per_token=kv_bytes_per_token, seed=seed)
+        for key in ("domain_tier", "required"):
+            if self.cfg[key] != int(self.cfg[key]):
+                raise ValueError(f"dynamo_topology: {key} must be a whole number, got {self.cfg[key]}")
+        self.domain_tier = int(self.cfg["domain_tier"])
+        self.required = bool(self.cfg["required"])
+        self.in_domain_factor = math.exp(-math.tanh(self.cfg["preferred_weight"]))
+
+    def choose(self, request: Request, prefill: str, decodes: Sequence[DecodeView], oracle: Oracle,
+               now_s: float) -> Decision:
+        ok = _eligible_or_raise(request, decodes)
+        tier_of = getattr(oracle, "tier", None)
+        request_blocks = math.ceil(request.input_tokens / BLOCK_TOKENS)
+        rows = []
+        for d in ok:
+            tier = tier_of(prefill, d.name) if tier_of is not None else oracle.estimate(prefill, d.name, 0, now_s).tier
+            inside = tier <= self.domain_tier
+            if self.required and not inside:
+                continue
+            blocks = math.ceil(d.used_kv_tokens / BLOCK_TOKENS) + request_blocks
+            cost = blocks + self.cfg["active_request_weight"] * d.active_batch
+            if inside:
+                cost *= self.in_domain_factor
+            rows.append((cost, d.name, (d, tier, blocks)))
+        if not rows:
+            raise NoEligibleDecode(f"none of {len(ok)} eligible decode(s) is in the prefill's "
+                                   f"{DOMAIN_NAMES[self.domain_tier]} ({prefill}), and the domain is required")
+        cost, _, (d, tier, blocks) = argmin_by_name(rows)
+        return _decision(self, request, d, {"cost": cost, "tier": float(tier), "decode_blocks": float(blocks),
+                                            "in_domain": float(tier <= self.domain_tier),
+                                            "eligible": float(len(ok))})
 
 
 # Default weights of tuned_cache_load come from the testbed's documented sweep

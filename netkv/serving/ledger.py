@@ -29,6 +29,7 @@ in, so the bookkeeping is tested without processes (tests/unit/test_ledger.py).
 from __future__ import annotations
 
 import contextlib
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable
@@ -38,7 +39,8 @@ from netkv.oracle import StaticOracle, TensorParallelOracle
 from netkv.placement import Placement, make_placement
 from netkv.records import empty_record
 from netkv.request import DecodeView, Request
-from netkv.schedulers import NoEligibleDecode, Scheduler, create
+from netkv.schedulers import Decision, NoEligibleDecode, Scheduler, create
+from netkv.schedulers.remote import SchedulerFault
 from topologies import Topology
 
 from .config import ReplayConfig, wire_bytes
@@ -228,11 +230,14 @@ class Ledger:
             ]
             views_build_us = (time.perf_counter() - views_started) * 1e6
             timer = DecisionTimer(self.gc_clock)
+            fault = None
             try:
                 decision = self.scheduler.choose(req, choice.name, views, self.oracle, now_s) if views else None
                 refusal = None
             except NoEligibleDecode as exc:
                 decision, refusal = None, exc
+            except SchedulerFault as exc:  # a scheduler in another process: this request fails, the replay goes on
+                decision, refusal, fault = None, None, exc
             timing = timer.fields()
         if not views:
             self.fail_undispatched(req, "no decode: no live decode instance", prefill=choice.name)
@@ -241,10 +246,12 @@ class Ledger:
             self.fail_undispatched(req, f"no eligible decode: {refusal}", prefill=choice.name,
                                    views_build_us=views_build_us, **timing)
             return None
-        if decision is None:
-            raise LedgerError(f"scheduler {self.cfg.scheduler!r} returned no decision")
-        if decision.decode not in self.decodes or not self.decodes[decision.decode].alive:
-            raise LedgerError(f"scheduler chose {decision.decode!r}, which is not a live decode instance")
+        if fault is not None:
+            self.fail_undispatched(req, f"scheduler fault: {fault}", prefill=choice.name,
+                                   views_build_us=views_build_us, **timing)
+            return None
+        self._check(decision, req, views)
+        assert decision is not None
         order = self._order(req, choice.name, decision.decode, int(decision.bytes_to_send))
         rec = empty_record(req.request_id, self.cfg.scheduler, req.arrival_ms, req.input_tokens, req.output_tokens)
         est = decision.estimate
@@ -268,6 +275,27 @@ class Ledger:
         d.reserved_tokens += need
         d.flights.add(req.request_id)
         return order
+
+    def _check(self, decision: object, req: Request, views: list[DecodeView]) -> None:
+        """The scheduler's contract (docs/schedulers.md): a Decision naming a live
+        decode it was shown that can admit the request, and a payload no larger
+        than the whole request's KV cache.  A breach stops the replay."""
+        who = f"scheduler {self.cfg.scheduler!r}"
+        if decision is None:
+            raise LedgerError(f"{who} returned no decision")
+        if not isinstance(decision, Decision):
+            raise LedgerError(f"{who} returned {type(decision).__name__}, not a netkv.schedulers.Decision")
+        view = next((v for v in views if v.name == decision.decode), None)
+        if view is None:
+            raise LedgerError(f"{who} chose {decision.decode!r}, which is not a live decode instance")
+        if not view.eligible(req):
+            raise LedgerError(f"{who} chose {decision.decode!r}, which cannot admit request {req.request_id} "
+                              f"(no batch slot or queue room, or short of KV memory)")
+        full = req.input_tokens * self.perf.kv_bytes_per_token
+        sent = decision.bytes_to_send
+        if isinstance(sent, bool) or not isinstance(sent, numbers.Integral) or not 0 <= sent <= full:
+            raise LedgerError(f"{who} would send {sent!r} bytes for request {req.request_id}; a whole number in "
+                              f"[0, {full}] (its whole KV cache) is allowed")
 
     def _order(self, req: Request, prefill: str, decode: str, kv_bytes: int) -> Order:
         """The transfer as flows: one, or (tensor parallelism) tp flows, rank i

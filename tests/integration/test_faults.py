@@ -20,6 +20,7 @@ import pytest
 from controller.routing import flow_entries, walk
 from fabric import cleanup, switches, system, verify
 from fabric import faults as fabric_faults
+from fabric.config import emulated_mbps
 from fabric.net import Testbed
 from lab import scenario
 from lab.emulator import replay_under_scenario
@@ -143,7 +144,7 @@ def test_link_rate_reshapes_both_ends_and_the_oracle_prices_the_new_rate(tb: Tes
     out = faulted_replay(tb, run_dir, [{"kind": "link_rate", "t_s": 2.5, "link": ["v0", "t0"],
                                         "rate_gbps": new_gbps}], during=during, scheduler="netkv",
                          placement={"scheme": "explicit", "prefill": ["g0", "g1"], "decode": ["g2", "g3"]})
-    want_kbit = tb.emulated_rate_mbps(new_gbps) * 1000
+    want_kbit = emulated_mbps(new_gbps, tb.config.scale) * 1000
     assert all(abs(k - want_kbit) <= 0.02 * want_kbit for k in seen["kbit"]), (seen, want_kbit)
     assert [htb_rate_kbit(tb, n, i) for n, i in ends] == nominal  # restored after the replay
     # the controller was told: its capacity and its own oracle used the new rate, and

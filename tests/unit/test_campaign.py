@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from cli.lab import parse_values
-from lab.campaign import aggregate, summary
+from lab.campaign import aggregate, render_campaign, summary
 from lab.experiment import ExperimentConfig, ExperimentError, _check_windows, prepare
-from lab.report import ttft_breakdown_ms
+from lab.report import common_request_change, ttft_breakdown_ms
 from lab.rundir import window_dir_name, window_runs
 from lab.sweep import SWEEPS, SweepError, plan, point_experiment
 from netkv.serving.config import ReplayConfig
@@ -74,6 +74,9 @@ def test_breakdown_parts_add_up_to_ttft() -> None:
 
 
 def _window(run: Path, i: int, start: float, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One window's comparison as lab.report.compare writes it.  Unless a
+    scheduler's ``common`` says otherwise, both of a pair served the same
+    requests, so the change over common requests is the plain one."""
     d = run / window_dir_name(i, start)
     d.mkdir(parents=True)
     (d / "experiment.json").write_text("{}")
@@ -81,8 +84,12 @@ def _window(run: Path, i: int, start: float, metrics: dict[str, dict[str, Any]])
     for name, m in metrics.items():
         per[name] = {"ttft_mean_ms": m["ttft"], "ttft_slo_attainment": m["slo"], "partial": m.get("partial", False),
                      "requests": 10, "requests_expected": 10, "requests_without_record": 0,
-                     "decision_us_p99": m.get("decide_us", 100.0), "envelope": {"within_envelope": True}}
-    return {"schedulers": per}
+                     "tbt_mean_ms": m.get("tbt", 10.0), "decision_us_p99": m.get("decide_us", 100.0),
+                     "verdict": {"within_envelope": m.get("inside", True), "limiting_resource": m.get("why")}}
+    common = {a: {b: m.get("common", {}).get(b) or {"requests": 10, "pct": 100.0 * (m["ttft"] / o["ttft"] - 1),
+                                                     "ms": m["ttft"] - o["ttft"]}
+                  for b, o in metrics.items() if b != a} for a, m in metrics.items()}
+    return {"schedulers": per, "ttft_mean_change_common": common}
 
 
 def test_campaign_pairs_changes_by_window_and_keeps_partial_windows_out(tmp_path: Path) -> None:
@@ -107,7 +114,10 @@ def test_campaign_pairs_changes_by_window_and_keeps_partial_windows_out(tmp_path
     assert in_ms["values"] == pytest.approx([-100.0, -300.0, -40.0])  # same pairing, in ms
     assert c["ttft_slo_attainment_change_pp"]["netkv"]["round_robin"]["values"] == pytest.approx([10.0, 20.0, 0.0])
     assert c["nothing_lost"] is False  # one replay is partial
-    assert c["schedulers"]["netkv"]["ttft_mean_ms"]["n"] == 4
+    # a partial replay's figures are not its window's: left out of the scheduler's figures too
+    assert c["schedulers"]["netkv"]["ttft_mean_ms"]["n"] == 3
+    assert c["schedulers"]["netkv"]["ttft_mean_ms"]["windows_left_out"] == ["w3-300s"]
+    assert c["schedulers"]["round_robin"]["ttft_mean_ms"]["n"] == 4
     paper = {row["figure"]: row for row in c["versus_paper"]}
     assert paper["mean TTFT change vs round_robin (%)"]["paper"] == -21.2
     assert paper["NetKV decision p99, live, wall (ms)"]["testbed"]["mean"] == pytest.approx(0.1)
@@ -146,3 +156,111 @@ def test_bad_sweep_values_are_refused_with_the_point_named(tmp_path: Path) -> No
         plan(base, SWEEPS["load"], [1.0, -1.0], tmp_path / "s")
     with pytest.raises(SweepError, match="twice"):
         plan(base, SWEEPS["load"], [1.0, 1.0], tmp_path / "s")
+
+
+def _campaign(run: Path, windows: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    run.mkdir()
+    names = list(windows[0])
+    (run / "experiment.json").write_text(json.dumps({"schedulers": names, "scenario": "none",
+                                                     "window_starts_s": [100.0 * i for i in range(len(windows))],
+                                                     "replay": {"duration_s": 60}}))
+    return aggregate(run, [_window(run, i, 100.0 * i, w) for i, w in enumerate(windows)])
+
+
+def test_a_window_outside_the_envelope_leaves_the_headline_and_stays_in_the_second_line(tmp_path: Path) -> None:
+    c = _campaign(tmp_path / "c", [
+        {"round_robin": {"ttft": 1000.0, "slo": 0.8}, "netkv": {"ttft": 900.0, "slo": 0.9}},
+        {"round_robin": {"ttft": 2000.0, "slo": 0.5}, "netkv": {"ttft": 1700.0, "slo": 0.7}},
+        {"round_robin": {"ttft": 500.0, "slo": 1.0},
+         "netkv": {"ttft": 100.0, "slo": 1.0, "inside": False, "why": "machine CPU (p95 91% busy)"}},
+        {"round_robin": {"ttft": 500.0, "slo": 1.0}, "netkv": {"ttft": 460.0, "slo": 1.0}},
+    ])
+    head = c["ttft_mean_change_pct"]["netkv"]["round_robin"]
+    assert head["values"] == pytest.approx([-10.0, -15.0, -8.0]) and head["windows_left_out"] == ["w2-200s"]
+    every = c["ttft_mean_change_pct_all_windows"]["netkv"]["round_robin"]
+    assert every["values"] == pytest.approx([-10.0, -15.0, -80.0, -8.0])
+    # the per-scheduler figure of the scheduler outside leaves that window out too; the other keeps it
+    assert c["schedulers"]["netkv"]["ttft_mean_ms"]["n"] == 3 and c["schedulers"]["round_robin"]["ttft_mean_ms"]["n"] == 4
+    assert c["schedulers_all_windows"]["netkv"]["ttft_mean_ms"]["n"] == 4
+    assert c["outside_envelope"] == [{"window": "w2-200s", "scheduler": "netkv",
+                                      "limiting_resource": "machine CPU (p95 91% busy)"}]
+    assert "left out of the headline" in render_campaign(c)
+
+
+def test_an_unjudged_replay_is_not_inside(tmp_path: Path) -> None:
+    c = _campaign(tmp_path / "c", [
+        {"round_robin": {"ttft": 1000.0, "slo": 0.8}, "netkv": {"ttft": 900.0, "slo": 0.9}},
+        {"round_robin": {"ttft": 2000.0, "slo": 0.5, "inside": None, "why": "no envelope.json"},
+         "netkv": {"ttft": 1700.0, "slo": 0.7}},
+        {"round_robin": {"ttft": 500.0, "slo": 1.0}, "netkv": {"ttft": 460.0, "slo": 1.0}},
+    ])
+    head = c["ttft_mean_change_pct"]["netkv"]["round_robin"]
+    assert head["values"] == pytest.approx([-10.0, -8.0]) and head["windows_left_out"] == ["w1-100s"]
+    assert c["unjudged"] == [{"window": "w1-100s", "scheduler": "round_robin", "limiting_resource": "no envelope.json"}]
+    assert c["outside_envelope"] == []
+
+
+def test_fewer_than_two_windows_inside_is_not_a_result(tmp_path: Path) -> None:
+    c = _campaign(tmp_path / "c", [
+        {"round_robin": {"ttft": 1000.0, "slo": 0.8}, "netkv": {"ttft": 900.0, "slo": 0.9, "inside": False}},
+        {"round_robin": {"ttft": 2000.0, "slo": 0.5}, "netkv": {"ttft": 1700.0, "slo": 0.7}},
+    ])
+    head = c["ttft_mean_change_pct"]["netkv"]["round_robin"]
+    assert head["n"] == 1 and head["verdict"].startswith("not a result")
+    every = c["ttft_mean_change_pct_all_windows"]["netkv"]["round_robin"]
+    assert every["n"] == 2 and every["verdict"] == "not significant"  # an interval, too wide, but a result
+
+
+def test_changes_pair_the_requests_both_served_where_failures_differ(tmp_path: Path) -> None:
+    # netkv failed fewer requests: its plain mean includes slow requests round_robin never served
+    common = {"round_robin": {"requests": 8, "pct": -20.0, "ms": -200.0}}
+    c = _campaign(tmp_path / "c", [
+        {"round_robin": {"ttft": 1000.0, "slo": 0.8}, "netkv": {"ttft": 1100.0, "slo": 0.9, "common": common}},
+        {"round_robin": {"ttft": 2000.0, "slo": 0.5}, "netkv": {"ttft": 2100.0, "slo": 0.7, "common": common}},
+    ])
+    assert c["ttft_mean_change_pct"]["netkv"]["round_robin"]["values"] == pytest.approx([-20.0, -20.0])
+    assert c["ttft_mean_change_ms"]["netkv"]["round_robin"]["values"] == pytest.approx([-200.0, -200.0])
+    assert c["ttft_mean_change_pct_served"]["netkv"]["round_robin"]["values"] == pytest.approx([10.0, 5.0])
+
+
+def test_common_request_change_is_over_the_intersection() -> None:
+    a = {"r1": 100.0, "r2": 300.0, "r3": 5000.0}
+    b = {"r1": 200.0, "r2": 200.0, "r4": 50.0}
+    out = common_request_change(a, b)
+    assert out == {"requests": 2, "only_a": 1, "only_b": 1, "pct": 0.0, "ms": 0.0}
+    assert common_request_change(a, {})["pct"] is None
+
+
+def test_an_aa_label_gives_the_noise_floor(tmp_path: Path) -> None:
+    c = _campaign(tmp_path / "c", [
+        {"netkv": {"ttft": 1000.0, "slo": 0.8}, "netkv@aa": {"ttft": 1010.0, "slo": 0.8}},
+        {"netkv": {"ttft": 2000.0, "slo": 0.5}, "netkv@aa": {"ttft": 1980.0, "slo": 0.5}},
+        {"netkv": {"ttft": 500.0, "slo": 1.0}, "netkv@aa": {"ttft": 505.0, "slo": 1.0}},
+    ])
+    floor = c["aa_noise_floor"]["netkv"]["ttft_mean_change_pct"]
+    assert c["aa_noise_floor"]["netkv"]["label"] == "netkv@aa"
+    assert floor["values"] == pytest.approx([1.0, -1.0, 1.0]) and floor["verdict"] == "not significant"
+
+
+def test_orders_and_variants(tmp_path: Path) -> None:
+    exp = ExperimentConfig(schedulers=["a", "b", "c"], order="alternate")
+    assert [exp.replay_order(i) for i in range(3)] == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+    rnd = ExperimentConfig(schedulers=["a", "b", "c", "d"], order="random", order_seed=7)
+    orders = [rnd.replay_order(i) for i in range(6)]
+    assert orders == [rnd.replay_order(i) for i in range(6)]  # from the seed alone
+    assert all(sorted(o) == ["a", "b", "c", "d"] for o in orders) and len({tuple(o) for o in orders}) > 1
+    with pytest.raises(ExperimentError, match="'order' must be one of"):
+        ExperimentConfig.from_json({"order": "sometimes"})
+    base = dict(replay={"duration_s": 30.0}, scenario="none", testbed={"topology": "tiny"},
+                out_dir=str(tmp_path / "r"))
+    ok = ExperimentConfig(schedulers=["netkv", "netkv_static"], **base,  # type: ignore[arg-type]
+                          variants={"netkv_static": {"scheduler": "netkv", "oracle": "static"}})
+    _, replay, _, _ = prepare(ok)
+    cfg = ok.replay_config(replay, "netkv_static")
+    assert (cfg.scheduler, cfg.oracle) == ("netkv", "static") and ok.replay_config(replay, "netkv").oracle == "static"
+    for variants, message in (({"x": {"scheduler": "nope"}}, "variant 'x': unknown scheduler 'nope'"),
+                              ({"x": {"scheduler": "netkv", "start_s": 5.0}}, "may not set 'start_s'"),
+                              ({"x": {"scheduler": "netkv", "oracel": "static"}}, "unknown replay config key")):
+        bad = ExperimentConfig(schedulers=["netkv", "x"], variants=variants, **base)  # type: ignore[arg-type]
+        with pytest.raises(ExperimentError, match=message):
+            prepare(bad)

@@ -51,3 +51,11 @@ def test_unreadable_config_leaves_the_count_unknown(tmp_path: Path) -> None:
     (run_dir / "config.json").write_text("{not json")
     m = scheduler_metrics(run_dir, TOPO, 40_000.0, 1500, 2000.0)
     assert m["requests_expected"] is None and m["partial"] is True
+
+
+def test_a_finished_replay_whose_config_cannot_be_read_is_partial(tmp_path: Path) -> None:
+    run_dir = _replay_dir(tmp_path, 4, 4, finished=True)
+    (run_dir / "config.json").write_text("{not json")
+    m = scheduler_metrics(run_dir, TOPO, 40_000.0, 1500, 2000.0)
+    assert m["partial"] is True
+    assert "partial: config.json cannot be read, so the window's size is unknown" in m["problems"]

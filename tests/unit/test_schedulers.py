@@ -392,3 +392,28 @@ def test_netkv_oracle_calls_linear_in_candidates() -> None:
     oracle = CountingOracle(StaticOracle(TOPO))
     s.choose(r, "g0", decodes, oracle, NOW)
     assert oracle.calls == 1
+
+
+def test_dynamo_topology_requires_or_prefers_the_prefills_domain() -> None:
+    oracle = StaticOracle(TOPO)
+    # g1: same server as g0 (tier 0); g9: same rack (1); g40: across the core (3)
+    light_far = [view("g1", used=20 * BLOCK_TOKENS), view("g9", used=12 * BLOCK_TOKENS), view("g40")]
+    # the decode pick alone (overlap credit 0): the least loaded decode, wherever it is
+    plain = make("dynamo_topology", {"preferred_weight": 0.0})
+    assert plain.choose(req(), "g0", light_far, oracle, NOW).decode == "g40"
+    # preferred, server domain: g1's cost x exp(-tanh(0.85)) = (20 + 4) x 0.503 = 12.1 > g40's 4 blocks
+    preferred = make("dynamo_topology")
+    d = preferred.choose(req(), "g0", light_far, oracle, NOW)
+    assert d.decode == "g40" and d.score_terms["in_domain"] == 0.0
+    near = [view("g1", used=4 * BLOCK_TOKENS), view("g40")]  # g1: 8 x 0.503 = 4.02 ... still > 4
+    assert preferred.choose(req(), "g0", near, oracle, NOW).decode == "g40"
+    nearer = [view("g1", used=3 * BLOCK_TOKENS), view("g40")]  # g1: 7 x 0.503 = 3.5 < 4
+    assert preferred.choose(req(), "g0", nearer, oracle, NOW).decode == "g1"
+    # required: only the domain; rack domain admits g9
+    assert make("dynamo_topology", {"required": 1}).choose(req(), "g0", light_far, oracle, NOW).decode == "g1"
+    rack = make("dynamo_topology", {"required": 1, "domain_tier": 1})
+    assert rack.choose(req(), "g0", light_far, oracle, NOW).decode == "g9"
+    with pytest.raises(NoEligibleDecode, match="none of 1 eligible decode.*server.*required"):
+        make("dynamo_topology", {"required": 1}).choose(req(), "g0", [view("g40")], oracle, NOW)
+    with pytest.raises(ValueError, match="domain_tier must be a whole number"):
+        make("dynamo_topology", {"domain_tier": 0.5})

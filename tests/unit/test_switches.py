@@ -15,7 +15,8 @@ from controller.queues import QueueReader, QueueReadError, tc_batch_argv
 from controller.relay import UnixRelay
 from fabric import switches
 from fabric.config import ConfigError, TestbedConfig
-from lab.envelope import ENVELOPE_CPU_PCT, ENVELOPE_MACHINE_PCT, envelope_verdict, machine_ticks
+from lab.envelope import machine_ticks
+from lab.verdict import ENVELOPE_CPU_PCT, ENVELOPE_MACHINE_PCT, envelope_verdict
 
 
 def test_auto_mode_is_per_switch_on_the_userspace_datapath_only() -> None:
@@ -220,7 +221,7 @@ def test_envelope_verdict_names_the_resource_that_ran_out() -> None:
 
 
 def test_a_stalled_replay_process_is_outside_the_envelope() -> None:
-    from lab.envelope import ENVELOPE_DISPATCH_LAG_MS, ENVELOPE_SAMPLE_GAP_S
+    from lab.verdict import ENVELOPE_DISPATCH_LAG_MS, ENVELOPE_SAMPLE_GAP_S
 
     ok = envelope_verdict(30.0, 30.0, [], sample_gap_s=1.1, clock_jump_s=0.1, dispatch_lag_ms=190.0)
     assert ok == {"within_envelope": True, "limiting_resource": None}
@@ -291,7 +292,8 @@ def test_meter_judges_only_the_replay_window(monkeypatch: pytest.MonkeyPatch) ->
     assert out["samples"] == 2 and out["samples_outside_window"] == 3
     assert out["busiest_switch"] == "t0" and out["switch_cpu_pct_max"] == 30.0
     assert out["machine_busy_pct_p95"] == 40.0 and out["within_envelope"] is True
-    assert len(out["series"]) == 5 and out["series"][0] == [0.0, 8.0, 5.0, 100.0]
+    assert len(out["series"]) == 5 and out["series"][0] == [0.0, 8.0, 5.0, 100.0, 0.0]
+    assert out["series"][3] == [4.0, 42.0, 30.0, 50.0, 4.0]  # the last column: monotonic s since the first
     whole = EmulatorMeter({"t0": 1})
     for sample in [(1.0, {"t0": 99.0}, 50.0, 1.0), (2.0, {"t0": 99.0}, 50.0, 2.0)]:
         whole.add(*sample)
