@@ -43,10 +43,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from guests.common import SHARE_TAG, VmCheckError, read_json, run, say, tail
+from guests.common import SHARE_TAG, VmCheckError, run, say, tail
 from guests.image import DEFAULT_CACHE, HOST_CA_DIR, JOB_SH, cached_image
 from guests.qemu import Qemu, ensure_host_tools, probe_kvm, qemu_base
 from guests.vmguest import DELAY_MS, guest_main, probe_delay, probe_leftovers, probe_rate
+from lab.rundir import read_json
 from netkv.repo import REPO_ROOT
 
 

@@ -31,7 +31,8 @@ from netkv.slo import ttft_attainment_curve
 CAMPAIGN_METRICS = ("ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "ttft_slo_attainment",
                     "ttft_slo_attainment_length_aware", "tbt_mean_ms", "tbt_p99_ms", "tbt_slo_attainment",
                     "transfer_mean_ms", "decision_us_p50", "decision_us_p99", "decision_cpu_us_p99",
-                    "decision_us_p99_unswitched", "idle_transfer_ratio_p90")
+                    "decision_us_p99_unswitched", "idle_transfer_ratio_p90", "tcp_retransmit_rate", "queue_drops",
+                    "oracle_ratio_p50", "oracle_ratio_p90")
 BASELINES_FOR_PAPER = ("round_robin", "tuned_cache_load")
 MIN_RESULT_WINDOWS = 2  # fewer windows inside the envelope than this: not a result
 AA_SUFFIX = "@aa"  # a label that replays its scheduler a second time in every window (the noise floor)

@@ -22,7 +22,7 @@ from fabric.net import Testbed
 from lab import scenario as scenario_mod
 from lab.envelope import EmulatorMeter
 from lab.faults import FaultRunner
-from lab.rundir import TELEMETRY_SERIES
+from lab.rundir import NETWORK_FILE, TELEMETRY_SERIES
 from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
 from netkv.repo import REPO_ROOT, child_env
 from netkv.serving.config import ReplayConfig
@@ -173,6 +173,56 @@ class RestTelemetryPoller:
                 "telemetry_refresh_ms_p99": pct(99), "telemetry_refresh_ms_max": pct(100)}
 
 
+def network_counters(tb: Any) -> dict[str, Any]:
+    """What the fabric counted so far: every GPU host's TCP segments sent and
+    retransmitted (its namespace's /proc/<pid>/net/snmp, read from outside),
+    and every directed link's egress-queue drops (the controller's /links,
+    the htb qdisc's counter; None when the controller does not answer)."""
+    tcp: dict[str, tuple[int, int]] = {}
+    for host in tb.topo.gpu_names():
+        try:
+            lines = Path(f"/proc/{tb.host_pid(host)}/net/snmp").read_text().splitlines()
+        except (OSError, ValueError, AttributeError, KeyError):
+            continue
+        rows = [line.split() for line in lines if line.startswith("Tcp:")]
+        if len(rows) == 2:
+            fields = dict(zip(rows[0][1:], rows[1][1:]))
+            tcp[host] = (int(fields.get("OutSegs", 0)), int(fields.get("RetransSegs", 0)))
+    links = tb.rest_get("/links")
+    drops = None if not isinstance(links, dict) else {
+        f"{r['src']}->{r['dst']}": int((r.get("queue") or {}).get("drops_total") or 0) for r in links.get("links", [])}
+    return {"tcp": tcp, "queue_drops": drops}
+
+
+def network_delta(tb: Any, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """network.json of a replay: TCP segments retransmitted out of those sent,
+    and packets the links' egress queues dropped, over the replay (KV
+    transfers and background flows alike), by tier for the drops.  A counter
+    that went down (a restarted controller's or qdisc's) counts from zero."""
+    sent = retrans = 0
+    for host, (out_after, re_after) in after["tcp"].items():
+        out_before, re_before = before["tcp"].get(host, (0, 0))
+        sent += out_after - out_before if out_after >= out_before else out_after
+        retrans += re_after - re_before if re_after >= re_before else re_after
+    out: dict[str, Any] = {"tcp_segments_sent": sent, "tcp_segments_retransmitted": retrans,
+                           "tcp_retransmit_rate": round(retrans / sent, 6) if sent else None}
+    if before["queue_drops"] is None or after["queue_drops"] is None:
+        out["queue_drops"] = None
+        return out
+    by_tier: dict[str, int] = {}
+    total = 0
+    for hop, n_after in after["queue_drops"].items():
+        n_before = before["queue_drops"].get(hop, 0)
+        n = n_after - n_before if n_after >= n_before else n_after
+        if n:
+            src, dst = hop.split("->")
+            tier = str(tb.topo.link_between(src, dst).tier)
+            by_tier[tier] = by_tier.get(tier, 0) + n
+            total += n
+    out.update(queue_drops=total, queue_drops_by_tier=dict(sorted(by_tier.items())))
+    return out
+
+
 def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_dir: Path, *,
                           datapath: str = "", on_start: Callable[[Any], None] | None = None
                           ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -193,6 +243,7 @@ def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_di
         oracle = StaticOracle(tb.topo)
     runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
     faults = FaultRunner(tb, scen.events, run_dir, oracle=oracle, telemetry=poller) if scen.events else None
+    counters_before = network_counters(tb)
     runner.start()
     polled: dict[str, Any] = {}
     fault_records: list[dict[str, Any]] = []
@@ -213,6 +264,8 @@ def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_di
         if poller is not None:
             polled = poller.stop()
     envelope.update(polled)
+    (run_dir / NETWORK_FILE).write_text(json.dumps(network_delta(tb, counters_before, network_counters(tb)),
+                                                   indent=2) + "\n")
     envelope["background_flows_started"] = runner.started_flows
     envelope["datapath"] = datapath or tb.report.datapath
     if faults is not None:

@@ -45,6 +45,7 @@ class ExperimentError(RuntimeError):
 
 @dataclass
 class ExperimentConfig:
+    description: str = field(default="", metadata={"help": "what the experiment is for, in a sentence or two"})
     schedulers: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEDULERS), metadata={
         "help": "decode schedulers to compare, each replayed once on the same fabric"})
     scenario: str = field(default=DEFAULT_SCENARIO, metadata={
@@ -83,6 +84,7 @@ class ExperimentConfig:
         if bad:
             raise ExperimentError(f"unknown experiment setting {bad[0]!r}; known: {', '.join(sorted(known))}")
         for name, kind, label in (("scenario", str, "a string"), ("out_dir", str, "a string"),
+                                  ("description", str, "a string"),
                                   ("testbed", dict, "a JSON object"), ("replay", dict, "a JSON object"),
                                   ("recorded", dict, "a JSON object")):
             if name in data and not isinstance(data[name], kind):

@@ -27,7 +27,7 @@ from typing import Any
 import topologies
 from fabric.config import TestbedConfig
 from lab import transfers
-from lab.rundir import TELEMETRY_SERIES
+from lab.rundir import NETWORK_FILE, TELEMETRY_SERIES, read_json
 from lab.verdict import describe, judge_replay
 from netkv.records import read_records
 from netkv.serving.config import ReplayConfig, ReplayConfigError
@@ -72,6 +72,7 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         if r["prefill"] != r["decode"] and int(r.get("bytes_sent") or 0) > 0:
             ratios.append(ms / transfers.ideal_ms(topo, scale, r, ranks))
     idle = transfers.idle_transfers(topo, scale, mtu_bytes, records, background=background or [], ranks=ranks)
+    priced = transfers.priced_transfers(topo, records, background=background or [], ranks=ranks)
     idle_ratios = transfers.ratios(idle)
     idle_by_tier: dict[int, list[float]] = {}
     for xfer in idle:
@@ -146,9 +147,34 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         out["problems"].append("partial: config.json cannot be read, so the window's size is unknown")
     env_path = run_dir / "envelope.json"
     out["envelope"] = json.loads(env_path.read_text()) if env_path.exists() else None
+    out["oracle_vs_fabric"] = oracle_error(priced)
+    out["oracle_ratio_p50"] = (out["oracle_vs_fabric"].get("all") or {}).get("ratio_p50")
+    out["oracle_ratio_p90"] = (out["oracle_vs_fabric"].get("all") or {}).get("ratio_p90")
+    network = read_json(run_dir / NETWORK_FILE) or {}
+    out["tcp_retransmit_rate"] = network.get("tcp_retransmit_rate")
+    out["tcp_segments_retransmitted"] = network.get("tcp_segments_retransmitted")
+    out["queue_drops"] = network.get("queue_drops")
+    out["queue_drops_by_tier"] = network.get("queue_drops_by_tier")
     out["verdict"] = judge_replay(run_dir)  # the envelope judged again under today's rule (lab.verdict)
     out.update(fault_figures(run_dir, records))
     return out
+
+
+def oracle_error(priced: list[transfers.Priced]) -> dict[str, Any]:
+    """The oracle's estimate at decision time against the measured transfer
+    time: measured / estimated, its median (the bias) and 10th-90th
+    percentiles (the spread), over all priced transfers, by tier distance and
+    by whether a background flow shared the path."""
+    def stats(rows: list[transfers.Priced]) -> dict[str, Any]:
+        ratios = [p.ratio for p in rows]
+        return {"n": len(rows), "ratio_p50": _round(percentile(ratios, 50), 3),
+                "ratio_p10": _round(percentile(ratios, 10), 3), "ratio_p90": _round(percentile(ratios, 90), 3)}
+
+    groups: dict[str, list[transfers.Priced]] = {}
+    for p in priced:
+        groups.setdefault(f"tier {p.tier_distance}, {'background on path' if p.loaded else 'no background'}",
+                          []).append(p)
+    return {"all": stats(priced), **{k: stats(v) for k, v in sorted(groups.items())}} if priced else {}
 
 
 # What a fault event's record says about the system's answer to it (lab.faults).
@@ -367,7 +393,54 @@ def plot(comparison: dict[str, Any], run: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     heat = plot_utilisation(comparison, run)
-    return [path] + ([heat] if heat else [])
+    priced = plot_oracle(comparison, run)
+    return [path] + ([heat] if heat else []) + ([priced] if priced else [])
+
+
+def plot_oracle(comparison: dict[str, Any], run: Path) -> Path | None:
+    """The oracle against the fabric: measured over estimated transfer time of
+    every priced transfer, by tier distance, with and without a background
+    flow on its path (one panel per scheduler that priced its transfers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exp = json.loads((run / "experiment.json").read_text())
+    topo = TestbedConfig.from_json(exp["testbed"]).validate()
+    scen_path = run / "scenario.json"
+    background = transfers.background_of(topo, json.loads(scen_path.read_text()).get("flows", [])
+                                         if scen_path.exists() else [])
+    panels = {}
+    for name in comparison["schedulers"]:
+        priced = transfers.priced_transfers(topo, read_records(run / name / "records.jsonl"), background=background,
+                                            ranks=tp_ranks(run / name))
+        if priced:
+            panels[name] = priced
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
+    for ax, (name, priced) in zip(axes[0], panels.items()):
+        for tier in sorted({p.tier_distance for p in priced}):
+            for loaded, marker in ((False, "o"), (True, "x")):
+                pts = [p for p in priced if p.tier_distance == tier and p.loaded == loaded]
+                if pts:
+                    ax.scatter([p.estimate_ms for p in pts], [p.measured_ms for p in pts], s=12, marker=marker,
+                               color=f"C{tier}", label=f"tier {tier}" + (", background on path" if loaded else ""))
+        lo = min(min(p.estimate_ms, p.measured_ms) for p in priced)
+        hi = max(max(p.estimate_ms, p.measured_ms) for p in priced)
+        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("oracle's estimate at decision time (ms)")
+        ax.set_ylabel("measured transfer (ms)")
+        ax.set_title(f"{name}: the oracle against the fabric")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = run / "oracle.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_utilisation(comparison: dict[str, Any], run: Path) -> Path | None:
@@ -479,6 +552,20 @@ def render_table(comparison: dict[str, Any]) -> str:
                                   if v is not None) or "none")
                      + f"; busiest switch process p95 {_fmt_pct(env.get('switch_cpu_pct_p95'))} of a core, "
                        f"machine p95 {_fmt_pct(env.get('machine_busy_pct_p95'))}")
+    for name, m in comparison["schedulers"].items():
+        net = []
+        if m.get("tcp_retransmit_rate") is not None:
+            net.append(f"TCP retransmitted {m.get('tcp_segments_retransmitted')} segments "
+                       f"({100 * m['tcp_retransmit_rate']:.3f}% of those sent)")
+        if m.get("queue_drops") is not None:
+            net.append(f"queues dropped {m['queue_drops']} packets (by tier {m.get('queue_drops_by_tier') or {}})")
+        oracle = m.get("oracle_vs_fabric") or {}
+        if oracle:
+            net.append(f"transfer measured / oracle's estimate: median {oracle['all']['ratio_p50']} "
+                       f"[p10 {oracle['all']['ratio_p10']}, p90 {oracle['all']['ratio_p90']}] "
+                       f"over {oracle['all']['n']} transfers")
+        if net:
+            lines.append(f"network, {name}: " + "; ".join(net))
     for name, m in comparison["schedulers"].items():
         if m.get("fault_events"):
             parts = []

@@ -3,6 +3,7 @@ and `netkv report` write and read back (docs/design.md, "Run directories")."""
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import subprocess
@@ -15,7 +16,17 @@ from typing import Any
 from netkv.repo import REPO_ROOT
 
 TELEMETRY_SERIES = "telemetry.jsonl"  # per replay: the controller's link table at every poll
+NETWORK_FILE = "network.json"  # per replay: TCP retransmissions and queue drops over it (lab.emulator)
 WINDOW_DIR = re.compile(r"^w(\d+)-")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a file, or None when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def window_dir_name(index: int, start_s: float) -> str:

@@ -177,3 +177,35 @@ def idle_transfers(topo: Topology, scale: float, mtu_bytes: int, records: Sequen
 
 def ratios(transfers: Iterable[IdleTransfer]) -> list[float]:
     return [t.ratio for t in transfers]
+
+
+@dataclass(frozen=True)
+class Priced:
+    """One transfer the oracle priced at decision time, as it went."""
+
+    tier_distance: int
+    loaded: bool  # a background flow shared its path while it ran
+    estimate_ms: float
+    measured_ms: float
+
+    @property
+    def ratio(self) -> float:
+        """Measured over estimated transfer time."""
+        return self.measured_ms / self.estimate_ms
+
+
+def priced_transfers(topo: Topology, records: Sequence[Mapping[str, Any]], *,
+                     background: Sequence[Background] = (), ranks: Ranks | None = None) -> list[Priced]:
+    """Every ok transfer that crossed a link and whose decision carried the
+    oracle's estimate (``estimate_transfer_ms``), with its measured time."""
+    out = []
+    for r in records:
+        est = r.get("estimate_transfer_ms")
+        if r.get("status") != "ok" or est is None or float(est) <= 0 or not _has_transfer(r) \
+                or r["prefill"] == r["decode"] or not int(r.get("bytes_sent") or 0):
+            continue
+        start, end = float(r["transfer_start_ms"]), float(r["transfer_end_ms"])
+        hops = frozenset().union(*(tcp_hops(topo, *pair) for pair in rank_pairs(r, ranks)))
+        loaded = any(b.overlaps(hops, start, end) for b in background)
+        out.append(Priced(int(r.get("tier_distance") or 0), loaded, float(est), end - start))
+    return out

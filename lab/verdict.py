@@ -25,11 +25,11 @@ request and ends inside it is a stall of the replay.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from lab.rundir import read_json
 from netkv.stats import percentile
 
 UNJUDGED = "unjudged"
@@ -84,14 +84,6 @@ def envelope_verdict(switch_p95: float | None, machine_p95: float | None, died: 
     if machine_p95 is not None and machine_p95 >= ENVELOPE_MACHINE_PCT:
         limits.append(f"machine CPU (p95 {machine_p95:.0f}% busy)")
     return {"within_envelope": not limits, "limiting_resource": "; ".join(limits) or None}
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _p95(values: Sequence[float]) -> float | None:
@@ -180,8 +172,8 @@ def rejudge(envelope: dict[str, Any] | None, summary: dict[str, Any] | None = No
 def judge_replay(run_dir: Path) -> dict[str, Any]:
     """A replay directory judged again; ``stored`` is the verdict it was given
     when it ran (None without one) and ``changed`` whether the two differ."""
-    envelope = _read(run_dir / "envelope.json")
-    verdict = rejudge(envelope, _read(run_dir / "summary.json"))
+    envelope = read_json(run_dir / "envelope.json")
+    verdict = rejudge(envelope, read_json(run_dir / "summary.json"))
     stored = None if envelope is None else envelope.get("within_envelope")
     verdict["stored_within_envelope"] = stored
     verdict["changed"] = stored is not verdict["within_envelope"] and not (

@@ -4,6 +4,7 @@ scenarios).  Import-light: workers import it through netkv.perfmodel."""
 from __future__ import annotations
 
 import math
+from typing import Iterable, Mapping
 
 
 def is_finite_number(value: object) -> bool:
@@ -26,3 +27,11 @@ def number_complaint(value: object, name: str, lo: float, hi: float = math.inf) 
     if hi == math.inf:
         return f"{name} must be a finite number >= {lo:g}, got {value!r}"
     return f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}"
+
+
+def unknown_key_complaint(data: Mapping[str, object], known: Iterable[str], what: str) -> str | None:
+    """None when every key of ``data`` is known; otherwise the one line that
+    names the first unknown key (in sorted order) and the known ones."""
+    names = list(known)
+    unknown = sorted(set(data) - set(names), key=str)
+    return f"unknown {what} {unknown[0]!r}; known: {', '.join(names)}" if unknown else None

@@ -42,6 +42,8 @@ class ModelSpec:
     kv_heads: int
     head_dim: int
     dtype_bytes: int  # bytes per weight / KV element (bf16 = 2)
+    # Longest sequence (input + output tokens) the model serves: max_position_embeddings of its config.json.
+    max_context_tokens: int
     # Tensor-parallel degree the model is served with by default: the smallest
     # power of two whose per-GPU share of the weights leaves room for KV cache
     # on an 80 GB GPU (see docs/workers.md, "Tensor parallelism").
@@ -76,30 +78,32 @@ class GpuSpec:
 
 
 MODELS: Mapping[str, ModelSpec] = {
-    # meta-llama/Llama-3.1-8B config.json; 8.03 B parameters (model card).
-    "llama-3.1-8b": ModelSpec("llama-3.1-8b", 8_030_000_000, 32, 4096, 32, 8, 128, 2),
-    # Qwen/Qwen2.5-7B config.json; 7.61 B parameters (model card).
-    "qwen2.5-7b": ModelSpec("qwen2.5-7b", 7_610_000_000, 28, 3584, 28, 4, 128, 2),
-    # mistralai/Mistral-7B-v0.1 config.json; 7.24 B parameters.
-    "mistral-7b": ModelSpec("mistral-7b", 7_240_000_000, 32, 4096, 32, 8, 128, 2),
+    # meta-llama/Llama-3.1-8B config.json; 8.03 B parameters (model card); 131,072 positions.
+    "llama-3.1-8b": ModelSpec("llama-3.1-8b", 8_030_000_000, 32, 4096, 32, 8, 128, 2, 131072),
+    # Qwen/Qwen2.5-7B config.json; 7.61 B parameters (model card); 131,072 positions.
+    "qwen2.5-7b": ModelSpec("qwen2.5-7b", 7_610_000_000, 28, 3584, 28, 4, 128, 2, 131072),
+    # mistralai/Mistral-7B-v0.1 config.json; 7.24 B parameters; 32,768 positions (4,096-token sliding window).
+    "mistral-7b": ModelSpec("mistral-7b", 7_240_000_000, 32, 4096, 32, 8, 128, 2, 32768),
     # Multi-head attention (kv_heads == attention_heads): 4x-5x the KV per token of the GQA models.
     # meta-llama/Llama-2-7b-hf config.json (32 layers, hidden 4096, 32 heads, no
     # num_key_value_heads, i.e. MHA; float16); 6,738,415,616 parameters counted from that
     # config (embeddings + lm_head 2 x 32000 x 4096, per layer 4 x 4096^2 attention +
     # 3 x 4096 x 11008 MLP + 2 norms, final norm), the model card's "7B" (6.74 B).
-    "llama-2-7b": ModelSpec("llama-2-7b", 6_738_415_616, 32, 4096, 32, 32, 128, 2),
+    "llama-2-7b": ModelSpec("llama-2-7b", 6_738_415_616, 32, 4096, 32, 32, 128, 2, 4096),
     # meta-llama/Llama-2-13b-hf config.json (40 layers, hidden 5120, 40 heads, MHA, float16,
-    # intermediate 13824); 13,015,864,320 parameters counted the same way (model card "13B").
-    "llama-2-13b": ModelSpec("llama-2-13b", 13_015_864_320, 40, 5120, 40, 40, 128, 2),
+    # intermediate 13824); 13,015,864,320 parameters counted the same way (model card "13B");
+    # both Llama 2 models: 4,096 positions.
+    "llama-2-13b": ModelSpec("llama-2-13b", 13_015_864_320, 40, 5120, 40, 40, 128, 2, 4096),
     # facebook/opt-13b config.json (40 layers, hidden 5120, 40 heads, ffn 20480, float16,
     # vocab 50272, 2048 positions + 2 offset); 12,853,473,280 parameters counted from that config
     # (tied embeddings 50272 x 5120 + positions 2050 x 5120, per layer 4 x (5120^2 + 5120) attention
     # + 2 x 5120 x 20480 + 20480 + 5120 MLP + 2 layer norms x 2 x 5120, final layer norm).
-    "opt-13b": ModelSpec("opt-13b", 12_853_473_280, 40, 5120, 40, 40, 128, 2),
+    "opt-13b": ModelSpec("opt-13b", 12_853_473_280, 40, 5120, 40, 40, 128, 2, 2048),
     # meta-llama/Llama-3.1-70B config.json (80 layers, hidden 8192, 64 heads, 8 KV heads, bf16,
     # intermediate 28672, vocab 128256); 70,553,706,496 parameters counted from that config
-    # (model card: 70.6 B).  141 GB of bf16 weights: served with tensor parallelism, TP 4 by default.
-    "llama-3.1-70b": ModelSpec("llama-3.1-70b", 70_553_706_496, 80, 8192, 64, 8, 128, 2, default_tp=4),
+    # (model card: 70.6 B); 131,072 positions.  141 GB of bf16 weights: served with tensor
+    # parallelism, TP 4 by default.
+    "llama-3.1-70b": ModelSpec("llama-3.1-70b", 70_553_706_496, 80, 8192, 64, 8, 128, 2, 131072, default_tp=4),
 }
 
 GPUS: Mapping[str, GpuSpec] = {

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Mapping, Sequence
 
-from .checks import is_finite_number
+from .checks import is_finite_number, unknown_key_complaint
 
 # The flat TTFT SLO of `netkv run` (lab/experiment.py reads it from here).
 # Assumption: the testbed's long-standing default; no published source is claimed for it.
@@ -90,10 +90,9 @@ class SloConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "SloConfig":
         if not isinstance(data, Mapping):
             raise SloError(f"SLO settings must be a JSON object, got {type(data).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known), key=str)
-        if unknown:
-            raise SloError(f"unknown SLO key {unknown[0]!r}; known: {', '.join(known)}")
+        complaint = unknown_key_complaint(data, (f.name for f in fields(cls)), "SLO key")
+        if complaint:
+            raise SloError(complaint)
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:

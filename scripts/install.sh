@@ -89,6 +89,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$venv/bin/netkv" ]; t
     rm -f "$log"
     "$venv/bin/python" -c 'import os_ken, mininet.net, cli.main' \
         || die "the virtual environment is incomplete after installing requirements"
+    # The project's top-level packages must be this checkout's, from any working
+    # directory (a system package of the same name, e.g. Debian's python3-fabric,
+    # would otherwise shadow one of them for the `netkv` command).
+    (cd / && "$venv/bin/python" -c 'import sys, pathlib
+root = pathlib.Path(sys.argv[1]).resolve()
+for name in ("topologies", "netkv", "controller", "workers", "fabric", "lab", "guests", "cli", "bench"):
+    where = pathlib.Path(__import__(name).__file__).resolve()
+    if root not in where.parents:
+        sys.exit(f"the package {name!r} resolves to {where}, not to this checkout: remove the package that shadows it")' "$here") \
+        || die "the project's packages are shadowed by others of the same name (see above)"
     echo "$want" > "$stamp"
     changed=1
 fi

@@ -517,6 +517,7 @@ class Frontend:
             run_dir=str(run_dir), run_start_epoch_s=self.t0, scheduler=self.cfg.scheduler,
             trace_lines_skipped=len(load.skipped), late_reports=self.ledger.late_reports,
             max_dispatch_lag_ms=self.ledger.max_dispatch_lag_ms, problems=problems,
+            requests_over_model_context=self.ledger.over_context, model_context=self.cfg.model_context,
             decision_realtime=self.decision_priority.applied,
         )
         if self.status is not None:

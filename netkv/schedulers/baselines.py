@@ -364,22 +364,39 @@ class TunedCacheLoad(Scheduler):
     doc = "w_cache*prefix match fraction - w_load*load per slot, weights from a sweep on a separate trace window"
     params: ClassVar[Mapping[str, Param]] = {
         "w_cache": Param(TUNED_DEFAULTS["w_cache"], 0.0, 1e6, "weight of the matched prompt fraction (0..1)"),
-        "w_load": Param(TUNED_DEFAULTS["w_load"], 0.0, 1e6, "weight of (active + waiting) / max_batch"),
+        "w_load": Param(TUNED_DEFAULTS["w_load"], 0.0, 1e6, "weight of the load (0..1)"),
+        "kv_memory": Param(1.0, 0.0, 1.0, "1: the load is what limits a decode, the larger of its batch slots in "
+                                          "use ((active + waiting) / max_batch) and its KV memory in use; 0: batch "
+                                          "slots only (the signal of the 2026-11-23 tuning)"),
     }
+
+    def __init__(self, config: Mapping[str, object], *, kv_bytes_per_token: int, seed: int = 0) -> None:
+        super().__init__(config, kv_bytes_per_token=kv_bytes_per_token, seed=seed)
+        if self.cfg["kv_memory"] not in (0.0, 1.0):
+            raise ValueError(f"scheduler tuned_cache_load: kv_memory must be 0 or 1, got {self.cfg['kv_memory']}")
 
     def choose(self, request: Request, prefill: str, decodes: Sequence[DecodeView], oracle: Oracle,
                now_s: float) -> Decision:
         ok = _eligible_or_raise(request, decodes)
         wc, wl = self.cfg["w_cache"], self.cfg["w_load"]
+        kv = self.cfg["kv_memory"] == 1.0
         rows = []
         for d in ok:
             m = matched_prefix_blocks(request.hash_ids, d.cached_blocks)
             frac = min(request.input_tokens, m * BLOCK_TOKENS) / request.input_tokens if request.input_tokens else 0.0
             load = (d.active_batch + d.queue_len) / d.max_batch
+            if kv:
+                load = max(load, kv_memory_in_use(d))
             rows.append((-(wc * frac - wl * load), d.name, (d, m, frac, load)))
         neg, _, (d, m, frac, load) = argmin_by_name(rows)
         return _decision(self, request, d, {"score": -neg, "match_fraction": frac, "load_per_slot": load,
                                             "w_cache": wc, "w_load": wl, "eligible": float(len(ok))}, m)
+
+
+def kv_memory_in_use(d: DecodeView) -> float:
+    """The fraction of a decode's KV memory its unfinished requests hold (0..1)."""
+    held = d.used_kv_tokens + d.free_kv_tokens
+    return d.used_kv_tokens / held if held > 0 else 1.0
 
 
 def tune(cost: CostFn, grid: Mapping[str, Iterable[float]] = TUNING_GRID, *,

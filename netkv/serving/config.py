@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from netkv import perfmodel
-from netkv.checks import is_finite_number
+from netkv.checks import is_finite_number, unknown_key_complaint
 from netkv.placement import DEFAULT_PLACEMENT
 from netkv.serving.prefill import PREFILL_POLICIES
 from netkv.slo import SloConfig, SloError
@@ -30,6 +30,7 @@ DEFAULT_SCALE = 40_000.0
 
 
 ORACLES = ("static", "telemetry")
+MODEL_CONTEXT = ("enforce", "ignore")
 
 
 DECISION_PRIORITIES = ("realtime", "normal")
@@ -73,6 +74,9 @@ class ReplayConfig:
                                         "the latest (a stale oracle, to study staleness)", "ms")
     prefill_policy: str = _f("cache_load", "prefill chooser policy (netkv.serving.prefill)", "")
     model: str = _f(perfmodel.DEFAULT_MODEL, "model in netkv.perfmodel.MODELS", "")
+    model_context: str = _f("enforce", "'enforce': a request longer (input + output) than the model's context "
+                                       "fails with that reason; 'ignore': served anyway (a synthetic stress point "
+                                       "that uses a model's KV size at lengths it cannot serve)", "")
     gpu: str = _f(perfmodel.DEFAULT_GPU, "GPU in netkv.perfmodel.GPUS", "")
     perf_overrides: dict[str, Any] = _f({}, "perf-model overrides: its assumptions and the tensor-parallel degree tp "
                                           "(netkv.perfmodel.PERF_OVERRIDE_KEYS)", "")
@@ -120,7 +124,7 @@ class ReplayConfig:
             raise ReplayConfigError("telemetry_delay_ms needs oracle 'telemetry'")
         for name, allowed in (("on_trace_error", ON_ERROR_CHOICES), ("oracle", ORACLES),
                               ("prefill_policy", PREFILL_POLICIES), ("model", tuple(perfmodel.MODELS)),
-                              ("decision_priority", DECISION_PRIORITIES),
+                              ("decision_priority", DECISION_PRIORITIES), ("model_context", MODEL_CONTEXT),
                               ("gpu", tuple(perfmodel.GPUS))):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise ReplayConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -144,10 +148,9 @@ class ReplayConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "ReplayConfig":
         if not isinstance(data, Mapping):
             raise ReplayConfigError(f"replay config must be a JSON object, got {type(data).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known), key=str)
-        if unknown:
-            raise ReplayConfigError(f"unknown replay config key {unknown[0]!r}; known: {', '.join(known)}")
+        complaint = unknown_key_complaint(data, (f.name for f in fields(cls)), "replay config key")
+        if complaint:
+            raise ReplayConfigError(complaint)
         return cls(**dict(data))
 
     @classmethod

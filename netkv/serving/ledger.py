@@ -48,6 +48,8 @@ from .decode import Done
 from .prefill import PrefillChoiceError, PrefillChooser, PrefillInstance, PrefixCache
 from .timing import DecisionTimer, GcClock
 
+OVER_CONTEXT = "longer than the model's context"
+
 
 class LedgerError(RuntimeError):
     """The scheduler broke its contract (no decision, or a decode that is not live)."""
@@ -168,6 +170,7 @@ class Ledger:
         self.flights: dict[str, Flight] = {}
         self.written: set[str] = set()  # request ids that have their record
         self.late_reports = 0  # reports about requests that already have their record
+        self.over_context = 0  # requests refused for being longer than the model's context
         self.max_dispatch_lag_ms = 0.0
         self.t0 = 0.0  # epoch seconds of the replay clock's origin; the engine sets it
 
@@ -213,6 +216,12 @@ class Ledger:
         """Choose P and D for ``req`` at ``now_s`` (epoch s) and book it; None
         when it failed at once (its record is written)."""
         self.max_dispatch_lag_ms = max(self.max_dispatch_lag_ms, self.ms(now_s) - req.arrival_ms)
+        context = self.perf.model.max_context_tokens
+        if self.cfg.model_context == "enforce" and req.input_tokens + req.output_tokens > context:
+            self.over_context += 1
+            self.fail_undispatched(req, f"{OVER_CONTEXT}: {req.input_tokens + req.output_tokens} tokens, "
+                                        f"{self.perf.model.name} serves {context}")
+            return None
         try:
             choice = self.chooser.choose(req.hash_ids, req.input_tokens, list(self.prefills.values()))
         except PrefillChoiceError as exc:

@@ -189,7 +189,7 @@ def test_a_window_outside_the_envelope_leaves_the_headline_and_stays_in_the_seco
 
 def test_an_unjudged_replay_is_not_inside(tmp_path: Path) -> None:
     c = _campaign(tmp_path / "c", [
-        {"round_robin": {"ttft": 1000.0, "slo": 0.8}, "netkv": {"ttft": 900.0, "slo": 0.9}},
+        {"round_robin": {"ttft": 1000.0, "slo": 0.8, "tbt": 10.0}, "netkv": {"ttft": 900.0, "slo": 0.9, "tbt": 12.5}},
         {"round_robin": {"ttft": 2000.0, "slo": 0.5, "inside": None, "why": "no envelope.json"},
          "netkv": {"ttft": 1700.0, "slo": 0.7}},
         {"round_robin": {"ttft": 500.0, "slo": 1.0}, "netkv": {"ttft": 460.0, "slo": 1.0}},
@@ -197,6 +197,9 @@ def test_an_unjudged_replay_is_not_inside(tmp_path: Path) -> None:
     head = c["ttft_mean_change_pct"]["netkv"]["round_robin"]
     assert head["values"] == pytest.approx([-10.0, -8.0]) and head["windows_left_out"] == ["w1-100s"]
     assert c["unjudged"] == [{"window": "w1-100s", "scheduler": "round_robin", "limiting_resource": "no envelope.json"}]
+    # time between tokens: paired by window like TTFT, in ms, with the same windows left out
+    tbt = c["tbt_mean_change_ms"]["netkv"]["round_robin"]
+    assert tbt["values"] == pytest.approx([2.5, 0.0]) and tbt["windows_left_out"] == ["w1-100s"]
     assert c["outside_envelope"] == []
 
 

@@ -228,3 +228,15 @@ def test_prefill_compute_charges_only_the_uncached_tokens() -> None:
     pc.finish((1, 2, 3))
     cached, t_ms = pc.start((1, 2, 4), 3 * 512)
     assert cached == 2 * 512 and t_ms == pm.prefill_ms(512, 2 * 512)
+
+
+def test_a_request_longer_than_the_models_context_is_refused_with_the_reason() -> None:
+    records: list[dict[str, Any]] = []
+    led = ledger(records, model="opt-13b")
+    assert led.dispatch(req(0, input_tokens=2040, output_tokens=8), at(0)) is not None  # 2,048: fits exactly
+    assert led.dispatch(req(1, input_tokens=3000, output_tokens=4), at(1)) is None
+    assert records[-1]["reason"] == "longer than the model's context: 3004 tokens, opt-13b serves 2048"
+    assert led.over_context == 1
+    served = ledger([], model="opt-13b", model_context="ignore")  # the network-heavy stress point
+    assert served.dispatch(req(1, input_tokens=3000, output_tokens=4), at(1)) is not None
+    assert served.over_context == 0

@@ -417,3 +417,15 @@ def test_dynamo_topology_requires_or_prefers_the_prefills_domain() -> None:
         make("dynamo_topology", {"required": 1}).choose(req(), "g0", [view("g40")], oracle, NOW)
     with pytest.raises(ValueError, match="domain_tier must be a whole number"):
         make("dynamo_topology", {"domain_tier": 0.5})
+
+
+def test_tuned_cache_load_counts_what_limits_a_decode() -> None:
+    # equal batch slots in use; g8 holds most of its KV memory, g9 little
+    decodes = [view("g8", active=1, used=90_000, free=10_000), view("g9", active=1, used=10_000, free=90_000)]
+    weights = {"w_cache": 1.0, "w_load": 1.0}
+    kv = make("tuned_cache_load", {**weights, "kv_memory": 1}).choose(req(), "g0", decodes, StaticOracle(TOPO), NOW)
+    assert kv.decode == "g9" and kv.score_terms["load_per_slot"] == pytest.approx(0.125)  # 1 of 8 slots > 10% of memory
+    slots = make("tuned_cache_load", {**weights, "kv_memory": 0}).choose(req(), "g0", decodes, StaticOracle(TOPO), NOW)
+    assert slots.decode == "g8"  # a tie on slots: the name decides, memory is not seen
+    with pytest.raises(ValueError, match="kv_memory must be 0 or 1"):
+        make("tuned_cache_load", {"kv_memory": 0.5})
