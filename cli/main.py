@@ -36,7 +36,7 @@ from .common import EXIT_FAIL, EXIT_USAGE, CliError
 # Exception classes that mean "bad input": one line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CliError, ConfigError, TopologyError, PreflightError, ScenarioError, ExperimentError, ReplayConfigError,
-    TraceError, PlacementError, SchedulerLoadError, LedgerError)
+    TraceError, PlacementError, SchedulerLoadError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         # the reader of our output went away (netkv ... | head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAIL
-    except BringUpError as exc:
+    except (BringUpError, LedgerError) as exc:  # a failed bring-up; a scheduler that broke its contract
         print(f"netkv: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except Exception as exc:  # noqa: BLE001 - one line for the user, details in a file

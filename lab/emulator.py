@@ -243,7 +243,6 @@ def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_di
         oracle = StaticOracle(tb.topo)
     runner = scenario_mod.ScenarioRunner(tb, scen, run_dir / "background")
     faults = FaultRunner(tb, scen.events, run_dir, oracle=oracle, telemetry=poller) if scen.events else None
-    counters_before = network_counters(tb)
     runner.start()
     polled: dict[str, Any] = {}
     fault_records: list[dict[str, Any]] = []
@@ -256,6 +255,7 @@ def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_di
             faults.attach(frontend)
 
     try:
+        counters_before = network_counters(tb)
         summary, envelope = metered_replay(tb, cfg, MininetLauncher(tb), run_dir, oracle=oracle, on_start=started)
     finally:
         if faults is not None:
@@ -264,8 +264,11 @@ def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_di
         if poller is not None:
             polled = poller.stop()
     envelope.update(polled)
-    (run_dir / NETWORK_FILE).write_text(json.dumps(network_delta(tb, counters_before, network_counters(tb)),
-                                                   indent=2) + "\n")
+    try:  # the network's counters are a figure of the replay, never the reason it loses its verdict
+        network = network_delta(tb, counters_before, network_counters(tb))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        network = {"error": f"{type(exc).__name__}: {exc}"}
+    (run_dir / NETWORK_FILE).write_text(json.dumps(network, indent=2) + "\n")
     envelope["background_flows_started"] = runner.started_flows
     envelope["datapath"] = datapath or tb.report.datapath
     if faults is not None:

@@ -36,7 +36,7 @@ DEFAULT_SCENARIO = "core-hotspot"
 ORDERS = ("fixed", "alternate", "random")
 # what a variant may not change: the window every scheduler of the experiment replays
 VARIANT_FIXED = frozenset({"trace_path", "start_s", "duration_s", "rate_multiplier", "max_requests",
-                           "on_trace_error", "context_factor"})
+                           "on_trace_error", "context_factor", "model_context"})
 
 
 class ExperimentError(RuntimeError):
@@ -186,10 +186,14 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
             cfg = exp.replay_config(base, label)
         except ReplayConfigError as exc:
             raise ExperimentError(f"variant {label!r}: {exc}") from None
+        perf = perfmodel.build(cfg.model, cfg.gpu, cfg.perf_overrides)
         try:  # the scheduler's own settings, checked by building it once
-            create(cfg.scheduler, cfg.scheduler_config, seed=cfg.seed,
-                   kv_bytes_per_token=perfmodel.build(cfg.model, cfg.gpu, cfg.perf_overrides).kv_bytes_per_token)
+            create(cfg.scheduler, cfg.scheduler_config, seed=cfg.seed, kv_bytes_per_token=perf.kv_bytes_per_token)
         except ValueError as exc:
+            raise ExperimentError(f"{label}: {exc}") from None
+        try:  # a variant's instances must fit the fabric as the base's do
+            make_placement(topo, cfg.placement, tp=perf.tp)
+        except PlacementError as exc:
             raise ExperimentError(f"{label}: {exc}") from None
     # The instances must fit the fabric (a TP model needs servers that hold whole instances).
     make_placement(topo, base.placement, tp=perfmodel.build(base.model, base.gpu, base.perf_overrides).tp)
@@ -212,10 +216,12 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
             raise ExperimentError(str(exc)) from None
     scen = scenario_mod.load(exp.scenario, topo)
     if scen.events:
-        try:
-            check_workers(scen.events, make_placement(topo, base.placement).hosts, f"scenario {scen.name}")
-        except (FaultError, PlacementError) as exc:
-            raise ExperimentError(str(exc)) from None
+        for label in exp.schedulers:  # every label's workers, variants' placements included
+            cfg = exp.replay_config(base, label)
+            try:
+                check_workers(scen.events, make_placement(topo, cfg.placement).hosts, f"scenario {scen.name}")
+            except (FaultError, PlacementError) as exc:
+                raise ExperimentError(str(exc)) from None
     out = Path(exp.out_dir) if exp.out_dir else default_out_dir(scen.name)
     if out.exists() and any(out.iterdir()):
         raise ExperimentError(f"run directory {out} exists and is not empty; choose another --out")

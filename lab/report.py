@@ -135,16 +135,19 @@ def scheduler_metrics(run_dir: Path, topo: topologies.Topology, scale: float, mt
         out["problems"] = json.loads(summary_path.read_text()).get("problems", [])
     else:
         out["problems"] = ["no summary.json: the replay did not finish"]
-    expected = window_size(run_dir)
+    expected, why = window_size_or_why(run_dir)
     missing = None if expected is None else max(0, expected - len(records))
     out["requests_expected"] = expected
     out["requests_without_record"] = missing
     # without its config.json the window is unknown, so nothing says the records are all of it
-    out["partial"] = not summary_path.exists() or bool(missing) or expected is None
+    unreadable = why.startswith("config.json")
+    out["partial"] = not summary_path.exists() or bool(missing) or unreadable
     if missing:
         out["problems"].append(f"partial: {missing} of the window's {expected} requests have no record")
-    if expected is None:
+    if unreadable:
         out["problems"].append("partial: config.json cannot be read, so the window's size is unknown")
+    elif expected is None:
+        out["window_size_unknown"] = why  # the summary's own count stands; the report cannot recount it
     env_path = run_dir / "envelope.json"
     out["envelope"] = json.loads(env_path.read_text()) if env_path.exists() else None
     out["oracle_vs_fabric"] = oracle_error(priced)
@@ -265,10 +268,21 @@ def _slo_config(run_dir: Path) -> SloConfig | None:
 def window_size(run_dir: Path) -> int | None:
     """How many requests the replay's window holds, from the replay's own
     config.json (None when it cannot be read back)."""
+    return window_size_or_why(run_dir)[0]
+
+
+def window_size_or_why(run_dir: Path) -> tuple[int | None, str]:
+    """The window's size, or None and why: an unreadable config.json (then
+    nothing says the records are the whole window), or a trace that cannot be
+    read here (a run reported from another checkout, or a moved trace)."""
     try:
-        return len(ReplayConfig.load(run_dir / "config.json").window().requests)
-    except (ReplayConfigError, TraceError, OSError):
-        return None
+        cfg = ReplayConfig.load(run_dir / "config.json")
+    except (ReplayConfigError, OSError) as exc:
+        return None, f"config.json cannot be read ({exc})"
+    try:
+        return len(cfg.window().requests), ""
+    except (TraceError, OSError) as exc:
+        return None, f"the trace cannot be read here ({exc})"
 
 
 def ok_ttft_by_request(path: Path) -> dict[str, float]:

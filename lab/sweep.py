@@ -40,6 +40,8 @@ class Knob:
     # the htb bucket's share of a transfer, stay those of the base point while
     # every emulated time stays the real one (scale k: rates and bytes both /k).
     scale_factor_of: Callable[[Any], float] | None = None
+    # Replay settings every point of the knob takes besides the knob itself.
+    replay_settings: tuple[tuple[str, Any], ...] = ()
 
 
 _SCHEDULERS_THEOREM = ("round_robin", "cache_aware", "kv_router", "tuned_cache_load", "netkv")
@@ -54,7 +56,9 @@ SWEEPS: dict[str, Knob] = {k.name: k for k in (
     Knob("context", "replay", "context_factor", (1, 2, 4, 8), int, _SCHEDULERS_THEOREM,
          "context-length factor k: every request's input length and prefix blocks times k, arrivals kept "
          "(the gap between cache-aware-only scheduling and NetKV should grow with k); the scale grows "
-         "with k so the packets per transfer stay the base point's", scale_factor_of=float),
+         "with k so the packets per transfer stay the base point's; requests longer than the model's context "
+         "are served anyway (model_context 'ignore': a stress of the network, not a deployment)",
+         scale_factor_of=float, replay_settings=(("model_context", "ignore"),)),
     Knob("staleness", "replay", "telemetry_delay_ms", (0.0, 500.0, 1000.0, 2000.0, 5000.0), float, None,
          "telemetry the oracle sees is this many ms older than the latest poll (stale oracle)"),
     Knob("poll", "testbed", "poll_interval_s", (0.1, 0.5, 1.0, 2.0, 5.0), float, None,
@@ -65,7 +69,9 @@ SWEEPS: dict[str, Knob] = {k.name: k for k in (
          "core oversubscription: pod downlink capacity / core uplink capacity"),
     Knob("model", "replay", "model", ("llama-3.1-8b", "llama-2-7b", "llama-2-13b"), str, None,
          "model, i.e. KV bytes per token (netkv.perfmodel.MODELS); the scale grows with the KV bytes "
-         "per token so the packets per transfer stay the base point's", scale_factor_of=_kv_ratio),
+         "per token so the packets per transfer stay the base point's; every model serves the trace's "
+         "lengths (model_context 'ignore': the knob is the KV size, not the model's context)",
+         scale_factor_of=_kv_ratio, replay_settings=(("model_context", "ignore"),)),
 )}
 
 
@@ -81,7 +87,9 @@ def point_label(knob: Knob, value: Any) -> str:
 def point_experiment(base: ExperimentConfig, knob: Knob, value: Any, out: Path,
                      keep_schedulers: bool = False) -> ExperimentConfig:
     exp = replace(base, replay=dict(base.replay), testbed=json.loads(json.dumps(base.testbed)),
+                  variants=json.loads(json.dumps(base.variants)),
                   out_dir=str(out / point_label(knob, value)), recorded={})
+    exp.replay.update(dict(knob.replay_settings))
     if knob.section == "replay":
         exp.replay[knob.key] = value
     elif knob.section == "testbed":
@@ -97,6 +105,7 @@ def point_experiment(base: ExperimentConfig, knob: Knob, value: Any, out: Path,
         exp.testbed["scale"] = base_scale * factor
     if knob.schedulers is not None and not keep_schedulers:
         exp.schedulers = list(knob.schedulers)
+        exp.variants = {k: v for k, v in base.variants.items() if k in exp.schedulers}
     if not exp.window_starts_s:
         exp.window_starts_s = [float(exp.replay.get("start_s", 0.0))]
     return exp
@@ -152,6 +161,10 @@ def write_sweep(out: Path) -> dict[str, Any]:
         rows.append({
             "value": value, "dir": label, "missing": False,
             "ttft_mean_ms": {n: campaign["schedulers"][n]["ttft_mean_ms"] for n in campaign["schedulers_order"]},
+            # the same over every complete window: what the plot draws (hollow) where a replay was not inside
+            "ttft_mean_ms_all_windows": {n: campaign["schedulers_all_windows"][n]["ttft_mean_ms"]
+                                         for n in campaign["schedulers_order"]},
+            "netkv_ttft_change_pct_all_windows": campaign["ttft_mean_change_pct_all_windows"].get("netkv", {}),
             "ttft_slo_attainment": {n: campaign["schedulers"][n]["ttft_slo_attainment"]
                                     for n in campaign["schedulers_order"]},
             "netkv_ttft_change_pct": campaign["ttft_mean_change_pct"].get("netkv", {}),
@@ -195,7 +208,7 @@ def plot_sweep(result: dict[str, Any], out: Path) -> Path | None:
     panels = (("ttft_mean_ms", "mean TTFT (ms)"), ("ttft_slo_attainment", "TTFT SLO attainment"))
     for ax, (key, ylabel) in zip(axes, panels):
         for i, name in enumerate(result["schedulers"]):
-            _series(ax, xs, [p[key].get(name) for p in points], [p["within_envelope"] for p in points],
+            _series(ax, xs, [_drawn(p, key, name) for p in points], [p["within_envelope"] for p in points],
                     f"C{i}", name)
         ax.set_ylabel(ylabel)
     change_panels = (("netkv_ttft_change_pct", "NetKV mean TTFT change (%), paired by window"),
@@ -204,7 +217,7 @@ def plot_sweep(result: dict[str, Any], out: Path) -> Path | None:
         for i, name in enumerate(result["schedulers"]):
             if name == "netkv":
                 continue
-            _series(ax, xs, [p[key].get(name) for p in points],
+            _series(ax, xs, [_drawn(p, key, name) for p in points],
                     [p["within_envelope"] for p in points], f"C{i}", f"netkv vs {name}")
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_ylabel(ylabel)
@@ -224,6 +237,15 @@ def plot_sweep(result: dict[str, Any], out: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _drawn(point: dict[str, Any], key: str, name: str) -> dict[str, Any] | None:
+    """What the plot draws of a point: its headline figure where the point was
+    inside the envelope, else the same figure over every complete window
+    (drawn hollow), so that a point outside still shows where it lay."""
+    if point["within_envelope"] or f"{key}_all_windows" not in point:
+        return point[key].get(name)  # type: ignore[no-any-return]
+    return point[f"{key}_all_windows"].get(name)  # type: ignore[no-any-return]
 
 
 def _series(ax: Any, xs: list[float], summaries: list[dict[str, Any] | None], inside: list[bool],

@@ -13,10 +13,10 @@ wall-clock time of its first sample and of the judged window, the monotonic
 time of every sample and each switch process's own series.  Older files have
 only times relative to the first sample, the per-sample sum and maximum over
 the switch processes, and the machine's figure; for them the judged window is
-found again as the run of ``samples`` consecutive samples whose machine and
-summed-switch p95 reproduce the stored ones, the busiest switch process's p95
-is the stored one (same rule), and a pause shorter than a sample gap cannot be
-seen without the monotonic clock: ``checks_missing`` says so.
+their last ``samples`` samples (the meter stopped at the window's end), the
+busiest switch process's p95 is the stored one (same rule), and a pause
+shorter than a sample gap cannot be seen without the monotonic clock:
+``checks_missing`` says so.
 
 Both ways, the stall and pause checks also look at the two sample pairs that
 straddle the window's edges: a hole that begins before the replay's first
@@ -98,24 +98,6 @@ def _edges(times: Sequence[float], first: int, last: int) -> list[tuple[int, int
     return [(i, i + 1) for i in range(lo, hi)]
 
 
-def _locate(series: list[list[Any]], judged: int, stored: dict[str, Any]) -> tuple[int, int]:
-    """First and last index of the judged window in an old-format series: the
-    run of ``judged`` samples whose machine and summed-switch p95 give the
-    stored figures; every matching start is kept (the span of all of them),
-    and without a match the whole series is the window."""
-    n = len(series)
-    starts = []
-    for k in range(0, n - judged + 1):
-        rows = series[k:k + judged]
-        machine = [float(r[3]) for r in rows if r[3] is not None]
-        sums = [float(r[1]) for r in rows]
-        if _p95(machine) == stored.get("machine_busy_pct_p95") and _p95(sums) == stored.get("switch_cpu_sum_pct_p95"):
-            starts.append(k)
-    if not starts or judged <= 0:
-        return 0, n - 1
-    return starts[0], starts[-1] + judged - 1
-
-
 def rejudge(envelope: dict[str, Any] | None, summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """The verdict under the current rule: ``within_envelope`` (True, False or
     None for unjudged), ``limiting_resource``, ``checks_missing`` (what the
@@ -147,10 +129,12 @@ def rejudge(envelope: dict[str, Any] | None, summary: dict[str, Any] | None = No
     else:
         judged_n = int(envelope.get("samples") or 0)
         if judged_n == 0 or not series:
-            return {"within_envelope": None if not died and (lag is None or lag < 500.0) else False,
-                    "limiting_resource": "no samples: the replay was not judged",
-                    "checks_missing": ["switch and machine CPU", "stalls", "pauses"]}
-        first, last = _locate(series, judged_n, envelope)
+            verdict = envelope_verdict(None, None, died, dispatch_lag_ms=None if lag is None else float(lag))
+            if verdict["within_envelope"] is None:
+                verdict["limiting_resource"] = "no samples: the replay was not judged"
+            return {**verdict, "checks_missing": ["switch and machine CPU", "stalls", "pauses"]}
+        # the meter stopped at the window's end: its judged samples are the series' last ones
+        first, last = len(series) - min(judged_n, len(series)), len(series) - 1
         times = [float(r[0]) for r in series]
         switch_p95 = envelope.get("switch_cpu_pct_p95")
         machine_p95 = envelope.get("machine_busy_pct_p95")

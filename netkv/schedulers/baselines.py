@@ -365,9 +365,9 @@ class TunedCacheLoad(Scheduler):
     params: ClassVar[Mapping[str, Param]] = {
         "w_cache": Param(TUNED_DEFAULTS["w_cache"], 0.0, 1e6, "weight of the matched prompt fraction (0..1)"),
         "w_load": Param(TUNED_DEFAULTS["w_load"], 0.0, 1e6, "weight of the load (0..1)"),
-        "kv_memory": Param(1.0, 0.0, 1.0, "1: the load is what limits a decode, the larger of its batch slots in "
+        "kv_memory": Param(0.0, 0.0, 1.0, "1: the load is what limits a decode, the larger of its batch slots in "
                                           "use ((active + waiting) / max_batch) and its KV memory in use; 0: batch "
-                                          "slots only (the signal of the 2026-11-23 tuning)"),
+                                          "slots only (the signal its default weights were tuned with, 2026-11-23)"),
     }
 
     def __init__(self, config: Mapping[str, object], *, kv_bytes_per_token: int, seed: int = 0) -> None:

@@ -15,10 +15,12 @@ POSTs ``/decide`` with what an in-process scheduler sees (:data:`OPENAPI`):
 * ``deadline_ms``.
 
 It answers ``{"decode": NAME}`` (optionally ``tokens_to_send`` and
-``score_terms``).  The round trip is inside the decision's timing, so an
+``score_terms``), or ``{"decode": null, "no_eligible": WHY}`` when no
+candidate can take the request (the request fails with that reason, as with
+an in-process scheduler).  The round trip is inside the decision's timing, so an
 out-of-process scheduler pays for it in the records.  An answer later than
-the deadline, an error, or nonsense (a decode it was not offered, a field of
-the wrong type) is a :class:`SchedulerFault`: that request fails with the
+the deadline, an error, or nonsense (a decode it was not offered or that
+cannot admit the request, a field of the wrong type) is a :class:`SchedulerFault`: that request fails with the
 reason, the replay goes on, and the records say which requests it affected.
 
 :func:`serve` runs any in-process :class:`Scheduler` behind the protocol
@@ -43,7 +45,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 from ..oracle import Estimate, Oracle
 from ..oracle.paths import TransferModel, TransferTable
 from ..request import BLOCK_TOKENS, DecodeView, Request, matched_prefix_blocks
-from .base import Decision, Param, Scheduler, SchedulerLoadError
+from .base import Decision, NoEligibleDecode, Param, Scheduler, SchedulerLoadError
 
 PROTOCOL_VERSION = 1
 PREFIX = "remote+"
@@ -86,7 +88,10 @@ OPENAPI: dict[str, Any] = {
                                   "type": "object", "required": sorted(_CANDIDATE_FIELDS),
                                   "properties": {k: {"type": v} for k, v in _CANDIDATE_FIELDS.items()}}}}},
         "DecideAnswer": {"type": "object", "required": ["decode"], "properties": {
-            "decode": {"type": "string", "description": "one of the candidates' names"},
+            "decode": {"type": ["string", "null"], "description": "one of the candidates' names that can admit "
+                                                                 "the request; null with no_eligible"},
+            "no_eligible": {"type": "string", "description": "why no candidate can take the request (decode "
+                                                             "null): the request fails with this reason"},
             "tokens_to_send": {"type": "integer", "description": "default: the input tokens beyond the "
                                                                  "decode's matched blocks"},
             "score_terms": {"type": "object", "additionalProperties": {"type": "number"}}}}}},
@@ -164,8 +169,11 @@ def decide(scheduler: Scheduler, body: Mapping[str, Any]) -> dict[str, Any]:
                                 int(c["max_queue"]), used_kv_tokens=int(c["used_kv_tokens"])))
         rows[str(c["name"])] = (int(c["tier"]), float(c["base_latency_ms"]), float(c["ms_per_byte"]))
     now_s = float(body["now_s"])
-    decision = scheduler.choose(req, str(body["prefill"]), views, _TableOracle(str(body["prefill"]), rows, now_s),
-                                now_s)
+    try:
+        decision = scheduler.choose(req, str(body["prefill"]), views,
+                                    _TableOracle(str(body["prefill"]), rows, now_s), now_s)
+    except NoEligibleDecode as exc:
+        return {"decode": None, "no_eligible": str(exc)}
     return {"decode": decision.decode, "tokens_to_send": int(decision.tokens_to_send),
             "score_terms": {k: float(v) for k, v in decision.score_terms.items()}}
 
@@ -232,9 +240,13 @@ class RemoteScheduler(Scheduler):
             terms = {str(k): float(v) for k, v in (answer.get("score_terms") or {}).items()}
         except (ValueError, KeyError, TypeError, AttributeError):
             raise SchedulerFault(f"answered nonsense: {raw[:200]!r}") from None
+        if name is None and isinstance(answer.get("no_eligible"), str):
+            raise NoEligibleDecode(answer["no_eligible"])  # as an in-process scheduler says it
         view = next((d for d in decodes if d.name == name), None)
         if view is None:
             raise SchedulerFault(f"answered decode {name!r}, which it was not offered")
+        if not view.eligible(request):
+            raise SchedulerFault(f"answered decode {name!r}, which cannot admit request {request.request_id}")
         matched = matched_prefix_blocks(request.hash_ids, view.cached_blocks)
         tokens = answer.get("tokens_to_send", max(0, request.input_tokens - matched * BLOCK_TOKENS))
         if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= request.input_tokens:

@@ -135,6 +135,12 @@ def test_sweep_points_differ_from_the_base_in_their_knob_only(tmp_path: Path) ->
     ctx = SWEEPS["context"]
     assert point_experiment(base, ctx, 2, tmp_path).schedulers == list(ctx.schedulers or ())
     assert point_experiment(base, ctx, 2, tmp_path, keep_schedulers=True).schedulers == ["round_robin", "netkv"]
+    # a knob's own schedulers take only the variants among them; its points serve every length
+    with_aa = ExperimentConfig(schedulers=["netkv", "netkv@aa"], variants={"netkv@aa": {"scheduler": "netkv"}},
+                               replay={"duration_s": 30.0})
+    point = point_experiment(with_aa, ctx, 2, tmp_path)
+    assert point.variants == {} and point.replay["model_context"] == "ignore"
+    assert point_experiment(with_aa, ctx, 2, tmp_path, keep_schedulers=True).variants == with_aa.variants
     # a knob that multiplies every transfer's bytes scales the emulation with it, nothing else
     scaled = {**base.testbed, "scale": 40_000.0}
     four = point_experiment(ExperimentConfig(testbed=scaled, replay={"duration_s": 30.0}), ctx, 4, tmp_path)

@@ -155,3 +155,23 @@ def test_remote_names_are_checked_in_one_line() -> None:
         with pytest.raises(SchedulerLoadError, match=message):
             resolve(name)
     assert resolve("remote+unix:///tmp/x.sock").endpoint == "unix:///tmp/x.sock"
+
+
+def test_an_ineligible_choice_is_a_fault_and_no_eligible_is_said_as_in_process(sock_dir: Path) -> None:
+    answers = iter([lambda body: {"decode": next(c["name"] for c in body["candidates"] if c["free_kv_tokens"] < 10)},
+                    lambda body: {"decode": None, "no_eligible": "every decode is full"}])
+    path = sock_dir / "full.sock"
+    srv = _Server(path, lambda body: next(answers)(body))
+    records: list[dict[str, Any]] = []
+    try:
+        led = Ledger(ReplayConfig(scheduler=f"remote+unix://{path}", topology="fattree",
+                                  scheduler_config={"deadline_ms": 2000.0}), topologies.build("fattree"),
+                     records.append)
+        full = led.placement.decode[0]
+        led.decodes[full].reserved_tokens = led.perf.kv_capacity_tokens  # no KV memory left there
+        for i, req in enumerate(_requests(2)):
+            led.dispatch(req, 1000.0 + i)
+    finally:
+        srv.close()
+    assert records[0]["reason"] == f"scheduler fault: answered decode {full!r}, which cannot admit request r0"
+    assert records[1]["reason"] == "no eligible decode: every decode is full"
