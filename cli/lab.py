@@ -13,7 +13,7 @@ import topologies
 from fabric.config import ConfigError, TestbedConfig
 from fabric.system import require_root
 from lab import scenario as scenario_mod
-from lab.campaign import AA_SUFFIX, is_campaign, render_campaign, write_campaign
+from lab.campaign import AA_SUFFIX, is_campaign, render_campaign, render_pairs, write_campaign
 from lab.experiment import (
     DEFAULT_REPLAY,
     DEFAULT_SCENARIO,
@@ -266,6 +266,9 @@ def add_report_parser(sub: Any) -> None:
                                    "sweep, sweep.json and sweep.png. Needs no root.")
     p.add_argument("run_dir", type=Path, help="a directory made by `netkv run` or `netkv sweep`")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a table")
+    p.add_argument("--pairs", metavar="A:B,C:D",
+                   help="a campaign: also print these paired changes (A against B), headline and every-window, with "
+                        "the A/A noise floor beside them, e.g. netkv_static:dynamo_decode,netkv:netkv_static")
     p.set_defaults(func=cmd_report)
 
 
@@ -279,6 +282,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     if is_campaign(args.run_dir):
         campaign = write_campaign(args.run_dir)
         print(json.dumps(campaign) if args.json else render_campaign(campaign))
+        if args.pairs:
+            pairs = [tuple(x.split(":", 1)) for x in args.pairs.split(",") if x.strip()]
+            bad = [p for p in pairs if len(p) != 2 or any(n not in campaign["schedulers_order"] for n in p)]
+            if bad:
+                raise CliError(f"--pairs {args.pairs!r}: each pair is A:B of {', '.join(campaign['schedulers_order'])}")
+            print(render_pairs(campaign, pairs))  # type: ignore[arg-type]
         return 0
     comparison = write_report(args.run_dir)
     print(json.dumps(comparison) if args.json else render_table(comparison))

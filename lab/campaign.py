@@ -381,3 +381,30 @@ def render_campaign(campaign: dict[str, Any]) -> str:
                      f"({o['limiting_resource']})")
     lines.append(f"files: {campaign['run_dir']}/campaign.json, campaign.png")
     return "\n".join(lines)
+
+
+PAIR_FIGURES = (("ttft_mean_change_pct", "mean TTFT", "%", 1), ("ttft_mean_change_ms", "=", " ms", 0),
+                ("ttft_slo_attainment_change_pp", "SLO", " points", 1), ("tbt_mean_change_ms", "TBT mean", " ms", 2),
+                ("tbt_p99_change_ms", "TBT p99", " ms", 1))
+
+
+def render_pairs(campaign: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
+    """Paired changes of A against B, one line each: the headline figures with
+    their verdicts, the every-window TTFT change, and the A/A noise floor."""
+    lines = []
+    for base, aa in campaign.get("aa_noise_floor", {}).items():
+        s = aa["ttft_mean_change_pct"]
+        lines.append(f"noise floor, {aa['label']} vs {base}: mean TTFT {_fmt_summary({**s, 'signed': True})}% "
+                     f"({s.get('verdict', '-')})")
+    for a, b in pairs:
+        cells = []
+        for key, label, unit, digits in PAIR_FIGURES:
+            s = campaign[key][a][b]
+            cells.append(f"{label} {_fmt_summary({**s, 'signed': True}, digits)}{unit} ({s.get('verdict', '-')})")
+        every = campaign["ttft_mean_change_pct_all_windows"][a][b]
+        left = campaign["ttft_mean_change_pct"][a][b].get("windows_left_out") or []
+        lines.append(f"{a} vs {b}: " + "; ".join(cells))
+        if left:
+            lines.append(f"  left out {', '.join(left)}; every window: mean TTFT "
+                         f"{_fmt_summary({**every, 'signed': True})}% ({every.get('verdict', '-')})")
+    return "\n".join(lines)

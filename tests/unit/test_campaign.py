@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from cli.lab import parse_values
-from lab.campaign import aggregate, render_campaign, summary
+from lab.campaign import aggregate, render_campaign, render_pairs, summary
 from lab.experiment import ExperimentConfig, ExperimentError, _check_windows, prepare
 from lab.report import common_request_change, ttft_breakdown_ms
 from lab.rundir import window_dir_name, window_runs
@@ -273,3 +273,15 @@ def test_orders_and_variants(tmp_path: Path) -> None:
         bad = ExperimentConfig(schedulers=["netkv", "x"], variants=variants, **base)  # type: ignore[arg-type]
         with pytest.raises(ExperimentError, match=message):
             prepare(bad)
+
+
+def test_render_pairs_names_each_pair_and_the_noise_floor(tmp_path: Path) -> None:
+    c = _campaign(tmp_path / "c", [
+        {"netkv": {"ttft": 900.0, "slo": 0.9}, "netkv@aa": {"ttft": 910.0, "slo": 0.9},
+         "round_robin": {"ttft": 1000.0, "slo": 0.8}},
+        {"netkv": {"ttft": 1700.0, "slo": 0.7}, "netkv@aa": {"ttft": 1690.0, "slo": 0.7},
+         "round_robin": {"ttft": 2000.0, "slo": 0.5}},
+    ])
+    text = render_pairs(c, [("netkv", "round_robin")])
+    assert text.splitlines()[0].startswith("noise floor, netkv@aa vs netkv: mean TTFT ")
+    assert text.splitlines()[1].startswith("netkv vs round_robin: mean TTFT -12.5 [")
