@@ -330,11 +330,12 @@ def render_campaign(campaign: dict[str, Any]) -> str:
     cols = [("ttft_mean_ms", "TTFT mean ms", 0), ("ttft_p99_ms", "TTFT p99 ms", 0),
             ("ttft_slo_attainment", "SLO att.", 3), ("tbt_mean_ms", "TBT mean ms", 2), ("tbt_p99_ms", "TBT p99 ms", 1),
             ("decision_us_p99", "decide p99 us", 0), ("decision_cpu_us_p99", "decide cpu p99 us", 0)]
-    lines.append(f"{'scheduler':22s}" + "".join(f"{h:>24s}" for _, h, _ in cols))
+    width = max([22] + [len(n) + 1 for n in names])
+    lines.append(f"{'scheduler':{width}s}" + "".join(f"{h:>24s}" for _, h, _ in cols))
     for name in names:
         m = campaign["schedulers"][name]
         left = m["ttft_mean_ms"].get("windows_left_out") or []
-        lines.append(f"{name:22s}" + "".join(f"{_fmt_summary(m[k], d):>24s}" for k, _, d in cols)
+        lines.append(f"{name:{width}s}" + "".join(f"{_fmt_summary(m[k], d):>24s}" for k, _, d in cols)
                      + (f"  (without {', '.join(left)})" if left else ""))
     for base, aa in campaign.get("aa_noise_floor", {}).items():
         s = aa["ttft_mean_change_pct"]

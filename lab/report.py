@@ -539,9 +539,10 @@ def render_table(comparison: dict[str, Any]) -> str:
             ("transfer_ratio_p50", "xfer/ideal p50"), ("idle_transfer_ratio_p90", "idle/ideal p90"),
             ("tbt_mean_ms", "TBT mean"),
             ("decision_us_p99", "decide p99 us"), ("decision_cpu_us_p99", "decide cpu p99")]
-    lines = [f"{'scheduler':20s}" + "".join(f"{h:>15s}" for _, h in cols)]
+    width = max([20] + [len(n) + 1 for n in comparison["schedulers"]])
+    lines = [f"{'scheduler':{width}s}" + "".join(f"{h:>15s}" for _, h in cols)]
     for name, m in comparison["schedulers"].items():
-        row = f"{name:20s}"
+        row = f"{name:{width}s}"
         for key, _ in cols:
             if key == "ok":
                 cell = f"{m['ok']}/{m['requests']}"
