@@ -62,6 +62,15 @@ class Scheduler:
                now_s: float) -> Decision:
         raise NotImplementedError
 
+    def start(self, prefills: Sequence[str], decodes: Sequence[str]) -> None:
+        """Called once by the ledger, before any decision, with every prefill
+        and decode instance of the replay (a scheduler that needs processes
+        of its own starts them here).  Does nothing by default."""
+
+    def close(self) -> None:
+        """Called when the replay is over (``Ledger.close()``): end whatever
+        :meth:`start` started.  Does nothing by default."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.cfg})"
 
