@@ -101,6 +101,7 @@ import http
 import importlib.util
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -486,8 +487,9 @@ def _free_port() -> int:
 
 
 def _tail(path: Path, lines: int = 12) -> str:
+    """The last lines of a child's log, on one line, without terminal colours."""
     try:
-        text = path.read_text(errors="replace").strip().splitlines()
+        text = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace")).strip().splitlines()
     except OSError:
         return ""
     return " | ".join(line[-300:] for line in text[-lines:])
