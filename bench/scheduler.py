@@ -273,6 +273,7 @@ def live_replay(scheduler: str, decodes: int, trace_path: str, start_s: float, d
     while events:
         heapq.heappop(events)[2]()
     writer.close()
+    ledger.close()  # a scheduler with processes of its own (sglang-router:<policy>) ends them
     problems = validate_file(run_dir / "records.jsonl", [r.request_id for r in requests])
     if problems:
         raise RuntimeError(f"live replay of {scheduler}: {problems[:3]}")

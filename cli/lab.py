@@ -191,6 +191,8 @@ def cmd_schedulers(args: argparse.Namespace) -> int:
             print(f"{name:22s} {resolve(name).doc}  [entry point]")
         except SchedulerLoadError as exc:
             print(f"{name:22s} (does not load: {exc})")
+    print(f"{'sglang-router:<policy>':22s} the real SGLang router picks (cache_aware, power_of_two, round_robin, "
+          f"random; docs/schedulers.md)")
     print("or any 'package.module:Class' that subclasses netkv.schedulers.Scheduler (docs/schedulers.md)")
     return 0
 

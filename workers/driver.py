@@ -491,6 +491,7 @@ class Frontend:
             raise
         finally:
             self.ledger.gc_clock.stop()
+            self.ledger.close()  # a scheduler's own processes (sglang-router:<policy>) end with the replay
             self.writer.close()
             if self.progress is not None:
                 self.progress.close()

@@ -62,6 +62,15 @@ class Scheduler:
                now_s: float) -> Decision:
         raise NotImplementedError
 
+    def start(self, prefills: Sequence[str], decodes: Sequence[str]) -> None:
+        """Called once by the ledger, before any decision, with every prefill
+        and decode instance of the replay (a scheduler that needs processes
+        of its own starts them here).  Does nothing by default."""
+
+    def close(self) -> None:
+        """Called when the replay is over (``Ledger.close()``): end whatever
+        :meth:`start` started.  Does nothing by default."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.cfg})"
 
@@ -118,9 +127,10 @@ def resolve(name: str) -> type[Scheduler]:
     """The scheduler class a name stands for: a built-in name
     (:data:`SCHEDULERS`), ``package.module:Class`` (importable from the
     Python path), the name of an entry point of the ``netkv.schedulers``
-    group (an installed package's), or ``remote+unix:///path`` /
+    group (an installed package's), ``remote+unix:///path`` /
     ``remote+http://127.0.0.1:PORT`` (a scheduler in another process,
-    :mod:`netkv.schedulers.remote`).  Whatever it is must subclass
+    :mod:`netkv.schedulers.remote`), or ``sglang-router:<policy>`` (the real
+    SGLang router's pick, :mod:`netkv.schedulers.sglang_router`).  Whatever it is must subclass
     :class:`Scheduler` and carry a one-line ``doc``."""
     cls: object = SCHEDULERS.get(name)
     if cls is not None:
@@ -129,6 +139,10 @@ def resolve(name: str) -> type[Scheduler]:
         from .remote import remote_class
 
         return remote_class(name)
+    if name.startswith("sglang-router:"):  # the real SGLang router in child processes (imports this module)
+        from .sglang_router import sglang_class
+
+        return sglang_class(name)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -165,8 +179,11 @@ def provenance(name: str) -> dict[str, object]:
     path = getattr(module, "__file__", None)
     out: dict[str, object] = {"class": f"{cls.__module__}:{cls.__qualname__}",
                               "source": "built-in" if name in SCHEDULERS else "remote" if name.startswith("remote+")
+                              else "sglang-router" if name.startswith("sglang-router:")
                               else "module" if ":" in name else "entry point"}
-    if out["source"] not in ("built-in", "remote"):
+    if out["source"] == "sglang-router":  # the decisions are the installed router's
+        out["distribution"] = {"sglang-router": metadata.version("sglang-router")}
+    elif out["source"] not in ("built-in", "remote"):
         top = cls.__module__.split(".")[0]
         dists = metadata.packages_distributions().get(top, [])
         out["distribution"] = {d: metadata.version(d) for d in dists}

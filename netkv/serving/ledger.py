@@ -24,6 +24,10 @@ exactly once (:mod:`netkv.records` is the format).
 
 Nothing here reads a clock except the decision's timer: every time is passed
 in, so the bookkeeping is tested without processes (tests/unit/test_ledger.py).
+
+A scheduler may run processes of its own (``sglang-router:<policy>``): the
+ledger calls its ``start(prefills, decodes)`` once when it is built, and the
+engine calls :meth:`Ledger.close` when the replay is over.
 """
 
 from __future__ import annotations
@@ -173,6 +177,12 @@ class Ledger:
         self.over_context = 0  # requests refused for being longer than the model's context
         self.max_dispatch_lag_ms = 0.0
         self.t0 = 0.0  # epoch seconds of the replay clock's origin; the engine sets it
+        # a scheduler with processes of its own starts them now, before the replay's clock
+        self.scheduler.start(list(self.placement.prefill), list(self.placement.decode))
+
+    def close(self) -> None:
+        """The replay is over: the scheduler ends what it started (the engine calls this)."""
+        self.scheduler.close()
 
     # -- time ------------------------------------------------------------------
     def ms(self, epoch_s: float) -> float:
