@@ -46,19 +46,23 @@ class Background:
     """A scenario flow as the idle-path rule sees it: the directed hops it
     loads and when, in ms of the replay's clock."""
 
-    hops: frozenset[tuple[str, str]]
+    hops: frozenset[tuple[str, str]]  # its data's and its ACKs'
     start_ms: float
     end_ms: float
+    data_hops: frozenset[tuple[str, str]] = frozenset()  # its data's only: what it loads
+
+    def during(self, start_ms: float, end_ms: float) -> bool:
+        return start_ms < self.end_ms + BACKGROUND_SLACK_MS and end_ms > self.start_ms - BACKGROUND_SLACK_MS
 
     def overlaps(self, hops: frozenset[tuple[str, str]], start_ms: float, end_ms: float) -> bool:
-        return bool(self.hops & hops) and start_ms < self.end_ms + BACKGROUND_SLACK_MS \
-            and end_ms > self.start_ms - BACKGROUND_SLACK_MS
+        return bool(self.hops & hops) and self.during(start_ms, end_ms)
 
 
 def background_of(topo: Topology, flows: Iterable[Mapping[str, Any]]) -> list[Background]:
     """Background windows of scenario flows (dicts with src, dst, start_s, duration_s)."""
     return [Background(tcp_hops(topo, str(f["src"]), str(f["dst"])), 1000.0 * float(f["start_s"]),
-                       1000.0 * (float(f["start_s"]) + float(f["duration_s"]))) for f in flows]
+                       1000.0 * (float(f["start_s"]) + float(f["duration_s"])),
+                       frozenset(topo.path_hops(str(f["src"]), str(f["dst"])))) for f in flows]
 
 
 Ranks = Mapping[str, Sequence[str]]  # TP instance (its rank-0 host) -> its GPU hosts, rank 0 first
@@ -197,7 +201,10 @@ class Priced:
 def priced_transfers(topo: Topology, records: Sequence[Mapping[str, Any]], *,
                      background: Sequence[Background] = (), ranks: Ranks | None = None) -> list[Priced]:
     """Every ok transfer that crossed a link and whose decision carried the
-    oracle's estimate (``estimate_transfer_ms``), with its measured time."""
+    oracle's estimate (``estimate_transfer_ms``), with its measured time;
+    ``loaded`` when a background flow's data went the same way over one of
+    its data's links while it ran (sharing only with the flow's ACKs does not
+    count: they load nothing)."""
     out = []
     for r in records:
         est = r.get("estimate_transfer_ms")
@@ -205,7 +212,7 @@ def priced_transfers(topo: Topology, records: Sequence[Mapping[str, Any]], *,
                 or r["prefill"] == r["decode"] or not int(r.get("bytes_sent") or 0):
             continue
         start, end = float(r["transfer_start_ms"]), float(r["transfer_end_ms"])
-        hops = frozenset().union(*(tcp_hops(topo, *pair) for pair in rank_pairs(r, ranks)))
-        loaded = any(b.overlaps(hops, start, end) for b in background)
+        hops = frozenset().union(*(frozenset(topo.path_hops(*pair)) for pair in rank_pairs(r, ranks)))
+        loaded = any(bool(b.data_hops & hops) and b.during(start, end) for b in background)
         out.append(Priced(int(r.get("tier_distance") or 0), loaded, float(est), end - start))
     return out

@@ -66,3 +66,22 @@ def test_a_transfer_on_another_ones_ack_path_is_not_idle() -> None:
     recs = [rec("x", *x, 0, 100, 50_000), rec("y", *y, 50, 150, 50_000),
             rec("z", *x, 200, 300, 50_000)]  # alone afterwards: idle
     assert {t.request_id for t in idle_transfers(TOPO, SCALE, 1500, recs)} == {"z"}
+
+
+def test_a_priced_transfer_is_loaded_only_where_the_background_data_shares_its_way() -> None:
+    from lab.transfers import background_of, priced_transfers
+
+    topo = topologies.build("fattree")
+    bg = background_of(topo, [{"src": "g0", "dst": "g32", "start_s": 0, "duration_s": 100}])
+
+    def rec(rid: str, src: str, dst: str) -> dict[str, object]:
+        return {"request_id": rid, "status": "ok", "prefill": src, "decode": dst, "tier_distance": 3,
+                "estimate_transfer_ms": 10.0, "transfer_start_ms": 1000.0, "transfer_end_ms": 1020.0,
+                "bytes_sent": 1000}
+
+    # g1 -> g33 leaves by g0's server uplink as the background does: loaded; g33 -> g1 only meets
+    # the background's ACKs (the reverse direction): not loaded
+    out = dict(zip(("same way", "reverse"),
+                   priced_transfers(topo, [rec("a", "g1", "g33"), rec("b", "g33", "g1")], background=bg)))
+    assert out["same way"].loaded is True and out["reverse"].loaded is False
+    assert out["same way"].ratio == 2.0
