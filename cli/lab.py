@@ -198,9 +198,10 @@ def cmd_schedulers(args: argparse.Namespace) -> int:
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
-    topo = topologies.build(args.topology)
     for name in scenario_mod.names():
-        try:
+        try:  # against the fabric it is written for, unless another topology was asked for
+            params = scenario_mod.written_for(name) if args.topology == topologies.DEFAULT_TOPOLOGY else {}
+            topo = topologies.build(args.topology, params)
             scen = scenario_mod.load(name, topo)
         except scenario_mod.ScenarioError as exc:
             print(f"{name:16s} (does not fit {args.topology}: {exc})")

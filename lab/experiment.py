@@ -181,6 +181,8 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
                                        "scale_factor": tb_cfg.scale, "scheduler": exp.schedulers[0]})
     except ReplayConfigError as exc:
         raise ExperimentError(str(exc)) from None
+    # The instances must fit the fabric (a TP model needs servers that hold whole instances).
+    make_placement(topo, base.placement, tp=perfmodel.build(base.model, base.gpu, base.perf_overrides).tp)
     for label in exp.schedulers:
         try:
             cfg = exp.replay_config(base, label)
@@ -195,8 +197,6 @@ def prepare(exp: ExperimentConfig) -> tuple[TestbedConfig, Any, scenario_mod.Sce
             make_placement(topo, cfg.placement, tp=perf.tp)
         except PlacementError as exc:
             raise ExperimentError(f"{label}: {exc}") from None
-    # The instances must fit the fabric (a TP model needs servers that hold whole instances).
-    make_placement(topo, base.placement, tp=perfmodel.build(base.model, base.gpu, base.perf_overrides).tp)
     if not Path(base.trace_path).is_file():
         raise ExperimentError(f"trace not found: {base.trace_path}")
     try:  # a malformed line or an empty window is found here, before any network exists

@@ -40,7 +40,7 @@ from topologies import Topology
 
 SCENARIO_DIR = REPO_ROOT / "scenarios"
 FLOW_KEYS = {"src", "dst", "start_s", "duration_s", "rate_gbps", "protocol"}
-SCENARIO_KEYS = {"name", "description", "flows", "events"}
+SCENARIO_KEYS = {"name", "description", "flows", "events", "topology_params"}
 BASE_PORT = 5301
 MAX_FLOWS = 64
 
@@ -153,6 +153,22 @@ def load(name_or_path: str, topo: Topology) -> Scenario:
 
 def names() -> list[str]:
     return sorted(p.stem for p in SCENARIO_DIR.glob("*.json"))
+
+
+def written_for(name: str) -> dict[str, Any]:
+    """The topology parameters a shipped scenario is written for (its
+    ``topology_params``, {} for the default fabric): its flows are sized for
+    those links.  Documentation and a check of the file; an experiment
+    applies a scenario to whatever fabric it runs, and a flow that does not
+    fit its path there is refused."""
+    try:
+        data = json.loads((SCENARIO_DIR / f"{name}.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ScenarioError(f"cannot read scenario {name}: {exc}") from None
+    params = data.get("topology_params", {}) if isinstance(data, dict) else {}
+    if not isinstance(params, dict):
+        raise ScenarioError(f"scenario {name}: 'topology_params' must be a JSON object, got {params!r}")
+    return params
 
 
 class ScenarioRunner:

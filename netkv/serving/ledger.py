@@ -177,12 +177,17 @@ class Ledger:
         self.over_context = 0  # requests refused for being longer than the model's context
         self.max_dispatch_lag_ms = 0.0
         self.t0 = 0.0  # epoch seconds of the replay clock's origin; the engine sets it
-        # a scheduler with processes of its own starts them now, before the replay's clock
-        self.scheduler.start(list(self.placement.prefill), list(self.placement.decode))
+        # a scheduler with processes of its own starts them now, before the replay's clock (an object
+        # given as the scheduler that only has choose(), as tests give, has no hooks)
+        start = getattr(self.scheduler, "start", None)
+        if start is not None:
+            start(list(self.placement.prefill), list(self.placement.decode))
 
     def close(self) -> None:
         """The replay is over: the scheduler ends what it started (the engine calls this)."""
-        self.scheduler.close()
+        close = getattr(self.scheduler, "close", None)
+        if close is not None:
+            close()
 
     # -- time ------------------------------------------------------------------
     def ms(self, epoch_s: float) -> float:

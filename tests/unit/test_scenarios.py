@@ -21,8 +21,9 @@ def fattree() -> topologies.Topology:
 def test_shipped_scenarios_parse(fattree: topologies.Topology) -> None:
     names = scenario.names()
     assert {"none", "hotspots"} <= set(names)
-    for name in names:
-        scen = scenario.load(name, fattree)
+    for name in names:  # each against the fabric it is written for (its links size its flows)
+        params = scenario.written_for(name)
+        scen = scenario.load(name, topologies.build("fattree", params) if params else fattree)
         assert scen.name == name
     hot = scenario.load("hotspots", fattree)
     # 2 cross-pod flows at 150 Gbit/s (8 links) + 1 in-rack at 300 Gbit/s (4 links), at 1:20000

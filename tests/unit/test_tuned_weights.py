@@ -49,7 +49,9 @@ def test_malformed_file_is_refused(tmp_path: Path, body: str) -> None:
 
 
 def test_scheduler_defaults_are_the_loaded_weights() -> None:
-    assert {k: p.default for k, p in TunedCacheLoad.params.items()} == dict(TUNED_DEFAULTS)
+    defaults = {k: p.default for k, p in TunedCacheLoad.params.items()}
+    assert {k: defaults[k] for k in TUNED_DEFAULTS} == dict(TUNED_DEFAULTS)
+    assert defaults["kv_memory"] == 0.0  # the load signal the weights were tuned with
     assert load_tuned_weights()[0] == dict(TUNED_DEFAULTS)
 
 
