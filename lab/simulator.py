@@ -63,7 +63,9 @@ from typing import Any, Callable
 
 from fabric.config import TestbedConfig
 from lab import scenario as scenario_mod
+from lab.experiment import ExperimentConfig
 from lab.faults import EVENTS_FILE
+from netkv import perfmodel
 from lab.rundir import TELEMETRY_SERIES
 from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
 from netkv.placement import Placement, make_placement, tier_mix
@@ -109,15 +111,27 @@ def replay_pairs(placement: Placement, flows: list[scenario_mod.Flow]) -> list[t
     return sim_platform.with_reverse(pairs + [(f.src, f.dst) for f in flows])
 
 
-def check_size(topo: Topology, cfg: ReplayConfig, scen: scenario_mod.Scenario, tp: int) -> int:
-    """The routes a replay declares; SimulatorRefusal when the platform would
-    not fit in memory (sim.platform.check_fits states the bound)."""
-    pairs = replay_pairs(make_placement(topo, cfg.placement, tp=tp), scen.flows)
-    try:
-        sim_platform.check_fits(len(pairs), len(topo.gpus))
-    except sim_platform.PlatformTooLarge as exc:
-        raise SimulatorRefusal(str(exc)) from None
-    return len(pairs)
+def route_count(placement: Placement, flows: list[scenario_mod.Flow]) -> int:
+    """How many routes :func:`replay_pairs` declares, at most, counted without
+    listing them: every rank pair of a prefill and a decode instance both ways
+    (their hosts differ), and each background flow both ways."""
+    return 2 * len(placement.prefill) * len(placement.decode) * placement.tp + 2 * len(flows)
+
+
+def check_experiment(exp: ExperimentConfig, base: ReplayConfig, scen: scenario_mod.Scenario,
+                     topo: Topology) -> None:
+    """What the simulator refuses before anything runs (one line each): a
+    fault event it cannot represent, a platform too large for the memory here
+    (sim.platform.check_fits states the estimate and the bound)."""
+    check_scenario(scen)
+    for label in exp.schedulers:
+        cfg = exp.replay_config(base, label)
+        tp = perfmodel.build(cfg.model, cfg.gpu, cfg.perf_overrides).tp
+        routes = route_count(make_placement(topo, cfg.placement, tp=tp), scen.flows)
+        try:
+            sim_platform.check_fits(routes, len(topo.gpus))
+        except sim_platform.PlatformTooLarge as exc:
+            raise SimulatorRefusal(str(exc)) from None
 
 
 # -- the serving model on the simulated clock ----------------------------------------------------
