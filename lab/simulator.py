@@ -281,7 +281,7 @@ class SimReplay:
         job = sender.queue.popleft()
         flow = job.order.flows[rank]
         sender.busy = True
-        job.starts[rank] = self.sim.now
+        job.starts[rank] = t
         self.sim.transfer(flow.src, flow.dst, flow.kv_bytes, partial(self._arrived, sender, job, rank))
 
     def _arrived(self, sender: _Sender, job: _Job, rank: int, xfer: Transfer) -> None:
