@@ -6,7 +6,9 @@ platform) runs in a forked child: :func:`run_isolated` calls ``fn(*args)``
 there and returns its result (pickled back through a pipe) or raises its
 exception here.  The parent never imports SimGrid.  A child that dies
 without an answer (SimGrid aborts the process on some errors, after printing
-why) is a :class:`~sim.network.SimulationError` with its exit code.
+why) is a :class:`~sim.network.SimulationError` with its exit code.  An
+interrupted parent ends the child at once: that replay's directory then holds
+the records written so far, and ``netkv report`` marks it partial.
 """
 
 from __future__ import annotations
@@ -47,19 +49,18 @@ def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     proc.start()
     sender.close()
     try:
-        try:
-            kind, value = receiver.recv()
-        except EOFError:
-            proc.join(JOIN_S)
-            raise SimulationError(f"the simulation process {proc.pid} ended without an answer "
-                                  f"(exit code {proc.exitcode}); SimGrid's message is above") from None
+        kind, value = receiver.recv()
+    except EOFError:
+        proc.join(JOIN_S)
+        raise SimulationError(f"the simulation process {proc.pid} ended without an answer "
+                              f"(exit code {proc.exitcode}); SimGrid's message is above") from None
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): end the child, by its own pid
+        if proc.is_alive():
+            proc.terminate()
+        raise
     finally:
         receiver.close()
-        if proc.is_alive():
-            proc.join(JOIN_S)
-        if proc.is_alive():  # interrupted while the child ran: end it, by its own pid
-            proc.terminate()
-            proc.join(JOIN_S)
+        proc.join(JOIN_S)
     if kind == "ok":
         return value  # type: ignore[no-any-return]
     exc, text = value

@@ -166,10 +166,12 @@ class Simulation:
     def _loop(self) -> None:
         sg = self._sg
         heap = self._heap
+        stuck = False  # SimGrid did not move its clock towards the next callback: run it now
         while not self._stopping:
             now = self.now
-            while heap and heap[0][0] <= now + EPSILON_S and not self._stopping:
+            while heap and (heap[0][0] <= now + EPSILON_S or stuck) and not self._stopping:
                 fn = heapq.heappop(heap)[2]
+                stuck = False
                 fn()
                 self.callbacks_run += 1
             if self._stopping:
@@ -178,6 +180,7 @@ class Simulation:
                 if not heap:
                     break
                 sg.this_actor.sleep_until(heap[0][0])
+                stuck = self.now <= now
                 continue
             comms = [x.comm for x in self._active]
             if heap:
@@ -185,7 +188,8 @@ class Simulation:
             else:
                 index = sg.Comm.wait_any(comms)
             if index < 0:
-                continue  # the next callback is due
+                stuck = self.now <= now  # else the next callback is due
+                continue
             xfer = self._active.pop(index)
             self._credit(xfer, 0.0)
             xfer.end_s = self.now
