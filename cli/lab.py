@@ -1,4 +1,4 @@
-"""``netkv run``, ``sweep``, ``report``, ``schedulers`` and ``scenarios``: experiments."""
+"""``netkv run``, ``simulate``, ``sweep``, ``report``, ``schedulers`` and ``scenarios``: experiments."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from lab.experiment import (
 )
 from lab.report import render_table, write_report
 from lab.run import run_experiment
+from lab.simulator import SimulatorRefusal
+from lab.simulator import check_experiment as check_simulation
 from lab.rundir import default_out_dir
 from lab.sweep import SWEEPS, Knob, SweepError, plan, render_sweep, run_sweep, write_sweep
 from netkv.schedulers import SchedulerLoadError, describe, known, resolve
@@ -50,6 +52,18 @@ def add_run_parsers(sub: Any) -> None:
         epilog="Replay settings (--set KEY=VALUE, value as JSON): see `python -m workers.run --help`.")
     add_run_options(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "simulate", help="the same experiment on the simulator: SimGrid's flow-level network, no root",
+        description="Run an experiment as `netkv run` does (the same options, experiment files and run "
+                    "directory: records.jsonl per scheduler, comparison.json or the campaign files, read by "
+                    "`netkv report`), on SimGrid's flow-level TCP model (LV08) of the topology at its real link "
+                    "rates instead of the emulated fabric: the serving model, schedulers, oracle and trace are "
+                    "the emulator's, time is simulated. Needs no root. See docs/simulator.md.",
+        epilog="Refused in one line: fault events other than link_rate, a platform too large for the memory "
+               "here. Replay settings (--set KEY=VALUE, value as JSON): see `python -m workers.run --help`.")
+    add_run_options(p)
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("schedulers", help="list the decode schedulers",
                        description="Every registered decode scheduler with its one-line description.")
@@ -171,7 +185,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ExperimentError(str(exc)) from None
     require_root()
     install_stop_handlers()
-    result = run_experiment(exp, quiet=args.quiet)
+    return _report_result(exp, args, run_experiment(exp, quiet=args.quiet))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    exp = experiment_from_args(args)
+    try:
+        tb_cfg, base, scen, _ = prepare(exp)  # the checks `netkv run` makes, then the simulator's own
+        check_simulation(exp, base, scen, tb_cfg.validate())
+    except (scenario_mod.ScenarioError, ConfigError, SimulatorRefusal) as exc:
+        raise ExperimentError(str(exc)) from None
+    install_stop_handlers()
+    return _report_result(exp, args, run_experiment(exp, quiet=args.quiet, engine="simulate"))
+
+
+def _report_result(exp: ExperimentConfig, args: argparse.Namespace, result: dict[str, Any]) -> int:
     if args.quiet:
         print(json.dumps(result))
         return 0 if result.get("nothing_lost", True) else 1

@@ -23,6 +23,7 @@ from fabric.net import BringUpError
 from fabric.system import PreflightError
 from lab.experiment import ExperimentError
 from lab.scenario import ScenarioError
+from lab.simulator import SimulatorRefusal
 from netkv.placement import PlacementError
 from netkv.schedulers import SchedulerLoadError
 from netkv.serving.config import ReplayConfigError
@@ -36,7 +37,7 @@ from .common import EXIT_FAIL, EXIT_USAGE, CliError
 # Exception classes that mean "bad input": one line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CliError, ConfigError, TopologyError, PreflightError, ScenarioError, ExperimentError, ReplayConfigError,
-    TraceError, PlacementError, SchedulerLoadError)
+    TraceError, PlacementError, SchedulerLoadError, SimulatorRefusal)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,9 @@ prefill and decode instances, the records) is the same for every engine.
 * ``emulate`` (:class:`lab.emulator.EmulatorEngine`): the emulated fabric
   (:mod:`fabric`), worker processes moving real bytes over TCP
   (:mod:`workers`), the emulator's envelope judged per replay.
+* ``simulate`` (:class:`lab.simulator.SimulatorEngine`): SimGrid's flow-level
+  network (:mod:`sim`) at real rates on a simulated clock, the serving model
+  driven in process; no envelope (``lab.verdict`` judges its replays inside).
 
 A new engine implements :class:`Engine` in a module of its own under ``lab/``
 (its network model in a package beside ``fabric/``) and is named in
@@ -24,6 +27,7 @@ from typing import Any, Callable, Protocol
 from fabric.config import TestbedConfig
 from lab.emulator import EmulatorEngine
 from lab.scenario import Scenario
+from lab.simulator import SimulatorEngine
 from netkv.serving.config import ReplayConfig
 from topologies import Topology
 
@@ -46,5 +50,6 @@ class Engine(Protocol):
         """Remove everything it made (safe to call twice)."""
 
 
-ENGINES: dict[str, Callable[[TestbedConfig], Engine]] = {"emulate": EmulatorEngine}
+ENGINES: dict[str, Callable[[TestbedConfig], Engine]] = {"emulate": EmulatorEngine,
+                                                          "simulate": SimulatorEngine}
 DEFAULT_ENGINE = "emulate"

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from lab import scenario as scenario_mod
 from lab.campaign import write_campaign
 from lab.engine import DEFAULT_ENGINE, ENGINES, Engine
-from lab.experiment import ExperimentConfig, prepare
+from lab.experiment import ExperimentConfig, ExperimentError, prepare
 from lab.report import write_report
 from lab.rundir import provenance, window_dir_name
 from netkv.schedulers import provenance as scheduler_provenance
@@ -42,6 +42,8 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False, engine: str = 
     window) or the campaign (several windows: one ordinary run directory per
     window, each repeatable alone, and campaign.json across them)."""
 
+    if engine not in ENGINES:
+        raise ExperimentError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
     tb_cfg, base, scen, out = prepare(exp)
     out.mkdir(parents=True, exist_ok=True)
     exp.out_dir = str(out)
@@ -65,8 +67,8 @@ def run_experiment(exp: ExperimentConfig, *, quiet: bool = False, engine: str = 
     eng = ENGINES[engine](tb_cfg)
     load_bg = scen.load_mbps_hops(eng.topology, tb_cfg.scale)
     say(f"run directory {out}")
-    say(f"scenario {scen.name}: {len(scen.flows)} background flows, {load_bg:.0f} Mbit/s x hops "
-        f"on the emulator when all run")
+    say(f"scenario {scen.name}: {len(scen.flows)} background flows"
+        + (f", {load_bg:.0f} Mbit/s x hops on the emulator when all run" if engine == "emulate" else ""))
     try:
         bringup = json.dumps(eng.up(), indent=2, default=str) + "\n"
         for line in eng.describe():
@@ -103,10 +105,13 @@ def _replay_schedulers(eng: Engine, exp: ExperimentConfig, labels: list[str], ba
         say(f"replaying with {name} ...")
         summary, envelope = eng.replay(cfg, scen, run_dir)
         flag = "" if envelope["within_envelope"] is not False else "  [OUTSIDE the emulator's envelope]"
-        say(f"{name}: {summary['ok']}/{summary['requests']} ok, mean TTFT "
-            f"{_fmt(summary.get('ttft_mean_ms'))} ms, p99 {_fmt(summary.get('ttft_p99_ms'))} ms; "
-            f"busiest switch process p95 {_fmt(envelope['switch_cpu_pct_p95'])}% of a core, machine "
-            f"p95 {_fmt(envelope['machine_busy_pct_p95'])}% busy{flag}")
+        head = (f"{name}: {summary['ok']}/{summary['requests']} ok, mean TTFT "
+                f"{_fmt(summary.get('ttft_mean_ms'))} ms, p99 {_fmt(summary.get('ttft_p99_ms'))} ms; ")
+        if envelope.get("engine") == "simulate":
+            say(head + f"{_fmt(envelope.get('simulated_s'))} s simulated in {_fmt(envelope.get('wall_s'))} s")
+        else:
+            say(head + f"busiest switch process p95 {_fmt(envelope['switch_cpu_pct_p95'])}% of a core, machine "
+                f"p95 {_fmt(envelope['machine_busy_pct_p95'])}% busy{flag}")
         if envelope.get("limiting_resource"):
             say(f"{name}: the emulator ran short of: {envelope['limiting_resource']}")
         if scen.events:

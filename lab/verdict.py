@@ -21,6 +21,13 @@ shorter than a sample gap cannot be seen without the monotonic clock:
 Both ways, the stall and pause checks also look at the two sample pairs that
 straddle the window's edges: a hole that begins before the replay's first
 request and ends inside it is a stall of the replay.
+
+A replay of the simulator engine (``netkv simulate``; its envelope.json says
+``"engine": "simulate"``) has no emulator envelope to leave: no switch
+process, no shared CPU, and its time stamps are a simulated clock's, which
+cannot stall.  It is judged inside, with ``limiting_resource`` None and a
+``note`` saying why, so that campaigns and reports count it like an emulated
+replay judged inside.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from lab.rundir import read_json
 from netkv.stats import percentile
 
 UNJUDGED = "unjudged"
+SIMULATED_NOTE = ("simulated replay (engine simulate): SimGrid's flow-level network on a simulated clock has no "
+                  "emulator envelope, so it is judged inside")
 
 # The envelope, on the 95th percentile of one-second samples.  Calibrated by
 # fidelity, not by saturation: on the per-switch emulator, replays whose machine
@@ -101,10 +110,15 @@ def _edges(times: Sequence[float], first: int, last: int) -> list[tuple[int, int
 def rejudge(envelope: dict[str, Any] | None, summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """The verdict under the current rule: ``within_envelope`` (True, False or
     None for unjudged), ``limiting_resource``, ``checks_missing`` (what the
-    saved data cannot show) and the figures it was judged on."""
+    saved data cannot show) and the figures it was judged on.  A simulated
+    replay (``"engine": "simulate"``) is inside, with a ``note``."""
     if not envelope:
         return {"within_envelope": None, "limiting_resource": "no envelope.json: the replay was not judged",
                 "checks_missing": ["everything"]}
+    if envelope.get("engine") == "simulate":
+        return {"within_envelope": True, "limiting_resource": None, "checks_missing": [], "note": SIMULATED_NOTE,
+                "switch_cpu_pct_p95": None, "machine_busy_pct_p95": None, "sample_gap_s_max": None,
+                "wall_clock_jump_s_max": None}
     series = envelope.get("series") or []
     lag = (summary or {}).get("max_dispatch_lag_ms", envelope.get("dispatch_lag_ms_max"))
     died = list(envelope.get("switch_processes_died") or [])

@@ -19,9 +19,12 @@ die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 #    module for /usr/bin/python3; openvswitch-switch brings ovs-vswitchd/ovsdb;
 #    libjemalloc2 for the switch processes when asked for (switch_jemalloc).
 #    prometheus and chromium: the telemetry inspection tests start their own
-#    (loopback-only) Prometheus server and headless Chromium.
+#    (loopback-only) Prometheus server and headless Chromium.  python3-simgrid:
+#    the simulator engine's flow-level network (`netkv simulate`, sim/); Debian
+#    12 pins it at 3.32, prebuilt for its Python 3.11, and the venv sees it
+#    through its system site packages (PyPI's simgrid is a long source build).
 packages=(mininet openvswitch-switch iperf3 ethtool iputils-ping iproute2 net-tools
-          python3-venv python3-pip ruby procps libjemalloc2 prometheus chromium)
+          python3-venv python3-pip ruby procps libjemalloc2 prometheus chromium python3-simgrid)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
