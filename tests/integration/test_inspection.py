@@ -381,9 +381,27 @@ def test_browser_shows_a_known_flow_on_its_links_and_idle_links_idle(tb: Testbed
             assert float(attrs["data-rate-bps"]) == pytest.approx(flow.expected_bps, rel=RATE_TOLERANCE)
 
 
+def wait_until_quiet(tb: Testbed, hops: list[tuple[str, str]], timeout_s: float = 20.0) -> None:
+    """Until no hop of ``hops`` carries more than 1% of its capacity in /links: the
+    flow of an earlier test stays in the samples for up to a poll interval after it
+    ends, and the oracle's telemetry estimate follows those samples."""
+    deadline = time.monotonic() + timeout_s
+    busy: dict[tuple[str, str], float] = {}
+    while time.monotonic() < deadline:
+        rows = {(r["src"], r["dst"]): r for r in rest_get(tb.rest_url, "/links")["links"]}
+        busy = {h: rows[h]["rate_bps"] for h in hops
+                if rows[h]["rate_bps"] > 0.01 * tb.emulated_mbps(tb.topo.link_between(*h)) * 1e6}
+        if not busy:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"path still busy after {timeout_s} s: {busy}")
+
+
 def test_browser_shows_the_replay_and_the_picked_pair(tb: Testbed) -> None:
     wait_for_samples(tb)
     src, dst = cross_pair(tb, "a1")
+    # the page's estimate and the API's are read moments apart: compare them on a quiet path
+    wait_until_quiet(tb, tb.topo.path_hops(src, dst))
     report = {"scheduler": "round_robin", "requests_done": 7, "requests_total": 40,
               "transfers_in_flight": [{"src": dst, "dst": src, "bytes": 123456}]}
     status, _, raw = fetch(tb.rest_url.rstrip("/") + "/replay", json.dumps(report).encode())
