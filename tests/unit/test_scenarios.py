@@ -11,6 +11,7 @@ import pytest
 import topologies
 from lab import scenario
 from lab.experiment import ExperimentConfig, ExperimentError
+from netkv.repo import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,14 @@ def test_saved_experiment_reruns_with_the_same_settings(tmp_path: Path) -> None:
     # an option given on the command line overrides the saved value
     third = experiment_from_args(parser.parse_args(["run", "--experiment", str(saved), "--scale", "50000"]))
     assert third.testbed["scale"] == 50000 and third.schedulers == ["netkv", "round_robin"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "experiments").glob("*.json")), ids=lambda p: p.stem)
+def test_every_shipped_experiment_passes_the_checks_made_before_a_network_is_built(path: Path) -> None:
+    from cli.lab import experiment_from_args
+    from cli.main import build_parser
+    from lab.experiment import prepare
+
+    exp = experiment_from_args(build_parser().parse_args(["run", "--experiment", str(path)]))
+    prepare(exp)
+    assert exp.window_starts_s, f"{path.name}: a shipped experiment names the trace windows it was run on"
