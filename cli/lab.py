@@ -23,6 +23,7 @@ from lab.experiment import (
     ExperimentError,
     prepare,
 )
+from lab.pool import PoolError, pool
 from lab.report import render_table, write_report
 from lab.run import run_experiment
 from lab.simulator import SimulatorRefusal
@@ -38,6 +39,7 @@ def add_parsers(sub: Any) -> None:
     add_run_parsers(sub)
     add_sweep_parser(sub)
     add_report_parser(sub)
+    add_pool_parser(sub)
 
 
 # -- command line ------------------------------------------------------------------------
@@ -301,6 +303,30 @@ def add_report_parser(sub: Any) -> None:
                    help="a campaign: also print these paired changes (A against B), headline and every-window, with "
                         "the A/A noise floor beside them, e.g. netkv_static:dynamo_decode,netkv:netkv_static")
     p.set_defaults(func=cmd_report)
+
+
+def add_pool_parser(sub: Any) -> None:
+    p = sub.add_parser("pool", help="read several campaigns of one experiment, on disjoint windows, as one",
+                       description="Make OUT a campaign whose windows are the given campaigns' windows (linked, "
+                                   "not copied), then report it as `netkv report OUT` does: changes paired by "
+                                   "window over every window. The campaigns must be the same experiment "
+                                   "(schedulers, variants, scenario, replay settings, fabric; only the prefix, "
+                                   "ports and replay order may differ) on windows that do not overlap. Needs "
+                                   "no root.")
+    p.add_argument("out", type=Path, help="the pooled campaign's directory (must not exist)")
+    p.add_argument("runs", type=Path, nargs="+", metavar="CAMPAIGN", help="two or more campaign directories")
+    p.add_argument("--json", action="store_true", help="print the campaign as JSON instead of a table")
+    p.add_argument("--pairs", metavar="A:B,C:D", help="also print these paired changes, as `netkv report --pairs`")
+    p.set_defaults(func=cmd_pool)
+
+
+def cmd_pool(args: argparse.Namespace) -> int:
+    try:
+        pool(args.out, args.runs)
+    except PoolError as exc:
+        raise CliError(str(exc)) from None
+    args.run_dir = args.out
+    return cmd_report(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

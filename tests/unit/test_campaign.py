@@ -285,3 +285,52 @@ def test_render_pairs_names_each_pair_and_the_noise_floor(tmp_path: Path) -> Non
     text = render_pairs(c, [("netkv", "round_robin")])
     assert text.splitlines()[0].startswith("noise floor, netkv@aa vs netkv: mean TTFT ")
     assert text.splitlines()[1].startswith("netkv vs round_robin: mean TTFT -12.5 [")
+
+
+def _small_campaign(run: Path, starts: list[float], changes: list[float], **exp_extra: Any) -> list[dict[str, Any]]:
+    run.mkdir()
+    exp = {"schedulers": ["round_robin", "netkv"], "scenario": "none", "window_starts_s": starts,
+           "replay": {"duration_s": 60}, "testbed": {"topology": "fattree", "prefix": run.name[:2]}, **exp_extra}
+    (run / "experiment.json").write_text(json.dumps(exp))
+    return [_window(run, i, s, {"round_robin": {"ttft": 1000.0, "slo": 0.8},
+                                "netkv": {"ttft": 1000.0 * (1 + c / 100), "slo": 0.9}})
+            for i, (s, c) in enumerate(zip(starts, changes))]
+
+
+def test_pooled_campaigns_pair_every_window_of_both(tmp_path: Path) -> None:
+    from lab.pool import pool
+
+    a = _small_campaign(tmp_path / "aa", [1200.0, 1800.0, 2400.0], [2.0, -20.0, -15.0])
+    b = _small_campaign(tmp_path / "bb", [300.0, 900.0, 1500.0], [-8.0, -12.0, -22.0])
+    alone = aggregate(tmp_path / "aa", a)["ttft_mean_change_pct"]["netkv"]["round_robin"]
+    assert alone["verdict"] == "not significant"
+    out = pool(tmp_path / "both", [tmp_path / "aa", tmp_path / "bb"])
+    assert [p.name for p in window_runs(out)] == ["w0-1200s", "w1-1800s", "w2-2400s", "w3-300s", "w4-900s",
+                                                   "w5-1500s"]
+    assert (out / "w3-300s").resolve() == (tmp_path / "bb" / "w0-300s").resolve()
+    exp = json.loads((out / "experiment.json").read_text())
+    assert exp["window_starts_s"] == [1200.0, 1800.0, 2400.0, 300.0, 900.0, 1500.0]
+    assert exp["recorded"]["pooled_from"] == [str((tmp_path / n).resolve()) for n in ("aa", "bb")]
+    both = aggregate(out, a + b)["ttft_mean_change_pct"]["netkv"]["round_robin"]
+    assert both["values"] == pytest.approx([2.0, -20.0, -15.0, -8.0, -12.0, -22.0])
+    assert both["verdict"] == "significant" and both["ci95"][1] < 0
+    assert ExperimentConfig.from_json(exp).window_starts_s == exp["window_starts_s"]  # reruns as one campaign
+
+
+def test_pool_refuses_other_experiments_overlapping_windows_and_an_existing_directory(tmp_path: Path) -> None:
+    from lab.pool import PoolError, pool
+
+    _small_campaign(tmp_path / "aa", [0.0, 100.0], [1.0, 2.0])
+    _small_campaign(tmp_path / "bb", [200.0, 300.0], [1.0, 2.0], scenario="core-hotspot")
+    _small_campaign(tmp_path / "cc", [130.0, 400.0], [1.0, 2.0])
+    _small_campaign(tmp_path / "dd", [500.0, 600.0], [1.0, 2.0], order="random")
+    with pytest.raises(PoolError, match="not the same experiment .*: scenario differs"):
+        pool(tmp_path / "x", [tmp_path / "aa", tmp_path / "bb"])
+    with pytest.raises(PoolError, match="windows at 100 s and 130 s overlap"):
+        pool(tmp_path / "y", [tmp_path / "aa", tmp_path / "cc"])
+    with pytest.raises(PoolError, match="at least two"):
+        pool(tmp_path / "z", [tmp_path / "aa"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    pool(tmp_path / "ok", [tmp_path / "aa", tmp_path / "dd"])  # another prefix and replay order pool
+    with pytest.raises(PoolError, match="exists"):
+        pool(tmp_path / "ok", [tmp_path / "aa", tmp_path / "dd"])
