@@ -1,10 +1,13 @@
 """Validation of the simulator against the emulator at 64 GPUs, one campaign at a time.
 
-``python -m bench simvalidate RUN_DIR [--out DIR]`` takes a campaign the
+``python -m bench simvalidate RUN_DIR [--out DIR] [--set KEY=VALUE ...]`` takes a campaign the
 emulator ran (``netkv run``: its ``experiment.json`` and windows), simulates
 the same experiment (same windows, schedulers, variants, scenario, fabric,
 settings) with ``netkv simulate``, and compares the two, per scheduler and per
-request:
+request.  ``--set`` is passed to ``netkv simulate`` as it is (a replay setting
+the campaign's own experiment file lacks, e.g. ``model_context=ignore`` for a
+campaign run before model contexts were enforced); the settings passed are
+recorded in the simulated run's ``experiment.json``:
 
 * mean and p99 TTFT, SLO attainment and the KV transfer part, the simulator's
   mean beside the emulator's 95% interval across windows;
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a campaign the emulator ran (netkv run with several windows)")
     ap.add_argument("--out", type=Path, help="where the simulated campaign goes (default: RUN_DIR-simulated)")
+    ap.add_argument("--set", dest="replay_set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a replay setting for the simulation, passed to `netkv simulate --set` (repeatable)")
     args = ap.parse_args(argv)
     emu = args.run_dir.resolve()
     if not (emu / "campaign.json").is_file():
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     sim = (args.out or emu.with_name(emu.name + "-simulated")).resolve()
     if not (sim / "campaign.json").is_file():
         done = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "--experiment", str(emu / "experiment.json"),
+                               *[a for kv in args.replay_set for a in ("--set", kv)],
                                "--out", str(sim), "--quiet"], cwd=REPO_ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"bench simvalidate: netkv simulate failed: {done.stderr.strip()[-2000:]}", file=sys.stderr)
