@@ -49,6 +49,20 @@ def _what(exp: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
+    """The dotted name of the first setting (in sorted order) that differs
+    between two experiments, descending into sections; None when equal."""
+    if a == b:
+        return None
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return where
+    for key in sorted(set(a) | set(b)):
+        found = _first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+        if found is not None:
+            return found
+    return where
+
+
 def pool(out: Path, runs: list[Path]) -> Path:
     """Make ``out`` the campaign of every window of ``runs`` (see the module
     docstring); ``out`` must not exist yet.  Returns ``out``."""
@@ -60,17 +74,8 @@ def pool(out: Path, runs: list[Path]) -> Path:
     first = _what(exps[0])
     for run, exp in zip(runs[1:], exps[1:]):
         what = _what(exp)
-        diff = sorted(k for k in set(first) | set(what) if first.get(k) != what.get(k))
-        if diff:
-            key = diff[0]
-            if key == "testbed":
-                sub = sorted(k for k in set(first["testbed"]) | set(what["testbed"])
-                             if first["testbed"].get(k) != what["testbed"].get(k))
-                key = f"testbed.{sub[0]}"
-            elif key == "replay":
-                sub = sorted(k for k in set(first["replay"]) | set(what["replay"])
-                             if first["replay"].get(k) != what["replay"].get(k))
-                key = f"replay.{sub[0]}"
+        key = _first_difference(first, what)
+        if key is not None:
             raise PoolError(f"{run} is not the same experiment as {runs[0]}: {key} differs")
     length_s = float((exps[0].get("replay") or {}).get("duration_s") or 0.0)
     windows: list[tuple[float, Path]] = []
