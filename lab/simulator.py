@@ -409,7 +409,7 @@ class SimReplay:
         run_info = {
             "engine": ENGINE, "run_start_epoch_s": self.ledger.t0, "placement": placement.as_dict(),
             "tier_pairs": tier_mix(self.topo, placement), "perf": self.ledger.perf.describe(), "workers": {},
-            "simulation": {**sim_platform.describe(), "routes": len(plat.routes), "lead_s": LEAD_S},
+            "simulation": {**sim_platform.describe(), "routes": plat.routes, "lead_s": LEAD_S},
         }
         (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
         summary = summarize(records_path, cfg.ttft_slo_ms, SloConfig.from_dict(cfg.slo))
@@ -425,7 +425,7 @@ class SimReplay:
             "engine": ENGINE, "within_envelope": True, "limiting_resource": None, "note": ENVELOPE_NOTE,
             "switch_cpu_pct_p95": None, "machine_busy_pct_p95": None,
             "simulated_s": round(sim.now, 6), "wall_s": round(wall_s, 3), "platform_build_s": round(platform_s, 3),
-            "cpu_s": round(time.process_time() - cpu_began, 3), "routes": len(plat.routes),
+            "cpu_s": round(time.process_time() - cpu_began, 3), "routes": plat.routes,
             "transfers": sim.transfers_started, "callbacks": sim.callbacks_run,
             "telemetry_polls": self.polls, "background_flows_started": self.background_started,
             "simgrid": sim_platform.describe(),

@@ -144,11 +144,16 @@ class Platform:
     links: dict[tuple[str, str], Any]  # topology link key -> s4u SplitDuplexLink
     directed: dict[Hop, Any]  # directed hop -> the s4u Link of that direction
     capacity_gbps: dict[Hop, float]  # directed hop -> its rate now (faults may change it)
-    routes: dict[tuple[str, str], list[Hop]] = field(default_factory=dict)  # declared pair -> its hops
+    routes: int = 0  # routes declared to SimGrid
     background: list[str] = field(default_factory=list)  # bg<i>: the source host of background flow i
+    _bg_hops: dict[tuple[str, str], list[Hop]] = field(default_factory=dict)  # (bg<i>, dst) -> its fabric hops
 
     def hops(self, src: str, dst: str) -> list[Hop]:
-        return self.routes[(src, dst)]
+        """The fabric hops of a declared route: the controller's path
+        (``topology.path_hops``, computed again rather than kept: a table of
+        every pair's hops is most of a large platform's memory)."""
+        found = self._bg_hops.get((src, dst))
+        return found if found is not None else self.topology.path_hops(src, dst)
 
     def set_rate(self, a: str, b: str, rate_gbps: float) -> None:
         """Re-rate topology link a-b, both directions (a fault)."""
@@ -196,21 +201,22 @@ def build(topo: Topology, pairs: Sequence[tuple[str, str]] | None = None,
     platform = Platform(topo, engine, zone, hosts, links, directed, capacity)
     wanted = with_reverse(every_pair(topo) if pairs is None else pairs)
     wanted = with_reverse(wanted + [(s, d) for s, d, _ in background])
+    wanted.sort(key=lambda pair: pair[1])  # by destination: Topology.path keeps one BFS per destination switch
     for src, dst in wanted:
-        nodes = topo.path(src, dst)
-        hops = list(zip(nodes, nodes[1:]))
-        platform.routes[(src, dst)] = hops
-        zone.add_route(hosts[src].netpoint, hosts[dst].netpoint, None, None, [in_route[h] for h in hops], False)
+        zone.add_route(hosts[src].netpoint, hosts[dst].netpoint, None, None,
+                       [in_route[h] for h in topo.path_hops(src, dst)], False)
+    platform.routes = len(wanted)
     for i, (src, dst, rate_gbps) in enumerate(background):
         name = f"bg{i}"
         host = hosts[name] = zone.create_host(name, HOST_SPEED_FLOPS)
         limit = zone.create_split_duplex_link(f"{name}-limit", rate_gbps * 1e9 / 8 / BANDWIDTH_FACTOR)
         limit.set_latency(0.0).seal()
-        there = [sg.LinkInRoute(limit, up)] + [in_route[h] for h in platform.routes[(src, dst)]]
-        back = [in_route[h] for h in platform.routes[(dst, src)]] + [sg.LinkInRoute(limit, down)]
+        there = [sg.LinkInRoute(limit, up)] + [in_route[h] for h in topo.path_hops(src, dst)]
+        back = [in_route[h] for h in topo.path_hops(dst, src)] + [sg.LinkInRoute(limit, down)]
         zone.add_route(host.netpoint, hosts[dst].netpoint, None, None, there, False)
         zone.add_route(hosts[dst].netpoint, host.netpoint, None, None, back, False)
-        platform.routes[(name, dst)] = platform.routes[(src, dst)]
+        platform._bg_hops[(name, dst)] = topo.path_hops(src, dst)
+        platform.routes += 2
         platform.background.append(name)
     zone.seal()
     return platform

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from topologies.model import Hop, Link, Topology, pick_path
+from topologies.model import Hop, Link, Topology
 
 from .base import DOWN_LINK_GBPS, check_latencies, ms_per_byte
 
@@ -78,8 +78,11 @@ class PathTable:
                 raise ValueError(f"{name} is a switch; transfers go between GPU hosts")
         if src == dst:
             return PairInfo(-1, (), math.inf, self.base_latency_ms_by_tier[-1], 0.0)
-        nodes = self.route(src, dst)
-        hops = tuple(zip(nodes, nodes[1:]))
+        if self.down:
+            nodes = self.route(src, dst)
+            hops: tuple[Hop, ...] = tuple(zip(nodes, nodes[1:]))
+        else:  # the topology's shared hop tuples: a large fabric holds many pairs
+            hops = tuple(self.topology.path_hops(src, dst))
         links = [topo.link_between(x, y) for x, y in hops]
         tier = max(l.tier for l in links)
         bottleneck = min(self.rate_gbps(l) for l in links)
@@ -88,7 +91,7 @@ class PathTable:
     def route(self, src: str, dst: str) -> list[str]:
         """The installed route: the controller's rule (``topologies.model.pick_path``
         over the topology's shortest paths), avoiding links that are down."""
-        return pick_path(self.topology.shortest_paths(src, dst), src, dst, self.down)
+        return self.topology.path(src, dst, self.down)
 
     def warm(self, src: str, dsts: list[str]) -> None:
         for dst in dsts:

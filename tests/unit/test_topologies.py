@@ -144,3 +144,37 @@ def test_gpu_nic_off_by_default_and_contradiction_refused() -> None:
         topologies.build("fattree", {"gpu_nic_gbps": -1})
     with pytest.raises(topologies.TopologyError, match="gpu_nic_gbps must be a number, got 'fast'"):
         topologies.build("fattree", {"gpu_nic_gbps": "fast"})
+
+
+LARGE_FATTREE = {"gpus_per_server": 8, "servers_per_rack": 2, "racks_per_pod": 4, "aggs_per_pod": 4,
+                 "cores": 4, "pods": 16}  # 1,024 GPUs: 64 equal-cost paths between pods
+
+
+@pytest.mark.parametrize("name, params, stride", [
+    ("fattree", {}, 1), ("leafspine", {}, 1), ("tiny", {}, 1), ("fattree", LARGE_FATTREE, 101)])
+def test_installed_path_is_the_sorted_candidates_pick(name: str, params: dict[str, object], stride: int) -> None:
+    """Topology.path walks to the pick without listing the candidates; it must
+    land where indexing the sorted list of every shortest path does (the rule
+    the controller, /path and the oracle share)."""
+    from topologies.model import pick_path
+
+    topo = topologies.build(name, params)
+    gpus = topo.gpu_names()
+    pairs = [(s, d) for s in gpus for d in gpus if s != d][::stride]
+    assert len(pairs) >= 12
+    for s, d in pairs:
+        assert topo.path(s, d) == pick_path(topo.shortest_paths(s, d), s, d), (s, d)
+
+
+def test_installed_path_keeps_no_candidate_lists() -> None:
+    """At 1,024 GPUs a pair's candidates cost 8 kB; the installed path must not
+    keep them (the simulator asks for every prefill-decode pair)."""
+    topo = topologies.build("fattree", LARGE_FATTREE)
+    gpus = topo.gpu_names()
+    for d in gpus[::7]:
+        for s in gpus[::5]:
+            if s != d:
+                topo.path_hops(s, d)
+    assert topo._path_cache == {}
+    hops = topo.path_hops("g0", gpus[-1])
+    assert len(hops) == 8 and hops[0] is topo.path_hops("g0", "g1")[0]  # shared hop tuples
