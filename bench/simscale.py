@@ -1,6 +1,6 @@
 """How the simulator scales: one replay per size of the four-tier fat-tree.
 
-``python -m bench simscale [--gpus 256,1024] [--sim-s 60] [--schedulers netkv]``
+``python -m bench simscale [--gpus 256,1024] [--sim-s 60] [--schedulers netkv] [--load replicate]``
 runs ``netkv simulate`` once per size and scheduler, each in a process of its
 own, and reports per size: the platform's routes, wall time per simulated
 second, the peak resident memory of the largest process, the scheduling
@@ -12,12 +12,17 @@ per rack, 4 racks and 4 aggregation switches per pod: 64 GPUs), its rates and
 its oversubscription, and add pods (``pods = gpus / 64``) under 4 core
 switches, so the naming and the tiers are those of every other run.
 
-**The load** grows with the GPUs by time compression: the trace window's
-arrivals are replayed ``gpus / 64`` times faster (``--rate-multiplier``), so
-``sim_s`` simulated seconds take ``sim_s x gpus / 64`` seconds of the trace;
-the one-hour trace therefore bounds a run at ``3,600 x 64 / gpus`` simulated
-seconds (225 s at 1,024 GPUs). Conversations keep their order but arrive
-closer together, which raises prefix reuse per second.
+**The load** grows with the GPUs, ``n = gpus / 64`` times the trace's, in one
+of two ways (``--load``):
+
+* ``replicate`` (the default): ``n`` copies of the trace at once, each shifted
+  by 1/n of the trace's cycle and with prefixes of its own (replay setting
+  ``trace_replicas``, :mod:`netkv.traces`); a run may last up to the trace's
+  hour at any size, and each copy's prefix reuse per second is the trace's;
+* ``compress``: one copy replayed ``n`` times faster (``rate_multiplier``), so
+  ``sim_s`` simulated seconds take ``n x sim_s`` seconds of the trace and the
+  hour bounds a run at ``3,600 / n`` simulated seconds (225 s at 1,024 GPUs);
+  conversations arrive closer together, which raises prefix reuse per second.
 
 The targets of the scale work, reported as met or not: 1,024 GPUs at no more
 than one wall second per simulated second (10 simulated minutes in under 10
@@ -61,12 +66,18 @@ def size_params(gpus: int) -> dict[str, int]:
     return {**POD_PARAMS, "pods": gpus // GPUS_PER_POD}
 
 
-def run_one(gpus: int, scheduler: str, sim_s: float, out: Path) -> dict[str, Any]:
+LOADS = ("replicate", "compress")
+
+
+def run_one(gpus: int, scheduler: str, sim_s: float, out: Path, load: str = "replicate") -> dict[str, Any]:
     multiplier = gpus / BASE_GPUS
+    if load == "compress":
+        how = ["--duration-s", f"{sim_s * multiplier:g}", "--rate-multiplier", f"{multiplier:g}"]
+    else:
+        how = ["--duration-s", f"{sim_s:g}", "--set", f"trace_replicas={gpus // BASE_GPUS}"]
     argv = [sys.executable, "-m", "cli.main", "simulate", "--topology", "fattree",
             *[a for k, v in size_params(gpus).items() for a in ("--param", f"{k}={v}")],
-            "--schedulers", scheduler, "--start-s", f"{TRACE_START_S:g}",
-            "--duration-s", f"{sim_s * multiplier:g}", "--rate-multiplier", f"{multiplier:g}",
+            "--schedulers", scheduler, "--start-s", f"{TRACE_START_S:g}", *how,
             "--out", str(out), "--quiet"]
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-c", _PEAK, *argv], cwd=REPO_ROOT, capture_output=True, text=True)
@@ -75,8 +86,8 @@ def run_one(gpus: int, scheduler: str, sim_s: float, out: Path) -> dict[str, Any
         peak = json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         return {"gpus": gpus, "scheduler": scheduler, "error": done.stderr.strip()[-500:] or "no output"}
-    row: dict[str, Any] = {"gpus": gpus, "scheduler": scheduler, "rate_multiplier": multiplier,
-                           "trace_s": sim_s * multiplier, "wall_s": round(wall_s, 1),
+    row: dict[str, Any] = {"gpus": gpus, "scheduler": scheduler, "load": load, "load_x": multiplier,
+                           "trace_s": sim_s * multiplier if load == "compress" else sim_s, "wall_s": round(wall_s, 1),
                            "peak_rss_gib": round(peak["peak_rss_kib"] / 2**20, 2)}
     if peak["rc"] != 0:
         lines = [ln for ln in peak["stderr"].strip().splitlines() if ln.strip()]
@@ -104,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", default="256,1024", help="sizes, comma-separated, whole pods of 64 (default: 256,1024)")
     ap.add_argument("--sim-s", type=float, default=60.0, help="simulated seconds per replay (default: 60)")
     ap.add_argument("--schedulers", default="netkv", help="comma-separated (default: netkv)")
+    ap.add_argument("--load", choices=LOADS, default="replicate",
+                    help="how the load grows with the GPUs: replicate (copies of the trace, default) or compress "
+                         "(one copy, faster)")
     ap.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary directory)")
     args = ap.parse_args(argv)
     try:
@@ -120,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         base = args.out or Path(tmp)
         for g in sizes:
             for s in schedulers:
-                row = run_one(g, s, args.sim_s, base / f"{g}-gpus" / s.replace(":", "_"))
+                row = run_one(g, s, args.sim_s, base / f"{g}-gpus" / s.replace(":", "_"), args.load)
                 print(f"simscale: {json.dumps(row)}", file=sys.stderr)
                 rows.append(row)
     at_1024 = [r for r in rows if r["gpus"] == 1024 and r.get("wall_per_simulated_s") is not None]
@@ -131,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         "8192_gpus_runs": None if not at_8192 else all("requests" in r for r in at_8192),
     }
     print(json.dumps({"benchmark": "simscale", "sim_s": args.sim_s, "pod_params": POD_PARAMS,
-                      "load": "time-compressed: rate_multiplier = gpus / 64", "runs": rows, "targets": targets}))
+                      "load": {"replicate": "trace_replicas = gpus / 64 phase-shifted copies",
+                               "compress": "time-compressed: rate_multiplier = gpus / 64"}[args.load],
+                      "runs": rows, "targets": targets}))
     return 0
 
 

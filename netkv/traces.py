@@ -33,6 +33,20 @@ first ``ceil(k*r/512)`` of its k ids, which keeps exactly
 share n*k blocks after scaling; arrivals and output lengths are unchanged.
 Only whole factors are allowed: a fractional one would cut blocks apart, and
 a block id names its whole prefix, so the shared prefixes could not be kept.
+
+Replicated arrivals (``replicas`` R, a whole number >= 1), for fabrics larger
+than the one the trace was recorded for: R copies of the trace are replayed
+at once, copy c shifted in time by c/R of the trace's cycle and wrapped around
+its end, so the copies' bursts do not coincide.  The cycle is the last
+timestamp plus the mean gap between arrivals (so the last request does not land
+on the first).  Copy c's request at trace time ``ts`` has trace time
+``u = (ts - c * cycle / R) mod cycle``, and the window and
+rate apply to ``u`` as above; its block ids become ``b * R + c`` (each copy's
+conversations share prefixes among themselves, never with another copy's) and
+its id ``"L<line>.r<c>"`` (copy 0 keeps ``"L<line>"``).  The load is R times
+the trace's, and its prefix reuse per second per copy is the trace's own,
+where a rate multiplier of R would compress time and raise it.  R = 1 is the
+trace as it is.  A window must then lie within one cycle.
 """
 
 from __future__ import annotations
@@ -51,6 +65,7 @@ from .request import BLOCK_TOKENS, Request
 # source and licence); every default, test and help text reads it from here.
 DEFAULT_TRACE = REPO_ROOT / "traces" / "mooncake_conversation.jsonl"
 ON_ERROR_CHOICES = ("raise", "skip")
+MAX_REPLICAS = 4096  # sanity bound on replicas (8,192 GPUs are 128 copies of the 64-GPU load)
 MAX_CONTEXT_FACTOR = 1000  # sanity bound on context_factor (the trace's longest prompt is 126,195 tokens)
 REQUIRED_KEYS = ("timestamp", "input_length", "output_length", "hash_ids")
 
@@ -241,6 +256,54 @@ def trace_span_s(path: str | Path, on_error: str = "raise") -> float:
     return last_ms / 1000.0
 
 
+def check_replicas(replicas: object) -> int:
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= MAX_REPLICAS:
+        raise TraceError(f"replicas must be a whole number in [1, {MAX_REPLICAS}], got {replicas!r}")
+    return replicas
+
+
+def replicated(
+    path: str | Path,
+    replicas: int,
+    *,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+    rate_multiplier: float = 1.0,
+    on_error: str = "raise",
+    max_requests: int | None = None,
+    context_factor: int = 1,
+) -> TraceLoad:
+    """The window of ``replicas`` phase-shifted copies of the trace, in arrival
+    order (see the module docstring)."""
+    check_replicas(replicas)
+    _check_args(start_s, duration_s, rate_multiplier, on_error)
+    skipped: list[TraceIssue] = []
+    whole = list(iter_trace(path, on_error=on_error, skipped=skipped, context_factor=context_factor))
+    last_ms = whole[-1].arrival_ms if whole else 0.0  # start 0, rate 1: arrivals are timestamps
+    if len(whole) < 2 or last_ms <= 0:
+        raise TraceError(f"{path}: a trace that spans no time cannot be replicated")
+    span_ms = last_ms + last_ms / (len(whole) - 1)  # the cycle: the span plus the mean gap
+    start_ms = start_s * 1000.0
+    length_ms = span_ms - start_ms if duration_s is None else duration_s * 1000.0
+    if start_ms + length_ms > span_ms:
+        raise TraceError(f"with replicas, the window ({start_s:g} s + {length_ms / 1000:g} s) must lie within "
+                         f"the trace's cycle of {span_ms / 1000:g} s (the copies wrap around it)")
+    out: list[Request] = []
+    for copy in range(replicas):
+        shift_ms = copy * span_ms / replicas
+        for req in whole:
+            u = (req.arrival_ms - shift_ms) % span_ms
+            if not start_ms <= u < start_ms + length_ms:
+                continue
+            rid = req.request_id if copy == 0 else f"{req.request_id}.r{copy}"
+            ids = req.hash_ids if replicas == 1 else tuple(b * replicas + copy for b in req.hash_ids)
+            out.append(Request(rid, (u - start_ms) / rate_multiplier, req.input_tokens, req.output_tokens, ids))
+    out.sort(key=lambda r: (r.arrival_ms, r.request_id))
+    if max_requests is not None:
+        out = out[:max_requests]
+    return TraceLoad(out, skipped)
+
+
 def load_trace(
     path: str | Path,
     *,
@@ -250,9 +313,13 @@ def load_trace(
     on_error: str = "raise",
     max_requests: int | None = None,
     context_factor: int = 1,
+    replicas: int = 1,
 ) -> TraceLoad:
     """All requests of the window plus the skipped lines (``on_error="skip"``),
-    prompts scaled by ``context_factor``."""
+    prompts scaled by ``context_factor``, ``replicas`` copies (:func:`replicated`)."""
+    if check_replicas(replicas) > 1:
+        return replicated(path, replicas, start_s=start_s, duration_s=duration_s, rate_multiplier=rate_multiplier,
+                          on_error=on_error, max_requests=max_requests, context_factor=context_factor)
     skipped: list[TraceIssue] = []
     requests = list(
         iter_trace(

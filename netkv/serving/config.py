@@ -20,7 +20,7 @@ from netkv.placement import DEFAULT_PLACEMENT
 from netkv.serving.prefill import PREFILL_POLICIES
 from netkv.slo import SloConfig, SloError
 from netkv.traces import DEFAULT_TRACE as _DEFAULT_TRACE_PATH
-from netkv.traces import MAX_CONTEXT_FACTOR, ON_ERROR_CHOICES, TraceLoad, load_trace
+from netkv.traces import MAX_CONTEXT_FACTOR, MAX_REPLICAS, ON_ERROR_CHOICES, TraceLoad, load_trace
 
 DEFAULT_TRACE = str(_DEFAULT_TRACE_PATH)
 # Real link rates and KV payload bytes are both divided by this on the emulated
@@ -64,6 +64,9 @@ class ReplayConfig:
     on_trace_error: str = _f("raise", "malformed trace line: 'raise' stops, 'skip' leaves it out and lists it", "")
     context_factor: int = _f(1, "context-length scaling: every prompt is k times longer, each prefix block "
                                 "becomes k blocks (sharing kept), arrivals and outputs unchanged; whole number", "x")
+    trace_replicas: int = _f(1, "copies of the trace replayed at once, each shifted by 1/n of the trace's span "
+                                "and wrapped, its prefixes its own: n times the load for n times the GPUs "
+                                "(netkv.traces); whole number", "x")
     topology: str = _f("fattree", "topology name in topologies.catalog", "")
     topology_params: dict[str, Any] = _f({}, "topology builder parameters", "")
     placement: dict[str, Any] = _f(dict(DEFAULT_PLACEMENT), "prefill/decode roles (netkv.placement)", "")
@@ -112,6 +115,7 @@ class ReplayConfig:
         num("rate_multiplier", 1e-3, 1e6)
         num("max_requests", 1, 1e9, integer=True, optional=True)
         num("context_factor", 1, MAX_CONTEXT_FACTOR, integer=True)
+        num("trace_replicas", 1, MAX_REPLICAS, integer=True)
         num("decode_max_batch", 1, 4096, integer=True)
         num("decode_max_queue", 0, 1e6, integer=True)
         num("scale_factor", 1, 1e9)
@@ -171,7 +175,8 @@ class ReplayConfig:
         context factor), as the driver reads them.  Raises netkv.traces.TraceError."""
         return load_trace(self.trace_path, start_s=self.start_s, duration_s=self.duration_s,
                           rate_multiplier=self.rate_multiplier, on_error=self.on_trace_error,
-                          max_requests=self.max_requests, context_factor=self.context_factor)
+                          max_requests=self.max_requests, context_factor=self.context_factor,
+                          replicas=self.trace_replicas)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")

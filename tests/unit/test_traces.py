@@ -93,3 +93,41 @@ def test_bad_arguments(tmp_path: Path) -> None:
         list(iter_trace(path, on_error="skip"))
     with pytest.raises(TraceError, match="cannot read trace"):
         load_trace(tmp_path / "missing.jsonl")
+
+
+def test_replicas_one_is_the_trace_itself() -> None:
+    plain = load_trace(DEFAULT_TRACE, start_s=600, duration_s=60).requests
+    assert load_trace(DEFAULT_TRACE, start_s=600, duration_s=60, replicas=1).requests == plain
+
+
+def test_replicated_copies_are_phase_shifted_with_their_own_prefixes(tmp_path: Path) -> None:
+    # last timestamp 1,000 ms, mean gap 500 ms: a cycle of 1,500 ms; two conversations share block 7
+    path = _write(tmp_path, [_line(ts=0, inp=1024, ids=[7, 8]), _line(ts=400, inp=512, ids=[7]),
+                             _line(ts=1000, inp=512, ids=[9])])
+    reqs = load_trace(path, replicas=4).requests
+    assert len(reqs) == 12 and len({r.request_id for r in reqs}) == 12
+    assert [r.arrival_ms for r in reqs] == sorted(r.arrival_ms for r in reqs)
+    by_id = {r.request_id: r for r in reqs}
+    # copy c is shifted by c * 375 ms and wrapped: line 2 (ts 400) lands at 400, 25, 1150, 775
+    assert [by_id[i].arrival_ms for i in ("L2", "L2.r1", "L2.r2", "L2.r3")] == [400, 25, 1150, 775]
+    # block b of copy c is b * 4 + c: shared within a copy, never across copies
+    assert by_id["L1"].hash_ids == (28, 32) and by_id["L2"].hash_ids == (28,)
+    assert by_id["L1.r3"].hash_ids == (31, 35) and by_id["L2.r3"].hash_ids == (31,)
+
+    def copy_of(r: object) -> int:
+        rid = getattr(r, "request_id")
+        return int(rid.split(".r")[1]) if ".r" in rid else 0
+
+    blocks = [{b for r in reqs if copy_of(r) == c for b in r.hash_ids} for c in range(4)]
+    assert all(not (blocks[a] & blocks[b]) for a in range(4) for b in range(a + 1, 4))
+    # the window and the rate apply to the shifted time
+    half = load_trace(path, replicas=4, start_s=0.5, duration_s=0.5, rate_multiplier=2).requests
+    assert [(r.request_id, r.arrival_ms) for r in half] == [("L3.r1", 62.5), ("L1.r2", 125.0), ("L2.r3", 137.5)]
+
+
+def test_replicated_window_longer_than_the_trace_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, [_line(ts=0), _line(ts=1000)])
+    with pytest.raises(TraceError, match="must lie within the trace's cycle of 2 s"):
+        load_trace(path, replicas=2, start_s=0.5, duration_s=2)
+    with pytest.raises(TraceError, match="replicas must be a whole number"):
+        load_trace(path, replicas=0)
