@@ -37,10 +37,11 @@ class StaticOracle:
             table = self._tables[src] = TransferTable(lambda dst: self.transfer_model(src, dst, 0.0), now_s)
         return table
 
-    def warm(self, sources: Iterable[str]) -> None:
+    def warm(self, sources: Iterable[str], destinations: Iterable[str] | None = None) -> None:
         """Compute the installed paths from each of ``sources`` to every GPU
-        now (a router's start-up work), not on the first decision from each."""
-        gpus = self.paths.topology.gpu_names()
+        (or to ``destinations``) now (a router's start-up work), not on the
+        first decision from each."""
+        gpus = self.paths.topology.gpu_names() if destinations is None else list(destinations)
         for src in sources:
             self.paths.warm(src, gpus)
 

@@ -92,6 +92,7 @@ class TelemetryOracle:
             for hop in ((link.a, link.b), (link.b, link.a)):
                 self._hop_index.setdefault(hop, len(self._hop_index))
         self._layouts: dict[str, _SourceLayout] = {}
+        self._destinations: list[str] | None = None  # what a layout covers (None: every GPU); see warm
         self._hop_state: tuple[int, _HopState] | None = None  # (snapshot epoch, state)
         # see prepare(): (snapshot, its hop figures, tables of the sources in use)
         self._prepared: tuple[TelemetrySnapshot, _HopState, dict[str, TransferTable]] | None = None
@@ -221,7 +222,7 @@ class TelemetryOracle:
     def _layout(self, src: str) -> _SourceLayout:
         lay = self._layouts.get(src)
         if lay is None:
-            dsts = self.paths.topology.gpu_names()
+            dsts = self._destinations or self.paths.topology.gpu_names()
             infos = [self.paths.get(src, dst) for dst in dsts]
             pad = len(self._hop_index)
             width = max([len(info.hops) for info in infos] + [1])
@@ -236,14 +237,20 @@ class TelemetryOracle:
             )
         return lay
 
-    def warm(self, sources: Iterable[str]) -> None:
+    def warm(self, sources: Iterable[str], destinations: Iterable[str] | None = None) -> None:
         """Compute the installed paths from each of ``sources`` to every GPU
+        (or to ``destinations`` only: the decode instances, whose entries
+        every decision reads; any other is computed on its first lookup, so
+        at 1,024 GPUs each snapshot's tables hold half the entries)
         and their hop matrix now (a router's start-up work), not on the first
         decision from each source, and have :meth:`prepare` build their
         transfer tables with every snapshot from now on.  Without the second
         part the first decision from each source built its own table: in the
         one-minute replays of the long-context experiment that was 15-18 of
         about 210 decisions, at a median 290-480 us each: the decision time's tail."""
+        if destinations is not None and self._destinations is None:
+            self._destinations = list(destinations)
+            self._layouts.clear()
         for src in sources:
             self._layout(src)
             self._sources_in_use.add(src)

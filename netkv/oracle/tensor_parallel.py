@@ -171,8 +171,10 @@ class TensorParallelOracle:
             return max(int(tier_of(s, d)) for s, d in pairs)
         return max(self.inner.estimate(s, d, 0, 0.0).tier for s, d in pairs)
 
-    def warm(self, sources: Iterable[str]) -> None:
-        """The inner oracle's start-up work for every rank host of ``sources``."""
+    def warm(self, sources: Iterable[str], destinations: Iterable[str] | None = None) -> None:
+        """The inner oracle's start-up work for every rank host of ``sources``
+        (towards every rank host of ``destinations``, when given)."""
         warm = getattr(self.inner, "warm", None)
         if warm is not None:
-            warm([h for src in sources for h in self.ranks_of(src)])
+            warm([h for src in sources for h in self.ranks_of(src)],
+                 None if destinations is None else [h for dst in destinations for h in self.ranks_of(dst)])

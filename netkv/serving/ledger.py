@@ -159,7 +159,8 @@ class Ledger:
                                                self.perf.rank_flow_bytes)
         warm = getattr(self.oracle, "warm", None)
         if warm is not None:
-            warm(self.placement.prefill)  # the paths from every prefill: start-up work, not a decision's
+            # the paths from every prefill to every decode: start-up work, not a decision's
+            warm(self.placement.prefill, self.placement.decode)
         self.scheduler = scheduler if scheduler is not None else create(
             config.scheduler, config.scheduler_config, kv_bytes_per_token=self.perf.kv_bytes_per_token,
             seed=config.seed,
