@@ -17,6 +17,7 @@ from controller.client import DEFAULT_REST_PORT
 from fabric.switches import MODES as SWITCH_MODES
 from netkv.checks import is_finite_number
 from netkv.serving.config import DEFAULT_SCALE
+from netkv.serving.config import emulated_mbps as emulated_mbps  # re-exported: its callers import it from here
 from topologies import Topology, TopologyError
 
 # 1 emulated bit stands for SCALE real bits; KV payloads are divided by the same
@@ -166,9 +167,4 @@ def check_prefix(prefix: str) -> str:
     if not PREFIX_RE.match(prefix):
         raise ConfigError(f"prefix must be 2-4 lowercase letters, got {prefix!r}")
     return prefix
-
-
-def emulated_mbps(rate_gbps: float, scale: float) -> float:
-    """Emulated link rate in Mbit/s for a real rate in Gbit/s."""
-    return rate_gbps * 1000.0 / scale
 
