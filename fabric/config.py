@@ -155,6 +155,15 @@ class TestbedConfig:
         except cluster.ClusterError as exc:
             raise ConfigError(str(exc)) from None
 
+    def require_one_machine(self) -> None:
+        """ConfigError when the servers section names more than one server: the
+        bring-up across machines (Mininet Cluster Edition) is not built yet."""
+        servers = self.server_list()
+        if len(servers) > 1:
+            raise ConfigError(f"the testbed on more than one server ({', '.join(s.name for s in servers)}) "
+                              f"is not built yet: Mininet Cluster Edition's bring-up is to come "
+                              f"(docs/design.md); `netkv up --servers ... --check` checks the servers")
+
     def cluster_plan(self, topo: Topology) -> cluster.ClusterPlan | None:
         """With more than one server: where every node runs and which links
         cross machines, or ConfigError when that cannot fit or would fragment;

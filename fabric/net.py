@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 
 from controller.client import ControllerClient, loopback_url
 from fabric import cleanup, shaping, switches, system
-from fabric.config import ConfigError, TestbedConfig, emulated_mbps
+from fabric.config import TestbedConfig, emulated_mbps
 from fabric.system import BringUpError
 from fabric.verify import verify_reachability
 from netkv.repo import REPO_ROOT, child_env
@@ -83,11 +83,7 @@ class Testbed:
     def __init__(self, config: TestbedConfig) -> None:
         self.config = config
         self.topo: Topology = config.validate()
-        servers = config.server_list()
-        if len(servers) > 1:
-            raise ConfigError(f"the testbed on more than one server ({', '.join(s.name for s in servers)}) "
-                              f"is not built yet: Mininet Cluster Edition's bring-up is to come "
-                              f"(docs/design.md); `netkv up --servers ... --check` checks the servers")
+        config.require_one_machine()
         self.prefix = config.prefix
         self.net: Any = None  # mininet.net.Mininet once built
         self.controller: subprocess.Popen[bytes] | None = None

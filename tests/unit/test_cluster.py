@@ -5,8 +5,10 @@ refusals of ``netkv up --servers``."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -14,9 +16,11 @@ from typing import Sequence
 import pytest
 
 import topologies
+from cli.fabric import cluster_up
 from fabric import cluster
 from fabric.cluster import ClockSample, ClusterError, CommandResult, Server
 from fabric.config import ConfigError, TestbedConfig
+from fabric.system import PreflightError
 
 ROOT = Path(__file__).resolve().parents[2]
 # bench/simscale.py's shape: whole pods of 64 GPUs under 4 cores
@@ -337,3 +341,58 @@ def test_head_address_must_be_this_machine_and_clock_bound_applies() -> None:
     assert line.startswith("head (10.0.0.1): 10.0.0.1 is not an address of this machine")
     assert "s1 (10.0.0.2): clock offset" in line and "more than the 2 ms a replay allows" in line
     assert one_line(line)
+
+
+# -- netkv up --servers -------------------------------------------------------------------------------
+def cluster_cfg(text: str = SERVERS3) -> TestbedConfig:
+    cfg = TestbedConfig(mtu_bytes=1458, servers=cluster.servers_to_json(cluster.parse_servers(text)))
+    cfg.validate()
+    return cfg
+
+
+def test_up_with_servers_checks_then_refuses_to_pretend(capsys: pytest.CaptureFixture[str]) -> None:
+    def passing(servers: list[Server]) -> cluster.ClusterCheck:
+        return cluster.check_servers(servers, runner=Canned(), probe=steady_probe, repo_dir=REPO)
+
+    rc = cluster_up(cluster_cfg(), argparse.Namespace(json=True), check=passing)
+    out, err = capsys.readouterr()
+    assert rc == 1
+    report = json.loads(out)
+    assert report["built"] is False and report["check"]["ok"] is True
+    assert len(report["crossing_links"]) == 8 and report["crossing_links"][0]["mtu_bytes"] == 1458
+    assert [row["pods"] for row in report["placement"]] == [[], [0], [1]]
+    assert one_line(err) and "passed, but the bring-up on more than one server (Mininet Cluster Edition) " \
+                             "is not built yet; nothing was built" in err
+
+
+def test_up_with_servers_names_what_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    def failing(servers: list[Server]) -> cluster.ClusterCheck:
+        runner = Canned({("root@10.0.0.2", "true"): CommandResult(255, "", "Permission denied (publickey).\n")})
+        return cluster.check_servers(servers, runner=runner, probe=steady_probe, repo_dir=REPO)
+
+    with pytest.raises(PreflightError, match=r"^s1 \(10.0.0.2\): unreachable by ssh as root with a key "
+                                             r"\(Permission denied \(publickey\).\)$"):
+        cluster_up(cluster_cfg(), argparse.Namespace(json=False), check=failing)
+    assert "links cross machines" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("servers,extra,fragment", [
+    ("head=10.0.0.1,s1", [], "entry 's1' is not NAME=IPV4"),
+    ("head=10.0.0.1,s1=10.0.0.2,s1=10.0.0.3", [], "name 's1' is given twice"),
+    ("head=10.0.0.1,s1=10.0.0.2", [], "mtu_bytes 1500 would fragment in its gretap tunnel"),
+    ("head=10.0.0.1,s1=10.0.0.2", ["--mtu-bytes", "1458", "--param", "pods=4"], "placement does not fit"),
+])
+def test_cli_refusals_are_one_line(servers: str, extra: list[str], fragment: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "up", "--servers", servers, *extra, "--check",
+                           "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and one_line(proc.stderr) and proc.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["run", "simulate"])
+def test_replay_on_several_servers_is_refused_before_anything(command: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cli.main", command, "--servers", "head=10.0.0.1,s1=10.0.0.2",
+                           "--mtu-bytes", "1458", "--quiet"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "the testbed on more than one server (head, s1) is not built yet" in proc.stderr
+    assert one_line(proc.stderr)
