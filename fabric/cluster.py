@@ -536,6 +536,8 @@ def check_servers(servers: Sequence[Server], *, runner: Runner = run_command, pr
     unit tests give canned answers (there is no second server here).  The real
     ones, over ssh between two machines, are to be exercised by a check in two
     qemu guests, which is not built yet (docs/design.md)."""
+    if not servers:
+        raise ClusterError("check_servers: no servers given")
     clock_probe: ClockProbe = probe if probe is not None else SshClockProbe()
     head = servers[0]
     head_check = ServerCheck(head)

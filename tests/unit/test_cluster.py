@@ -306,6 +306,11 @@ def test_preflight_passes_with_everything_in_place() -> None:
     assert all(a[0] != "sh" and "-c" not in a[:2] for a in runner.calls)  # no shell on this side
 
 
+def test_preflight_needs_servers() -> None:
+    with pytest.raises(ClusterError, match="no servers given"):
+        cluster.check_servers([], runner=Canned(), probe=steady_probe, repo_dir=REPO)
+
+
 def test_unreachable_server_is_one_line() -> None:
     runner = Canned({("root@10.0.0.3", "true"): CommandResult(
         255, "", "ssh: connect to host 10.0.0.3 port 22: No route to host\n")})
