@@ -12,6 +12,7 @@ from types import FrameType
 from typing import Any, Callable
 
 import topologies
+from fabric import cluster
 from fabric.config import TestbedConfig
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -34,6 +35,10 @@ def add_testbed_options(ap: argparse.ArgumentParser) -> None:
         if f.name == "params":
             group.add_argument("--param", dest="params", action="append", metavar="KEY=VALUE",
                                help=help_text + "; repeatable")
+            continue
+        if f.name == "servers":
+            group.add_argument("--servers", dest="servers", default=None, metavar="NAME=IPV4,...",
+                               help=help_text + " (default: this machine alone)")
             continue
         kinds: dict[type, Callable[[str], Any]] = {bool: parse_bool, int: int, float: float, str: str}
         kind = kinds.get(type(f.default), str)
@@ -59,6 +64,8 @@ def config_from_args(args: argparse.Namespace) -> TestbedConfig:
             continue
         if f.name == "params":
             value = {**cfg.params, **topologies.parse_params(value)}
+        elif f.name == "servers" and isinstance(value, str):  # from the command line; else a saved section
+            value = cluster.servers_to_json(cluster.parse_servers(value))
         setattr(cfg, f.name, value)
     cfg.validate()
     return cfg

@@ -8,14 +8,15 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import topologies
 from controller.client import ControllerClient, loopback_url
-from fabric import cleanup, system
+from fabric import cleanup, cluster, system
 from fabric.config import TestbedConfig, check_prefix, emulated_mbps
 from fabric.net import Testbed
 from fabric.switches import vswitchd_alive
+from fabric.system import PreflightError
 
 from .common import (
     EXIT_FAIL,
@@ -32,6 +33,8 @@ from .common import (
 # -- up / down / clean / status ------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if len(cfg.server_list()) > 1:
+        return cluster_up(cfg, args)
     tb = Testbed(cfg)
     install_stop_handlers()
     try:
@@ -73,6 +76,41 @@ def cmd_up(args: argparse.Namespace) -> int:
         if owned and not args.json:
             state = "clean" if left.total == 0 else f"LEFTOVERS {left.as_dict()}"
             print(f"netkv: torn down in {time.monotonic() - t0:.1f} s, {state}", file=sys.stderr)
+
+
+def cluster_up(cfg: TestbedConfig, args: argparse.Namespace,
+               check: Callable[[list[cluster.Server]], cluster.ClusterCheck] = cluster.check_servers) -> int:
+    """``netkv up --servers`` with more than one server: the placement and the
+    crossing links (already checked by ``validate``), then the preflight of
+    every server; then a refusal, since the multi-server bring-up is not built."""
+    topo = cfg.validate()
+    servers = cfg.server_list()
+    plan = cfg.cluster_plan(topo)
+    assert plan is not None  # more than one server
+    if not args.json:
+        for row in plan.placement.summary(topo):
+            print(f"netkv: {row['server']} ({row['address']}, {row['role']}): pods {row['pods'] or '-'}, "
+                  f"{row['gpus']} GPU hosts, {row['switches']} switches", flush=True)
+        print(f"netkv: {len(plan.crossing)} links cross machines, each a gretap tunnel of MTU {cfg.mtu_bytes} "
+              f"(+{cluster.GRETAP_OVERHEAD_BYTES} bytes on the management network) shaped at both ends", flush=True)
+        for c in plan.crossing:
+            print(f"netkv:   {c.lower}-{c.upper}: {c.tunnel}, {c.rate_mbps:g} Mbit/s", flush=True)
+        print(f"netkv: checking {len(servers)} servers (ssh as root, commit, Open vSwitch, clock offset)",
+              flush=True)
+    result = check(servers)
+    if args.json:
+        print(json.dumps({**plan.to_json(topo), "check": result.to_json(), "built": False}))
+    else:
+        for s in result.servers:
+            clock = (f"clock {s.clock.offset_s * 1e3:+.3f} ms +-{s.clock.uncertainty_s * 1e3:.3f} ms"
+                     if s.clock else "clock -")
+            print(f"netkv: {s.server.label} {s.server.role}: {'ok' if not s.problems else 'NOT READY'}; "
+                  f"commit {s.commit[:12] or '-'}; {s.ovs_version or 'no Open vSwitch'}; {clock}", flush=True)
+    if not result.ok:
+        raise PreflightError(result.problem_line())
+    print(f"netkv: error: the preflight of {len(servers)} servers passed, but the bring-up on more than one "
+          f"server (Mininet Cluster Edition) is not built yet; nothing was built", file=sys.stderr)
+    return EXIT_FAIL
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -187,7 +225,8 @@ def add_parsers(sub: Any) -> None:
                                    "its peers at every tier distance. Runs in the foreground until "
                                    "Ctrl-C or `netkv down`; everything it created is then removed.")
     add_testbed_options(p)
-    p.add_argument("--check", action="store_true", help="bring up, verify, report and tear down again")
+    p.add_argument("--check", action="store_true", help="bring up, verify, report and tear down again (with "
+                   "--servers: check every server first; the bring-up on several is not built yet)")
     p.add_argument("--json", action="store_true", help="print the bring-up report as one JSON object")
     p.set_defaults(func=cmd_up)
 

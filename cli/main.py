@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from controller import top
+from fabric.cluster import ClusterError
 from fabric.config import ConfigError
 from fabric.net import BringUpError
 from fabric.system import PreflightError
@@ -36,7 +37,7 @@ from .common import EXIT_FAIL, EXIT_USAGE, CliError
 
 # Exception classes that mean "bad input": one line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    CliError, ConfigError, TopologyError, PreflightError, ScenarioError, ExperimentError, ReplayConfigError,
+    CliError, ConfigError, ClusterError, TopologyError, PreflightError, ScenarioError, ExperimentError, ReplayConfigError,
     TraceError, PlacementError, SchedulerLoadError, SimulatorRefusal)
 
 

@@ -14,9 +14,11 @@ from typing import Any, Mapping
 
 import topologies
 from controller.client import DEFAULT_REST_PORT
+from fabric import cluster
 from fabric.switches import MODES as SWITCH_MODES
 from netkv.checks import is_finite_number
 from netkv.serving.config import DEFAULT_SCALE
+from netkv.serving.config import emulated_mbps as emulated_mbps  # re-exported: its callers import it from here
 from topologies import Topology, TopologyError
 
 # 1 emulated bit stands for SCALE real bits; KV payloads are divided by the same
@@ -69,6 +71,12 @@ class TestbedConfig:
                 "bring-up report). A namespace may only choose one the root namespace allows."})
     ready_timeout_s: float = field(default=60.0, metadata={
         "help": "seconds to wait for the controller to install every switch's routes"})
+    servers: list[dict[str, Any]] = field(default_factory=list, metadata={
+        "help": f"the machines of the testbed: {cluster.SERVERS_SYNTAX}; whole pods go on each worker, the "
+                f"core on the head; a saved configuration's servers section may give each server "
+                f"mgmt_mtu_bytes (default {cluster.DEFAULT_MGMT_MTU_BYTES}) and max_gpus (default "
+                f"{cluster.DEFAULT_MAX_GPUS}). Empty or one server: this machine alone, as without it. "
+                f"More than one: preflight only, the multi-server bring-up is not built yet"})
 
     KNOWN_DATAPATHS = ("auto", "kernel", "user")
     __test__ = False  # not a pytest test class, despite its name
@@ -87,6 +95,8 @@ class TestbedConfig:
                 ok, kind = is_finite_number(value), "a finite number"
             elif isinstance(default, str):
                 ok, kind = isinstance(value, str), "a string"
+            elif isinstance(default, list):
+                ok, kind = isinstance(value, list), "a JSON array"
             else:
                 ok, kind = isinstance(value, dict), "a JSON object"
             if not ok:
@@ -135,10 +145,44 @@ class TestbedConfig:
             raise ConfigError(
                 f"names too long for Linux interfaces ({IFNAME_MAX} chars): "
                 f"use a shorter prefix or a smaller topology")
+        self.cluster_plan(topo)
         return topo
 
+    def server_list(self) -> list[cluster.Server]:
+        """The ``servers`` section as checked records (empty: this machine alone)."""
+        try:
+            return cluster.servers_from_json(self.servers)
+        except cluster.ClusterError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def require_one_machine(self) -> None:
+        """ConfigError when the servers section names more than one server: the
+        bring-up across machines (Mininet Cluster Edition) is not built yet."""
+        servers = self.server_list()
+        if len(servers) > 1:
+            raise ConfigError(f"the testbed on more than one server ({', '.join(s.name for s in servers)}) "
+                              f"is not built yet: Mininet Cluster Edition's bring-up is to come "
+                              f"(docs/design.md); `netkv up --servers ... --check` checks the servers")
+
+    def cluster_plan(self, topo: Topology) -> cluster.ClusterPlan | None:
+        """With more than one server: where every node runs and which links
+        cross machines, or ConfigError when that cannot fit or would fragment;
+        None on one machine."""
+        servers = self.server_list()
+        if len(servers) <= 1:
+            return None
+        try:
+            return cluster.plan(topo, servers, prefix=self.prefix, mtu_bytes=self.mtu_bytes, scale=self.scale)
+        except cluster.ClusterError as exc:
+            raise ConfigError(str(exc)) from None
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field; ``servers`` only when set, so that a configuration of
+        one machine is written exactly as before the field existed."""
+        out = asdict(self)
+        if not self.servers:
+            del out["servers"]
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TestbedConfig":
@@ -166,9 +210,4 @@ def check_prefix(prefix: str) -> str:
     if not PREFIX_RE.match(prefix):
         raise ConfigError(f"prefix must be 2-4 lowercase letters, got {prefix!r}")
     return prefix
-
-
-def emulated_mbps(rate_gbps: float, scale: float) -> float:
-    """Emulated link rate in Mbit/s for a real rate in Gbit/s."""
-    return rate_gbps * 1000.0 / scale
 

@@ -83,6 +83,7 @@ class Testbed:
     def __init__(self, config: TestbedConfig) -> None:
         self.config = config
         self.topo: Topology = config.validate()
+        config.require_one_machine()
         self.prefix = config.prefix
         self.net: Any = None  # mininet.net.Mininet once built
         self.controller: subprocess.Popen[bytes] | None = None

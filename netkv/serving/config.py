@@ -42,6 +42,12 @@ def wire_bytes(real_bytes: int, scale: float) -> int:
     return math.ceil(real_bytes / scale)
 
 
+def emulated_mbps(rate_gbps: float, scale: float) -> float:
+    """Emulated link rate in Mbit/s for a real rate in Gbit/s (the same scale
+    factor as :func:`wire_bytes`)."""
+    return rate_gbps * 1000.0 / scale
+
+
 class ReplayConfigError(ValueError):
     """A replay configuration value is missing, unknown or out of range."""
 
