@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ from netkv.serving.prefill import PrefillCompute
 from netkv.slo import SloConfig
 from netkv.telemetry import TelemetrySnapshot
 from sim import platform as sim_platform
-from sim.isolate import run_isolated
+from sim.isolate import Zygote, run_isolated
 from sim.network import Simulation, SimulationError, Transfer
 from topologies import Topology
 
@@ -100,6 +101,11 @@ def check_scenario(scen: scenario_mod.Scenario) -> None:
     if bad:
         raise SimulatorRefusal(f"scenario {scen.name}: fault event {bad[0]!r} cannot be simulated "
                                f"(the simulator supports {', '.join(SUPPORTED_EVENTS)})")
+
+
+def background_of(scen: scenario_mod.Scenario) -> list[tuple[str, str, float]]:
+    """(src, dst, rate_gbps) of each background flow, as the platform takes them."""
+    return [(f.src, f.dst, f.rate_gbps) for f in scen.flows]
 
 
 def replay_pairs(placement: Placement, flows: list[scenario_mod.Flow]) -> list[tuple[str, str]]:
@@ -355,7 +361,9 @@ class SimReplay:
             f.write(json.dumps(rec) + "\n")
 
     # -- the run ----------------------------------------------------------------------------------------
-    def run(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def run(self, built: tuple[sim_platform.Platform, Path] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The replay; ``built``: a platform built before (by a :class:`~sim.isolate.Zygote`
+        for every replay of an experiment) and the file its SimGrid log goes to."""
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         records_path = run_dir / "records.jsonl"
@@ -368,10 +376,15 @@ class SimReplay:
         requests = load.requests
         wall_began, cpu_began = time.perf_counter(), time.process_time()
         placement = self.ledger.placement
-        pairs = replay_pairs(placement, self.scen.flows)
-        sim_platform.check_fits(len(pairs), len(self.topo.gpus))
-        plat = sim_platform.build(self.topo, pairs, [(f.src, f.dst, f.rate_gbps) for f in self.scen.flows],
-                                  log_file=run_dir / "simgrid.log")
+        log_from = 0
+        if built is None:
+            pairs = replay_pairs(placement, self.scen.flows)
+            sim_platform.check_fits(len(pairs), len(self.topo.gpus))
+            plat = sim_platform.build(self.topo, pairs, background_of(self.scen),
+                                      log_file=run_dir / "simgrid.log")
+        else:
+            plat, shared_log = built
+            log_from = shared_log.stat().st_size if shared_log.exists() else 0
         platform_s = time.perf_counter() - wall_began
         sim = self.sim = Simulation(plat)
         self.writer = RecordWriter(records_path)
@@ -402,6 +415,10 @@ class SimReplay:
             if self._series is not None:
                 self._series.close()
             log = run_dir / "simgrid.log"
+            if built is not None and built[1].exists():  # this replay's part of the shared log
+                with built[1].open("rb") as shared:
+                    shared.seek(log_from)
+                    log.write_bytes(shared.read())
             if log.exists() and not log.stat().st_size:
                 log.unlink()
         wall_s = time.perf_counter() - wall_began
@@ -425,6 +442,7 @@ class SimReplay:
             "engine": ENGINE, "within_envelope": True, "limiting_resource": None, "note": ENVELOPE_NOTE,
             "switch_cpu_pct_p95": None, "machine_busy_pct_p95": None,
             "simulated_s": round(sim.now, 6), "wall_s": round(wall_s, 3), "platform_build_s": round(platform_s, 3),
+            "platform_shared": built is not None,
             "cpu_s": round(time.process_time() - cpu_began, 3), "routes": plat.routes,
             "transfers": sim.transfers_started, "callbacks": sim.callbacks_run,
             "telemetry_polls": self.polls, "background_flows_started": self.background_started,
@@ -441,6 +459,56 @@ def simulate_replay(cfg: ReplayConfig, topo: Topology, scen: scenario_mod.Scenar
     """One replay on the simulator, in a process of its own: (summary, envelope)."""
     check_scenario(scen)
     return run_isolated(lambda: SimReplay(cfg, topo, scen, run_dir, poll_interval_s).run())
+
+
+def _replay_on(built: tuple[sim_platform.Platform, Path], cfg: ReplayConfig, topo: Topology,
+               scen: scenario_mod.Scenario, run_dir: Path, poll_interval_s: float
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One replay in a child of the zygote that holds ``built``."""
+    return SimReplay(cfg, topo, scen, run_dir, poll_interval_s).run(built)
+
+
+class PlatformCache:
+    """The platform of the replays of one experiment, built once: a
+    :class:`~sim.isolate.Zygote` per set of routes (the placement and the
+    background flows decide them, so a campaign's replays share one), the
+    previous one ended when another is needed."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.zygote: Zygote | None = None
+        self._built = 0
+        self._logs = tempfile.TemporaryDirectory(prefix="netkv-sim-")
+
+    def replay(self, cfg: ReplayConfig, scen: scenario_mod.Scenario, run_dir: Path,
+               poll_interval_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        check_scenario(scen)
+        tp = perfmodel.build(cfg.model, cfg.gpu, cfg.perf_overrides).tp
+        background = background_of(scen)
+        # what decides the routes: the placement (of this engine's topology) and the background flows
+        key = (json.dumps(cfg.placement, sort_keys=True), tp, tuple(background))
+        if self.zygote is None or self.zygote.key != key:
+            self.close_zygote()
+            placement = make_placement(self.topo, cfg.placement, tp=tp)
+            sim_platform.check_fits(route_count(placement, scen.flows), len(self.topo.gpus))
+            self._built += 1
+            log = Path(self._logs.name) / f"simgrid-{self._built}.log"
+            topo, flows = self.topo, scen.flows
+
+            def build() -> tuple[sim_platform.Platform, Path]:  # in the zygote
+                return sim_platform.build(topo, replay_pairs(placement, flows), background, log_file=log), log
+
+            self.zygote = Zygote(key, build)
+        return self.zygote.run(_replay_on, cfg, self.topo, scen, run_dir, poll_interval_s)
+
+    def close_zygote(self) -> None:
+        if self.zygote is not None:
+            self.zygote.close()
+            self.zygote = None
+
+    def close(self) -> None:
+        self.close_zygote()
+        self._logs.cleanup()
 
 
 def _simgrid_version() -> str:
@@ -467,6 +535,7 @@ class SimulatorEngine:
         self.config = config
         self.topology = config.validate()
         self.version = ""
+        self.platforms: PlatformCache | None = None
 
     def up(self) -> dict[str, Any]:
         self.version = simgrid_version()
@@ -481,7 +550,12 @@ class SimulatorEngine:
 
     def replay(self, cfg: ReplayConfig, scen: scenario_mod.Scenario,
                run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        return simulate_replay(cfg, self.topology, scen, run_dir, self.config.poll_interval_s)
+        if self.platforms is None:
+            self.platforms = PlatformCache(self.topology)
+        return self.platforms.replay(cfg, scen, run_dir, self.config.poll_interval_s)
 
     def down(self) -> None:
-        """Nothing to remove: every replay's process has ended with it."""
+        """End the process holding the platform; every replay's process has ended with it."""
+        if self.platforms is not None:
+            self.platforms.close()
+            self.platforms = None

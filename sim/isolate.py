@@ -67,3 +67,125 @@ def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if os.environ.get("NETKV_SIM_TRACEBACK"):
         print(text)
     raise exc
+
+
+# -- one platform, many replays ---------------------------------------------------------------
+def _zygote_main(conn: Any, build: Callable[[], Any]) -> None:
+    """The zygote's loop: build once, then one forked child per request, each
+    starting from the built state (copy-on-write), one at a time."""
+    import signal
+
+    ctx = multiprocessing.get_context("fork")
+    current: list[Any] = []
+
+    def stop(signum: int, frame: Any) -> None:  # the parent ends us: end the replay running, by its pid
+        for proc in current:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(JOIN_S)
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        state = build()
+    except BaseException as exc:  # noqa: BLE001 - the first request's answer says why
+        text = traceback.format_exc()
+        failed: tuple[str, Any] = ("error", (SimulationError(f"building the platform failed: "
+                                                             f"{type(exc).__name__}: {exc}"), text))
+        conn.send(failed)
+        conn.close()
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        fn, args, kwargs = request
+        receiver, sender = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(sender, fn, (state, *args), kwargs), name="netkv-sim")
+        current[:] = [proc]
+        proc.start()
+        sender.close()
+        try:
+            answer = receiver.recv()
+        except EOFError:
+            proc.join(JOIN_S)
+            answer = ("error", (SimulationError(
+                f"the simulation process {proc.pid} ended without an answer (exit code {proc.exitcode}); "
+                f"SimGrid's message is above"), ""))
+        finally:
+            receiver.close()
+        proc.join(JOIN_S)
+        current[:] = []
+        conn.send(answer)
+
+
+class Zygote:
+    """A process that builds a simulation's platform once (``build()``, in
+    the zygote) and runs each replay in a child forked from it:
+    ``run(fn, *args)`` calls ``fn(state, *args)`` there, with ``state`` what
+    ``build`` returned, and returns its result or raises its exception here.
+
+    A platform of 1,024 GPUs takes about 50 s to build and one of 4,096 GPUs
+    minutes; a campaign's replays of one experiment share it.  SimGrid starts
+    no thread before its engine runs, and the engine runs only in the children,
+    so each child has the built platform to itself.  ``key`` names what was
+    built (the caller compares it before reusing the zygote)."""
+
+    def __init__(self, key: Any, build: Callable[[], Any]) -> None:
+        self.key = key
+        ctx = multiprocessing.get_context("fork")
+        self._conn, theirs = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(target=_zygote_main, args=(theirs, build), name="netkv-sim-zygote")
+        self._proc.start()
+        theirs.close()
+        self._ready = False
+
+    def _answer(self) -> tuple[str, Any]:
+        try:
+            answer: tuple[str, Any] = self._conn.recv()
+            return answer
+        except EOFError:
+            self._proc.join(JOIN_S)
+            raise SimulationError(f"the simulation's platform process {self._proc.pid} ended without an answer "
+                                  f"(exit code {self._proc.exitcode}); SimGrid's message is above") from None
+        except BaseException:  # interrupted: end the zygote (it ends its child), by its own pid
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(JOIN_S)
+            raise
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if not self._ready:
+            kind, value = self._answer()
+            if kind != "ready":
+                self.close()
+                exc, text = value
+                if os.environ.get("NETKV_SIM_TRACEBACK"):
+                    print(text)
+                raise exc
+            self._ready = True
+        self._conn.send((fn, args, kwargs))
+        kind, value = self._answer()
+        if kind == "ok":
+            return value  # type: ignore[no-any-return]
+        exc, text = value
+        if os.environ.get("NETKV_SIM_TRACEBACK"):
+            print(text)
+        raise exc
+
+    def close(self) -> None:
+        """End the zygote: asked first, then by its pid."""
+        if self._proc.is_alive():
+            try:
+                self._conn.send(None)
+            except (OSError, ValueError):
+                pass
+            self._proc.join(JOIN_S)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(JOIN_S)
+        self._conn.close()

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,13 @@ from lab import scenario as scenario_mod
 from lab.experiment import ExperimentConfig, ExperimentError
 from lab.faults import Event
 from lab.run import run_experiment
-from lab.simulator import simulate_replay
+from lab.simulator import PlatformCache, simulate_replay
 from lab.verdict import inside, judge_replay, rejudge
 from netkv.records import ORDERED_TIMESTAMPS, read_records, validate_file
 from netkv.serving.config import ReplayConfig, wire_bytes
 from sim import platform as sim_platform
-from sim.isolate import run_isolated
+from sim.isolate import Zygote, run_isolated
+from sim.network import SimulationError
 from topologies import Topology, build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,6 +185,65 @@ def test_a_small_replay_writes_one_consistent_record_per_request(tmp_path: Path)
     assert envelope["engine"] == "simulate" and envelope["within_envelope"] is True
     verdict = judge_replay(run_dir)
     assert inside(verdict) and verdict["limiting_resource"] is None and not verdict["changed"]
+
+
+def _outcome(run_dir: Path) -> list[tuple[Any, ...]]:
+    return sorted((r["request_id"], r["status"], r["decode"], r["ttft_ms"]) for r in read_records(run_dir / "records.jsonl"))
+
+
+def test_replays_on_one_built_platform_equal_replays_that_build_their_own(tmp_path: Path) -> None:
+    """A campaign builds its platform once (a zygote) and forks each replay from
+    it; a replay must come out exactly as one that built its own platform."""
+    topo = build("tiny")
+    scen = small_scenario(topo)
+    cfg = ReplayConfig(topology="tiny", duration_s=60.0, max_requests=10, oracle="telemetry",
+                       scheduler="netkv", ttft_slo_ms=2000.0)
+    simulate_replay(cfg, topo, scen, tmp_path / "alone-netkv", 0.5)
+    simulate_replay(replace(cfg, scheduler="round_robin"), topo, scen, tmp_path / "alone-rr", 0.5)
+    cache = PlatformCache(topo)
+    try:
+        _, env = cache.replay(cfg, scen, tmp_path / "netkv", 0.5)
+        first = cache.zygote
+        assert first is not None and env["platform_shared"] is True
+        _, env = cache.replay(replace(cfg, scheduler="round_robin"), scen, tmp_path / "rr", 0.5)
+        assert cache.zygote is first and env["platform_shared"] is True
+        assert _outcome(tmp_path / "netkv") == _outcome(tmp_path / "alone-netkv")
+        assert _outcome(tmp_path / "rr") == _outcome(tmp_path / "alone-rr")
+        # other background flows are other routes: a new platform, the old process ended
+        quiet = scenario_mod.parse({"name": "quiet", "flows": [], "events": []}, topo)
+        cache.replay(cfg, quiet, tmp_path / "quiet", 0.5)
+        assert cache.zygote is not first and not first._proc.is_alive()
+        last = cache.zygote
+    finally:
+        cache.close()
+    assert last is not None and not last._proc.is_alive()
+
+
+def _fails(state: Any, what: str) -> None:
+    raise ValueError(what)
+
+
+def _broken_build() -> None:
+    raise RuntimeError("no such link")
+
+
+def test_a_zygote_passes_back_its_replays_errors_and_its_own() -> None:
+    zygote = Zygote("k", lambda: 41)
+    try:
+        assert zygote.run(lambda_free_add, 1) == 42
+        with pytest.raises(ValueError, match="the replay's own error"):
+            zygote.run(_fails, "the replay's own error")
+        assert zygote.run(lambda_free_add, 2) == 43  # still serving after a failed replay
+    finally:
+        zygote.close()
+    broken = Zygote("k", _broken_build)
+    with pytest.raises(SimulationError, match="building the platform failed: RuntimeError: no such link"):
+        broken.run(lambda_free_add, 1)
+    assert not broken._proc.is_alive()
+
+
+def lambda_free_add(state: int, n: int) -> int:
+    return state + n
 
 
 def test_a_simulated_envelope_is_judged_inside_with_a_note() -> None:
