@@ -7,10 +7,11 @@ second, the peak resident memory of the largest process, the scheduling
 decisions per wall second, and the decision time (``decision_us``, p50 and
 p99) with the number of decode instances it ranked.
 
-**The sizes** keep the default fat-tree's pod (8 GPUs per server, 2 servers
-per rack, 4 racks and 4 aggregation switches per pod: 64 GPUs), its rates and
-its oversubscription, and add pods (``pods = gpus / 64``) under 4 core
-switches, so the naming and the tiers are those of every other run.
+**The sizes** are ``topologies.catalog.fattree_at(gpus)``: the default
+fat-tree's pod of 32 GPUs, its 2 core switches, its rates and its
+oversubscription, with ``gpus / 32`` pods, so the naming and the tiers are
+those of every other run.  (Until 2026-12-06 this benchmark used pods of 64
+GPUs, 4 racks and 4 aggregation switches each, under 4 cores.)
 
 **The load** grows with the GPUs, ``n = gpus / 64`` times the trace's, in one
 of two ways (``--load``):
@@ -45,10 +46,9 @@ from typing import Any
 from netkv.records import read_records
 from netkv.repo import REPO_ROOT
 from netkv.stats import percentile
+from topologies.catalog import fattree_at
 
-GPUS_PER_POD = 64
-POD_PARAMS = {"gpus_per_server": 8, "servers_per_rack": 2, "racks_per_pod": 4, "aggs_per_pod": 4, "cores": 4}
-BASE_GPUS = 64  # the trace's load is the default 64-GPU fabric's
+BASE_GPUS = 64  # the trace's load is the default 64-GPU fabric's: sizes are whole multiples of it
 WALL_PER_SIM_TARGET = 1.0  # 10 simulated minutes in under 10 minutes, at 1,024 GPUs
 TRACE_START_S = 0.0
 
@@ -61,9 +61,9 @@ _PEAK = ("import json, resource, subprocess, sys\n"
 
 
 def size_params(gpus: int) -> dict[str, int]:
-    if gpus < GPUS_PER_POD or gpus % GPUS_PER_POD:
-        raise ValueError(f"sizes are whole pods of {GPUS_PER_POD} GPUs, got {gpus}")
-    return {**POD_PARAMS, "pods": gpus // GPUS_PER_POD}
+    if gpus < BASE_GPUS or gpus % BASE_GPUS:
+        raise ValueError(f"sizes are whole multiples of {BASE_GPUS} GPUs (the trace's load), got {gpus}")
+    return fattree_at(gpus)
 
 
 LOADS = ("replicate", "compress")
@@ -112,7 +112,7 @@ def run_one(gpus: int, scheduler: str, sim_s: float, out: Path, load: str = "rep
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench simscale", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpus", default="256,1024", help="sizes, comma-separated, whole pods of 64 (default: 256,1024)")
+    ap.add_argument("--gpus", default="256,1024", help="sizes, comma-separated, multiples of 64 (default: 256,1024)")
     ap.add_argument("--sim-s", type=float, default=60.0, help="simulated seconds per replay (default: 60)")
     ap.add_argument("--schedulers", default="netkv", help="comma-separated (default: netkv)")
     ap.add_argument("--load", choices=LOADS, default="replicate",
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      all(r["wall_per_simulated_s"] <= WALL_PER_SIM_TARGET for r in at_1024)),
         "8192_gpus_runs": None if not at_8192 else all("requests" in r for r in at_8192),
     }
-    print(json.dumps({"benchmark": "simscale", "sim_s": args.sim_s, "pod_params": POD_PARAMS,
+    print(json.dumps({"benchmark": "simscale", "sim_s": args.sim_s, "topology": "fattree, topologies.catalog.fattree_at",
                       "load": {"replicate": "trace_replicas = gpus / 64 phase-shifted copies",
                                "compress": "time-compressed: rate_multiplier = gpus / 64"}[args.load],
                       "runs": rows, "targets": targets}))

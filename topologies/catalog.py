@@ -194,6 +194,19 @@ BUILDERS: dict[str, tuple[Callable[[Mapping[str, object]], Topology], tuple[Para
 DEFAULT_TOPOLOGY = "fattree"
 
 
+def fattree_at(gpus: int) -> dict[str, int]:
+    """The parameters of the four-tier fat-tree of ``gpus`` GPUs: the default
+    fat-tree's pod (8 GPUs per server, 2 servers per rack, 2 racks and 2
+    aggregation switches per pod: 32 GPUs), its 2 core switches, its rates and
+    its oversubscription per tier, with ``gpus / 32`` pods; the naming and the
+    tiers are those of every other run.  TopologyError unless whole pods."""
+    defaults = {p.name: p.default for p in FATTREE_PARAMS}
+    pod = int(defaults["gpus_per_server"]) * int(defaults["servers_per_rack"]) * int(defaults["racks_per_pod"])
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 2 * pod or gpus % pod:
+        raise TopologyError(f"fattree_at: sizes are two or more whole pods of {pod} GPUs, got {gpus!r}")
+    return {"pods": gpus // pod}
+
+
 def names() -> list[str]:
     return list(BUILDERS)
 

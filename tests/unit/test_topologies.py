@@ -178,3 +178,17 @@ def test_installed_path_keeps_no_candidate_lists() -> None:
     assert topo._path_cache == {}
     hops = topo.path_hops("g0", gpus[-1])
     assert len(hops) == 8 and hops[0] is topo.path_hops("g0", "g1")[0]  # shared hop tuples
+
+
+def test_fattree_at_scales_the_default_pod() -> None:
+    from topologies.catalog import fattree_at
+
+    assert topologies.build("fattree", fattree_at(64)).summary() == topologies.build("fattree").summary()
+    big = topologies.build("fattree", fattree_at(1024))
+    default = topologies.build("fattree")
+    assert len(big.gpus) == 1024 and big.count_by_tier()[3] == default.count_by_tier()[3]
+    assert big.oversubscription() == default.oversubscription()
+    assert {l.tier: l.rate_gbps for l in big.links} == {l.tier: l.rate_gbps for l in default.links}
+    for bad in (32, 100, 0, True):
+        with pytest.raises(TopologyError, match="whole pods of 32 GPUs"):
+            fattree_at(bad)  # type: ignore[arg-type]
