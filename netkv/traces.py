@@ -262,26 +262,14 @@ def check_replicas(replicas: object) -> int:
     return replicas
 
 
-def replicated(
-    path: str | Path,
-    replicas: int,
-    *,
-    start_s: float = 0.0,
-    duration_s: float | None = None,
-    rate_multiplier: float = 1.0,
-    on_error: str = "raise",
-    max_requests: int | None = None,
-    context_factor: int = 1,
-) -> TraceLoad:
-    """The window of ``replicas`` phase-shifted copies of the trace, in arrival
+def _replicate(whole: list[Request], replicas: int, source: str, start_s: float, duration_s: float | None,
+               rate_multiplier: float) -> list[Request]:
+    """The window of ``replicas`` phase-shifted copies of ``whole`` (the trace
+    read from its origin at rate 1, so arrivals are timestamps), in arrival
     order (see the module docstring)."""
-    check_replicas(replicas)
-    _check_args(start_s, duration_s, rate_multiplier, on_error)
-    skipped: list[TraceIssue] = []
-    whole = list(iter_trace(path, on_error=on_error, skipped=skipped, context_factor=context_factor))
-    last_ms = whole[-1].arrival_ms if whole else 0.0  # start 0, rate 1: arrivals are timestamps
+    last_ms = whole[-1].arrival_ms if whole else 0.0
     if len(whole) < 2 or last_ms <= 0:
-        raise TraceError(f"{path}: a trace that spans no time cannot be replicated")
+        raise TraceError(f"{source}: a trace that spans no time cannot be replicated")
     span_ms = last_ms + last_ms / (len(whole) - 1)  # the cycle: the span plus the mean gap
     start_ms = start_s * 1000.0
     length_ms = span_ms - start_ms if duration_s is None else duration_s * 1000.0
@@ -296,12 +284,10 @@ def replicated(
             if not start_ms <= u < start_ms + length_ms:
                 continue
             rid = req.request_id if copy == 0 else f"{req.request_id}.r{copy}"
-            ids = req.hash_ids if replicas == 1 else tuple(b * replicas + copy for b in req.hash_ids)
+            ids = tuple(b * replicas + copy for b in req.hash_ids)
             out.append(Request(rid, (u - start_ms) / rate_multiplier, req.input_tokens, req.output_tokens, ids))
     out.sort(key=lambda r: (r.arrival_ms, r.request_id))
-    if max_requests is not None:
-        out = out[:max_requests]
-    return TraceLoad(out, skipped)
+    return out
 
 
 def load_trace(
@@ -316,11 +302,13 @@ def load_trace(
     replicas: int = 1,
 ) -> TraceLoad:
     """All requests of the window plus the skipped lines (``on_error="skip"``),
-    prompts scaled by ``context_factor``, ``replicas`` copies (:func:`replicated`)."""
-    if check_replicas(replicas) > 1:
-        return replicated(path, replicas, start_s=start_s, duration_s=duration_s, rate_multiplier=rate_multiplier,
-                          on_error=on_error, max_requests=max_requests, context_factor=context_factor)
+    prompts scaled by ``context_factor``, ``replicas`` copies (see the module docstring)."""
     skipped: list[TraceIssue] = []
+    if check_replicas(replicas) > 1:
+        _check_args(start_s, duration_s, rate_multiplier, on_error)
+        whole = list(iter_trace(path, on_error=on_error, skipped=skipped, context_factor=context_factor))
+        copies = _replicate(whole, replicas, str(path), start_s, duration_s, rate_multiplier)
+        return TraceLoad(copies if max_requests is None else copies[:max_requests], skipped)
     requests = list(
         iter_trace(
             path,

@@ -61,8 +61,14 @@ def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     finally:
         receiver.close()
         proc.join(JOIN_S)
+    return _result(kind, value)  # type: ignore[no-any-return]
+
+
+def _result(kind: str, value: Any) -> Any:
+    """A child's answer: its result, or its exception raised here (with the
+    child's traceback printed when NETKV_SIM_TRACEBACK is set)."""
     if kind == "ok":
-        return value  # type: ignore[no-any-return]
+        return value
     exc, text = value
     if os.environ.get("NETKV_SIM_TRACEBACK"):
         print(text)
@@ -163,19 +169,10 @@ class Zygote:
             kind, value = self._answer()
             if kind != "ready":
                 self.close()
-                exc, text = value
-                if os.environ.get("NETKV_SIM_TRACEBACK"):
-                    print(text)
-                raise exc
+                _result(kind, value)
             self._ready = True
         self._conn.send((fn, args, kwargs))
-        kind, value = self._answer()
-        if kind == "ok":
-            return value  # type: ignore[no-any-return]
-        exc, text = value
-        if os.environ.get("NETKV_SIM_TRACEBACK"):
-            print(text)
-        raise exc
+        return _result(*self._answer())  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """End the zygote: asked first, then by its pid."""
