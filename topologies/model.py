@@ -134,7 +134,7 @@ class Topology:
     )
     _dist_cache: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
     # per destination: (hops to it, shortest paths to it) of every node; a bounded cache
-    _toward_cache: "OrderedDict[str, tuple[dict[str, int], dict[str, int]]]" = field(
+    _toward_cache: "OrderedDict[str, dict[str, tuple[tuple[str, int], ...]]]" = field(
         default_factory=OrderedDict, repr=False)
     _hops: dict[Hop, Hop] = field(default_factory=dict, repr=False)  # one tuple per directed hop
 
@@ -299,20 +299,20 @@ class Topology:
         self._path_cache[key] = paths
         return paths
 
-    def _toward(self, root: str) -> tuple[dict[str, int], dict[str, int]]:
-        """Hops from every switch to ``root`` and the number of shortest paths
-        from it to ``root`` that cross no GPU host: one BFS per root, over the
-        switches only (GPU hosts are neither crossed nor kept), the last
-        :data:`TOWARD_CACHE` roots kept."""
+    def _toward(self, root: str) -> dict[str, tuple[tuple[str, int], ...]]:
+        """For every switch (and ``root``), its next hops on the shortest paths
+        to ``root`` that cross no GPU host, in name order, each with its number
+        of such paths to ``root``: one BFS per root over the switches only (GPU
+        hosts are neither crossed nor kept), the last :data:`TOWARD_CACHE`
+        roots kept."""
         cached = self._toward_cache.get(root)
         if cached is not None:
             self._toward_cache.move_to_end(root)
             return cached
         dist = {root: 0}
         count = {root: 1}
-        order = deque([root])
-        while order:
-            cur = order.popleft()
+        order = [root]
+        for cur in order:  # breadth first: ``order`` grows as it is read
             for link in self._adj[cur]:
                 nxt = link.other(cur)
                 if self.nodes[nxt].is_gpu:
@@ -324,10 +324,15 @@ class Topology:
                     order.append(nxt)
                 elif d == dist[cur] + 1:
                     count[nxt] += count[cur]
-        self._toward_cache[root] = (dist, count)
+        nexts: dict[str, tuple[tuple[str, int], ...]] = {}
+        for cur in order:
+            step = dist[cur] - 1
+            nexts[cur] = tuple(sorted((link.other(cur), count[link.other(cur)]) for link in self._adj[cur]
+                                      if dist.get(link.other(cur), -2) == step))
+        self._toward_cache[root] = nexts
         if len(self._toward_cache) > TOWARD_CACHE:
             self._toward_cache.popitem(last=False)
-        return dist, count
+        return nexts
 
     def path(self, src: str, dst: str, down: "frozenset[tuple[str, str]] | set[tuple[str, str]]" = frozenset()
              ) -> list[str]:
@@ -345,7 +350,7 @@ class Topology:
         takes the next hops towards ``dst`` in name order and skips those whose
         number of shortest paths to ``dst`` lies wholly before the pick's
         index, which lands on the path that indexing the sorted list gives.
-        The hop counts and path counts come from one BFS over the switches per
+        The next hops and path counts come from one BFS over the switches per
         destination switch: a GPU host with one link is reached through that
         link's switch, so every GPU of a server shares its switch's BFS."""
         if down:
@@ -356,37 +361,47 @@ class Topology:
             return [src]
         dst_links = self._adj[dst]
         if self.nodes[dst].is_gpu and len(dst_links) == 1:
-            dist, count = self._toward(dst_links[0].other(dst))  # every path to dst ends on that link
+            last = dst_links[0].other(dst)  # every path to dst ends on its one link
+            nexts = self._toward(last)
         else:
-            dist, count = self._toward(dst)
-
-        def towards(cur: str) -> list[tuple[str, int]]:
-            """The next hops from ``cur`` on a shortest path to dst, in name
-            order, each with its number of shortest paths to dst."""
-            if dst in (link.other(cur) for link in self._adj[cur]):
-                return [(dst, 1)]
-            near = [(link.other(cur), dist[link.other(cur)]) for link in self._adj[cur]
-                    if link.other(cur) in dist and link.other(cur) != dst]
+            last = ""
+            nexts = self._toward(dst)
+        if src == last:
+            return [src, dst]
+        first = nexts.get(src)
+        if first is None:  # src is a GPU host: its next hops are its switches nearest to dst
+            near = [(nexts[link.other(src)], link.other(src)) for link in self._adj[src]
+                    if link.other(src) in nexts]
             if not near:
-                return []
-            best = min(d for _, d in near)
-            return sorted((n, count[n]) for n, d in near if d == best)
-
-        first = towards(src)
-        if not first:
-            raise TopologyError(f"no path from {src} to {dst}")
+                raise TopologyError(f"no path from {src} to {dst}")
+            if dst in (link.other(src) for link in self._adj[src]):
+                first = ((dst, 1),)
+            else:
+                depth = {n: self._depth(nexts, n) for _, n in near}
+                best = min(depth.values())
+                first = tuple(sorted((n, sum(c for _, c in nexts[n]) if n != last else 1)
+                                     for _, n in near if depth[n] == best))
         index = zlib.crc32(f"{src}>{dst}".encode()) % sum(c for _, c in first)
         nodes = [src]
-        nexts = first
+        step = first
         while True:
-            for nxt, paths in nexts:
+            for nxt, paths in step:
                 if index < paths:
                     break
                 index -= paths
             nodes.append(nxt)
             if nxt == dst:
                 return nodes
-            nexts = towards(nxt)
+            step = ((dst, 1),) if nxt == last else nexts[nxt]
+
+    @staticmethod
+    def _depth(nexts: dict[str, tuple[tuple[str, int], ...]], node: str) -> int:
+        """Hops from ``node`` to the root of ``nexts``."""
+        hops = 0
+        while nexts[node]:
+            node = nexts[node][0][0]
+            hops += 1
+        return hops
 
     def path_hops(self, src: str, dst: str) -> list[Hop]:
         """The installed path as directed hops; each hop is the topology's one
