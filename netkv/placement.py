@@ -60,10 +60,13 @@ class Placement:
     tp: int = 1
     ranks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:  # membership without a scan of the tuples (4,096 instances at scale)
+        object.__setattr__(self, "_instances", frozenset(self.prefill) | frozenset(self.decode))
+
     def ranks_of(self, instance: str) -> tuple[str, ...]:
         """The GPU hosts of ``instance``, rank 0 first."""
         if self.tp == 1:
-            if instance not in self.prefill and instance not in self.decode:
+            if instance not in self._instances:  # type: ignore[attr-defined]
                 raise PlacementError(f"{instance} is not an instance of this placement")
             return (instance,)
         if instance not in self.ranks:
