@@ -46,7 +46,7 @@ TIER_NAMES: Mapping[int, str] = {
     3: "core",
 }
 MAX_GPUS = 65_000
-TOWARD_CACHE = 256  # destinations whose BFS Topology.path keeps (about 0.3 MB each at 1,024 GPUs)
+TOWARD_CACHE = 1024  # destination switches whose next hops Topology.path keeps: every server switch up to 8,192 GPUs (0.1-0.3 MB each)
 
 
 class TopologyError(ValueError):
