@@ -137,6 +137,7 @@ class Topology:
     _toward_cache: "OrderedDict[str, dict[str, tuple[tuple[str, int], ...]]]" = field(
         default_factory=OrderedDict, repr=False)
     _hops: dict[Hop, Hop] = field(default_factory=dict, repr=False)  # one tuple per directed hop
+    _link_of: dict[Hop, Link] = field(default_factory=dict, repr=False)  # both directions; the first if parallel
 
     # -- construction -------------------------------------------------------
     def add_node(self, node: Node) -> Node:
@@ -166,6 +167,7 @@ class Topology:
         self._toward_cache.clear()
         for hop in ((lower, upper), (upper, lower)):
             self._hops[hop] = hop
+            self._link_of.setdefault(hop, link)
         return link
 
     # -- queries --------------------------------------------------------------
@@ -208,10 +210,10 @@ class Topology:
         return list(self._adj[self.node(name).name])
 
     def link_between(self, x: str, y: str) -> Link:
-        for link in self._adj[x]:
-            if link.other(x) == y:
-                return link
-        raise KeyError(f"no link between {x} and {y}")
+        link = self._link_of.get((x, y))
+        if link is None:
+            raise KeyError(f"no link between {x} and {y}")
+        return link
 
     def port_to(self, node: str, neighbor: str) -> int:
         return self.link_between(node, neighbor).port_of(node)
