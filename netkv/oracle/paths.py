@@ -14,7 +14,7 @@ from topologies.model import Hop, Link, Topology
 from .base import DOWN_LINK_GBPS, check_latencies, ms_per_byte
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a 4,096-GPU fabric's oracle holds 4.2 M of them
 class PairInfo:
     """Static facts about the installed path from one GPU to another."""
 
