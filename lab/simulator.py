@@ -499,7 +499,11 @@ class PlatformCache:
                 return sim_platform.build(topo, replay_pairs(placement, flows), background, log_file=log), log
 
             self.zygote = Zygote(key, build)
-        return self.zygote.run(_replay_on, cfg, self.topo, scen, run_dir, poll_interval_s)
+        summary, envelope = self.zygote.run(_replay_on, cfg, self.topo, scen, run_dir, poll_interval_s)
+        envelope["platform_shared_build_s"] = self.zygote.built.get("build_s")
+        envelope["platform_shared_rss_gib"] = self.zygote.built.get("rss_gib")
+        (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")
+        return summary, envelope
 
     def close_zygote(self) -> None:
         if self.zygote is not None:

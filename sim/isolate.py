@@ -16,6 +16,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import resource
+import time
 import traceback
 from typing import Any, Callable, TypeVar
 
@@ -92,6 +94,7 @@ def _zygote_main(conn: Any, build: Callable[[], Any]) -> None:
         os._exit(1)
 
     signal.signal(signal.SIGTERM, stop)
+    began = time.perf_counter()
     try:
         state = build()
     except BaseException as exc:  # noqa: BLE001 - the first request's answer says why
@@ -101,7 +104,9 @@ def _zygote_main(conn: Any, build: Callable[[], Any]) -> None:
         conn.send(failed)
         conn.close()
         return
-    conn.send(("ready", None))
+    built = {"build_s": round(time.perf_counter() - began, 3),
+             "rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    conn.send(("ready", built))
     while True:
         try:
             request = conn.recv()
@@ -134,6 +139,7 @@ class Zygote:
     the zygote) and runs each replay in a child forked from it:
     ``run(fn, *args)`` calls ``fn(state, *args)`` there, with ``state`` what
     ``build`` returned, and returns its result or raises its exception here.
+    ``built`` holds the build's wall seconds and the zygote's peak memory.
 
     A platform of 1,024 GPUs takes about 50 s to build and one of 4,096 GPUs
     minutes; a campaign's replays of one experiment share it.  SimGrid starts
@@ -149,6 +155,7 @@ class Zygote:
         self._proc.start()
         theirs.close()
         self._ready = False
+        self.built: dict[str, float] = {}  # build_s and the zygote's peak rss_gib once built
 
     def _answer(self) -> tuple[str, Any]:
         try:
@@ -171,6 +178,7 @@ class Zygote:
                 self.close()
                 _result(kind, value)
             self._ready = True
+            self.built = dict(value)
         self._conn.send((fn, args, kwargs))
         return _result(*self._answer())  # type: ignore[no-any-return]
 

@@ -205,6 +205,8 @@ def test_replays_on_one_built_platform_equal_replays_that_build_their_own(tmp_pa
         _, env = cache.replay(cfg, scen, tmp_path / "netkv", 0.5)
         first = cache.zygote
         assert first is not None and env["platform_shared"] is True
+        assert env["platform_shared_build_s"] > 0 and env["platform_shared_rss_gib"] > 0
+        assert json.loads((tmp_path / "netkv" / "envelope.json").read_text())["platform_shared_build_s"] > 0
         _, env = cache.replay(replace(cfg, scheduler="round_robin"), scen, tmp_path / "rr", 0.5)
         assert cache.zygote is first and env["platform_shared"] is True
         assert _outcome(tmp_path / "netkv") == _outcome(tmp_path / "alone-netkv")
