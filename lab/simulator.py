@@ -141,6 +141,14 @@ def check_experiment(exp: ExperimentConfig, base: ReplayConfig, scen: scenario_m
 
 
 # -- the serving model on the simulated clock ----------------------------------------------------
+# Above this many prefill-decode entries per snapshot (a 1,024-GPU fabric has 262,144) a replay
+# does not prepare every source's transfer table at each poll, as the emulator's poller does:
+# at 4,096 GPUs that was 4.2 M entries twice per simulated second, most never read, and several
+# GiB of memory.  A source's table is then built by its first decision after a snapshot (its
+# time is in that decision's decision_us), which run.json says.
+PREPARE_MAX_ENTRIES = 1 << 20
+
+
 class SimTelemetry:
     """The telemetry source the oracle reads: the latest sample of every link."""
 
@@ -210,6 +218,10 @@ class SimReplay:
         self.decodes = {h: _Decode(h, DecodeBatcher(perf, cfg.decode_max_batch, placement.tp))
                         for h in placement.decode}
         self.senders: dict[tuple[str, str, int], _Sender] = {}
+        # the controller's poller prepares every source's transfer table with each snapshot; past
+        # PREPARE_MAX_ENTRIES a table is built on its source's first decision after the snapshot
+        self.prepare_ahead = (len(placement.prefill) * len(placement.decode) * placement.tp
+                              <= PREPARE_MAX_ENTRIES)
         self.sim: Simulation | None = None
         self.dispatched_all = False
         self.polls = 0
@@ -330,7 +342,8 @@ class SimReplay:
         assert self.sim is not None and self.source is not None
         now_s = self.epoch(t)
         snap = self.sim.sample(now_s)
-        self.oracle.prepare(snap, now_s)
+        if self.prepare_ahead:
+            self.oracle.prepare(snap, now_s)
         self.source.latest = snap
         self.polls += 1
         if self._series is not None:
@@ -426,7 +439,10 @@ class SimReplay:
         run_info = {
             "engine": ENGINE, "run_start_epoch_s": self.ledger.t0, "placement": placement.as_dict(),
             "tier_pairs": tier_mix(self.topo, placement), "perf": self.ledger.perf.describe(), "workers": {},
-            "simulation": {**sim_platform.describe(), "routes": plat.routes, "lead_s": LEAD_S},
+            "simulation": {**sim_platform.describe(), "routes": plat.routes, "lead_s": LEAD_S,
+                           "oracle_tables": ("prepared with each telemetry snapshot" if self.prepare_ahead else
+                                             "built on each source's first decision after a snapshot "
+                                             f"(more than {PREPARE_MAX_ENTRIES:,} entries per snapshot)")},
         }
         (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
         summary = summarize(records_path, cfg.ttft_slo_ms, SloConfig.from_dict(cfg.slo))
