@@ -38,12 +38,13 @@ rate) in front of the fabric: it leaves from a host of its own
 route of the flow's source.  (SimGrid 3.32's Python ``Comm.set_rate`` refuses
 a comm made by ``sendto_init``, so the limit is a link.)
 
-**Memory.**  A route costs about :data:`BYTES_PER_ROUTE` while the platform is
-built (measured: 1.44 kB per route at 256 GPUs and 1.51 kB at 512 GPUs with
-every ordered pair; SimGrid's own route is about 0.2 kB of it, the rest is
-the topology's cached paths and searches); :func:`check_fits` refuses a
-platform whose estimate passes :data:`MEMORY_FRACTION` of the memory
-available.
+**Memory.**  :func:`check_fits` refuses a platform whose estimate,
+:data:`BYTES_PER_ROUTE` per declared route, passes :data:`MEMORY_FRACTION` of
+the memory available.  The figure is the largest process's peak of a whole
+replay per route, measured at 4,096 GPUs (2026-12-06: 3.48 GiB for 8.4 M
+routes, 445 B each, of which the platform's process holds 2.63 GiB; the rest
+is the replay's oracle tables, one entry per prefill-decode pair), with 15%
+of margin.  A route of SimGrid's ``Full`` zone is about 0.2 kB of it.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ MODEL_CONFIG: tuple[tuple[str, str], ...] = (
     ("network/crosstraffic", "1" if CROSSTRAFFIC else "0"),
 )
 
-BYTES_PER_ROUTE = 1600
+BYTES_PER_ROUTE = 512  # peak bytes per route of a whole replay, measured at 4,096 GPUs (445), with margin
 MEMORY_FRACTION = 0.75
 
 

@@ -255,7 +255,7 @@ def test_a_simulated_envelope_is_judged_inside_with_a_note() -> None:
 
 def test_the_memory_bound_is_stated() -> None:
     assert sim_platform.check_fits(4032, 64, available=2**30) == 4032 * sim_platform.BYTES_PER_ROUTE
-    with pytest.raises(sim_platform.PlatformTooLarge, match=r"33,554,432 routes, about 50\.0 GiB .* 75% of the "
+    with pytest.raises(sim_platform.PlatformTooLarge, match=r"33,554,432 routes, about 16\.0 GiB .* 75% of the "
                                                             r"16\.0 GiB available"):
         sim_platform.check_fits(2 * 4096 * 4096, 8192, available=16 * 2**30)
 
@@ -275,7 +275,7 @@ def run_netkv(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("args,fragment", [
     (["--scenario", "faults"], "fault event 'controller_restart' cannot be simulated (the simulator supports "
                                "link_rate)"),
-    (["--param", "pods=256", "--scenario", "none"], "the simulated platform of 8192 GPUs needs 33,554,432 routes"),
+    (["--param", "pods=448", "--scenario", "none"], "the simulated platform of 14336 GPUs needs 102,760,448 routes"),
     (["--topology", "tiny", "--scenario", "core-hotspot"], "is not a GPU host of tiny"),
 ])
 def test_netkv_simulate_refuses_bad_input_in_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
