@@ -28,6 +28,13 @@ JOIN_S = 10.0
 
 
 def _child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    import signal
+
+    # a zygote's child inherits its handlers: back to the defaults, so that the parent's
+    # terminate() ends it (a Python handler would wait for the main thread, which SimGrid's
+    # engine holds until the simulation ends)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result: tuple[str, Any] = ("ok", fn(*args, **kwargs))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
@@ -94,6 +101,7 @@ def _zygote_main(conn: Any, build: Callable[[], Any]) -> None:
         os._exit(1)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends us
     began = time.perf_counter()
     try:
         state = build()
