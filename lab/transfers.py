@@ -28,6 +28,8 @@ arithmetic of :class:`netkv.oracle.TensorParallelOracle` at nominal rates.
 
 from __future__ import annotations
 
+import bisect
+
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -155,6 +157,9 @@ def idle_transfers(topo: Topology, scale: float, mtu_bytes: int, records: Sequen
         return hops[key]
 
     by_start = sorted(moved, key=lambda r: float(r["transfer_start_ms"]))
+    starts = [float(r["transfer_start_ms"]) for r in by_start]
+    # a transfer overlapping another began at most the longest transfer's length before it
+    longest_ms = max((float(r["transfer_end_ms"]) - float(r["transfer_start_ms"]) for r in by_start), default=0.0)
     out: list[IdleTransfer] = []
     for i, r in enumerate(by_start):
         if r.get("status") != "ok":
@@ -165,7 +170,9 @@ def idle_transfers(topo: Topology, scale: float, mtu_bytes: int, records: Sequen
         start, end = float(r["transfer_start_ms"]), float(r["transfer_end_ms"])
         mine = hops_of(r)
         busy = any(b.overlaps(mine, start, end) for b in background)
-        for j, o in enumerate(by_start):
+        first = bisect.bisect_left(starts, start - longest_ms)
+        for j in range(first, len(by_start)):
+            o = by_start[j]
             if busy or float(o["transfer_start_ms"]) >= end:
                 break  # sorted by start: no later one can overlap
             if j == i or float(o["transfer_end_ms"]) <= start:
