@@ -25,6 +25,7 @@ from lab.experiment import (
 )
 from lab.pool import PoolError, pool
 from lab.report import render_table, write_report
+from lab.engine import DEFAULT_ENGINE, ENGINES
 from lab.run import run_experiment
 from lab.simulator import SimulatorRefusal
 from lab.simulator import check_experiment as check_simulation
@@ -255,6 +256,9 @@ def add_sweep_parser(sub: Any) -> None:
                     "had a replay outside the emulator's envelope).\n\nsweeps:\n" + lines)
     p.add_argument("name", choices=sorted(SWEEPS), help="the knob to sweep")
     p.add_argument("--values", help="comma-separated values instead of the sweep's defaults")
+    p.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
+                   help="emulate: the emulated fabric (root; default); simulate: SimGrid's flow-level model, as "
+                        "`netkv simulate` runs it (no root, docs/simulator.md)")
     add_run_options(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -282,10 +286,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     base.out_dir = ""
     if out.exists() and any(out.iterdir()):
         raise SweepError(f"sweep directory {out} exists and is not empty; choose another --out")
-    plan(base, knob, values, out, keep)  # every point checked before root is asked for or anything is built
-    require_root()
+    points = plan(base, knob, values, out, keep)  # every point checked before root is asked for or anything is built
+    if args.engine == "emulate":
+        require_root()
+    else:  # and every point as `netkv simulate` checks it
+        for value, point in zip(values, points):
+            try:
+                tb_cfg, point_base, scen, _ = prepare(point)
+                check_simulation(point, point_base, scen, tb_cfg.validate())
+            except (scenario_mod.ScenarioError, ConfigError, SimulatorRefusal) as exc:
+                raise SweepError(f"{knob.key}={value}: {exc}") from None
     install_stop_handlers()
-    result = run_sweep(args.name, base, values, out, quiet=args.quiet, keep_schedulers=keep)
+    result = run_sweep(args.name, base, values, out, quiet=args.quiet, keep_schedulers=keep, engine=args.engine)
     print(json.dumps(result) if args.quiet else render_sweep(result))
     return 0 if result["nothing_lost"] else 1
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from fabric.config import TestbedConfig
 from lab.campaign import write_campaign
 from lab.experiment import ExperimentConfig, ExperimentError, prepare
+from lab.engine import DEFAULT_ENGINE
 from lab.run import run_experiment
 
 
@@ -127,7 +128,7 @@ def plan(base: ExperimentConfig, knob: Knob, values: list[Any], out: Path,
 
 
 def run_sweep(name: str, base: ExperimentConfig, values: list[Any], out: Path, *, quiet: bool = False,
-              keep_schedulers: bool = False) -> dict[str, Any]:
+              keep_schedulers: bool = False, engine: str = DEFAULT_ENGINE) -> dict[str, Any]:
     knob = SWEEPS[name]
     if out.exists() and any(out.iterdir()):
         raise SweepError(f"sweep directory {out} exists and is not empty; choose another --out")
@@ -135,12 +136,12 @@ def run_sweep(name: str, base: ExperimentConfig, values: list[Any], out: Path, *
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep-plan.json").write_text(json.dumps({
         "sweep": name, "knob": {"section": knob.section, "key": knob.key, "help": knob.help},
-        "values": values, "points": [Path(p.out_dir).name for p in points],
+        "values": values, "points": [Path(p.out_dir).name for p in points], "engine": engine,
         "base": base.to_json()}, indent=2) + "\n")
     for k, (value, exp) in enumerate(zip(values, points)):
         if not quiet:
             print(f"netkv: sweep {name}: point {k + 1}/{len(points)}, {knob.key}={value}", flush=True)
-        run_experiment(exp, quiet=quiet)
+        run_experiment(exp, quiet=quiet, engine=engine)
     return write_sweep(out)
 
 

@@ -298,3 +298,31 @@ def test_netkv_simulate_writes_a_run_directory_netkv_report_reads(tmp_path: Path
     assert testbed["bringup"]["engine"] == "simulate" and testbed["bringup"]["simgrid_model"] == "LV08"
     report = run_netkv("report", str(out))
     assert report.returncode == 0 and "round_robin" in report.stdout, report.stderr
+
+
+def test_netkv_sweep_runs_on_the_simulator_without_root(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    proc = run_netkv("sweep", "load", "--engine", "simulate", "--topology", "tiny", "--scenario", "none",
+                     "--values", "1,2", "--duration-s", "5", "--window-starts-s", "0,1200",
+                     "--schedulers", "round_robin,netkv", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "sweep-plan.json").read_text())["engine"] == "simulate"
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["nothing_lost"] is True
+    assert [(p["value"], p["missing"]) for p in sweep["points"]] == [(1.0, False), (2.0, False)]
+    for point in ("rate_multiplier=1", "rate_multiplier=2"):
+        for window in ("w0-0s", "w1-1200s"):
+            for label in ("round_robin", "netkv"):
+                run_dir = out / point / window / label
+                assert json.loads((run_dir / "envelope.json").read_text())["engine"] == "simulate"
+                ids = [r.request_id for r in ReplayConfig.load(run_dir / "config.json").window().requests]
+                assert ids and validate_file(run_dir / "records.jsonl", ids) == []
+
+
+def test_netkv_sweep_on_the_simulator_refuses_what_it_cannot_simulate(tmp_path: Path) -> None:
+    proc = run_netkv("sweep", "load", "--engine", "simulate", "--scenario", "faults", "--values", "1",
+                     "--out", str(tmp_path / "sweep"))
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "xbt_cfg" not in line]
+    assert len(lines) == 1 and "fault event 'controller_restart' cannot be simulated" in lines[0], proc.stderr
+    assert not (tmp_path / "sweep").exists()
