@@ -50,26 +50,40 @@ def _child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
         conn.close()
 
 
-def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` in a forked child process; its result or its exception."""
-    ctx = multiprocessing.get_context("fork")
+def _spawn(ctx: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """``fn(*args, **kwargs)`` started in a forked child: (the process, the end its answer comes on)."""
     receiver, sender = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(sender, fn, args, kwargs), name="netkv-sim")
     proc.start()
     sender.close()
+    return proc, receiver
+
+
+def _answer_of(proc: Any, receiver: Any) -> tuple[str, Any]:
+    """The child's answer, ("error", ...) when it ended without one; the child is joined."""
     try:
-        kind, value = receiver.recv()
+        answer: tuple[str, Any] = receiver.recv()
     except EOFError:
         proc.join(JOIN_S)
-        raise SimulationError(f"the simulation process {proc.pid} ended without an answer "
-                              f"(exit code {proc.exitcode}); SimGrid's message is above") from None
+        answer = ("error", (SimulationError(
+            f"the simulation process {proc.pid} ended without an answer (exit code {proc.exitcode}); "
+            f"SimGrid's message is above"), ""))
+    finally:
+        receiver.close()
+    proc.join(JOIN_S)
+    return answer
+
+
+def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a forked child process; its result or its exception."""
+    proc, receiver = _spawn(multiprocessing.get_context("fork"), fn, args, kwargs)
+    try:
+        kind, value = _answer_of(proc, receiver)
     except BaseException:  # interrupted (Ctrl-C, SIGTERM): end the child, by its own pid
         if proc.is_alive():
             proc.terminate()
+            proc.join(JOIN_S)
         raise
-    finally:
-        receiver.close()
-        proc.join(JOIN_S)
     return _result(kind, value)  # type: ignore[no-any-return]
 
 
@@ -123,21 +137,9 @@ def _zygote_main(conn: Any, build: Callable[[], Any]) -> None:
         if request is None:
             return
         fn, args, kwargs = request
-        receiver, sender = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(sender, fn, (state, *args), kwargs), name="netkv-sim")
+        proc, receiver = _spawn(ctx, fn, (state, *args), kwargs)
         current[:] = [proc]
-        proc.start()
-        sender.close()
-        try:
-            answer = receiver.recv()
-        except EOFError:
-            proc.join(JOIN_S)
-            answer = ("error", (SimulationError(
-                f"the simulation process {proc.pid} ended without an answer (exit code {proc.exitcode}); "
-                f"SimGrid's message is above"), ""))
-        finally:
-            receiver.close()
-        proc.join(JOIN_S)
+        answer = _answer_of(proc, receiver)
         current[:] = []
         conn.send(answer)
 
