@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import tempfile
 import time
 from collections import deque
@@ -374,9 +375,9 @@ class SimReplay:
             f.write(json.dumps(rec) + "\n")
 
     # -- the run ----------------------------------------------------------------------------------------
-    def run(self, built: tuple[sim_platform.Platform, Path] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    def run(self, built: SharedPlatform | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """The replay; ``built``: a platform built before (by a :class:`~sim.isolate.Zygote`
-        for every replay of an experiment) and the file its SimGrid log goes to."""
+        for every replay of an experiment), else it builds its own."""
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         records_path = run_dir / "records.jsonl"
@@ -396,8 +397,8 @@ class SimReplay:
             plat = sim_platform.build(self.topo, pairs, background_of(self.scen),
                                       log_file=run_dir / "simgrid.log")
         else:
-            plat, shared_log = built
-            log_from = shared_log.stat().st_size if shared_log.exists() else 0
+            plat = built.platform
+            log_from = built.log.stat().st_size if built.log.exists() else 0
         platform_s = time.perf_counter() - wall_began
         sim = self.sim = Simulation(plat)
         self.writer = RecordWriter(records_path)
@@ -428,8 +429,8 @@ class SimReplay:
             if self._series is not None:
                 self._series.close()
             log = run_dir / "simgrid.log"
-            if built is not None and built[1].exists():  # this replay's part of the shared log
-                with built[1].open("rb") as shared:
+            if built is not None and built.log.exists():  # this replay's part of the shared log
+                with built.log.open("rb") as shared:
                     shared.seek(log_from)
                     log.write_bytes(shared.read())
             if log.exists() and not log.stat().st_size:
@@ -459,6 +460,8 @@ class SimReplay:
             "switch_cpu_pct_p95": None, "machine_busy_pct_p95": None,
             "simulated_s": round(sim.now, 6), "wall_s": round(wall_s, 3), "platform_build_s": round(platform_s, 3),
             "platform_shared": built is not None,
+            "platform_shared_build_s": None if built is None else built.build_s,
+            "platform_shared_rss_gib": None if built is None else built.zygote_rss_gib,
             "cpu_s": round(time.process_time() - cpu_began, 3), "routes": plat.routes,
             "transfers": sim.transfers_started, "callbacks": sim.callbacks_run,
             "telemetry_polls": self.polls, "background_flows_started": self.background_started,
@@ -477,7 +480,18 @@ def simulate_replay(cfg: ReplayConfig, topo: Topology, scen: scenario_mod.Scenar
     return run_isolated(lambda: SimReplay(cfg, topo, scen, run_dir, poll_interval_s).run())
 
 
-def _replay_on(built: tuple[sim_platform.Platform, Path], cfg: ReplayConfig, topo: Topology,
+@dataclass(frozen=True)
+class SharedPlatform:
+    """A platform built once for the replays of an experiment (in a zygote),
+    the file its SimGrid log goes to, and what building it cost."""
+
+    platform: sim_platform.Platform
+    log: Path
+    build_s: float
+    zygote_rss_gib: float  # the building process's peak
+
+
+def _replay_on(built: SharedPlatform, cfg: ReplayConfig, topo: Topology,
                scen: scenario_mod.Scenario, run_dir: Path, poll_interval_s: float
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One replay in a child of the zygote that holds ``built``."""
@@ -511,15 +525,14 @@ class PlatformCache:
             log = Path(self._logs.name) / f"simgrid-{self._built}.log"
             topo, flows = self.topo, scen.flows
 
-            def build() -> tuple[sim_platform.Platform, Path]:  # in the zygote
-                return sim_platform.build(topo, replay_pairs(placement, flows), background, log_file=log), log
+            def build() -> SharedPlatform:  # in the zygote
+                began = time.perf_counter()
+                plat = sim_platform.build(topo, replay_pairs(placement, flows), background, log_file=log)
+                return SharedPlatform(plat, log, round(time.perf_counter() - began, 3),
+                                      round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
 
             self.zygote = Zygote(key, build)
-        summary, envelope = self.zygote.run(_replay_on, cfg, self.topo, scen, run_dir, poll_interval_s)
-        envelope["platform_shared_build_s"] = self.zygote.built.get("build_s")
-        envelope["platform_shared_rss_gib"] = self.zygote.built.get("rss_gib")
-        (run_dir / "envelope.json").write_text(json.dumps(envelope, indent=2) + "\n")
-        return summary, envelope
+        return self.zygote.run(_replay_on, cfg, self.topo, scen, run_dir, poll_interval_s)
 
     def close_zygote(self) -> None:
         if self.zygote is not None:
