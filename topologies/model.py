@@ -104,6 +104,7 @@ class Link:
 
 # A directed hop: (from_node, to_node).
 Hop = tuple[str, str]
+Toward = tuple[int, int, tuple[tuple[str, int], ...]]  # hops to a root, paths to it, next hops (name, paths)
 
 
 def gpu_ip(index: int) -> str:
@@ -133,9 +134,8 @@ class Topology:
         default_factory=dict, repr=False
     )
     _dist_cache: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
-    # per destination: (hops to it, shortest paths to it) of every node; a bounded cache
-    _toward_cache: "OrderedDict[str, dict[str, tuple[tuple[str, int], ...]]]" = field(
-        default_factory=OrderedDict, repr=False)
+    # per root switch: every switch's (hops to it, shortest paths to it, next hops towards it); bounded
+    _toward_cache: "OrderedDict[str, dict[str, Toward]]" = field(default_factory=OrderedDict, repr=False)
     _hops: dict[Hop, Hop] = field(default_factory=dict, repr=False)  # one tuple per directed hop
     _link_of: dict[Hop, Link] = field(default_factory=dict, repr=False)  # both directions; the first if parallel
 
@@ -301,12 +301,12 @@ class Topology:
         self._path_cache[key] = paths
         return paths
 
-    def _toward(self, root: str) -> dict[str, tuple[tuple[str, int], ...]]:
-        """For every switch (and ``root``), its next hops on the shortest paths
-        to ``root`` that cross no GPU host, in name order, each with its number
-        of such paths to ``root``: one BFS per root over the switches only (GPU
-        hosts are neither crossed nor kept), the last :data:`TOWARD_CACHE`
-        roots kept."""
+    def _toward(self, root: str) -> dict[str, Toward]:
+        """For every switch (and ``root``): its hops to ``root``, its number of
+        shortest paths to ``root`` that cross no GPU host, and its next hops on
+        them in name order, each with its own number of paths.  One BFS per
+        root over the switches only (GPU hosts are neither crossed nor kept),
+        the last :data:`TOWARD_CACHE` roots kept."""
         cached = self._toward_cache.get(root)
         if cached is not None:
             self._toward_cache.move_to_end(root)
@@ -326,15 +326,16 @@ class Topology:
                     order.append(nxt)
                 elif d == dist[cur] + 1:
                     count[nxt] += count[cur]
-        nexts: dict[str, tuple[tuple[str, int], ...]] = {}
+        toward: dict[str, Toward] = {}
         for cur in order:
             step = dist[cur] - 1
-            nexts[cur] = tuple(sorted((link.other(cur), count[link.other(cur)]) for link in self._adj[cur]
-                                      if dist.get(link.other(cur), -2) == step))
-        self._toward_cache[root] = nexts
+            toward[cur] = (dist[cur], count[cur],
+                           tuple(sorted((link.other(cur), count[link.other(cur)]) for link in self._adj[cur]
+                                        if dist.get(link.other(cur), -2) == step)))
+        self._toward_cache[root] = toward
         if len(self._toward_cache) > TOWARD_CACHE:
             self._toward_cache.popitem(last=False)
-        return nexts
+        return toward
 
     def path(self, src: str, dst: str, down: "frozenset[tuple[str, str]] | set[tuple[str, str]]" = frozenset()
              ) -> list[str]:
@@ -364,25 +365,23 @@ class Topology:
         dst_links = self._adj[dst]
         if self.nodes[dst].is_gpu and len(dst_links) == 1:
             last = dst_links[0].other(dst)  # every path to dst ends on its one link
-            nexts = self._toward(last)
+            toward = self._toward(last)
         else:
             last = ""
-            nexts = self._toward(dst)
+            toward = self._toward(dst)
         if src == last:
             return [src, dst]
-        first = nexts.get(src)
-        if first is None:  # src is a GPU host: its next hops are its switches nearest to dst
-            near = [(nexts[link.other(src)], link.other(src)) for link in self._adj[src]
-                    if link.other(src) in nexts]
+        if src in toward:
+            first = toward[src][2]
+        else:  # src is a GPU host: its next hops are its switches nearest to dst
+            near = [link.other(src) for link in self._adj[src] if link.other(src) in toward]
             if not near:
                 raise TopologyError(f"no path from {src} to {dst}")
             if dst in (link.other(src) for link in self._adj[src]):
                 first = ((dst, 1),)
             else:
-                depth = {n: self._depth(nexts, n) for _, n in near}
-                best = min(depth.values())
-                first = tuple(sorted((n, sum(c for _, c in nexts[n]) if n != last else 1)
-                                     for _, n in near if depth[n] == best))
+                best = min(toward[n][0] for n in near)
+                first = tuple(sorted((n, toward[n][1]) for n in near if toward[n][0] == best))
         index = zlib.crc32(f"{src}>{dst}".encode()) % sum(c for _, c in first)
         nodes = [src]
         step = first
@@ -394,21 +393,13 @@ class Topology:
             nodes.append(nxt)
             if nxt == dst:
                 return nodes
-            step = ((dst, 1),) if nxt == last else nexts[nxt]
+            step = ((dst, 1),) if nxt == last else toward[nxt][2]
 
-    @staticmethod
-    def _depth(nexts: dict[str, tuple[tuple[str, int], ...]], node: str) -> int:
-        """Hops from ``node`` to the root of ``nexts``."""
-        hops = 0
-        while nexts[node]:
-            node = nexts[node][0][0]
-            hops += 1
-        return hops
-
-    def path_hops(self, src: str, dst: str) -> list[Hop]:
-        """The installed path as directed hops; each hop is the topology's one
-        tuple for it, so tables of many paths share them."""
-        nodes = self.path(src, dst)
+    def path_hops(self, src: str, dst: str, down: "frozenset[tuple[str, str]] | set[tuple[str, str]]" = frozenset()
+                  ) -> list[Hop]:
+        """The installed path (:meth:`path`) as directed hops; each hop is the
+        topology's one tuple for it, so tables of many paths share them."""
+        nodes = self.path(src, dst, down)
         return [self._hops[h] for h in zip(nodes, nodes[1:])]
 
     def path_links(self, src: str, dst: str) -> list[Link]:

@@ -78,11 +78,7 @@ class PathTable:
                 raise ValueError(f"{name} is a switch; transfers go between GPU hosts")
         if src == dst:
             return PairInfo(-1, (), math.inf, self.base_latency_ms_by_tier[-1], 0.0)
-        if self.down:
-            nodes = self.route(src, dst)
-            hops: tuple[Hop, ...] = tuple(zip(nodes, nodes[1:]))
-        else:  # the topology's shared hop tuples: a large fabric holds many pairs
-            hops = tuple(self.topology.path_hops(src, dst))
+        hops = tuple(topo.path_hops(src, dst, self.down))  # the topology's hop tuples, shared by every pair
         links = [topo.link_between(x, y) for x, y in hops]
         tier = max(l.tier for l in links)
         bottleneck = min(self.rate_gbps(l) for l in links)
