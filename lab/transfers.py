@@ -29,7 +29,6 @@ arithmetic of :class:`netkv.oracle.TensorParallelOracle` at nominal rates.
 from __future__ import annotations
 
 import bisect
-
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence

@@ -59,14 +59,16 @@ class Placement:
     decode: tuple[str, ...]
     tp: int = 1
     ranks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # prefill and decode as one set: membership without a scan of the tuples (4,096 instances at scale)
+    _instances: frozenset[str] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:  # membership without a scan of the tuples (4,096 instances at scale)
+    def __post_init__(self) -> None:
         object.__setattr__(self, "_instances", frozenset(self.prefill) | frozenset(self.decode))
 
     def ranks_of(self, instance: str) -> tuple[str, ...]:
         """The GPU hosts of ``instance``, rank 0 first."""
         if self.tp == 1:
-            if instance not in self._instances:  # type: ignore[attr-defined]
+            if instance not in self._instances:
                 raise PlacementError(f"{instance} is not an instance of this placement")
             return (instance,)
         if instance not in self.ranks:

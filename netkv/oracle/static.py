@@ -41,9 +41,9 @@ class StaticOracle:
         """Compute the installed paths from each of ``sources`` to every GPU
         (or to ``destinations``) now (a router's start-up work), not on the
         first decision from each."""
-        gpus = self.paths.topology.gpu_names() if destinations is None else list(destinations)
+        dsts = self.paths.topology.gpu_names() if destinations is None else list(destinations)
         for src in sources:
-            self.paths.warm(src, gpus)
+            self.paths.warm(src, dsts)
 
     def estimate(self, src: str, dst: str, size_bytes: int, now_s: float) -> Estimate:
         check_size(size_bytes)
