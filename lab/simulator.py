@@ -69,7 +69,7 @@ from lab.experiment import ExperimentConfig
 from lab.faults import EVENTS_FILE
 from netkv import perfmodel
 from lab.rundir import TELEMETRY_SERIES
-from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
+from netkv.oracle import PathTable, StaleOracle, StaticOracle, TelemetryOracle
 from netkv.placement import Placement, make_placement, tier_mix
 from netkv.records import RecordWriter, summarize, validate_file
 from netkv.request import Request
@@ -196,7 +196,8 @@ class SimReplay:
     """One scheduler's replay of one window on the simulator (in its own process)."""
 
     def __init__(self, cfg: ReplayConfig, topo: Topology, scen: scenario_mod.Scenario, run_dir: Path,
-                 poll_interval_s: float) -> None:
+                 poll_interval_s: float, paths: PathTable | None = None) -> None:
+        """``paths``: the oracle's path table computed before (:func:`shared_state`), else its own."""
         cfg.validate()
         self.cfg = cfg
         self.topo = topo
@@ -207,10 +208,10 @@ class SimReplay:
         self.oracle: Any = None
         if cfg.oracle == "telemetry":
             self.source = SimTelemetry()
-            self.oracle = (StaleOracle(topo, self.source, cfg.telemetry_delay_ms) if cfg.telemetry_delay_ms
-                           else TelemetryOracle(topo, self.source))
+            self.oracle = (StaleOracle(topo, self.source, cfg.telemetry_delay_ms, paths=paths)
+                           if cfg.telemetry_delay_ms else TelemetryOracle(topo, self.source, paths=paths))
         else:
-            self.oracle = StaticOracle(topo)
+            self.oracle = StaticOracle(topo, paths=paths)
         self.writer: RecordWriter | None = None
         self.ledger = Ledger(cfg, topo, self._on_record, oracle=self.oracle)
         perf = self.ledger.perf
@@ -439,7 +440,9 @@ class SimReplay:
         problems = validate_file(records_path, [r.request_id for r in requests])
         run_info = {
             "engine": ENGINE, "run_start_epoch_s": self.ledger.t0, "placement": placement.as_dict(),
-            "tier_pairs": tier_mix(self.topo, placement), "perf": self.ledger.perf.describe(), "workers": {},
+            "tier_pairs": (built.tier_pairs if built is not None
+                           else tier_mix(self.topo, placement, self.oracle.paths.tier)),
+            "perf": self.ledger.perf.describe(), "workers": {},
             "simulation": {**sim_platform.describe(), "routes": plat.routes, "lead_s": LEAD_S,
                            "oracle_tables": ("prepared with each telemetry snapshot" if self.prepare_ahead else
                                              "built on each source's first decision after a snapshot "
@@ -489,13 +492,30 @@ class SharedPlatform:
     log: Path
     build_s: float
     zygote_rss_gib: float  # the building process's peak
+    paths: PathTable  # the oracle's paths from every prefill rank host to every decode rank host
+    tier_pairs: dict[int, int]  # run.json's tier_mix of the placement
 
 
-def _replay_on(built: SharedPlatform, cfg: ReplayConfig, topo: Topology,
-               scen: scenario_mod.Scenario, run_dir: Path, poll_interval_s: float
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One replay in a child of the zygote that holds ``built``."""
-    return SimReplay(cfg, topo, scen, run_dir, poll_interval_s).run(built)
+def shared_state(topo: Topology, placement: Placement) -> tuple[PathTable, dict[int, int]]:
+    """What every replay of a placement computes the same before its first
+    request: the oracle's installed paths from each prefill rank host to each
+    decode rank host (``netkv.serving.Ledger`` warms them), and the tier mix
+    run.json records.  At 4,096 GPUs that is 4.2 M pairs, about four minutes
+    and two of every replay; a zygote computes them once for all."""
+    paths = PathTable(topo)
+    decode_hosts = [h for d in placement.decode for h in placement.ranks_of(d)]
+    for p in placement.prefill:
+        for host in placement.ranks_of(p):
+            paths.warm(host, decode_hosts)
+    return paths, tier_mix(topo, placement, paths.tier)
+
+
+def _replay_on(built: SharedPlatform, cfg: ReplayConfig, scen: scenario_mod.Scenario, run_dir: Path,
+               poll_interval_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One replay in a child of the zygote that holds ``built``, on the
+    zygote's own topology (the one its platform and paths were made of: not
+    a copy sent with each request)."""
+    return SimReplay(cfg, built.platform.topology, scen, run_dir, poll_interval_s, built.paths).run(built)
 
 
 class PlatformCache:
@@ -528,11 +548,13 @@ class PlatformCache:
             def build() -> SharedPlatform:  # in the zygote
                 began = time.perf_counter()
                 plat = sim_platform.build(topo, replay_pairs(placement, flows), background, log_file=log)
+                paths, tiers = shared_state(topo, placement)
                 return SharedPlatform(plat, log, round(time.perf_counter() - began, 3),
-                                      round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
+                                      round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+                                      paths, tiers)
 
             self.zygote = Zygote(key, build)
-        return self.zygote.run(_replay_on, cfg, self.topo, scen, run_dir, poll_interval_s)
+        return self.zygote.run(_replay_on, cfg, scen, run_dir, poll_interval_s)
 
     def close_zygote(self) -> None:
         if self.zygote is not None:

@@ -273,14 +273,17 @@ def make_placement(topo: Topology, config: Mapping[str, Any] | None = None, tp: 
     return Placement(scheme, tuple(prefill), tuple(decode))
 
 
-def tier_mix(topo: Topology, placement: Placement) -> dict[int, int]:
+def tier_mix(topo: Topology, placement: Placement,
+             tier: Callable[[str, str], int] | None = None) -> dict[int, int]:
     """How many (prefill, decode) instance pairs sit at each tier distance
     (of their rank-0 hosts: every rank pair of two instances has the same,
-    since each instance is within one server)."""
+    since each instance is within one server).  ``tier``: where the pairs'
+    tiers are known already (an oracle's path table), else the topology's."""
+    tier_of = topo.tier_distance if tier is None else tier
     out: dict[int, int] = {}
     for p in placement.prefill:
         for d in placement.decode:
-            t = topo.tier_distance(p, d)
+            t = tier_of(p, d)
             out[t] = out.get(t, 0) + 1
     return dict(sorted(out.items()))
 

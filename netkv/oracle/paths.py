@@ -93,6 +93,25 @@ class PathTable:
         for dst in dsts:
             self.get(src, dst)
 
+    def tier(self, src: str, dst: str) -> int:
+        return self.get(src, dst).tier
+
+
+def shared_paths(topology: Topology, paths: "PathTable | None",
+                 base_latency_ms_by_tier: Mapping[int, float] | None) -> PathTable:
+    """An oracle's path table: ``paths`` when given (a table computed before,
+    shared by the oracles of many replays: it must be of the same topology and
+    base latencies, and no fault told to it yet), else a new one."""
+    if paths is None:
+        return PathTable(topology, base_latency_ms_by_tier)
+    if paths.topology is not topology:
+        raise ValueError("a shared path table must be of the oracle's own topology")
+    if paths.base_latency_ms_by_tier != check_latencies(base_latency_ms_by_tier):
+        raise ValueError("a shared path table must have the oracle's base latencies")
+    if paths.down or paths.rates:
+        raise ValueError("a shared path table must have no link faults told to it")
+    return paths
+
 
 _TABLE_EPOCHS = itertools.count(1)
 

@@ -13,6 +13,7 @@ from topologies.model import Hop, Topology
 
 from ..telemetry import LinkSample, TelemetrySnapshot, TelemetrySource
 from .base import MIN_AVAILABLE_FRACTION
+from .paths import PathTable
 from .telemetry import TelemetryOracle
 
 
@@ -86,11 +87,12 @@ class StaleOracle(TelemetryOracle):
         base_latency_ms_by_tier: Mapping[int, float] | None = None,
         *,
         min_available_fraction: float = MIN_AVAILABLE_FRACTION,
+        paths: PathTable | None = None,
     ) -> None:
         self.delayed = DelayedSource(source, delay_ms)
         super().__init__(
             topology, self.delayed, max_age_ms, base_latency_ms_by_tier,
-            min_available_fraction=min_available_fraction,
+            min_available_fraction=min_available_fraction, paths=paths,
         )
 
     def _read_source(self, now_s: float) -> TelemetrySnapshot:

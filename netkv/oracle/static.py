@@ -8,14 +8,16 @@ from typing import Iterable, Mapping
 from topologies.model import Topology
 
 from .base import Estimate, check_size
-from .paths import PathTable, TransferTable
+from .paths import PathTable, TransferTable, shared_paths
 
 
 class StaticOracle:
     """Tier latency + nominal bottleneck rate of the installed path; no telemetry."""
 
-    def __init__(self, topology: Topology, base_latency_ms_by_tier: Mapping[int, float] | None = None) -> None:
-        self.paths = PathTable(topology, base_latency_ms_by_tier)
+    def __init__(self, topology: Topology, base_latency_ms_by_tier: Mapping[int, float] | None = None, *,
+                 paths: PathTable | None = None) -> None:
+        """``paths``: a path table computed before (:func:`~netkv.oracle.paths.shared_paths`)."""
+        self.paths = shared_paths(topology, paths, base_latency_ms_by_tier)
         self._tables: dict[str, TransferTable] = {}
 
     def set_link(self, a: str, b: str, *, up: bool | None = None, rate_gbps: float | None = None) -> None:

@@ -15,7 +15,7 @@ from topologies.model import Hop, Topology
 
 from ..telemetry import LinkSample, TelemetrySnapshot, TelemetrySource
 from .base import DEFAULT_MAX_AGE_MS, MIN_AVAILABLE_FRACTION, Estimate, check_size, ms_per_byte
-from .paths import PairInfo, PathTable, TransferTable
+from .paths import PairInfo, PathTable, TransferTable, shared_paths
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,16 @@ class TelemetryOracle:
         *,
         min_available_fraction: float = MIN_AVAILABLE_FRACTION,
         refresh_ms: float = 0.0,
+        paths: PathTable | None = None,
     ) -> None:
+        """``paths``: a path table computed before (:func:`~netkv.oracle.paths.shared_paths`)."""
         if max_age_ms is not None and not (max_age_ms > 0):
             raise ValueError(f"max_age_ms must be > 0 or None, got {max_age_ms}")
         if not 0 < min_available_fraction <= 1:
             raise ValueError(f"min_available_fraction must be in (0, 1], got {min_available_fraction}")
         if not (refresh_ms >= 0):
             raise ValueError(f"refresh_ms must be >= 0, got {refresh_ms}")
-        self.paths = PathTable(topology, base_latency_ms_by_tier)
+        self.paths = shared_paths(topology, paths, base_latency_ms_by_tier)
         self.source = source
         self.max_age_ms = max_age_ms
         self.min_available_fraction = min_available_fraction

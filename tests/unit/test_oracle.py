@@ -216,3 +216,24 @@ def test_stale_oracle_sees_old_congestion(fattree: Topology) -> None:
     # with an age limit below the delay, the stale oracle falls back instead
     strict = StaleOracle(fattree, lambda: current[0], delay_ms=1500, max_age_ms=1000)
     assert strict.estimate("g0", "g8", 10**6, NOW + 2.6).source == "static-fallback"
+
+
+def test_a_shared_path_table_is_used_as_is_and_refused_when_it_does_not_match() -> None:
+    """Replays of one placement share the oracle's paths (computed once, in the
+    simulator's zygote); a table of another topology, other base latencies or
+    with a fault told to it would price the wrong paths, so it is refused."""
+    topo = topologies.build("tiny")
+    gpus = topo.gpu_names()
+    paths = PathTable(topo)
+    paths.warm(gpus[0], gpus[1:])
+    assert StaticOracle(topo, paths=paths).paths is paths
+    assert TelemetryOracle(topo, lambda: TelemetrySnapshot(), paths=paths).paths is paths
+    assert StaticOracle(topo, paths=paths).tier(gpus[0], gpus[-1]) == topo.tier_distance(gpus[0], gpus[-1])
+    with pytest.raises(ValueError, match="own topology"):
+        StaticOracle(topologies.build("tiny"), paths=paths)
+    with pytest.raises(ValueError, match="base latencies"):
+        StaticOracle(topo, {t: 2 * ms for t, ms in BASE_LATENCY_MS_BY_TIER.items()}, paths=paths)
+    faulted = PathTable(topo)
+    faulted.set_link(*topo.links[0].key, rate_gbps=1.0)
+    with pytest.raises(ValueError, match="no link faults"):
+        StaticOracle(topo, paths=faulted)

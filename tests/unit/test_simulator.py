@@ -211,6 +211,9 @@ def test_replays_on_one_built_platform_equal_replays_that_build_their_own(tmp_pa
         assert cache.zygote is first and env["platform_shared"] is True
         assert _outcome(tmp_path / "netkv") == _outcome(tmp_path / "alone-netkv")
         assert _outcome(tmp_path / "rr") == _outcome(tmp_path / "alone-rr")
+        # the tier mix computed once in the zygote is the one a replay computes alone
+        tiers = [json.loads((tmp_path / d / "run.json").read_text())["tier_pairs"] for d in ("rr", "alone-rr")]
+        assert tiers[0] == tiers[1] and sum(tiers[0].values()) > 0
         # other background flows are other routes: a new platform, the old process ended
         quiet = scenario_mod.parse({"name": "quiet", "flows": [], "events": []}, topo)
         cache.replay(cfg, quiet, tmp_path / "quiet", 0.5)
