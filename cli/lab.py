@@ -25,7 +25,7 @@ from lab.experiment import (
 )
 from lab.pool import PoolError, pool
 from lab.report import render_table, write_report
-from lab.engine import DEFAULT_ENGINE, ENGINES
+from lab.engine import DEFAULT_ENGINE, ENGINES, check_jobs
 from lab.run import run_experiment
 from lab.simulator import SimulatorRefusal
 from lab.simulator import check_experiment as check_simulation
@@ -66,6 +66,7 @@ def add_run_parsers(sub: Any) -> None:
         epilog="Refused in one line: fault events other than link_rate, a platform too large for the memory "
                "here. Replay settings (--set KEY=VALUE, value as JSON): see `python -m workers.run --help`.")
     add_run_options(p)
+    add_jobs_option(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("schedulers", help="list the decode schedulers",
@@ -76,6 +77,14 @@ def add_run_parsers(sub: Any) -> None:
                        description="Scenarios in scenarios/ with their description and flows.")
     p.add_argument("--topology", default="fattree", help="topology to check them against")
     p.set_defaults(func=cmd_scenarios)
+
+
+def add_jobs_option(p: Any) -> None:
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="simulator only: run N replays at once, each in a process of its own from a platform "
+                        "of its own (N times the memory; `netkv simulate` refuses what does not fit). A "
+                        "simulated replay comes out the same whatever runs beside it; only its decision_us "
+                        "(wall time) feels the neighbours. Default 1")
 
 
 def add_run_options(p: Any) -> None:
@@ -195,11 +204,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     exp = experiment_from_args(args)
     try:
         tb_cfg, base, scen, _ = prepare(exp)  # the checks `netkv run` makes, then the simulator's own
-        check_simulation(exp, base, scen, tb_cfg.validate())
-    except (scenario_mod.ScenarioError, ConfigError, SimulatorRefusal) as exc:
+        check_jobs("simulate", args.jobs)
+        check_simulation(exp, base, scen, tb_cfg.validate(), args.jobs)
+    except (scenario_mod.ScenarioError, ConfigError, SimulatorRefusal, ValueError) as exc:
         raise ExperimentError(str(exc)) from None
     install_stop_handlers()
-    return _report_result(exp, args, run_experiment(exp, quiet=args.quiet, engine="simulate"))
+    return _report_result(exp, args, run_experiment(exp, quiet=args.quiet, engine="simulate", jobs=args.jobs))
 
 
 def _report_result(exp: ExperimentConfig, args: argparse.Namespace, result: dict[str, Any]) -> int:
@@ -260,6 +270,7 @@ def add_sweep_parser(sub: Any) -> None:
                    help="emulate: the emulated fabric (root; default); simulate: SimGrid's flow-level model, as "
                         "`netkv simulate` runs it (no root, docs/simulator.md)")
     add_run_options(p)
+    add_jobs_option(p)
     p.set_defaults(func=cmd_sweep)
 
 
@@ -287,17 +298,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise SweepError(f"sweep directory {out} exists and is not empty; choose another --out")
     points = plan(base, knob, values, out, keep)  # every point checked before root is asked for or anything is built
+    try:
+        check_jobs(args.engine, args.jobs)
+    except ValueError as exc:
+        raise SweepError(str(exc)) from None
     if args.engine == "emulate":
         require_root()
     else:  # and every point as `netkv simulate` checks it
         for value, point in zip(values, points):
             try:
                 tb_cfg, point_base, scen, _ = prepare(point)
-                check_simulation(point, point_base, scen, tb_cfg.validate())
+                check_simulation(point, point_base, scen, tb_cfg.validate(), args.jobs)
             except (scenario_mod.ScenarioError, ConfigError, SimulatorRefusal) as exc:
                 raise SweepError(f"{knob.key}={value}: {exc}") from None
     install_stop_handlers()
-    result = run_sweep(args.name, base, values, out, quiet=args.quiet, keep_schedulers=keep, engine=args.engine)
+    result = run_sweep(args.name, base, values, out, quiet=args.quiet, keep_schedulers=keep, engine=args.engine,
+                       jobs=args.jobs)
     print(json.dumps(result) if args.quiet else render_sweep(result))
     return 0 if result["nothing_lost"] else 1
 

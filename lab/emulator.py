@@ -280,7 +280,9 @@ def replay_under_scenario(tb: Any, cfg: Any, scen: scenario_mod.Scenario, run_di
 class EmulatorEngine:
     """The emulated fabric as an experiment's engine (:mod:`lab.engine`)."""
 
-    def __init__(self, config: TestbedConfig) -> None:
+    def __init__(self, config: TestbedConfig, jobs: int = 1) -> None:
+        if jobs != 1:
+            raise ValueError("the emulated fabric runs one replay at a time (jobs=1)")
         self.config = config
         self.tb = Testbed(config)
         self.topology = self.tb.topo

@@ -12,7 +12,9 @@ prefill and decode instances, the records) is the same for every engine.
   network (:mod:`sim`) at real rates on a simulated clock, the serving model
   driven in process; no envelope (``lab.verdict`` judges its replays inside).
 
-A new engine implements :class:`Engine` in a module of its own under ``lab/``
+An engine is made as ``ENGINES[name](config, jobs)``: ``jobs`` replays at once
+(at most :data:`MAX_JOBS` of the engine).  A new engine implements
+:class:`Engine` in a module of its own under ``lab/``
 (its network model in a package beside ``fabric/``) and is named in
 :data:`ENGINES`; every replay it runs must leave the same files in its run
 directory (config.json, records.jsonl, summary.json, envelope.json with a
@@ -44,12 +46,26 @@ class Engine(Protocol):
 
     def replay(self, cfg: ReplayConfig, scen: Scenario, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """One scheduler's replay of one window under the scenario: (summary,
-        envelope), both also written to ``run_dir``."""
+        envelope), both also written to ``run_dir``.  An engine built with
+        ``jobs`` > 1 is called from that many threads at once."""
 
     def down(self) -> None:
         """Remove everything it made (safe to call twice)."""
 
 
-ENGINES: dict[str, Callable[[TestbedConfig], Engine]] = {"emulate": EmulatorEngine,
-                                                          "simulate": SimulatorEngine}
+ENGINES: dict[str, Callable[[TestbedConfig, int], Engine]] = {"emulate": EmulatorEngine,
+                                                               "simulate": SimulatorEngine}
 DEFAULT_ENGINE = "emulate"
+# replays an engine can run at once (``jobs``; None: no bound but the memory): the emulated
+# fabric is one machine's, so one; the simulator's replays are independent processes
+MAX_JOBS: dict[str, int | None] = {"emulate": 1, "simulate": None}
+
+
+def check_jobs(engine: str, jobs: int) -> None:
+    """ValueError (one line) for a number of replays at once the engine cannot run."""
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    bound = MAX_JOBS.get(engine)
+    if bound is not None and jobs > bound:
+        raise ValueError(f"--jobs {jobs}: the {engine} engine runs {bound} replay at a time "
+                         f"(the emulated fabric is shared by every replay); --jobs is for the simulator")

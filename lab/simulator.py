@@ -56,6 +56,7 @@ import json
 import math
 import resource
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -126,17 +127,18 @@ def route_count(placement: Placement, flows: list[scenario_mod.Flow]) -> int:
 
 
 def check_experiment(exp: ExperimentConfig, base: ReplayConfig, scen: scenario_mod.Scenario,
-                     topo: Topology) -> None:
+                     topo: Topology, jobs: int = 1) -> None:
     """What the simulator refuses before anything runs (one line each): a
     fault event it cannot represent, a platform too large for the memory here
-    (sim.platform.check_fits states the estimate and the bound)."""
+    (sim.platform.check_fits states the estimate and the bound; ``jobs``
+    replays at once hold that many platforms)."""
     check_scenario(scen)
     for label in exp.schedulers:
         cfg = exp.replay_config(base, label)
         tp = perfmodel.build(cfg.model, cfg.gpu, cfg.perf_overrides).tp
         routes = route_count(make_placement(topo, cfg.placement, tp=tp), scen.flows)
         try:
-            sim_platform.check_fits(routes, len(topo.gpus))
+            sim_platform.check_fits(routes, len(topo.gpus), copies=jobs)
         except sim_platform.PlatformTooLarge as exc:
             raise SimulatorRefusal(str(exc)) from None
 
@@ -521,45 +523,90 @@ def _replay_on(built: SharedPlatform, cfg: ReplayConfig, scen: scenario_mod.Scen
 class PlatformCache:
     """The platform of the replays of one experiment, built once: a
     :class:`~sim.isolate.Zygote` per set of routes (the placement and the
-    background flows decide them, so a campaign's replays share one), the
-    previous one ended when another is needed."""
+    background flows decide them, so a campaign's replays share one), ended
+    when another set is needed.  ``jobs``: how many replays may run at once
+    (from as many threads), each in a child of a zygote of its own; the
+    zygotes of one set of routes are built side by side and kept."""
 
-    def __init__(self, topo: Topology) -> None:
+    def __init__(self, topo: Topology, jobs: int = 1) -> None:
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.topo = topo
-        self.zygote: Zygote | None = None
+        self.jobs = jobs
+        self.zygotes: list[Zygote] = []  # at most ``jobs``
+        self._free: list[Zygote] = []
+        self._turn = threading.Condition()
         self._built = 0
         self._logs = tempfile.TemporaryDirectory(prefix="netkv-sim-")
+
+    @property
+    def zygote(self) -> Zygote | None:
+        """The one zygote of a cache of one job (None before the first replay)."""
+        return self.zygotes[0] if self.zygotes else None
 
     def replay(self, cfg: ReplayConfig, scen: scenario_mod.Scenario, run_dir: Path,
                poll_interval_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
         check_scenario(scen)
+        key = self.key_of(cfg, scen)
+        zygote = self._take(key, lambda: self._new_zygote(key, cfg, scen))
+        try:
+            return zygote.run(_replay_on, cfg, scen, run_dir, poll_interval_s)
+        finally:
+            with self._turn:
+                self._free.append(zygote)
+                self._turn.notify_all()
+
+    @staticmethod
+    def key_of(cfg: ReplayConfig, scen: scenario_mod.Scenario) -> Any:
+        """What decides a replay's routes: the placement (of this engine's
+        topology, with its instances' size) and the background flows."""
         tp = perfmodel.build(cfg.model, cfg.gpu, cfg.perf_overrides).tp
-        background = background_of(scen)
-        # what decides the routes: the placement (of this engine's topology) and the background flows
-        key = (json.dumps(cfg.placement, sort_keys=True), tp, tuple(background))
-        if self.zygote is None or self.zygote.key != key:
-            self.close_zygote()
-            placement = make_placement(self.topo, cfg.placement, tp=tp)
-            sim_platform.check_fits(route_count(placement, scen.flows), len(self.topo.gpus))
-            self._built += 1
-            log = Path(self._logs.name) / f"simgrid-{self._built}.log"
-            topo, flows = self.topo, scen.flows
+        return (json.dumps(cfg.placement, sort_keys=True), tp, tuple(background_of(scen)))
 
-            def build() -> SharedPlatform:  # in the zygote
-                began = time.perf_counter()
-                plat = sim_platform.build(topo, replay_pairs(placement, flows), background, log_file=log)
-                paths, tiers = shared_state(topo, placement)
-                return SharedPlatform(plat, log, round(time.perf_counter() - began, 3),
-                                      round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-                                      paths, tiers)
+    def _take(self, key: Any, new: Callable[[], Zygote]) -> Zygote:
+        """A free zygote of ``key``; else a new one while fewer than ``jobs``
+        exist; else, once one is free, that one ended and a new one in its place."""
+        with self._turn:
+            while True:
+                for z in self._free:
+                    if z.key == key:
+                        self._free.remove(z)
+                        return z
+                if len(self.zygotes) < self.jobs:
+                    break
+                if self._free:
+                    old = self._free.pop(0)
+                    self.zygotes.remove(old)
+                    old.close()
+                    break
+                self._turn.wait()
+            zygote = new()
+            self.zygotes.append(zygote)
+            return zygote
 
-            self.zygote = Zygote(key, build)
-        return self.zygote.run(_replay_on, cfg, scen, run_dir, poll_interval_s)
+    def _new_zygote(self, key: Any, cfg: ReplayConfig, scen: scenario_mod.Scenario) -> Zygote:
+        placement = make_placement(self.topo, cfg.placement, tp=key[1])
+        sim_platform.check_fits(route_count(placement, scen.flows), len(self.topo.gpus), copies=self.jobs)
+        self._built += 1
+        log = Path(self._logs.name) / f"simgrid-{self._built}.log"
+        topo, flows, background = self.topo, scen.flows, background_of(scen)
+
+        def build() -> SharedPlatform:  # in the zygote
+            began = time.perf_counter()
+            plat = sim_platform.build(topo, replay_pairs(placement, flows), background, log_file=log)
+            paths, tiers = shared_state(topo, placement)
+            return SharedPlatform(plat, log, round(time.perf_counter() - began, 3),
+                                  round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+                                  paths, tiers)
+
+        return Zygote(key, build)
 
     def close_zygote(self) -> None:
-        if self.zygote is not None:
-            self.zygote.close()
-            self.zygote = None
+        """End every zygote (a replay running in one ends with it)."""
+        with self._turn:
+            for z in self.zygotes:
+                z.close()
+            self.zygotes, self._free = [], []
 
     def close(self) -> None:
         self.close_zygote()
@@ -584,10 +631,13 @@ def simgrid_version() -> str:
 
 
 class SimulatorEngine:
-    """SimGrid's flow-level network as an experiment's engine (:mod:`lab.engine`)."""
+    """SimGrid's flow-level network as an experiment's engine (:mod:`lab.engine`).
+    ``jobs``: replays that may run at once (``replay`` is called from that many
+    threads), each from a platform of its own."""
 
-    def __init__(self, config: TestbedConfig) -> None:
+    def __init__(self, config: TestbedConfig, jobs: int = 1) -> None:
         self.config = config
+        self.jobs = jobs
         self.topology = config.validate()
         self.version = ""
         self.platforms: PlatformCache | None = None
@@ -606,7 +656,7 @@ class SimulatorEngine:
     def replay(self, cfg: ReplayConfig, scen: scenario_mod.Scenario,
                run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if self.platforms is None:
-            self.platforms = PlatformCache(self.topology)
+            self.platforms = PlatformCache(self.topology, self.jobs)
         return self.platforms.replay(cfg, scen, run_dir, self.config.poll_interval_s)
 
     def down(self) -> None:

@@ -128,7 +128,7 @@ def plan(base: ExperimentConfig, knob: Knob, values: list[Any], out: Path,
 
 
 def run_sweep(name: str, base: ExperimentConfig, values: list[Any], out: Path, *, quiet: bool = False,
-              keep_schedulers: bool = False, engine: str = DEFAULT_ENGINE) -> dict[str, Any]:
+              keep_schedulers: bool = False, engine: str = DEFAULT_ENGINE, jobs: int = 1) -> dict[str, Any]:
     knob = SWEEPS[name]
     if out.exists() and any(out.iterdir()):
         raise SweepError(f"sweep directory {out} exists and is not empty; choose another --out")
@@ -141,7 +141,7 @@ def run_sweep(name: str, base: ExperimentConfig, values: list[Any], out: Path, *
     for k, (value, exp) in enumerate(zip(values, points)):
         if not quiet:
             print(f"netkv: sweep {name}: point {k + 1}/{len(points)}, {knob.key}={value}", flush=True)
-        run_experiment(exp, quiet=quiet, engine=engine)
+        run_experiment(exp, quiet=quiet, engine=engine, jobs=jobs)
     return write_sweep(out)
 
 

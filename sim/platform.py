@@ -120,16 +120,18 @@ def estimate_bytes(routes: int) -> int:
     return routes * BYTES_PER_ROUTE
 
 
-def check_fits(routes: int, gpus: int, available: int | None = None) -> int:
-    """The platform's estimated bytes; PlatformTooLarge when they pass
-    MEMORY_FRACTION of ``available`` (default: the machine's MemAvailable)."""
-    need = estimate_bytes(routes)
+def check_fits(routes: int, gpus: int, available: int | None = None, copies: int = 1) -> int:
+    """The estimated bytes of ``copies`` platforms (replays run at once each
+    hold one); PlatformTooLarge when they pass MEMORY_FRACTION of
+    ``available`` (default: the machine's MemAvailable)."""
+    need = copies * estimate_bytes(routes)
     have = mem_available_bytes() if available is None else available
     if have is not None and need > MEMORY_FRACTION * have:
+        what = (f"platform of {gpus} GPUs needs {routes:,} routes" if copies == 1 else
+                f"platforms of {gpus} GPUs for {copies} replays at once (--jobs) need {copies} x {routes:,} routes")
         raise PlatformTooLarge(
-            f"the simulated platform of {gpus} GPUs needs {routes:,} routes, about {need / 2**30:.1f} GiB "
-            f"({BYTES_PER_ROUTE} B per route), more than {MEMORY_FRACTION:.0%} of the {have / 2**30:.1f} GiB "
-            f"available here")
+            f"the simulated {what}, about {need / 2**30:.1f} GiB ({BYTES_PER_ROUTE} B per route), more than "
+            f"{MEMORY_FRACTION:.0%} of the {have / 2**30:.1f} GiB available here")
     return need
 
 

@@ -329,3 +329,54 @@ def test_netkv_sweep_on_the_simulator_refuses_what_it_cannot_simulate(tmp_path: 
     lines = [line for line in proc.stderr.splitlines() if "xbt_cfg" not in line]
     assert len(lines) == 1 and "fault event 'controller_restart' cannot be simulated" in lines[0], proc.stderr
     assert not (tmp_path / "sweep").exists()
+
+
+def test_replays_at_once_come_out_as_replays_one_at_a_time(tmp_path: Path) -> None:
+    """--jobs 2: a campaign's replays run two at a time, each from a zygote of
+    its own (two platforms built side by side), and every replay's records are
+    those of the same campaign run one replay at a time."""
+    def campaign(out: Path, jobs: int) -> None:
+        exp = ExperimentConfig(testbed={"topology": "tiny"}, scenario="none", out_dir=str(out),
+                               schedulers=["round_robin", "netkv"], window_starts_s=[0.0, 1200.0],
+                               replay={"duration_s": 20.0, "max_requests": 12, "ttft_slo_ms": 2000.0})
+        result = run_experiment(exp, engine="simulate", quiet=True, jobs=jobs)
+        assert result["nothing_lost"] is True
+
+    campaign(tmp_path / "one", 1)
+    campaign(tmp_path / "two", 2)
+    replays = sorted(p.parent.relative_to(tmp_path / "one") for p in (tmp_path / "one").glob("w*/*/records.jsonl"))
+    assert len(replays) == 4
+    for rel in replays:
+        assert _outcome(tmp_path / "two" / rel) == _outcome(tmp_path / "one" / rel), rel
+    # the cache itself: while one zygote is busy with a replay, the next replay gets a second one of
+    # the same routes; with both free, replays reuse them
+    topo = build("tiny")
+    scen = scenario_mod.parse({"name": "quiet", "flows": [], "events": []}, topo)
+    cfg = ReplayConfig(topology="tiny", duration_s=20.0, max_requests=6, scheduler="round_robin")
+    cache = PlatformCache(topo, jobs=2)
+    try:
+        cache.replay(cfg, scen, tmp_path / "t0", 0.5)
+        first = cache.zygotes[0]
+        busy = cache._take(cache.key_of(cfg, scen), lambda: pytest.fail("a free zygote was there"))
+        assert busy is first
+        cache.replay(cfg, scen, tmp_path / "t1", 0.5)
+        assert len(cache.zygotes) == 2 and cache.zygotes[1] is not first and cache.zygotes[1].key == first.key
+        cache._free.append(busy)
+        cache.replay(cfg, scen, tmp_path / "t2", 0.5)
+        assert len(cache.zygotes) == 2
+        assert _outcome(tmp_path / "t0") == _outcome(tmp_path / "t1") == _outcome(tmp_path / "t2") != []
+    finally:
+        cache.close()
+    assert cache.zygotes == [] and not first._proc.is_alive()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["sweep", "load", "--engine", "emulate", "--jobs", "2"], "--jobs 2: the emulate engine runs 1 replay at a time"),
+    (["simulate", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+])
+def test_jobs_the_engine_cannot_run_are_refused_in_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
+    proc = run_netkv(*args, "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "xbt_cfg" not in line]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
