@@ -2,7 +2,7 @@
 campaign on a larger fat-tree.
 
 ``python -m bench simpaper [--gpus 1024] [--windows 1200,1800,2400]
-[--duration-s 60] [--schedulers ...] --out DIR`` runs
+[--duration-s 60] [--schedulers ...] [--jobs N] --out DIR`` runs
 ``experiments/network-heavy-baselines.json`` (the point and the baselines of
 the skeptic's table, docs/evaluation.md) with ``netkv simulate`` on
 ``topologies.catalog.fattree_at(gpus)``, and prints one JSON object: per
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration-s", type=float, default=60.0, help="window length, s (default: 60)")
     ap.add_argument("--schedulers", default=",".join(DEFAULT_SCHEDULERS),
                     help=f"labels of {EXPERIMENT.name} (default: {','.join(DEFAULT_SCHEDULERS)})")
+    ap.add_argument("--jobs", type=int, default=1, help="replays at once (netkv simulate --jobs; default 1)")
     ap.add_argument("--out", type=Path, required=True, help="the campaign's run directory (must not exist)")
     args = ap.parse_args(argv)
     try:
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             exp_path.write_text(json.dumps(exp, indent=2) + "\n")
             t0 = time.monotonic()
             done = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "--experiment", str(exp_path),
-                                   "--out", str(args.out)], cwd=REPO_ROOT, text=True, stdout=subprocess.DEVNULL)
+                                   "--jobs", str(args.jobs), "--out", str(args.out)], cwd=REPO_ROOT, text=True, stdout=subprocess.DEVNULL)
             wall_s = time.monotonic() - t0
     except (ValueError, TopologyError) as exc:
         ap.error(str(exc))
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench simpaper: netkv simulate failed (exit {done.returncode})", file=sys.stderr)
         return 1
     print(json.dumps({"benchmark": "simpaper", "gpus": args.gpus, "windows": windows, "duration_s": args.duration_s,
-                      "trace_replicas": args.gpus // BASE_GPUS, "scenario": scen["name"], "out": str(args.out),
+                      "trace_replicas": args.gpus // BASE_GPUS, "jobs": args.jobs, "scenario": scen["name"], "out": str(args.out),
                       **summarise(args.out, wall_s)}))
     return 0
 
