@@ -14,8 +14,12 @@ recorded in the simulated run's ``experiment.json``:
 * the ranking of the schedulers by mean TTFT on both engines;
 * NetKV's paired change against each other scheduler on both engines;
 * per request served by both, the simulated over the emulated transfer time:
-  median and p90 of the ratio, by tier distance and by whether a background
-  flow shared the path.
+  median and p90 of the ratio, by tier distance, by whether a background
+  flow shared the path, and by whether the transfer had its path to itself on
+  both engines (no other transfer and no background flow on a hop of it while
+  it ran: there both engines time one flow alone) or shared it on either (the
+  two replays diverge, so a request's neighbours on one engine are not its
+  neighbours on the other).
 
 The issue's criteria, reported as met or not: every scheduler's simulated mean
 TTFT inside the emulator's interval, the same ranking, and the transfer-time
@@ -34,7 +38,7 @@ from typing import Any
 
 from fabric.config import TestbedConfig
 from lab.rundir import window_runs
-from lab.transfers import background_of, tcp_hops
+from lab.transfers import background_of, idle_transfers, tcp_hops
 from netkv.records import read_records
 from netkv.repo import REPO_ROOT
 from netkv.stats import percentile
@@ -50,29 +54,47 @@ def transfer_ms(rec: dict[str, Any]) -> float | None:
     return float(rec["transfer_end_ms"]) - float(rec["transfer_start_ms"])
 
 
+def _ranks(replay: Path) -> dict[str, list[str]] | None:
+    """Each instance's GPU hosts, from the replay's run.json (None: one GPU per instance)."""
+    try:
+        ranks = json.loads((replay / "run.json").read_text())["placement"].get("ranks")
+    except (OSError, KeyError, ValueError):
+        return None
+    return ranks or None
+
+
 def ratios(emu: Path, sim: Path) -> dict[str, Any]:
     """Simulated over emulated transfer time of every request both served, by group."""
     exp = json.loads((emu / "experiment.json").read_text())
     topo = TestbedConfig.from_json(exp["testbed"]).validate()
     scen = json.loads((emu / "scenario.json").read_text()) if (emu / "scenario.json").exists() else {}
     background = background_of(topo, scen.get("flows", []))
+    tb = TestbedConfig.from_json(exp["testbed"])
     groups: dict[str, list[float]] = {}
     for w_emu, w_sim in zip(window_runs(emu), window_runs(sim)):
         for label in exp["schedulers"]:
             a = {r["request_id"]: r for r in read_records(w_emu / label / "records.jsonl")}
             b = {r["request_id"]: r for r in read_records(w_sim / label / "records.jsonl")}
+            # on each engine, the transfers that had their path to themselves (no other transfer, no
+            # background flow on a hop of it while they ran): there the two engines time the same thing
+            alone = [{t.request_id for t in idle_transfers(topo, tb.scale, tb.mtu_bytes, list(recs.values()),
+                                                           min_ideal_ms=0.0, background=background,
+                                                           ranks=_ranks(run / label))}
+                     for recs, run in ((a, w_emu), (b, w_sim))]
             for rid, ra in a.items():
                 rb = b.get(rid)
                 if rb is None or ra.get("decode") != rb.get("decode") or ra.get("prefill") != rb.get("prefill"):
                     continue  # the same transfer only: same pair on both engines
-                ta, tb = transfer_ms(ra), transfer_ms(rb)
-                if not ta or not tb:
+                ta, tb_ms = transfer_ms(ra), transfer_ms(rb)
+                if not ta or not tb_ms:
                     continue
                 start, end = float(ra["transfer_start_ms"]), float(ra["transfer_end_ms"])
                 loaded = any(bg.overlaps(tcp_hops(topo, ra["prefill"], ra["decode"]), start, end) for bg in background)
                 key = f"tier {ra.get('tier_distance')}, {'background on path' if loaded else 'no background'}"
-                for k in ("all", key):
-                    groups.setdefault(k, []).append(tb / ta)
+                idle = "path to itself on both engines" if rid in alone[0] and rid in alone[1] else \
+                    "path shared on one engine or both"
+                for k in ("all", key, idle, f"tier {ra.get('tier_distance')}, {idle}"):
+                    groups.setdefault(k, []).append(tb_ms / ta)
 
     def stats(v: list[float]) -> dict[str, Any]:
         p50, p90 = percentile(v, 50), percentile(v, 90)

@@ -37,7 +37,9 @@ from lab.rundir import provenance, window_dir_name
 from netkv.schedulers import provenance as scheduler_provenance
 from netkv.serving.config import ReplayConfig
 
-REPLAY_GRACE_S = 30.0  # an interrupted run waits this long for the replays running to write their records
+# an interrupted run waits this long for the replays running to end by themselves (Ctrl-C reaches
+# their processes too, and each then writes a record for every request it holds), then ends them
+REPLAY_GRACE_S = 5.0
 
 
 def run_experiment(exp: ExperimentConfig, *, quiet: bool = False, engine: str = DEFAULT_ENGINE,

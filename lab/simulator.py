@@ -638,6 +638,7 @@ class SimulatorEngine:
     def __init__(self, config: TestbedConfig, jobs: int = 1) -> None:
         self.config = config
         self.jobs = jobs
+        self._making = threading.Lock()
         self.topology = config.validate()
         self.version = ""
         self.platforms: PlatformCache | None = None
@@ -655,8 +656,9 @@ class SimulatorEngine:
 
     def replay(self, cfg: ReplayConfig, scen: scenario_mod.Scenario,
                run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        if self.platforms is None:
-            self.platforms = PlatformCache(self.topology, self.jobs)
+        with self._making:  # replays may come from several threads at once (jobs)
+            if self.platforms is None:
+                self.platforms = PlatformCache(self.topology, self.jobs)
         return self.platforms.replay(cfg, scen, run_dir, self.config.poll_interval_s)
 
     def down(self) -> None:

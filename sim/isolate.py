@@ -163,6 +163,7 @@ class Zygote:
         self._proc.start()
         theirs.close()
         self._ready = False
+        self._busy = False  # a request sent, its answer not yet read
 
     def _answer(self) -> tuple[str, Any]:
         try:
@@ -185,17 +186,24 @@ class Zygote:
                 self.close()
                 _result(kind, value)
             self._ready = True
-        self._conn.send((fn, args, kwargs))
-        return _result(*self._answer())  # type: ignore[no-any-return]
+        self._busy = True
+        try:
+            self._conn.send((fn, args, kwargs))
+            return _result(*self._answer())  # type: ignore[no-any-return]
+        finally:
+            self._busy = False
 
     def close(self) -> None:
-        """End the zygote: asked first, then by its pid."""
+        """End the zygote: asked first when it is idle, else (a replay under
+        way, run from another thread) at once, by its pid: it ends that
+        replay's process by its pid."""
         if self._proc.is_alive():
-            try:
-                self._conn.send(None)
-            except (OSError, ValueError):
-                pass
-            self._proc.join(JOIN_S)
+            if not self._busy:
+                try:
+                    self._conn.send(None)
+                except (OSError, ValueError):
+                    pass
+                self._proc.join(JOIN_S)
             if self._proc.is_alive():
                 self._proc.terminate()
                 self._proc.join(JOIN_S)

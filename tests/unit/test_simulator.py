@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing
 import subprocess
 import sys
 from dataclasses import replace
@@ -344,6 +345,7 @@ def test_replays_at_once_come_out_as_replays_one_at_a_time(tmp_path: Path) -> No
 
     campaign(tmp_path / "one", 1)
     campaign(tmp_path / "two", 2)
+    assert multiprocessing.active_children() == []  # every zygote and replay process ended
     replays = sorted(p.parent.relative_to(tmp_path / "one") for p in (tmp_path / "one").glob("w*/*/records.jsonl"))
     assert len(replays) == 4
     for rel in replays:
