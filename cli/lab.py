@@ -145,6 +145,8 @@ def experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:
     exp.testbed = config_from_args(args).to_json()
     if args.schedulers:
         exp.schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+        # the experiment file's variants of labels not chosen go with them (a --variant below still must be used)
+        exp.variants = {k: v for k, v in exp.variants.items() if k in exp.schedulers}
     if args.scenario:
         exp.scenario = args.scenario
     for key, value in (("trace_path", args.trace), ("start_s", args.start_s), ("duration_s", args.duration_s),

@@ -95,3 +95,23 @@ def test_every_shipped_experiment_passes_the_checks_made_before_a_network_is_bui
     exp = experiment_from_args(build_parser().parse_args(["run", "--experiment", str(path)]))
     prepare(exp)
     assert exp.window_starts_s, f"{path.name}: a shipped experiment names the trace windows it was run on"
+
+
+def test_schedulers_chosen_on_the_command_line_take_the_experiments_variants_of_those_only() -> None:
+    """--schedulers picks labels of an experiment file: the file's variants of the
+    labels left out go with them, those kept stay; a --variant given on the command
+    line for a label not chosen is still refused."""
+    from cli.common import CliError
+    from cli.lab import experiment_from_args
+    from cli.main import build_parser
+    from lab.experiment import ExperimentError, prepare
+
+    path = str(REPO_ROOT / "experiments" / "network-heavy-baselines.json")
+    exp = experiment_from_args(build_parser().parse_args(
+        ["run", "--experiment", path, "--schedulers", "round_robin,dynamo_decode,netkv"]))
+    assert exp.schedulers == ["round_robin", "dynamo_decode", "netkv"] and list(exp.variants) == ["dynamo_decode"]
+    prepare(exp)
+    exp = experiment_from_args(build_parser().parse_args(
+        ["run", "--experiment", path, "--schedulers", "netkv", "--variant", 'other={"scheduler": "round_robin"}']))
+    with pytest.raises((ExperimentError, CliError), match="variant 'other' is not among the schedulers"):
+        prepare(exp)
