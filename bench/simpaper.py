@@ -2,7 +2,7 @@
 campaign on a larger fat-tree.
 
 ``python -m bench simpaper [--gpus 1024] [--windows 1200,1800,2400]
-[--duration-s 60] [--schedulers ...] [--jobs N] --out DIR`` runs
+[--duration-s 60] [--schedulers ...] [--jobs N] [--plan-only] --out DIR`` runs
 ``experiments/network-heavy-baselines.json`` (the point and the baselines of
 the skeptic's table, docs/evaluation.md) with ``netkv simulate`` on
 ``topologies.catalog.fattree_at(gpus)``, and prints one JSON object: per
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"labels of {EXPERIMENT.name} (default: {','.join(DEFAULT_SCHEDULERS)})")
     ap.add_argument("--jobs", type=int, default=1, help="replays at once (netkv simulate --jobs; default 1)")
     ap.add_argument("--out", type=Path, required=True, help="the campaign's run directory (must not exist)")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="write the experiment (OUT-experiment.json, its scenario OUT-scenario.json) and stop: "
+                         "for `netkv simulate` or `netkv sweep --engine simulate --experiment` at this size")
     args = ap.parse_args(argv)
     try:
         if args.gpus % BASE_GPUS:
@@ -129,9 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         scen_path = args.out.with_name(args.out.name + "-scenario.json").resolve()
         scen_path.parent.mkdir(parents=True, exist_ok=True)
         scen_path.write_text(json.dumps(scen, indent=2) + "\n")
+        exp = experiment(args.gpus, [s.strip() for s in args.schedulers.split(",") if s.strip()], windows,
+                         args.duration_s, scen_path)
+        if args.plan_only:
+            plan = args.out.with_name(args.out.name + "-experiment.json").resolve()
+            plan.write_text(json.dumps(exp, indent=2) + "\n")
+            print(json.dumps({"benchmark": "simpaper", "gpus": args.gpus, "experiment": str(plan),
+                              "scenario": str(scen_path)}))
+            return 0
         with tempfile.TemporaryDirectory(prefix="simpaper-") as tmp:
-            exp = experiment(args.gpus, [s.strip() for s in args.schedulers.split(",") if s.strip()], windows,
-                             args.duration_s, scen_path)
             exp_path = Path(tmp) / "experiment.json"
             exp_path.write_text(json.dumps(exp, indent=2) + "\n")
             t0 = time.monotonic()
