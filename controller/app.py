@@ -160,7 +160,12 @@ class NetKVController(app_manager.OSKenApp):  # type: ignore[misc]
             fields["ipv4_src"] = entry.ipv4_src
         return fields
 
-    @set_ev_cls(ofp_event.EventOFPBarrierReply, MAIN_DISPATCHER)
+    # Also in CONFIG_DISPATCHER: _on_features runs in this app's own thread and
+    # may send the routes and their barrier before os-ken's handshake handler
+    # asks for the port descriptions; the switch then answers the barrier while
+    # the datapath is still in CONFIG_DISPATCHER, and a MAIN-only handler would
+    # never see the reply (the switch would stay "not ready").
+    @set_ev_cls(ofp_event.EventOFPBarrierReply, [CONFIG_DISPATCHER, MAIN_DISPATCHER])
     def _on_barrier(self, ev: Any) -> None:
         self.state.on_routes_confirmed(ev.msg.datapath.id, time.time())
 

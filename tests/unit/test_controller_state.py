@@ -310,3 +310,25 @@ def test_poll_loop_survives_failed_rounds_and_reports_its_death(monkeypatch: pyt
     assert 0 <= sleeps[0] <= 0.05 and all(s >= 0 for s in sleeps)  # fixed schedule, never negative
     assert state.poller_health(state.last_poll_s or 0.0)["alive"] is False
     assert any(r.levelname == "CRITICAL" and "poller died" in r.getMessage() for r in caplog.records)
+
+
+def test_a_barrier_reply_before_the_handshake_ends_still_marks_the_switch_ready() -> None:
+    """The routes and their barrier are sent from the features handler; the
+    switch can answer the barrier before os-ken's handshake has moved the
+    datapath to MAIN_DISPATCHER.  os-ken delivers an event only to handlers
+    registered for the datapath's state when it arrived, so the barrier's
+    handler must be registered for CONFIG_DISPATCHER too."""
+    from os_ken.controller import ofp_event
+    from os_ken.controller.handler import CONFIG_DISPATCHER, MAIN_DISPATCHER
+
+    from controller import app
+
+    callers = app.NetKVController._on_barrier.callers  # type: ignore[attr-defined]
+    dispatchers = callers[ofp_event.EventOFPBarrierReply].dispatchers
+    assert CONFIG_DISPATCHER in dispatchers and MAIN_DISPATCHER in dispatchers
+    state = make_state()
+    dpid = next(iter(state.switch_by_dpid))
+    state.on_routes_sent(dpid, 3, 1.0)
+    state.on_routes_confirmed(dpid, 1.1)  # before on_connect: the handshake has not ended
+    state.on_connect(dpid, 1.2)
+    assert dpid in state.routes_confirmed
