@@ -54,6 +54,12 @@ from .timing import DecisionTimer, GcClock
 
 OVER_CONTEXT = "longer than the model's context"
 
+# Record times are epoch seconds minus the replay's t0: at today's epoch a
+# double resolves 0.24 us, so a prefill that starts the instant its request
+# arrives (the trace's exact arrival_ms) can read a fraction of a microsecond
+# early.  A start earlier than arrival by less than this is that rounding.
+CLOCK_RESOLUTION_MS = 1e-3
+
 
 class LedgerError(RuntimeError):
     """The scheduler broke its contract (no decision, or a decode that is not live)."""
@@ -355,9 +361,12 @@ class Ledger:
         flight.prefilled = True
         self._prefill_left(flight)
         rec = flight.rec
-        rec["prefill_start_ms"] = self.ms(start_s)
+        start_ms = self.ms(start_s)
+        if -CLOCK_RESOLUTION_MS < start_ms - rec["arrival_ms"] < 0.0:
+            start_ms = rec["arrival_ms"]  # the epoch clock's rounding, not a prefill before its arrival
+        rec["prefill_start_ms"] = start_ms
         rec["prefill_end_ms"] = self.ms(end_s)
-        rec["queue_wait_ms"] = rec["prefill_start_ms"] - rec["arrival_ms"]
+        rec["queue_wait_ms"] = start_ms - rec["arrival_ms"]
         rec["prefill_cached_tokens"] = int(cached_tokens)
 
     def sent(self, rid: object, start_s: float) -> Flight | None:

@@ -240,3 +240,26 @@ def test_a_request_longer_than_the_models_context_is_refused_with_the_reason() -
     served = ledger([], model="opt-13b", model_context="ignore")  # the network-heavy stress point
     assert served.dispatch(req(1, input_tokens=3000, output_tokens=4), at(1)) is not None
     assert served.over_context == 0
+
+
+def test_a_prefill_that_starts_as_its_request_arrives_has_no_negative_wait() -> None:
+    """At today's epoch a double resolves 0.24 us: t0 + arrival can read a
+    hair before the trace's arrival_ms.  That rounding is not a wait; a start
+    clearly before the arrival is kept as it is (it would be a bug to see)."""
+    records: list[dict[str, Any]] = []
+    config = ReplayConfig(topology="tiny", scheduler="round_robin")
+    led = Ledger(config, topologies.build("tiny"), records.append)
+    led.t0 = 1_796_000_000.123456  # an epoch of this decade
+    r = Request("r0", 242.4402899001725, 1024, 4, (1, 2))
+    arrival_s = led.t0 + r.arrival_ms / 1000.0
+    assert led.ms(arrival_s) < r.arrival_ms  # the rounding this is about
+    order = led.dispatch(r, arrival_s)
+    assert order is not None
+    led.prefilled(r.request_id, arrival_s, arrival_s + 0.01, cached_tokens=0)
+    rec = led.flights[r.request_id].rec
+    assert rec["queue_wait_ms"] == 0.0 and rec["prefill_start_ms"] == r.arrival_ms
+
+    r2 = Request("r1", 500.0, 1024, 4, (3, 4))
+    assert led.dispatch(r2, led.t0 + 0.5) is not None
+    led.prefilled(r2.request_id, led.t0 + 0.499, led.t0 + 0.6, cached_tokens=0)
+    assert led.flights[r2.request_id].rec["queue_wait_ms"] == pytest.approx(-1.0, abs=1e-3)
