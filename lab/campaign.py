@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from lab.report import BREAKDOWN_PARTS, plot_attainment, plot_breakdown, ttft_breakdown_ms, write_report
 from lab.rundir import window_runs
-from lab.verdict import inside
+from lab.verdict import SIMULATED_NOTE, inside
 from netkv import stats
 from netkv.paper import PAPER_FIGURES, PAPER_SOURCE
 from netkv.records import read_records
@@ -159,12 +159,14 @@ def aggregate(run: Path, comparisons: list[dict[str, Any]]) -> dict[str, Any]:
                 pairs[key].setdefault(a, {})[b] = summary(values, left if only_usable else None)
     accounting = []
     outside, unjudged, rejudged = [], [], []
+    simulated = 0
     for c, w in zip(comparisons, wnames):
         for name, m in c["schedulers"].items():
             accounting.append({"window": w, "scheduler": name, "records": m["requests"],
                                "requests_expected": m["requests_expected"],
                                "requests_without_record": m["requests_without_record"], "partial": m["partial"]})
             verdict = m.get("verdict") or {}
+            simulated += verdict.get("note") == SIMULATED_NOTE
             entry = {"window": w, "scheduler": name, "limiting_resource": verdict.get("limiting_resource")}
             if verdict.get("within_envelope") is False:
                 outside.append(entry)
@@ -197,6 +199,7 @@ def aggregate(run: Path, comparisons: list[dict[str, Any]]) -> dict[str, Any]:
         "nothing_lost": all(not a["partial"] for a in accounting) and len(done) == len(starts),
         "outside_envelope": outside,
         "unjudged": unjudged,
+        "simulated_replays": simulated,
         "verdict_changed_on_rejudging": rejudged,
         "versus_paper": versus_paper(names, pairs["ttft_mean_change_pct"], pairs["ttft_slo_attainment_change_pp"],
                                      per),
@@ -374,8 +377,12 @@ def render_campaign(campaign: dict[str, Any]) -> str:
     if campaign.get("unjudged"):
         lines.append("UNJUDGED (left out of the headline): " + ", ".join(
             f"{o['window']}/{o['scheduler']} ({o['limiting_resource']})" for o in campaign["unjudged"]))
-    if not campaign["outside_envelope"] and not campaign.get("unjudged"):
-        lines.append("every replay inside the emulator's envelope")
+    simulated = campaign.get("simulated_replays", 0)
+    if simulated and simulated == len(campaign["accounting"]):
+        lines.append("simulated replays: no emulator envelope applies (docs/simulator.md)")
+    elif not campaign["outside_envelope"] and not campaign.get("unjudged"):
+        lines.append("every replay inside the emulator's envelope"
+                     + (f" ({simulated} of them simulated: no envelope applies)" if simulated else ""))
     for o in campaign.get("verdict_changed_on_rejudging", []):
         lines.append(f"re-judged under today's rule: {o['window']}/{o['scheduler']} was "
                      f"{o['stored_within_envelope']} when it ran, is {o['within_envelope']} now "

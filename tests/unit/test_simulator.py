@@ -321,6 +321,11 @@ def test_netkv_sweep_runs_on_the_simulator_without_root(tmp_path: Path) -> None:
                 assert json.loads((run_dir / "envelope.json").read_text())["engine"] == "simulate"
                 ids = [r.request_id for r in ReplayConfig.load(run_dir / "config.json").window().requests]
                 assert ids and validate_file(run_dir / "records.jsonl", ids) == []
+        assert json.loads((out / point / "campaign.json").read_text())["simulated_replays"] == 4
+    report = run_netkv("report", str(out / "rate_multiplier=1"))
+    assert report.returncode == 0, report.stderr
+    assert "simulated replays: no emulator envelope applies" in report.stdout
+    assert "inside the emulator's envelope" not in report.stdout
 
 
 def test_netkv_sweep_on_the_simulator_refuses_what_it_cannot_simulate(tmp_path: Path) -> None:
