@@ -27,7 +27,7 @@ SUITE = "bookworm"
 # What the image holds besides debootstrap's default set.  Changing anything in
 # RECIPE (or the files the image gets, IMAGE_FILES) changes the cache key.
 INCLUDE = ("linux-image-amd64", "systemd-sysv", "udev", "kmod", "iproute2", "python3",
-           "ca-certificates", "procps", "git")
+           "ca-certificates", "procps", "git", "openssh-server")
 
 
 IMAGE_SIZE = "24G"  # sparse: the file grows with what the guest writes into its overlay

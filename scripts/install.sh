@@ -23,8 +23,12 @@ die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 #    the simulator engine's flow-level network (`netkv simulate`, sim/); Debian
 #    12 pins it at 3.32, prebuilt for its Python 3.11, and the venv sees it
 #    through its system site packages (PyPI's simgrid is a long source build).
+#    openssh-client and sudo: a testbed on several servers (--servers) goes
+#    through Mininet Cluster Edition, which reaches every other server by ssh
+#    and runs each command there under `sudo -E`, as root too.
 packages=(mininet openvswitch-switch iperf3 ethtool iputils-ping iproute2 net-tools
-          python3-venv python3-pip ruby procps libjemalloc2 prometheus chromium python3-simgrid)
+          python3-venv python3-pip ruby procps libjemalloc2 prometheus chromium python3-simgrid
+          openssh-client sudo)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
