@@ -15,7 +15,7 @@ from topologies import TopologyError
 
 from .client import DEFAULT_REST_PORT
 from .relay import UnixRelay
-from .rest import require_loopback, serve
+from .rest import require_loopback, require_management_address, serve
 from .state import ControllerState
 
 
@@ -28,7 +28,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="topology parameter, repeatable")
     ap.add_argument("--scale", type=float, required=True,
                     help="real bit/s per emulated bit/s, to report real-world link loads")
-    ap.add_argument("--of-host", default="127.0.0.1", help="OpenFlow listen address (loopback only)")
+    ap.add_argument("--of-host", default="127.0.0.1",
+                    help="OpenFlow listen address: loopback, or with --of-mgmt this machine's management address")
+    ap.add_argument("--of-mgmt", action="store_true",
+                    help="--of-host is the head's management address of a testbed on several servers (their "
+                         "switches connect to it); one unicast IPv4 address of this machine, never 0.0.0.0")
+    ap.add_argument("--netns-switches", metavar="NAME,...", default=None,
+                    help="with --switch-netns: only these switches have their namespaces on this machine "
+                         "(the others run on other servers; their egress queues are not read)")
     ap.add_argument("--of-port", type=int, default=6653, help="OpenFlow listen port")
     ap.add_argument("--of-unix", metavar="PATH", default=None,
                     help="also accept switches on this Unix socket, relayed to the OpenFlow listener "
@@ -56,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        require_loopback(args.of_host)
+        if args.of_mgmt:
+            require_management_address(args.of_host)
+        else:
+            require_loopback(args.of_host)
         require_loopback(args.rest_host)
         topo = topologies.build(args.topology, topologies.parse_params(args.param))
         if args.prefix is not None and not (args.prefix.isalnum() and args.prefix.islower() and len(args.prefix) <= 8):
@@ -80,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     app.RUNTIME = state
     app.QUEUE_INTERVAL_S = args.queue_interval_s
     if args.switch_netns:
-        app.QUEUE_NETNS = tuple(args.prefix + sw.name for sw in topo.switches)
+        local = None if args.netns_switches is None else set(args.netns_switches.split(","))
+        app.QUEUE_NETNS = tuple(args.prefix + sw.name for sw in topo.switches if local is None or sw.name in local)
     try:
         server = serve(state, args.rest_host, args.rest_port)
     except OSError as exc:

@@ -173,3 +173,38 @@ class UnixRelay:
             except (KeyError, ValueError):
                 pass
             s.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m controller.relay``: a relay on its own, for a server of a
+    testbed on several machines whose switch processes reach the controller
+    on the head through it (fabric/remote.py).  Runs until SIGTERM, SIGINT or
+    SIGHUP (its ssh session ending)."""
+    import argparse
+    import signal
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m controller.relay",
+                                 description="Relay OpenFlow connections from a Unix socket to a TCP listener "
+                                             "(the controller on the head of a testbed on several servers).")
+    ap.add_argument("--unix", required=True, metavar="PATH", help="the Unix socket switch processes connect to")
+    ap.add_argument("--to-host", required=True, metavar="IPV4", help="the controller's OpenFlow address")
+    ap.add_argument("--to-port", required=True, type=int, metavar="PORT", help="the controller's OpenFlow port")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        relay = UnixRelay(args.unix, args.to_host, args.to_port).start()
+    except OSError as exc:
+        print(f"relay: cannot listen on {args.unix}: {exc}", file=sys.stderr)
+        return 1
+    print(f"relay: {args.unix} -> {args.to_host}:{args.to_port}", flush=True)
+    done.wait()
+    relay.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

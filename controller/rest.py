@@ -67,6 +67,18 @@ def require_loopback(host: str) -> None:
         raise ValueError(f"the API must listen on a loopback address, got {host!r}")
 
 
+def require_management_address(host: str) -> None:
+    """The OpenFlow listener of a testbed on several servers: one unicast
+    IPv4 address (the head's management address), never every address."""
+    try:
+        ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"the OpenFlow management address must be one IPv4 address, got {host!r}") from None
+    if ip.is_unspecified or ip.is_multicast or ip.is_loopback or host == "255.255.255.255":
+        raise ValueError(f"the OpenFlow management address must be this machine's unicast address on the "
+                         f"management network, got {host!r}")
+
+
 Handler = Callable[[list[str], dict[str, list[str]]], Any]
 
 
