@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import topologies
 from controller.client import ControllerClient, loopback_url
-from fabric import cleanup, cluster, system
+from fabric import cleanup, cluster, remote, system
 from fabric.config import TestbedConfig, check_prefix, emulated_mbps
 from fabric.net import Testbed
 from fabric.switches import vswitchd_alive
@@ -35,7 +35,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if len(cfg.server_list()) > 1:
         return cluster_up(cfg, args)
-    tb = Testbed(cfg)
+    return run_up(Testbed(cfg), args)
+
+
+def run_up(tb: Testbed, args: argparse.Namespace) -> int:
+    """Bring ``tb`` up, report, and keep it until stopped (or, with --check,
+    tear it down at once)."""
+    cfg = tb.config
     install_stop_handlers()
     try:
         if not args.json:
@@ -66,6 +72,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                     print(f"netkv: the switch process of {name} (pid {tb.switch_pids[name]}) is gone: nothing "
                           f"is forwarded through {name} (log: {tb.switch_paths(name).log('ovs-vswitchd')})",
                           file=sys.stderr, flush=True)
+            for server, relay in tb.relays.items():
+                if relay.poll() is not None and server not in reported:
+                    reported.add(server)
+                    print(f"netkv: the OpenFlow relay on {server} is gone: its switches lost the controller "
+                          f"(log: {tb.run_dir / f'relay-{server}.log'})", file=sys.stderr, flush=True)
             time.sleep(1.0)
     except (KeyboardInterrupt, Stop):
         return EXIT_OK
@@ -79,10 +90,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cluster_up(cfg: TestbedConfig, args: argparse.Namespace,
-               check: Callable[[list[cluster.Server]], cluster.ClusterCheck] = cluster.check_servers) -> int:
+               check: Callable[[list[cluster.Server]], cluster.ClusterCheck] = cluster.check_servers,
+               build: Callable[[Testbed, argparse.Namespace], int] = run_up) -> int:
     """``netkv up --servers`` with more than one server: the placement and the
-    crossing links (already checked by ``validate``), then the preflight of
-    every server; then a refusal, since the multi-server bring-up is not built."""
+    crossing links (already checked by ``validate``), the preflight of every
+    server, then the bring-up through Mininet Cluster Edition (``build``)."""
     topo = cfg.validate()
     servers = cfg.server_list()
     plan = cfg.cluster_plan(topo)
@@ -98,9 +110,7 @@ def cluster_up(cfg: TestbedConfig, args: argparse.Namespace,
         print(f"netkv: checking {len(servers)} servers (ssh as root, commit, Open vSwitch, clock offset)",
               flush=True)
     result = check(servers)
-    if args.json:
-        print(json.dumps({**plan.to_json(topo), "check": result.to_json(), "built": False}))
-    else:
+    if not args.json:
         for s in result.servers:
             clock = (f"clock {s.clock.offset_s * 1e3:+.3f} ms +-{s.clock.uncertainty_s * 1e3:.3f} ms"
                      if s.clock else "clock -")
@@ -108,9 +118,7 @@ def cluster_up(cfg: TestbedConfig, args: argparse.Namespace,
                   f"commit {s.commit[:12] or '-'}; {s.ovs_version or 'no Open vSwitch'}; {clock}", flush=True)
     if not result.ok:
         raise PreflightError(result.problem_line())
-    print(f"netkv: error: the preflight of {len(servers)} servers passed, but the bring-up on more than one "
-          f"server (Mininet Cluster Edition) is not built yet; nothing was built", file=sys.stderr)
-    return EXIT_FAIL
+    return build(Testbed(cfg, server_check=result), args)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -122,16 +130,31 @@ def cmd_down(args: argparse.Namespace) -> int:
             and any("netkv" in p or "testbed" in p or "pytest" in p for p in system.process_cmdline(owner)):
         os.kill(owner, signal.SIGTERM)
         system.wait_until(lambda: not system.process_alive(owner), timeout_s=30, interval_s=0.2)
-    left = cleanup.sweep(prefix)
+    left = sweep_everywhere(prefix, remote.workers_of_state(state))
     print(f"netkv: prefix {prefix}: " + ("nothing left" if left.total == 0 else f"left {left.as_dict()}"))
     return EXIT_OK if left.total == 0 else EXIT_FAIL
+
+
+def sweep_everywhere(prefix: str, workers: list[cluster.Server]) -> cleanup.Leftovers:
+    """The prefix's sweep on every other server of its testbed (over ssh, each
+    by its own `netkv clean`), then on this machine."""
+    remote_left = remote.sweep_workers(prefix, workers, cleanup.state_dir(prefix)) if workers else {}
+    left = cleanup.sweep(prefix)
+    left.servers.update(remote_left)
+    return left
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
     prefix = check_prefix(args.prefix)
     system.require_root()
     before = cleanup.leftovers(prefix)
-    left = cleanup.sweep(prefix)
+    workers = remote.workers_of_state(cleanup.read_state(prefix))
+    if getattr(args, "servers", None):
+        try:
+            workers = cluster.parse_servers(args.servers)[1:]
+        except cluster.ClusterError as exc:
+            raise CliError(str(exc)) from None
+    left = sweep_everywhere(prefix, workers)
     print(f"netkv: prefix {prefix}: removed {before.total - left.total} objects"
           + ("" if left.total == 0 else f"; still present: {left.as_dict()}"))
     return EXIT_OK if left.total == 0 else EXIT_FAIL
@@ -226,7 +249,7 @@ def add_parsers(sub: Any) -> None:
                                    "Ctrl-C or `netkv down`; everything it created is then removed.")
     add_testbed_options(p)
     p.add_argument("--check", action="store_true", help="bring up, verify, report and tear down again (with "
-                   "--servers: check every server first; the bring-up on several is not built yet)")
+                   "--servers: every server is checked first, then the fabric is built across them)")
     p.add_argument("--json", action="store_true", help="print the bring-up report as one JSON object")
     p.set_defaults(func=cmd_up)
 
@@ -238,8 +261,13 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("clean", help="remove what a crashed testbed left behind (by its prefix)",
                        description="Removes the Open vSwitch bridges, veths and recorded processes of "
-                                   "one prefix. Never touches anything else on the machine.")
+                                   "one prefix. Never touches anything else on the machine. A testbed on "
+                                   "several servers is swept on each of them too (over ssh, by their own "
+                                   "`netkv clean`): the servers recorded by its bring-up, or --servers.")
     add_prefix_option(p)
+    p.add_argument("--servers", metavar="NAME=IPV4,...",
+                   help="sweep the prefix on these servers too (the head first, as `netkv up --servers` took "
+                        "them); default: the servers its bring-up recorded on this machine, if any")
     p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("status", help="is a testbed up? what does its controller report?")

@@ -62,15 +62,22 @@ class Leftovers:
     processes: list[int] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
     switch_instances: list[str] = field(default_factory=list)  # what is left in the per-switch directory
+    # a testbed on several servers: server name -> what its own sweep says is left (or why it could not run)
+    servers: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return (len(self.bridges) + len(self.interfaces) + len(self.processes) + len(self.namespaces)
-                + len(self.switch_instances))
+                + len(self.switch_instances) + len(self.servers))
 
     def as_dict(self) -> dict[str, object]:
-        return {"bridges": self.bridges, "interfaces": self.interfaces, "processes": self.processes,
-                "namespaces": self.namespaces, "switch_instances": self.switch_instances, "total": self.total}
+        out: dict[str, object] = {
+            "bridges": self.bridges, "interfaces": self.interfaces, "processes": self.processes,
+            "namespaces": self.namespaces, "switch_instances": self.switch_instances}
+        if self.servers:
+            out["servers"] = dict(self.servers)
+        out["total"] = self.total
+        return out
 
 
 def write_state(prefix: str, data: dict[str, object]) -> None:

@@ -156,13 +156,15 @@ class TestbedConfig:
             raise ConfigError(str(exc)) from None
 
     def require_one_machine(self) -> None:
-        """ConfigError when the servers section names more than one server: the
-        bring-up across machines (Mininet Cluster Edition) is not built yet."""
+        """ConfigError when the servers section names more than one server, for
+        what needs a replay: `netkv up --servers` builds the fabric across them
+        (Mininet Cluster Edition), but workers on other servers and one
+        timeline for their records are not built yet."""
         servers = self.server_list()
         if len(servers) > 1:
-            raise ConfigError(f"the testbed on more than one server ({', '.join(s.name for s in servers)}) "
-                              f"is not built yet: Mininet Cluster Edition's bring-up is to come "
-                              f"(docs/design.md); `netkv up --servers ... --check` checks the servers")
+            raise ConfigError(f"a replay on more than one server ({', '.join(s.name for s in servers)}) is not "
+                              f"built yet: `netkv up --servers ...` builds and checks the fabric across them, but "
+                              f"workers on other servers are to come (docs/design.md)")
 
     def cluster_plan(self, topo: Topology) -> cluster.ClusterPlan | None:
         """With more than one server: where every node runs and which links

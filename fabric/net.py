@@ -41,7 +41,7 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 from controller.client import ControllerClient, loopback_url
-from fabric import cleanup, shaping, switches, system
+from fabric import cleanup, remote, shaping, switches, system
 from fabric.config import TestbedConfig, emulated_mbps
 from fabric.system import BringUpError
 from fabric.verify import verify_reachability
@@ -70,9 +70,18 @@ class BringUpReport:
     pings_by_tier: dict[int, int] = field(default_factory=dict)
     failed_pairs: list[tuple[str, str]] = field(default_factory=list)
     tcp_congestion: str = ""
+    # a testbed on several servers: the preflight of every server, where each
+    # pod runs, and every link that crosses machines (tunnel, MTU, shaped rate)
+    servers: dict[str, Any] | None = None
+    placement: list[dict[str, Any]] | None = None
+    crossing_links: list[dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        for key in ("servers", "placement", "crossing_links"):
+            if out[key] is None:
+                del out[key]  # one machine: the report as it always was
+        return out
 
 
 class Testbed:
@@ -80,10 +89,12 @@ class Testbed:
 
     __test__ = False  # not a pytest test class, despite its name
 
-    def __init__(self, config: TestbedConfig) -> None:
+    def __init__(self, config: TestbedConfig, server_check: Any = None) -> None:
+        """``server_check``: a passed ``fabric.cluster.ClusterCheck`` of the
+        servers (a testbed on several), so that the preflight does not ask again."""
         self.config = config
+        self.server_check = server_check
         self.topo: Topology = config.validate()
-        config.require_one_machine()
         self.prefix = config.prefix
         self.net: Any = None  # mininet.net.Mininet once built
         self.controller: subprocess.Popen[bytes] | None = None
@@ -91,6 +102,10 @@ class Testbed:
         self.switch_mode = ""  # 'per_switch' or 'shared' once preflight has chosen
         self.switch_pids: dict[str, int] = {}  # per_switch: ovs-vswitchd pid of each switch
         self.run_dir = cleanup.state_dir(self.prefix)
+        # Past one machine (fabric/remote.py): which server runs each node; on
+        # one machine every node is local and every command runs unchanged.
+        self.sites = remote.Sites(config.cluster_plan(self.topo), self.run_dir)
+        self.relays: dict[str, subprocess.Popen[bytes]] = {}  # worker -> its OpenFlow relay's ssh session
         self.report = BringUpReport(self.topo.name, len(self.topo.gpus), len(self.topo.switches),
                                     len(self.topo.links), "", config.scale)
         self._ctl_log: Any = None
@@ -131,13 +146,13 @@ class Testbed:
     def in_host(self, name: str, argv: Sequence[str]) -> list[str]:
         """argv that runs a command inside a node's namespaces (a GPU host, or
         a switch of the per_switch mode)."""
-        return ["mnexec", "-a", str(self.host_pid(name)), *argv]
+        return self.sites.on(name, ["mnexec", "-a", str(self.host_pid(name)), *argv])
 
     def in_switch(self, name: str, argv: Sequence[str]) -> list[str]:
         """argv that runs a command where a switch's interfaces are: its own
         namespace (per_switch) or the root namespace (shared)."""
         if self.per_switch:
-            return ["ip", "netns", "exec", switches.netns_name(self.prefix, name), *argv]
+            return self.sites.on(name, ["ip", "netns", "exec", switches.netns_name(self.prefix, name), *argv])
         return list(argv)
 
     @property
@@ -150,20 +165,21 @@ class Testbed:
     def switch_processes(self) -> dict[str, int]:
         """The ovs-vswitchd process(es) forwarding this fabric: one per switch
         (per_switch), or the machine's shared one under the name ``shared``."""
-        if self.per_switch:
-            return dict(self.switch_pids)
+        if self.per_switch:  # the ones on this machine (a switch on another server is not sampled here)
+            return {n: pid for n, pid in self.switch_pids.items() if self.sites.is_local(n)}
         pid = switches.read_pid(system.OVS_PIDFILE)
         return {"shared": pid} if pid is not None else {}
 
     def dead_switches(self) -> list[str]:
         """Switches whose ovs-vswitchd is no longer running (per_switch mode)."""
-        return sorted(name for name, pid in self.switch_pids.items() if not switches.vswitchd_alive(pid))
+        return sorted(name for name, pid in self.switch_pids.items()
+                      if self.sites.is_local(name) and not switches.vswitchd_alive(pid))
 
     def appctl(self, switch: str, *command: str) -> str:
         """``ovs-appctl`` to the process that serves ``switch`` (its stdout)."""
         argv = (switches.appctl_argv(self.switch_paths(switch), *command) if self.per_switch
                 else ["ovs-appctl", *command])
-        return system.run(argv, check=False).stdout
+        return system.run(self.sites.on(switch, argv), check=False).stdout
 
     def popen(self, name: str, argv: Sequence[str], *, kind: str, marker: str | None = None,
               **popen_args: Any) -> subprocess.Popen[bytes]:
@@ -190,6 +206,8 @@ class Testbed:
             self.write_state()
             t = time.monotonic()
             self.start_controller()
+            if self.sites.cluster:
+                self.start_relays()
             steps["controller"] = time.monotonic() - t
             t = time.monotonic()
             self._build()
@@ -220,7 +238,11 @@ class Testbed:
         if self._ctl_log is not None:
             self._ctl_log.close()
             self._ctl_log = None
+        remote_left = remote.sweep_workers(self.prefix, self.sites.workers, self.run_dir) if self.sites.cluster else {}
         left = cleanup.sweep(self.prefix)
+        left.servers.update(remote_left)
+        if self.sites.cluster:
+            remote.remove_mce_dir()
         if self.controller is not None:
             try:
                 self.controller.wait(timeout=5)
@@ -234,6 +256,8 @@ class Testbed:
     def _preflight(self) -> None:
         system.require_root()
         system.require_binaries()
+        if self.sites.cluster:
+            self._preflight_servers()
         if self.config.switch_mode == "per_switch":
             self.datapath = "user"
         else:
@@ -274,6 +298,35 @@ class Testbed:
             LOG.warning("net.ipv4.ip_forward is 1 in the root namespace: emulated frames seen by its "
                         "kernel could be routed out; the testbed itself never enables it")
 
+    def _preflight_servers(self) -> None:
+        """A testbed on several servers: every server ready (ssh as root with a
+        key, the same commit, Open vSwitch, the clock offset known), the switch
+        processes one per switch (the mode the bring-up across servers
+        supports), and the prefix free on every other server too."""
+        from fabric import cluster
+
+        if self.config.switch_mode == "shared":
+            raise system.PreflightError("a testbed on several servers runs one switch process per switch "
+                                        "(switch_mode per_switch or auto); switch_mode shared is not supported "
+                                        "across servers")
+        result = self.server_check if self.server_check is not None else cluster.check_servers(self.sites.servers)
+        self.report.servers = result.to_json()
+        assert self.sites.plan is not None
+        plan_json = self.sites.plan.to_json(self.topo)
+        self.report.placement, self.report.crossing_links = plan_json["placement"], plan_json["crossing_links"]
+        if not result.ok:
+            raise system.PreflightError(result.problem_line())
+        for server in self.sites.workers:
+            status = cluster.run_command(self.sites.on_server(server, remote.status_argv(self.prefix)), 60.0)
+            left = remote.leftovers_total(status.stdout)
+            if left is None:
+                raise BringUpError(f"{server.label}: cannot read the state of prefix {self.prefix!r} there "
+                                   f"({status.first_line()})")
+            if left:
+                raise BringUpError(f"prefix {self.prefix!r} has {left} leftover objects on {server.label}; remove "
+                                   f"them with `netkv clean --prefix {self.prefix} --servers ...` or use another "
+                                   f"--prefix")
+
     def write_state(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {
@@ -299,6 +352,9 @@ class Testbed:
         argv = [sys.executable, "-m", "controller", "--topology", self.config.topology,
                 "--scale", repr(float(self.config.scale)),
                 "--of-port", str(self.config.of_port), "--rest-port", str(self.config.rest_port),
+                *(["--of-host", self.sites.head.address, "--of-mgmt", "--netns-switches",
+                   ",".join(sw.name for sw in self.topo.switches if self.sites.is_local(sw.name))]
+                  if self.sites.head is not None else []),
                 "--poll-interval-s", repr(float(self.config.poll_interval_s)),
                 "--prefix", self.prefix]
         if self.per_switch:
@@ -352,13 +408,34 @@ class Testbed:
         from mininet.node import OVSSwitch, RemoteController
 
         setLogLevel("error")
-        if self.per_switch:
-            switch_cls: Any = switches.isolated_switch_class()
+        common = dict(topo=None, build=False, controller=None, autoSetMacs=False, autoStaticArp=False,
+                      ipBase="10.0.0.0/16", waitConnected=False)
+        where: Callable[[str], dict[str, Any]] = lambda node: {}
+        crossing: dict[tuple[str, str], int] = {}
+        gre_link: Any = None
+        if self.sites.cluster:  # Mininet Cluster Edition: every node on the server the plan gives it
+            mce = remote.mce()
+            head = self.sites.head
+            assert head is not None and self.sites.plan is not None
+            servers = ["localhost", *(w.address for w in self.sites.workers)]
+            net = mce["net"](switch=mce["switch"], host=mce["host"], link=mce["link"], servers=servers,
+                             serverIP={"localhost": head.address, **{w.address: w.address for w in self.sites.workers}},
+                             user="root", precheck=False, **common)
+
+            def where(node: str) -> dict[str, Any]:
+                server = self.sites.server_of(node)
+                return ({"server": "localhost", "serverIP": head.address} if server is None
+                        else {"server": server.address, "serverIP": server.address})
+
+            crossing = {(c.lower, c.upper): c.gre_key for c in self.sites.plan.crossing}
+            gre_link = mce["gre_link"]
         else:
-            switch_cls = partial(OVSSwitch, datapath=self.datapath, protocols="OpenFlow13",
-                                 failMode="secure", batch=True)
-        net = Mininet(topo=None, build=False, controller=None, switch=switch_cls, link=MnLink,
-                      autoSetMacs=False, autoStaticArp=False, ipBase="10.0.0.0/16", waitConnected=False)
+            if self.per_switch:
+                switch_cls: Any = switches.isolated_switch_class()
+            else:
+                switch_cls = partial(OVSSwitch, datapath=self.datapath, protocols="OpenFlow13",
+                                     failMode="secure", batch=True)
+            net = Mininet(switch=switch_cls, link=MnLink, **common)
         self.net = net
         if not self.per_switch:  # per_switch: each instance is told the controller's Unix socket itself
             net.addController(self.mn_name("ctl"), controller=RemoteController, ip="127.0.0.1",
@@ -366,12 +443,18 @@ class Testbed:
         for node in self.topo.nodes.values():
             if node.is_gpu:
                 net.addHost(self.mn_name(node.name), ip=f"{self.topo.ip_of(node.name)}/16",
-                            mac=self.topo.mac_of(node.name))
+                            mac=self.topo.mac_of(node.name), **where(node.name))
             else:
-                net.addSwitch(self.mn_name(node.name), dpid=f"{node.dpid:016x}")
+                net.addSwitch(self.mn_name(node.name), dpid=f"{node.dpid:016x}", **where(node.name))
         self.write_state()  # node shells exist from here on
         for link in self.topo.links:
-            net.addLink(self.mn_name(link.a), self.mn_name(link.b), port1=link.a_port, port2=link.b_port)
+            key = crossing.get((link.a, link.b))
+            if key is not None:  # a gretap tunnel; MCE numbers its keys with a class counter: give ours
+                gre_link.GRE_KEY = key - 1
+                net.addLink(self.mn_name(link.a), self.mn_name(link.b), port1=link.a_port, port2=link.b_port,
+                            cls=gre_link)
+            else:
+                net.addLink(self.mn_name(link.a), self.mn_name(link.b), port1=link.a_port, port2=link.b_port)
         net.start()
         self.write_state()
         if self.per_switch:
@@ -383,26 +466,43 @@ class Testbed:
         target = f"unix:{switches.controller_socket(self.run_dir)}"
         jemalloc = self.config.switch_jemalloc
 
-        def start_one(name: str) -> int:
+        def start_one(name: str) -> int | None:
             sw = self.topo.node(name)
             bridge = self.mn_name(name)
             p = self.switch_paths(name)
-            p.root.mkdir(parents=True, exist_ok=True)
             env = switches.daemon_env(p, jemalloc=jemalloc)
             netns = switches.netns_name(self.prefix, name)
-            system.run(["ip", "netns", "attach", netns, str(self.host_pid(name))])
-            system.run(switches.ovsdb_create_argv(p))
-            system.run(switches.ovsdb_server_argv(p), env=env)
-            system.run(switches.bridge_config_argv(p, bridge, sw.dpid, self.switch_ports(name), target))
-            system.run(switches.vswitchd_argv(p, netns), env=env)
-            pid = switches.read_pid(p.vswitchd_pidfile)
+            if self.sites.is_local(name):
+                p.root.mkdir(parents=True, exist_ok=True)
+                system.run(["ip", "netns", "attach", netns, str(self.host_pid(name))])
+                system.run(switches.ovsdb_create_argv(p))
+                system.run(switches.ovsdb_server_argv(p), env=env)
+                system.run(switches.bridge_config_argv(p, bridge, sw.dpid, self.switch_ports(name), target))
+                system.run(switches.vswitchd_argv(p, netns), env=env)
+                return switches.read_pid(p.vswitchd_pidfile)
+            # on another server: the same commands there, with the daemons' own variables
+            own = {k: v for k, v in env.items() if k.startswith("OVS_") or k == "LD_PRELOAD"}
+            on = partial(self.sites.on, name)
+            system.run(on(["mkdir", "-p", str(p.root)]))
+            system.run(on(["ip", "netns", "attach", netns, str(self.host_pid(name))]))
+            system.run(on(switches.ovsdb_create_argv(p)))
+            system.run(on(switches.ovsdb_server_argv(p), own))
+            system.run(on(switches.bridge_config_argv(p, bridge, sw.dpid, self.switch_ports(name), target)))
+            system.run(on(switches.vswitchd_argv(p, netns), own))
+            text = system.run(on(["cat", str(p.vswitchd_pidfile)]), check=False).stdout.strip()
+            return int(text) if text.isdigit() else None
+
+        def started(name: str) -> int:
+            pid = start_one(name)
             if pid is None:
-                raise BringUpError(f"ovs-vswitchd of {name} wrote no pid file (log: {p.log('ovs-vswitchd')})")
+                where = "" if self.sites.is_local(name) else f" on {self.sites.server_of(name).label}"  # type: ignore[union-attr]
+                raise BringUpError(f"ovs-vswitchd of {name} wrote no pid file (log{where}: "
+                                   f"{self.switch_paths(name).log('ovs-vswitchd')})")
             return pid
 
         names = [sw.name for sw in self.topo.switches]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = {name: pool.submit(start_one, name) for name in names}
+            futures = {name: pool.submit(started, name) for name in names}
             errors = []
             for name, fut in futures.items():
                 try:
@@ -463,7 +563,7 @@ class Testbed:
                 for ifname, _ in ifs:
                     commands.append(self.in_host(name, shaping.ethtool_offloads_off(ifname)))
                     inputs.append(None)
-        system.check_all(system.run_many(commands, inputs=inputs), "configuring the GPU hosts")
+        system.check_all(system.run_many(commands, inputs=inputs, workers=self.parallel), "configuring the GPU hosts")
 
     def host_ip_lines(self, name: str, ifnames: list[str]) -> list[str]:
         """``ip -batch`` lines of a GPU host: its links up at the MTU, static
@@ -478,6 +578,40 @@ class Testbed:
     def switch_ports(self, name: str) -> list[tuple[str, int]]:
         """(interface, OpenFlow port) of every port of the switch ``name``."""
         return [(self.intf(name, link.port_of(name)), link.port_of(name)) for link in self.topo.links_of(name)]
+
+    @property
+    def parallel(self) -> int:
+        """Commands run at once: over ssh, below sshd's sessions per connection."""
+        return remote.SESSIONS_PER_SERVER if self.sites.cluster else 16
+
+    def start_relays(self) -> None:
+        """On every other server, the OpenFlow relay its switch processes
+        connect to (their Unix socket there -> the controller on the head's
+        management address), over an ``ssh -tt`` session of its own: ending
+        that session (teardown, or this process dying) ends the relay."""
+        head = self.sites.head
+        assert head is not None
+        sock = switches.controller_socket(self.run_dir)
+        for server in self.sites.workers:
+            system.run(self.sites.on_server(server, ["mkdir", "-p", str(sock.parent)]))
+            log = open(self.run_dir / f"relay-{server.name}.log", "wb")
+            argv = remote.ssh_mux_argv(server, self.run_dir, remote.relay_argv(self.run_dir, head, self.config.of_port),
+                                       tty=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            log.close()
+            cleanup.record_pid(self.prefix, proc.pid, "controller.relay", "relay")
+            self.relays[server.name] = proc
+
+            def listening(server: Any = server, proc: subprocess.Popen[bytes] = proc) -> bool:
+                if proc.poll() is not None:
+                    return True
+                return system.run(self.sites.on_server(server, ["test", "-S", str(sock)]), check=False).returncode == 0
+
+            system.wait_until(listening, timeout_s=60, interval_s=0.5)
+            if proc.poll() is not None:
+                raise BringUpError(f"the OpenFlow relay on {server.label} exited (log: "
+                                   f"{self.run_dir / f'relay-{server.name}.log'})")
 
     def tell_controller_rate(self, key: tuple[str, str], rate_gbps: float) -> float | None:
         if self.controller is None or self.controller.poll() is not None:

@@ -20,7 +20,7 @@ def flow_tables(tb: "Testbed") -> dict[str, list["FlowEntry"]]:
     for sw in tb.topo.switches:
         bridge = tb.mn_name(sw.name)
         target = f"unix:{tb.switch_paths(sw.name).mgmt(bridge)}" if tb.per_switch else bridge
-        text = system.run(["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", target]).stdout
+        text = system.run(tb.sites.on(sw.name, ["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", target])).stdout
         tables[sw.name] = parse_flow_dump(sw.name, text)
     return tables
 
@@ -46,7 +46,7 @@ def ping(tb: "Testbed", pairs: Sequence[tuple[str, str]], *, count: int = 1,
          timeout_s: int = 2) -> list[tuple[str, str, bool]]:
     commands = [tb.in_host(src, ["ping", "-n", "-q", "-c", str(count), "-W", str(timeout_s),
                                    tb.topo.ip_of(dst)]) for src, dst in pairs]
-    results = system.run_many(commands, workers=32)
+    results = system.run_many(commands, workers=32 if not tb.sites.cluster else tb.parallel)
     return [(src, dst, r.returncode == 0) for (src, dst), r in zip(pairs, results)]
 
 

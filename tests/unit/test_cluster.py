@@ -99,13 +99,37 @@ def test_one_machine_config_is_written_as_before(tmp_path: Path) -> None:
         TestbedConfig(servers="head=10.0.0.1").validate()  # type: ignore[arg-type]
 
 
-def test_testbed_refuses_several_servers_before_building() -> None:
+def test_testbed_of_several_servers_runs_each_command_where_its_node_is(tmp_path: Path) -> None:
+    """Nothing is built: the Testbed of three servers knows, from the plan,
+    that a pod's GPU host is on its worker and the core on the head, and an
+    argv for a node there goes over that server's ssh connection, quoted
+    word by word; on the head it is left as it is."""
+    from fabric import remote
     from fabric.net import Testbed
 
     cfg = TestbedConfig(mtu_bytes=1458, servers=cluster.servers_to_json(cluster.parse_servers(
         "head=10.0.0.1,s1=10.0.0.2,s2=10.0.0.3")))
-    with pytest.raises(ConfigError, match="more than one server .* is not built yet"):
-        Testbed(cfg)
+    tb = Testbed(cfg)
+    sites = tb.sites
+    assert sites.cluster and [s.name for s in sites.workers] == ["s1", "s2"]
+    pod0_gpu, pod1_gpu = tb.topo.gpus[0].name, tb.topo.gpus[-1].name
+    core = next(sw.name for sw in tb.topo.switches if sw.tier == 3)
+    assert sites.server_of(pod0_gpu).name == "s1" and sites.server_of(pod1_gpu).name == "s2"  # type: ignore[union-attr]
+    assert sites.server_of(core) is None and sites.on(core, ["tc", "-s", "qdisc"]) == ["tc", "-s", "qdisc"]
+    odd = "a b; rm -rf / $(x)"
+    argv = sites.on(pod0_gpu, ["echo", odd], {"OVS_RUNDIR": "/run/x y"})
+    assert argv[0] == "ssh" and "root@10.0.0.2" in argv and "BatchMode=yes" in argv
+    assert f"ControlPath={remote.control_path(tb.run_dir, sites.workers[0])}" in argv
+    assert shlex.split(argv[-1]) == ["env", "OVS_RUNDIR=/run/x y", "echo", odd]
+    assert sites.gate(argv) is not None and sites.gate(["tc"]) is None
+    assert tb.parallel == remote.SESSIONS_PER_SERVER
+
+
+def test_a_replay_on_several_servers_is_refused_before_anything() -> None:
+    cfg = TestbedConfig(mtu_bytes=1458, servers=cluster.servers_to_json(cluster.parse_servers(
+        "head=10.0.0.1,s1=10.0.0.2")))
+    with pytest.raises(ConfigError, match=r"a replay on more than one server \(head, s1\) is not built yet"):
+        cfg.require_one_machine()
 
 
 # -- placement ------------------------------------------------------------------------
@@ -355,19 +379,23 @@ def cluster_cfg(text: str = SERVERS3) -> TestbedConfig:
     return cfg
 
 
-def test_up_with_servers_checks_then_refuses_to_pretend(capsys: pytest.CaptureFixture[str]) -> None:
-    def passing(servers: list[Server]) -> cluster.ClusterCheck:
-        return cluster.check_servers(servers, runner=Canned(), probe=steady_probe, repo_dir=REPO)
+def test_up_with_servers_checks_every_server_then_builds_with_that_check(capsys: pytest.CaptureFixture[str]) -> None:
+    checks: list[cluster.ClusterCheck] = []
+    built: list[object] = []
 
-    rc = cluster_up(cluster_cfg(), argparse.Namespace(json=True), check=passing)
-    out, err = capsys.readouterr()
-    assert rc == 1
-    report = json.loads(out)
-    assert report["built"] is False and report["check"]["ok"] is True
-    assert len(report["crossing_links"]) == 8 and report["crossing_links"][0]["mtu_bytes"] == 1458
-    assert [row["pods"] for row in report["placement"]] == [[], [0], [1]]
-    assert one_line(err) and "passed, but the bring-up on more than one server (Mininet Cluster Edition) " \
-                             "is not built yet; nothing was built" in err
+    def passing(servers: list[Server]) -> cluster.ClusterCheck:
+        checks.append(cluster.check_servers(servers, runner=Canned(), probe=steady_probe, repo_dir=REPO))
+        return checks[-1]
+
+    def build(tb: object, args: argparse.Namespace) -> int:
+        built.append(tb)
+        return 0
+
+    assert cluster_up(cluster_cfg(), argparse.Namespace(json=False), check=passing, build=build) == 0
+    out = capsys.readouterr().out
+    assert "8 links cross machines" in out and "s1 (10.0.0.2) worker: ok" in out
+    (tb,) = built
+    assert tb.server_check is checks[0] and tb.sites.cluster  # type: ignore[attr-defined]
 
 
 def test_up_with_servers_names_what_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
@@ -399,5 +427,5 @@ def test_replay_on_several_servers_is_refused_before_anything(command: str) -> N
     proc = subprocess.run([sys.executable, "-m", "cli.main", command, "--servers", "head=10.0.0.1,s1=10.0.0.2",
                            "--mtu-bytes", "1458", "--quiet"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
-    assert "the testbed on more than one server (head, s1) is not built yet" in proc.stderr
+    assert "a replay on more than one server (head, s1) is not built yet" in proc.stderr
     assert one_line(proc.stderr)
