@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from typing import Any, Callable
 
 import topologies
@@ -90,7 +91,8 @@ def run_up(tb: Testbed, args: argparse.Namespace) -> int:
 
 
 def cluster_up(cfg: TestbedConfig, args: argparse.Namespace,
-               check: Callable[[list[cluster.Server]], cluster.ClusterCheck] = cluster.check_servers,
+               check: Callable[[list[cluster.Server]], cluster.ClusterCheck] = partial(cluster.check_servers,
+                                                                                       bound_s=None),
                build: Callable[[Testbed, argparse.Namespace], int] = run_up) -> int:
     """``netkv up --servers`` with more than one server: the placement and the
     crossing links (already checked by ``validate``), the preflight of every

@@ -370,6 +370,12 @@ def test_head_address_must_be_this_machine_and_clock_bound_applies() -> None:
     assert line.startswith("head (10.0.0.1): 10.0.0.1 is not an address of this machine")
     assert "s1 (10.0.0.2): clock offset" in line and "more than the 2 ms a replay allows" in line
     assert one_line(line)
+    # a fabric without a replay (netkv up): the offsets are measured and reported, not bounded
+    fabric_only = cluster.check_servers(cluster.parse_servers(SERVERS3), runner=Canned(), probe=noisy,
+                                        repo_dir=REPO, bound_s=None)
+    assert fabric_only.ok and fabric_only.servers[1].clock is not None
+    assert fabric_only.servers[1].clock.uncertainty_s == pytest.approx(0.0025)
+    assert fabric_only.to_json()["clock_uncertainty_bound_s"] is None
 
 
 # -- netkv up --servers -------------------------------------------------------------------------------
