@@ -426,8 +426,10 @@ class Testbed:
 
             def where(node: str) -> dict[str, Any]:
                 server = self.sites.server_of(node)
-                return ({"server": "localhost", "serverIP": head.address} if server is None
-                        else {"server": server.address, "serverIP": server.address})
+                # user root on every node: MCE would otherwise take SUDO_USER (ssh as the user
+                # who ran sudo), while the preflight checked root's key
+                return ({"server": "localhost", "serverIP": head.address, "user": "root"} if server is None
+                        else {"server": server.address, "serverIP": server.address, "user": "root"})
 
             crossing = {(c.lower, c.upper): c.gre_key for c in self.sites.plan.crossing}
             gre_link = mce["gre_link"]
