@@ -9,8 +9,8 @@ beside Mininet Cluster Edition (MCE, ``mininet.examples.cluster``, Debian's
 * :class:`Sites` wraps an argv so that it runs where a node lives: unchanged
   on the head (this machine), else ``ssh root@ADDRESS`` with the command
   quoted word by word.  The testbed's own commands to a server share one ssh
-  connection (a control master whose socket lies in the prefix's switch
-  directory, so the prefix's sweep ends it) and run at most
+  connection (a control master whose socket lies in the prefix's state
+  directory; the sweep ends it, and it ends itself when idle) and run at most
   :data:`SESSIONS_PER_SERVER` at a time (sshd allows 10 sessions per
   connection by default);
 * :func:`mce` imports MCE's classes and makes the per-switch node class a
@@ -40,14 +40,14 @@ from netkv.repo import REPO_ROOT
 # sshd's MaxSessions is 10 by default: the testbed's commands to one server
 # share one connection and stay below that.
 SESSIONS_PER_SERVER = 8
-# How long an idle control master stays (the sweep ends it sooner).
-CONTROL_PERSIST_S = 120
+# How long an idle control master stays (the sweep ends it at once).
+CONTROL_PERSIST_S = 15
 
 
 def control_path(state_dir: Path, server: Server) -> Path:
-    """The ssh control socket for ``server``: in the prefix's switch directory,
-    whose path every process of the prefix carries (fabric.cleanup)."""
-    return switches.switches_root(state_dir) / f"ssh-{server.name}"
+    """The ssh control socket for ``server``, in the prefix's state directory
+    (not its switch directory, whose contents count as the prefix's leftovers)."""
+    return state_dir / f"ssh-{server.name}"
 
 
 def ssh_mux_argv(server: Server, state_dir: Path, remote_argv: Sequence[str], *, tty: bool = False) -> list[str]:
@@ -108,6 +108,7 @@ class Sites:
                   env: Mapping[str, str] | None = None) -> list[str]:
         if server is None:
             return with_env(argv, env or {})
+        self.state_dir.mkdir(parents=True, exist_ok=True)  # where the control socket goes
         return ssh_mux_argv(server, self.state_dir, with_env(argv, env or {}))
 
     def gate(self, argv: Sequence[str]) -> threading.BoundedSemaphore | None:
@@ -175,7 +176,7 @@ def sweep_workers(prefix: str, workers: Sequence[Server], state_dir: Path,
     from fabric.cluster import run_command
 
     run = runner if runner is not None else run_command
-    switches.switches_root(state_dir).mkdir(parents=True, exist_ok=True)  # where the control sockets go
+    state_dir.mkdir(parents=True, exist_ok=True)  # where the control sockets go
     out: dict[str, str] = {}
     for server in workers:
         result = run(ssh_mux_argv(server, state_dir, sweep_argv(prefix)), 180.0)

@@ -306,7 +306,11 @@ def probe(prefix: str) -> dict[str, Any]:
                                prefix=prefix, ready_timeout_s=READY_TIMEOUT_S))
     out: dict[str, Any] = {"ok": False}
     try:
-        rep = tb.up(verify=False)
+        try:
+            rep = tb.up(verify=False)
+        except (RuntimeError, ValueError) as exc:  # BringUpError, PreflightError, ConfigError: one line
+            out["error"] = str(exc)
+            return out
         out["up_s"] = round(rep.up_s, 1)
         out["clock"] = [{"server": s["server"], **(s.get("clock") or {})} for s in (rep.servers or {}).get("servers", [])]
         gpus = tb.topo.gpu_names()
