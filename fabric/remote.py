@@ -130,8 +130,14 @@ def mce() -> dict[str, Any]:
     pair on the server of both ends; ``RemoteGRELink`` a keyed gretap tunnel
     between two servers.  The per-switch node (fabric.switches) becomes
     ``RemoteMixin`` + that node, so its namespace is on its server too."""
+    import os
+    import pwd
+
     from mininet.examples.cluster import (MininetCluster, RemoteGRELink, RemoteHost, RemoteLink,
                                           RemoteMixin)
+
+    # MininetCluster makes ~/.ssh/mn from $HOME, which a systemd unit or cron need not set
+    os.environ.setdefault("HOME", pwd.getpwuid(os.geteuid()).pw_dir)
 
     isolated = switches.isolated_switch_class()
     remote_switch = type("RemoteIsolatedOVSSwitch", (RemoteMixin, isolated), {})
@@ -209,8 +215,9 @@ def mce_dir() -> Path:
     """The directory MininetCluster makes for its ssh control sockets
     (``~/.ssh/mn``) whether or not it uses them."""
     import os
+    import pwd
 
-    return Path(os.environ.get("HOME", "/root")) / ".ssh" / "mn"
+    return Path(os.environ.get("HOME") or pwd.getpwuid(os.geteuid()).pw_dir) / ".ssh" / "mn"
 
 
 def remove_mce_dir() -> None:
