@@ -557,6 +557,9 @@ def check_servers(servers: Sequence[Server], *, runner: Runner = run_command, pr
         head_check.problems.append(f"Open vSwitch missing (ovs-vsctl --version: {ovs.first_line()})")
     else:
         head_check.ovs_version = _first_line(ovs.stdout)
+    sudo_problem = _sudo_problem(runner(SUDO_PROBE, COMMAND_TIMEOUT_S))
+    if sudo_problem:
+        head_check.problems.append(sudo_problem)
 
     def check_worker(server: Server) -> ServerCheck:
         out = ServerCheck(server)
@@ -576,6 +579,9 @@ def check_servers(servers: Sequence[Server], *, runner: Runner = run_command, pr
             out.problems.append(f"Open vSwitch missing (ovs-vsctl --version: {ovs.first_line()})")
         else:
             out.ovs_version = _first_line(ovs.stdout)
+        sudo_problem = _sudo_problem(runner(ssh_argv(server, SUDO_PROBE), COMMAND_TIMEOUT_S))
+        if sudo_problem:
+            out.problems.append(sudo_problem)
         try:
             out.clock = clock_offset(server.name, clock_probe(server, samples))
             if bound_s is not None:  # None: measured and reported only (a fabric without a replay)
@@ -588,6 +594,23 @@ def check_servers(servers: Sequence[Server], *, runner: Runner = run_command, pr
     with ThreadPoolExecutor(max_workers=max(1, len(workers))) as pool:
         worker_checks = list(pool.map(check_worker, workers))
     return ClusterCheck([head_check, *worker_checks], bound_s)
+
+
+# Mininet Cluster Edition runs its commands on a server under ``sudo -E`` and
+# takes any output of some of them (making a tunnel, moving an interface) as a
+# failure: sudo must be there, and silent (a server whose own host name does
+# not resolve makes sudo warn on every command).
+SUDO_PROBE = ["sudo", "-E", "true"]
+
+
+def _sudo_problem(result: CommandResult) -> str:
+    if result.returncode != 0:
+        return f"sudo -E does not run ({result.first_line()}); Mininet Cluster Edition runs every command under it"
+    said = (result.stdout + result.stderr).strip()
+    if said:
+        return (f"sudo -E prints {said.splitlines()[0]!r}, which Mininet Cluster Edition takes as a failed "
+                f"command (a host name that does not resolve: add it to /etc/hosts)")
+    return ""
 
 
 def _first_line(text: str) -> str:

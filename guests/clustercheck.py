@@ -76,6 +76,7 @@ echo "job: {role} started $(date -u +%FT%TZ) on $(uname -r)"
 ip link set dev eth1 up
 ip addr add {address}/24 dev eth1
 echo {role} > /etc/hostname; hostname {role}
+printf '127.0.0.1 localhost\n127.0.1.1 {role}\n' > /etc/hosts  # sudo resolves its own host name
 mkdir -p /root/.ssh && chmod 700 /root/.ssh
 cp {GUEST_SHARE}/id.pub /root/.ssh/authorized_keys && chmod 600 /root/.ssh/authorized_keys
 if [ -f {GUEST_SHARE}/id ]; then cp {GUEST_SHARE}/id /root/.ssh/id_ed25519 && chmod 600 /root/.ssh/id_ed25519; fi

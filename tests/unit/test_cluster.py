@@ -297,9 +297,11 @@ class Canned:
             ("local", "ip -o -4 addr show"): CommandResult(0, "2: eth0    inet 10.0.0.1/24 brd 10.0.0.255\n", ""),
             ("local", f"git -C {REPO} rev-parse HEAD"): CommandResult(0, COMMIT + "\n", ""),
             ("local", "ovs-vsctl --version"): CommandResult(0, "ovs-vsctl (Open vSwitch) 3.1.0\nDB Schema 8.3.1\n", ""),
+            ("local", "sudo -E true"): OK,
         }
         for addr in ("10.0.0.2", "10.0.0.3"):
             self.answers[(f"root@{addr}", "true")] = OK
+            self.answers[(f"root@{addr}", "sudo -E true")] = OK
             self.answers[(f"root@{addr}", f"git -C {REPO} rev-parse HEAD")] = CommandResult(0, COMMIT + "\n", "")
             self.answers[(f"root@{addr}", "ovs-vsctl --version")] = CommandResult(
                 0, "ovs-vsctl (Open vSwitch) 3.1.0\n", "")
@@ -435,3 +437,17 @@ def test_replay_on_several_servers_is_refused_before_anything(command: str) -> N
     assert proc.returncode == 2, proc.stderr
     assert "a replay on more than one server (head, s1) is not built yet" in proc.stderr
     assert one_line(proc.stderr)
+
+
+def test_a_server_whose_sudo_speaks_or_is_missing_is_named() -> None:
+    """MCE takes any output of its tunnel and interface commands as a failure:
+    the preflight names a server whose sudo warns, and one without sudo."""
+    warn = CommandResult(0, "", "sudo: unable to resolve host s1: Name or service not known\n")
+    runner = Canned({("root@10.0.0.2", "sudo -E true"): warn,
+                     ("root@10.0.0.3", "sudo -E true"): CommandResult(127, "", "bash: sudo: command not found\n")})
+    result = cluster.check_servers(cluster.parse_servers(SERVERS3), runner=runner, probe=steady_probe, repo_dir=REPO)
+    line = result.problem_line()
+    assert one_line(line)
+    assert "s1 (10.0.0.2): sudo -E prints 'sudo: unable to resolve host s1: Name or service not known'" in line
+    assert "add it to /etc/hosts" in line
+    assert "s2 (10.0.0.3): sudo -E does not run (bash: sudo: command not found)" in line
