@@ -258,7 +258,7 @@ class Testbed:
         system.require_binaries()
         if self.sites.cluster:
             self._preflight_servers()
-        if self.config.switch_mode == "per_switch":
+        if self.config.switch_mode == "per_switch" or self.sites.cluster:  # across servers: per_switch only
             self.datapath = "user"
         else:
             self.datapath = system.choose_datapath(self.config.datapath)
@@ -305,9 +305,10 @@ class Testbed:
         supports), and the prefix free on every other server too."""
         from fabric import cluster
 
-        if self.config.switch_mode == "shared":
-            raise system.PreflightError("a testbed on several servers runs one switch process per switch "
-                                        "(switch_mode per_switch or auto); switch_mode shared is not supported "
+        if self.config.switch_mode == "shared" or self.config.datapath == "kernel":
+            raise system.PreflightError("a testbed on several servers runs one switch process per switch on the "
+                                        "userspace datapath (switch_mode per_switch or auto, datapath user or "
+                                        "auto); the shared switch and the kernel datapath are not supported "
                                         "across servers")
         # the clock offsets are measured and reported; their bound is a replay's (fabric.cluster)
         result = (self.server_check if self.server_check is not None
@@ -404,6 +405,18 @@ class Testbed:
         return self.api.get(path, timeout_s=timeout_s)
 
     def _build(self) -> None:
+        if not self.sites.cluster:
+            self._build_net()
+            return
+        try:
+            self._build_net()
+        except (BringUpError, system.PreflightError):
+            raise
+        except Exception as exc:  # MCE raises bare Exceptions (a tunnel it could not make, ...): one line
+            text = " ".join(str(exc).split())
+            raise BringUpError(f"Mininet Cluster Edition: {text[:400]}") from None
+
+    def _build_net(self) -> None:
         from mininet.link import Link as MnLink
         from mininet.log import setLogLevel
         from mininet.net import Mininet

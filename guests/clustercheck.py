@@ -309,7 +309,7 @@ def probe(prefix: str) -> dict[str, Any]:
     try:
         try:
             rep = tb.up(verify=False)
-        except (RuntimeError, ValueError) as exc:  # BringUpError, PreflightError, ConfigError: one line
+        except Exception as exc:  # BringUpError, PreflightError, ConfigError: one line
             out["error"] = str(exc)
             return out
         out["up_s"] = round(rep.up_s, 1)
