@@ -59,6 +59,11 @@ SERVERS = f"head={HEAD_ADDR},w1={WORKER_ADDR}"
 TOPOLOGY = ["--topology", "fattree", "--param", "pods=2", "--param", "racks_per_pod=1", "--param",
             "servers_per_rack=1", "--param", "gpus_per_server=2", "--param", "aggs_per_pod=1", "--param", "cores=1"]
 MTU_BYTES = 1450  # below the 1,458 bytes a 1,500-byte management network carries in a keyed gretap
+# Real bit/s per emulated bit/s: ten times the default, so that a guest of one
+# software-emulated vCPU forwards the rates through its userspace switches
+# (core links 0.5 Mbit/s, GPU links 4 Mbit/s; the first run at the default
+# 1:40,000 left the worker's vCPU saturated and the flows at 11-76%).
+SCALE = 400000.0
 READY_TIMEOUT_S = 600
 RATE_SECONDS = 10
 
@@ -274,7 +279,7 @@ def guest_main(share: Path, role: str) -> int:
     res.save()
     # 1. the command a user runs: preflight over ssh, bring-up across both, reachability, teardown
     rc, stdout, stderr, s = timed([str(venv / "netkv"), "up", "--servers", SERVERS, *TOPOLOGY, "--mtu-bytes",
-                                   str(MTU_BYTES), "--ready-timeout-s", str(READY_TIMEOUT_S), "--prefix", "cu",
+                                   str(MTU_BYTES), "--scale", repr(SCALE), "--ready-timeout-s", str(READY_TIMEOUT_S), "--prefix", "cu",
                                    "--check", "--json"], 1800, share / "up_check.log")
     rep = last_json(stdout) or {}
     res.step("up_check", rc == 0 and rep.get("pings_ok") == rep.get("pings_total") and bool(rep.get("pings_total")),
@@ -304,7 +309,7 @@ def probe(prefix: str) -> dict[str, Any]:
     params = parse_params([TOPOLOGY[i + 1] for i in range(2, len(TOPOLOGY), 2)])
     servers = [{"name": name, "address": addr} for name, addr in (e.split("=") for e in SERVERS.split(","))]
     tb = Testbed(TestbedConfig(topology="fattree", params=params, servers=servers, mtu_bytes=MTU_BYTES,
-                               prefix=prefix, ready_timeout_s=READY_TIMEOUT_S))
+                               scale=SCALE, prefix=prefix, ready_timeout_s=READY_TIMEOUT_S))
     out: dict[str, Any] = {"ok": False}
     try:
         try:
@@ -327,8 +332,10 @@ def probe(prefix: str) -> dict[str, Any]:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 time.sleep(3.0)
+                before = busy_ticks(tb)
                 text = trun(tb.in_host(src, ["iperf3", "-c", tb.topo.ip_of(dst), "-t", str(RATE_SECONDS), "-J"]),
                             timeout_s=RATE_SECONDS + 120).stdout
+                after = busy_ticks(tb)
             finally:
                 server.kill()
                 server.wait()
@@ -337,7 +344,9 @@ def probe(prefix: str) -> dict[str, Any]:
                           if {c.lower, c.upper} <= set(tb.topo.path(src, dst)))
             rates.append({"path": f"{src}->{dst}", "tier": tb.topo.tier_distance(src, dst),
                           "tunnels_crossed": crosses, "configured_mbps": round(configured, 3),
-                          "measured_mbps": round(measured, 3), "ratio": round(measured / configured, 3)})
+                          "measured_mbps": round(measured, 3), "ratio": round(measured / configured, 3),
+                          "cpu_busy_pct": {k: round(100.0 * (after[k][0] - before[k][0])
+                                                    / max(1, after[k][1] - before[k][1]), 1) for k in after}})
         out["rates"] = rates
     finally:
         left = tb.down()
@@ -347,6 +356,22 @@ def probe(prefix: str) -> dict[str, Any]:
     out["ok"] = (out.get("pairs", {}).get("failed") == [] and bool(out.get("rates"))
                  and all(0.90 <= r["ratio"] <= 1.05 for r in out["rates"])
                  and out["leftovers"]["head"] == 0 and out["leftovers"]["worker"] == 0)
+    return out
+
+
+def busy_ticks(tb: Any) -> dict[str, tuple[int, int]]:
+    """Per server: (busy, total) CPU ticks of /proc/stat (the head read here,
+    each worker over its ssh connection): the busy share of a server while a
+    flow runs, its side of the envelope."""
+    from fabric.system import run as trun
+
+    out = {}
+    for server in [None, *tb.sites.workers]:
+        text = trun(tb.sites.on_server(server, ["head", "-n", "1", "/proc/stat"]), check=False).stdout.split()
+        ticks = [int(t) for t in text[1:] if t.isdigit()]
+        if len(ticks) >= 5:
+            idle = ticks[3] + ticks[4]  # idle + iowait
+            out["head" if server is None else server.name] = (sum(ticks) - idle, sum(ticks))
     return out
 
 
