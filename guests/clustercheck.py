@@ -45,9 +45,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guests.common import GUEST_REPO, GUEST_SHARE, SHARE_TAG, VmCheckError, last_json, run, tail
+from guests.common import GUEST_REPO, GUEST_SHARE, VmCheckError, last_json, run, tail
 from guests.image import DEFAULT_CACHE, cached_image
-from guests.qemu import Qemu, ensure_host_tools, probe_kvm, qemu_base
+from guests.qemu import Qemu, choose_accel, ensure_host_tools, guest_argv, share_host_cas
+from lab.rundir import read_json
 from netkv.repo import REPO_ROOT
 
 HEAD_ADDR, WORKER_ADDR = "192.168.77.1", "192.168.77.2"
@@ -65,7 +66,8 @@ MTU_BYTES = 1450  # below the 1,458 bytes a 1,500-byte management network carrie
 # 1:40,000 left the worker's vCPU saturated and the flows at 11-76%).
 SCALE = 400000.0
 READY_TIMEOUT_S = 600
-RATE_SECONDS = 10
+RATE_SECONDS = 20
+RATE_OMIT_S = 3  # TCP's start is left out of the rate (iperf3 -O): the shaped rate is a steady state
 
 
 def say(text: str) -> None:
@@ -133,19 +135,9 @@ def host_main(args: argparse.Namespace) -> int:
             if role == "head":
                 shutil.copy2(work / "id", share / "id")
             (share / "job.sh").write_text(job_sh(role, HEAD_ADDR if role == "head" else WORKER_ADDR))
-            cas = sorted(Path("/usr/local/share/ca-certificates").glob("*.crt"))
-            if cas:
-                (share / "ca").mkdir()
-                for ca in cas:
-                    shutil.copy2(ca, share / "ca" / ca.name)
+            share_host_cas(share)
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(work / f"{role}.qcow2")])
-        if args.accel == "auto":
-            ok, why = probe_kvm(image / "vmlinuz", work)
-            accel = "kvm" if ok else "tcg"
-            out["kvm_probe"] = why
-        else:
-            accel = args.accel
-        out["accel"] = accel
+        accel = choose_accel(args.accel, image / "vmlinuz", work, out)
         with socket.socket() as s:  # a free loopback port for the management network's host end
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -154,13 +146,10 @@ def host_main(args: argparse.Namespace) -> int:
             pidfile, console = work / f"{role}.pid", work / f"{role}-console.log"
             mgmt = (f"socket,id=m0,listen=127.0.0.1:{port}" if role == "head"
                     else f"socket,id=m0,connect=127.0.0.1:{port}")
-            argv = qemu_base(accel, args.cpus, args.memory_mb, image / "vmlinuz", pidfile, console,
-                             "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=10")
-            argv += ["-initrd", str(image / "initrd.img"),
-                     "-drive", f"file={work / f'{role}.qcow2'},if=virtio,format=qcow2,cache=unsafe",
-                     "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
-                     "-netdev", mgmt, "-device", f"virtio-net-pci,netdev=m0,mac=52:54:00:77:00:0{i + 1}",
-                     "-virtfs", f"local,path={shares[role]},mount_tag={SHARE_TAG},security_model=none,id=job"]
+            argv = guest_argv(accel, args.cpus, args.memory_mb, image, work / f"{role}.qcow2", shares[role], pidfile,
+                              console, ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+                                        "-netdev", mgmt, "-device",
+                                        f"virtio-net-pci,netdev=m0,mac=52:54:00:77:00:0{i + 1}"])
             say(f"booting the {role} guest ({accel}, {args.cpus} vCPUs, {args.memory_mb} MiB); console: {console}")
             guests[role] = Qemu(argv, pidfile, str(work / f"{role}.qcow2"))
             time.sleep(2.0)  # the listening end first
@@ -174,7 +163,7 @@ def host_main(args: argparse.Namespace) -> int:
                 out["worker_ready_s"] = round(time.monotonic() - t_boot, 1)
                 say(f"worker ready after {out['worker_ready_s']} s")
                 told = True
-            now = _read_json(shares["head"] / "result.json") or {}
+            now = read_json(shares["head"] / "result.json") or {}
             for name, step in (now.get("steps") or {}).items():
                 if name not in seen and isinstance(step, dict) and "ok" in step:
                     seen.add(name)
@@ -187,10 +176,10 @@ def host_main(args: argparse.Namespace) -> int:
         for q in guests.values():
             q.stop()
         out["vm_s"] = round(time.monotonic() - t_boot, 1)
-        res = _read_json(shares["head"] / "result.json") or {}
+        res = read_json(shares["head"] / "result.json") or {}
         out["steps"] = res.get("steps", {})
         out["summary"] = res.get("summary", {})
-        out["worker"] = _read_json(shares["worker"] / "result.json")
+        out["worker"] = read_json(shares["worker"] / "result.json")
         names = ("install", "up_check", "probe", "clean")
         out["steps_passed"] = [n for n in names if (out["steps"].get(n) or {}).get("ok")]
         out["ok"] = len(out["steps_passed"]) == len(names)
@@ -220,14 +209,6 @@ def host_main(args: argparse.Namespace) -> int:
     out["wall_s"] = round(time.monotonic() - t_start, 1)
     print(json.dumps(out))
     return 0 if out["ok"] else 1
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 # -- guest -------------------------------------------------------------------------------
@@ -325,38 +306,58 @@ def probe(prefix: str) -> dict[str, Any]:
                                  for a, b in pairs])
         failed = [f"{a}->{b}" for (a, b), rc in zip(pairs, results) if rc != 0]
         out["pairs"] = {"total": len(pairs), "ok": len(pairs) - len(failed), "failed": failed}
-        rates = []
-        for src, dst in ((gpus[0], gpus[-1]), (gpus[0], gpus[1])):  # across both tunnels; inside the worker
-            configured = tb.topo.bottleneck_gbps(src, dst) * 1000 / tb.config.scale
-            server = tb.popen(dst, ["timeout", "120", "iperf3", "-s", "-1", "-B", tb.topo.ip_of(dst)], kind="iperf3", marker="iperf3",
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                time.sleep(3.0)
-                before = busy_ticks(tb)
-                text = trun(tb.in_host(src, ["iperf3", "-c", tb.topo.ip_of(dst), "-t", str(RATE_SECONDS), "-J"]),
-                            timeout_s=RATE_SECONDS + 120).stdout
-                after = busy_ticks(tb)
-            finally:
-                server.kill()
-                server.wait()
-            measured = float(json.loads(text)["end"]["sum_received"]["bits_per_second"]) / 1e6
-            crosses = sum(1 for c in (tb.sites.plan.crossing if tb.sites.plan else [])
-                          if {c.lower, c.upper} <= set(tb.topo.path(src, dst)))
-            rates.append({"path": f"{src}->{dst}", "tier": tb.topo.tier_distance(src, dst),
-                          "tunnels_crossed": crosses, "configured_mbps": round(configured, 3),
-                          "measured_mbps": round(measured, 3), "ratio": round(measured / configured, 3),
-                          "cpu_busy_pct": {k: round(100.0 * (after[k][0] - before[k][0])
-                                                    / max(1, after[k][1] - before[k][1]), 1) for k in after}})
-        out["rates"] = rates
+        out["rates"] = measure_rates(tb, ((gpus[0], gpus[-1]), (gpus[0], gpus[1])))  # across both tunnels; inside
     finally:
         left = tb.down()
         status = trun(tb.sites.on_server(tb.sites.workers[0], remote.status_argv(prefix)), check=False)
         out["leftovers"] = {"head": cleanup.leftovers(prefix).total, "teardown": left.as_dict(),
                             "worker": remote.leftovers_total(status.stdout)}
+    # the same fabric on the head alone: the same tier-3 flow without tunnels, the comparison
+    alone = Testbed(TestbedConfig(topology="fattree", params=params, mtu_bytes=MTU_BYTES, scale=SCALE, switch_mode="per_switch",
+                                  prefix=prefix, ready_timeout_s=READY_TIMEOUT_S))
+    try:
+        alone.up(verify=False)
+        out["rates_one_machine"] = measure_rates(alone, ((gpus[0], gpus[-1]),))
+    except Exception as exc:
+        out["one_machine_error"] = str(exc)
+    finally:
+        alone.down()
+        out["leftovers"]["head_after_one_machine"] = cleanup.leftovers(prefix).total
     out["ok"] = (out.get("pairs", {}).get("failed") == [] and bool(out.get("rates"))
                  and all(0.90 <= r["ratio"] <= 1.05 for r in out["rates"])
-                 and out["leftovers"]["head"] == 0 and out["leftovers"]["worker"] == 0)
+                 and out["leftovers"]["head"] == 0 and out["leftovers"]["worker"] == 0
+                 and out["leftovers"]["head_after_one_machine"] == 0)
     return out
+
+
+def measure_rates(tb: Any, pairs: Any) -> list[dict[str, Any]]:
+    """iperf3 over each (src, dst) of a running testbed, against the path's
+    shaped bottleneck, with every server's busy share while it runs."""
+    from fabric.system import run as trun
+
+    rates = []
+    for src, dst in pairs:
+        configured = tb.topo.bottleneck_gbps(src, dst) * 1000 / tb.config.scale
+        server = tb.popen(dst, ["timeout", "120", "iperf3", "-s", "-1", "-B", tb.topo.ip_of(dst)], kind="iperf3",
+                          marker="iperf3", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(3.0)
+            before = busy_ticks(tb)
+            text = trun(tb.in_host(src, ["iperf3", "-c", tb.topo.ip_of(dst), "-t", str(RATE_SECONDS),
+                                         "-O", str(RATE_OMIT_S), "-J"]), timeout_s=RATE_SECONDS + 120).stdout
+            after = busy_ticks(tb)
+        finally:
+            server.kill()
+            server.wait()
+        measured = float(json.loads(text)["end"]["sum_received"]["bits_per_second"]) / 1e6
+        crosses = sum(1 for c in (tb.sites.plan.crossing if tb.sites.plan else [])
+                      if {c.lower, c.upper} <= set(tb.topo.path(src, dst)))
+        rates.append({"path": f"{src}->{dst}", "tier": tb.topo.tier_distance(src, dst),
+                      "tunnels_crossed": crosses, "configured_mbps": round(configured, 3),
+                      "measured_mbps": round(measured, 3), "ratio": round(measured / configured, 3),
+                      "cpu_busy_pct": {k: round(100.0 * (after[k][0] - before[k][0])
+                                                / max(1, after[k][1] - before[k][1]), 1) for k in after}})
+    return rates
 
 
 def busy_ticks(tb: Any) -> dict[str, tuple[int, int]]:

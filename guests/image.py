@@ -33,9 +33,6 @@ INCLUDE = ("linux-image-amd64", "systemd-sysv", "udev", "kmod", "iproute2", "pyt
 IMAGE_SIZE = "24G"  # sparse: the file grows with what the guest writes into its overlay
 
 
-HOST_CA_DIR = "/usr/local/share/ca-certificates"
-
-
 # Files written into the image (path -> (mode, text)).  The unit runs whatever
 # job script the host puts into the share, so the image need not change when
 # the checks do.

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from guests.common import VmCheckError, run, say
+from guests.common import SHARE_TAG, VmCheckError, run, say
 
 HOST_PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils",
                  "debootstrap": "debootstrap", "mke2fs": "e2fsprogs", "git": "git"}
@@ -106,3 +106,39 @@ def probe_kvm(kernel: Path, work: Path, timeout_s: float = 15.0) -> tuple[bool, 
         for path in (console, pidfile):
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
+
+
+def share_host_cas(share: Path) -> list[str]:
+    """Copy the public CA certificates this host trusts locally (not keys) into
+    ``share/ca``: a guest reaches the registries the same way and must trust
+    the same issuers.  Returns their names."""
+    cas = sorted(HOST_CA_DIR.glob("*.crt"))
+    if cas:
+        (share / "ca").mkdir(exist_ok=True)
+        for ca in cas:
+            shutil.copy2(ca, share / "ca" / ca.name)
+    return [ca.name for ca in cas]
+
+
+def choose_accel(requested: str, kernel: Path, work: Path, out: dict[str, object]) -> str:
+    """'kvm' or 'tcg' for ``--accel``: auto probes KVM (its answer in ``out``)."""
+    if requested == "auto":
+        ok, why = probe_kvm(kernel, work)
+        out["kvm_probe"] = why
+        requested = "kvm" if ok else "tcg"
+    out["accel"] = requested
+    return requested
+
+
+def guest_argv(accel: str, cpus: int, memory_mb: int, image: Path, disk: Path, share: Path, pidfile: Path,
+               console: Path, nets: list[str]) -> list[str]:
+    """qemu for one guest of the image: its kernel and initrd, ``disk`` (a
+    qcow2 overlay), the share as 9p, and ``nets`` (qemu -netdev/-device words)."""
+    argv = qemu_base(accel, cpus, memory_mb, image / "vmlinuz", pidfile, console,
+                     "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=10")
+    return argv + ["-initrd", str(image / "initrd.img"),
+                   "-drive", f"file={disk},if=virtio,format=qcow2,cache=unsafe", *nets,
+                   "-virtfs", f"local,path={share},mount_tag={SHARE_TAG},security_model=none,id=job"]

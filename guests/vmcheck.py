@@ -43,9 +43,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from guests.common import SHARE_TAG, VmCheckError, run, say, tail
-from guests.image import DEFAULT_CACHE, HOST_CA_DIR, JOB_SH, cached_image
-from guests.qemu import Qemu, ensure_host_tools, probe_kvm, qemu_base
+from guests.common import VmCheckError, run, say, tail
+from guests.image import DEFAULT_CACHE, JOB_SH, cached_image
+from guests.qemu import Qemu, choose_accel, ensure_host_tools, guest_argv, share_host_cas
 from guests.vmguest import DELAY_MS, guest_main, probe_delay, probe_leftovers, probe_rate
 from lab.rundir import read_json
 from netkv.repo import REPO_ROOT
@@ -77,14 +77,7 @@ def host_main(args: argparse.Namespace) -> int:
         share.mkdir()
         run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", "-o", str(share / "repo.tar"), "HEAD"])
         (share / "job.sh").write_text(JOB_SH)
-        # public CA certificates this host trusts locally (not keys): the guest reaches the
-        # registries through the same network and must trust the same issuers
-        cas = sorted(Path(HOST_CA_DIR).glob("*.crt"))
-        if cas:
-            (share / "ca").mkdir()
-            for ca in cas:
-                shutil.copy2(ca, share / "ca" / ca.name)
-        out["host_ca_certificates_shared"] = [ca.name for ca in cas]
+        out["host_ca_certificates_shared"] = share_host_cas(share)
         overlay = Path(args.overlay).resolve() if args.overlay else work / "disk.qcow2"
         out["overlay_kept"] = str(overlay) if args.overlay else None
         if args.overlay and overlay.exists():
@@ -95,20 +88,10 @@ def host_main(args: argparse.Namespace) -> int:
         else:
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image / "rootfs.raw"), "-F", "raw",
                  str(overlay)])
-        if args.accel == "auto":
-            ok, why = probe_kvm(image / "vmlinuz", work)
-            accel = "kvm" if ok else "tcg"
-            out["kvm_probe"] = why
-        else:
-            accel = args.accel
-        out["accel"] = accel
+        accel = choose_accel(args.accel, image / "vmlinuz", work, out)
         console, pidfile = work / "console.log", work / "qemu.pid"
-        argv = qemu_base(accel, args.cpus, args.memory_mb, image / "vmlinuz", pidfile, console,
-                         "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=10")
-        argv += ["-initrd", str(image / "initrd.img"),
-                 "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe",
-                 "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
-                 "-virtfs", f"local,path={share},mount_tag={SHARE_TAG},security_model=none,id=job"]
+        argv = guest_argv(accel, args.cpus, args.memory_mb, image, overlay, share, pidfile, console,
+                          ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"])
         say(f"booting the guest ({accel}, {args.cpus} vCPUs, {args.memory_mb} MiB); console: {console}")
         t_boot = time.monotonic()
         qemu = Qemu(argv, pidfile, str(overlay))
