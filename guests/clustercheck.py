@@ -313,8 +313,8 @@ def probe(prefix: str) -> dict[str, Any]:
         out["leftovers"] = {"head": cleanup.leftovers(prefix).total, "teardown": left.as_dict(),
                             "worker": remote.leftovers_total(status.stdout)}
     # the same fabric on the head alone: the same tier-3 flow without tunnels, the comparison
-    alone = Testbed(TestbedConfig(topology="fattree", params=params, mtu_bytes=MTU_BYTES, scale=SCALE, switch_mode="per_switch",
-                                  prefix=prefix, ready_timeout_s=READY_TIMEOUT_S))
+    alone = Testbed(TestbedConfig(topology="fattree", params=params, mtu_bytes=MTU_BYTES, scale=SCALE,
+                                  switch_mode="per_switch", prefix=prefix, ready_timeout_s=READY_TIMEOUT_S))
     try:
         alone.up(verify=False)
         out["rates_one_machine"] = measure_rates(alone, ((gpus[0], gpus[-1]),))
