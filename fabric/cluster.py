@@ -12,8 +12,8 @@ arguments so that its logic can be tested here with canned answers.
 
 One server (the default: ``servers`` empty, or one entry) is the testbed as it
 has always been: nothing here is used then.  The bring-up on several servers
-through Mininet Cluster Edition is not built yet; ``netkv up --servers`` runs
-the preflight and then says so.
+through Mininet Cluster Edition uses this plan: :mod:`fabric.remote` and
+:mod:`fabric.net`; ``scripts/cluster-check`` runs it in two qemu guests.
 """
 
 from __future__ import annotations
@@ -445,8 +445,8 @@ class SshClockProbe:
     at ``t0``, the server's echo answers with ``t1 t2``, the head reads it at
     ``t3`` (all ``time.time()``, the clock every record uses).  ``argv_for``
     makes the command that runs the echo (default :func:`ssh_argv`); a test
-    can run it locally instead.  Over ssh it is to be exercised by the
-    two-guest qemu check, which is not built yet (docs/design.md)."""
+    can run it locally instead.  Over ssh it runs in the two-guest qemu
+    check (``scripts/cluster-check``)."""
 
     def __init__(self, argv_for: Callable[[Server, Sequence[str]], list[str]] = ssh_argv,
                  timeout_s: float = COMMAND_TIMEOUT_S) -> None:
@@ -533,9 +533,9 @@ def check_servers(servers: Sequence[Server], *, runner: Runner = run_command, pr
     Every command is an argv list and the remote one is quoted word by word.
 
     ``runner`` and ``probe`` are how commands run and clocks are probed; the
-    unit tests give canned answers (there is no second server here).  The real
-    ones, over ssh between two machines, are to be exercised by a check in two
-    qemu guests, which is not built yet (docs/design.md)."""
+    unit tests give canned answers (there is no second server here); the real
+    ones, over ssh between two machines, run in ``scripts/cluster-check``'s two
+    qemu guests."""
     if not servers:
         raise ClusterError("check_servers: no servers given")
     clock_probe: ClockProbe = probe if probe is not None else SshClockProbe()

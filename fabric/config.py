@@ -76,7 +76,8 @@ class TestbedConfig:
                 f"core on the head; a saved configuration's servers section may give each server "
                 f"mgmt_mtu_bytes (default {cluster.DEFAULT_MGMT_MTU_BYTES}) and max_gpus (default "
                 f"{cluster.DEFAULT_MAX_GPUS}). Empty or one server: this machine alone, as without it. "
-                f"More than one: preflight only, the multi-server bring-up is not built yet"})
+                f"More than one: `netkv up` checks every server and builds the fabric across them (Mininet "
+                f"Cluster Edition); a replay across servers is not built yet"})
 
     KNOWN_DATAPATHS = ("auto", "kernel", "user")
     __test__ = False  # not a pytest test class, despite its name
