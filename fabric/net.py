@@ -483,43 +483,30 @@ class Testbed:
         target = f"unix:{switches.controller_socket(self.run_dir)}"
         jemalloc = self.config.switch_jemalloc
 
-        def start_one(name: str) -> int | None:
+        def start_one(name: str) -> int:
+            """The switch's daemons where it lives: the same commands on any
+            server (on the head they run as they are, elsewhere over ssh)."""
             sw = self.topo.node(name)
-            bridge = self.mn_name(name)
             p = self.switch_paths(name)
-            env = switches.daemon_env(p, jemalloc=jemalloc)
-            netns = switches.netns_name(self.prefix, name)
-            if self.sites.is_local(name):
-                p.root.mkdir(parents=True, exist_ok=True)
-                system.run(["ip", "netns", "attach", netns, str(self.host_pid(name))])
-                system.run(switches.ovsdb_create_argv(p))
-                system.run(switches.ovsdb_server_argv(p), env=env)
-                system.run(switches.bridge_config_argv(p, bridge, sw.dpid, self.switch_ports(name), target))
-                system.run(switches.vswitchd_argv(p, netns), env=env)
-                return switches.read_pid(p.vswitchd_pidfile)
-            # on another server: the same commands there, with the daemons' own variables
-            own = {k: v for k, v in env.items() if k.startswith("OVS_") or k == "LD_PRELOAD"}
+            own = switches.daemon_vars(p, jemalloc=jemalloc)
             on = partial(self.sites.on, name)
             system.run(on(["mkdir", "-p", str(p.root)]))
-            system.run(on(["ip", "netns", "attach", netns, str(self.host_pid(name))]))
+            system.run(on(["ip", "netns", "attach", switches.netns_name(self.prefix, name), str(self.host_pid(name))]))
             system.run(on(switches.ovsdb_create_argv(p)))
             system.run(on(switches.ovsdb_server_argv(p), own))
-            system.run(on(switches.bridge_config_argv(p, bridge, sw.dpid, self.switch_ports(name), target)))
-            system.run(on(switches.vswitchd_argv(p, netns), own))
+            system.run(on(switches.bridge_config_argv(p, self.mn_name(name), sw.dpid, self.switch_ports(name), target)))
+            system.run(on(switches.vswitchd_argv(p, switches.netns_name(self.prefix, name)), own))
             text = system.run(on(["cat", str(p.vswitchd_pidfile)]), check=False).stdout.strip()
-            return int(text) if text.isdigit() else None
-
-        def started(name: str) -> int:
-            pid = start_one(name)
-            if pid is None:
-                where = "" if self.sites.is_local(name) else f" on {self.sites.server_of(name).label}"  # type: ignore[union-attr]
+            if not text.isdigit():
+                server = self.sites.server_of(name)
+                where = "" if server is None else f" on {server.label}"
                 raise BringUpError(f"ovs-vswitchd of {name} wrote no pid file (log{where}: "
-                                   f"{self.switch_paths(name).log('ovs-vswitchd')})")
-            return pid
+                                   f"{p.log('ovs-vswitchd')})")
+            return int(text)
 
         names = [sw.name for sw in self.topo.switches]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = {name: pool.submit(started, name) for name in names}
+            futures = {name: pool.submit(start_one, name) for name in names}
             errors = []
             for name, fut in futures.items():
                 try:

@@ -10,9 +10,9 @@ beside Mininet Cluster Edition (MCE, ``mininet.examples.cluster``, Debian's
   on the head (this machine), else ``ssh root@ADDRESS`` with the command
   quoted word by word.  The testbed's own commands to a server share one ssh
   connection (a control master whose socket lies in the prefix's state
-  directory; the sweep ends it, and it ends itself when idle) and run at most
-  :data:`SESSIONS_PER_SERVER` at a time (sshd allows 10 sessions per
-  connection by default);
+  directory; the sweep ends it, and it ends itself when idle); the
+  bring-up runs at most :data:`SESSIONS_PER_SERVER` of them at a time
+  (sshd allows 10 sessions per connection by default);
 * :func:`mce` imports MCE's classes and makes the per-switch node class a
   remote one (``RemoteMixin``): MCE starts every node's shell over its own ssh
   session (``ssh -tt``, as it always does), so the node's namespaces live on
@@ -28,8 +28,9 @@ beside Mininet Cluster Edition (MCE, ``mininet.examples.cluster``, Debian's
 
 from __future__ import annotations
 
+import os
+import pwd
 import shlex
-import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -82,7 +83,6 @@ class Sites:
         by_name = {s.name: s for s in self.servers}
         self._server_of: dict[str, Server] = (
             {node: by_name[name] for node, name in plan.placement.server_of.items()} if plan is not None else {})
-        self._gates = {s.name: threading.BoundedSemaphore(SESSIONS_PER_SERVER) for s in self.servers}
 
     @property
     def cluster(self) -> bool:
@@ -111,16 +111,6 @@ class Sites:
         self.state_dir.mkdir(parents=True, exist_ok=True)  # where the control socket goes
         return ssh_mux_argv(server, self.state_dir, with_env(argv, env or {}))
 
-    def gate(self, argv: Sequence[str]) -> threading.BoundedSemaphore | None:
-        """The per-server limit an ssh argv from :meth:`on` must hold while it runs."""
-        if not argv or argv[0] != "ssh":
-            return None
-        dest = next((a for a in argv if a.startswith("root@")), "")
-        for s in self.workers:
-            if dest == f"root@{s.address}":
-                return self._gates[s.name]
-        return None
-
 
 def mce() -> dict[str, Any]:
     """MCE's classes the bring-up uses, and the per-switch node made remote.
@@ -130,14 +120,11 @@ def mce() -> dict[str, Any]:
     pair on the server of both ends; ``RemoteGRELink`` a keyed gretap tunnel
     between two servers.  The per-switch node (fabric.switches) becomes
     ``RemoteMixin`` + that node, so its namespace is on its server too."""
-    import os
-    import pwd
-
     from mininet.examples.cluster import (MininetCluster, RemoteGRELink, RemoteHost, RemoteLink,
                                           RemoteMixin)
 
     # MininetCluster makes ~/.ssh/mn from $HOME, which a systemd unit or cron need not set
-    os.environ.setdefault("HOME", pwd.getpwuid(os.geteuid()).pw_dir)
+    os.environ.setdefault("HOME", str(home()))
 
     isolated = switches.isolated_switch_class()
     remote_switch = type("RemoteIsolatedOVSSwitch", (RemoteMixin, isolated), {})
@@ -211,13 +198,16 @@ def leftovers_total(status_stdout: str) -> int | None:
         return None
 
 
+def home() -> Path:
+    """$HOME, or this user's home directory from the password database when
+    the environment has none (a systemd unit or cron need not set it)."""
+    return Path(os.environ.get("HOME") or pwd.getpwuid(os.geteuid()).pw_dir)
+
+
 def mce_dir() -> Path:
     """The directory MininetCluster makes for its ssh control sockets
     (``~/.ssh/mn``) whether or not it uses them."""
-    import os
-    import pwd
-
-    return Path(os.environ.get("HOME") or pwd.getpwuid(os.geteuid()).pw_dir) / ".ssh" / "mn"
+    return home() / ".ssh" / "mn"
 
 
 def remove_mce_dir() -> None:

@@ -193,14 +193,20 @@ def jemalloc_path() -> Path | None:
     return next((p for p in JEMALLOC_PATHS if p.exists()), None)
 
 
-def daemon_env(p: SwitchPaths, *, jemalloc: bool) -> dict[str, str]:
-    """Environment of a switch's daemons: every run/db/log directory Open
-    vSwitch would default to points into the testbed's own directories."""
-    env = dict(os.environ, OVS_RUNDIR=str(p.rundir), OVS_DBDIR=str(p.root), OVS_LOGDIR=str(p.root))
+def daemon_vars(p: SwitchPaths, *, jemalloc: bool) -> dict[str, str]:
+    """The variables a switch's daemons get on top of their environment:
+    every run/db/log directory Open vSwitch would default to points into the
+    testbed's own directories (and jemalloc preloaded when asked for)."""
+    own = {"OVS_RUNDIR": str(p.rundir), "OVS_DBDIR": str(p.root), "OVS_LOGDIR": str(p.root)}
     lib = jemalloc_path() if jemalloc else None
     if lib is not None:
-        env["LD_PRELOAD"] = str(lib)
-    return env
+        own["LD_PRELOAD"] = str(lib)
+    return own
+
+
+def daemon_env(p: SwitchPaths, *, jemalloc: bool) -> dict[str, str]:
+    """The whole environment of a switch's daemons started on this machine."""
+    return dict(os.environ, **daemon_vars(p, jemalloc=jemalloc))
 
 
 def read_pid(pidfile: Path) -> int | None:
