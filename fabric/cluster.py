@@ -440,23 +440,22 @@ CLOCK_ECHO_PY = ("import sys, time\n"
                  "    sys.stdout.flush()\n")
 
 
-class SshClockProbe:
-    """Round trips to a server over one ssh session: the head writes a line
-    at ``t0``, the server's echo answers with ``t1 t2``, the head reads it at
-    ``t3`` (all ``time.time()``, the clock every record uses).  ``argv_for``
-    makes the command that runs the echo (default :func:`ssh_argv`); a test
-    can run it locally instead.  Over ssh it runs in the two-guest qemu
-    check (``scripts/cluster-check``)."""
+class ClockEcho:
+    """One session running the server's echo (:data:`CLOCK_ECHO_PY`), kept
+    open for as many round trips as are asked of it: the head writes a line at
+    ``t0``, the echo answers with ``t1 t2``, the head reads it at ``t3`` (all
+    ``time.time()``, the clock every record uses).  ``argv`` is the command
+    that runs the echo there (an ssh argv; a test runs it locally)."""
 
-    def __init__(self, argv_for: Callable[[Server, Sequence[str]], list[str]] = ssh_argv,
-                 timeout_s: float = COMMAND_TIMEOUT_S) -> None:
-        self.argv_for = argv_for
+    def __init__(self, server: Server, argv: Sequence[str], timeout_s: float = COMMAND_TIMEOUT_S) -> None:
+        self.server = server
         self.timeout_s = timeout_s
+        self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
 
-    def __call__(self, server: Server, count: int) -> list[ClockSample]:
-        argv = self.argv_for(server, ["python3", "-c", CLOCK_ECHO_PY])
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, bufsize=1)
+    def samples(self, count: int) -> list[ClockSample]:
+        """``count`` round trips (fewer if the echo ended: ClusterError if none)."""
+        proc = self.proc
         samples: list[ClockSample] = []
         try:
             assert proc.stdin is not None and proc.stdout is not None
@@ -470,19 +469,43 @@ class SshClockProbe:
                 if len(parts) != 2:
                     break
                 samples.append(ClockSample(t0, float(parts[0]), float(parts[1]), t3))
-        except (BrokenPipeError, ValueError):
+        except (BrokenPipeError, ValueError, OSError):
             pass
-        finally:
-            try:  # closes its stdin: the echo ends
-                _, err = proc.communicate(timeout=self.timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
         if not samples:
-            text = (err or "").strip()
-            raise ClusterError(f"server {server.name}: clock probe failed: "
-                               f"{text.splitlines()[0] if text else f'exit status {proc.returncode}'}")
+            err = self.close()
+            raise ClusterError(f"server {self.server.name}: clock probe failed: "
+                               f"{err.splitlines()[0] if err else f'exit status {proc.returncode}'}")
         return samples
+
+    def close(self) -> str:
+        """End the echo (its stdin closed); what it wrote to stderr."""
+        try:
+            _, err = self.proc.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        except (ValueError, OSError):  # closed already
+            err = ""
+        return (err or "").strip()
+
+
+class SshClockProbe:
+    """The preflight's round trips to a server: one :class:`ClockEcho` over
+    ssh for ``count`` of them.  ``argv_for`` makes the command that runs the
+    echo (default :func:`ssh_argv`); a test can run it locally instead.  Over
+    ssh it runs in the two-guest qemu check (``scripts/cluster-check``)."""
+
+    def __init__(self, argv_for: Callable[[Server, Sequence[str]], list[str]] = ssh_argv,
+                 timeout_s: float = COMMAND_TIMEOUT_S) -> None:
+        self.argv_for = argv_for
+        self.timeout_s = timeout_s
+
+    def __call__(self, server: Server, count: int) -> list[ClockSample]:
+        echo = ClockEcho(server, self.argv_for(server, ["python3", "-c", CLOCK_ECHO_PY]), self.timeout_s)
+        try:
+            return echo.samples(count)
+        finally:
+            echo.close()
 
 
 @dataclass

@@ -76,8 +76,9 @@ class TestbedConfig:
                 f"core on the head; a saved configuration's servers section may give each server "
                 f"mgmt_mtu_bytes (default {cluster.DEFAULT_MGMT_MTU_BYTES}) and max_gpus (default "
                 f"{cluster.DEFAULT_MAX_GPUS}). Empty or one server: this machine alone, as without it. "
-                f"More than one: `netkv up` checks every server and builds the fabric across them (Mininet "
-                f"Cluster Edition); a replay across servers is not built yet"})
+                f"More than one: `netkv up` and `netkv run` check every server and build the fabric across "
+                f"them (Mininet Cluster Edition); a replay runs each worker on its GPU host's server and puts "
+                f"their time stamps on the head's clock"})
 
     KNOWN_DATAPATHS = ("auto", "kernel", "user")
     __test__ = False  # not a pytest test class, despite its name
@@ -155,17 +156,6 @@ class TestbedConfig:
             return cluster.servers_from_json(self.servers)
         except cluster.ClusterError as exc:
             raise ConfigError(str(exc)) from None
-
-    def require_one_machine(self) -> None:
-        """ConfigError when the servers section names more than one server, for
-        what needs a replay: `netkv up --servers` builds the fabric across them
-        (Mininet Cluster Edition), but workers on other servers and one
-        timeline for their records are not built yet."""
-        servers = self.server_list()
-        if len(servers) > 1:
-            raise ConfigError(f"a replay on more than one server ({', '.join(s.name for s in servers)}) is not "
-                              f"built yet: `netkv up --servers ...` builds and checks the fabric across them, but "
-                              f"workers on other servers are to come (docs/design.md)")
 
     def cluster_plan(self, topo: Topology) -> cluster.ClusterPlan | None:
         """With more than one server: where every node runs and which links

@@ -106,6 +106,7 @@ class Testbed:
         # one machine every node is local and every command runs unchanged.
         self.sites = remote.Sites(config.cluster_plan(self.topo), self.run_dir)
         self.relays: dict[str, subprocess.Popen[bytes]] = {}  # worker -> its OpenFlow relay's ssh session
+        self.worker_sessions: remote.WorkerSessions | None = None  # a replay's workers on other servers
         self.report = BringUpReport(self.topo.name, len(self.topo.gpus), len(self.topo.switches),
                                     len(self.topo.links), "", config.scale)
         self._ctl_log: Any = None
@@ -183,8 +184,22 @@ class Testbed:
 
     def popen(self, name: str, argv: Sequence[str], *, kind: str, marker: str | None = None,
               **popen_args: Any) -> subprocess.Popen[bytes]:
-        """Start a process inside a GPU host and record its pid for cleanup."""
-        proc: subprocess.Popen[bytes] = self.host(name).popen(list(argv), **popen_args)
+        """Start a process inside a GPU host and record its pid for cleanup.
+
+        On another server the process runs there in a worker session
+        (:class:`fabric.remote.WorkerSessions`) from the checkout, with the
+        worker environment; ``popen_args`` then apply to the local ssh (its
+        ``cwd`` and ``env`` describe this machine and are left out), and the
+        pid recorded and returned is that ssh's: ending it ends the process."""
+        server = self.sites.server_of(name)
+        if server is None:
+            proc: subprocess.Popen[bytes] = self.host(name).popen(list(argv), **popen_args)
+        else:
+            if self.worker_sessions is None:
+                self.worker_sessions = remote.WorkerSessions(self.run_dir)
+            local = self.worker_sessions.argv(server, self.host_pid(name), argv)
+            popen_args = {k: v for k, v in popen_args.items() if k not in ("cwd", "env")}
+            proc = subprocess.Popen(local, start_new_session=True, **popen_args)
         cleanup.record_pid(self.prefix, proc.pid, marker or os.path.basename(argv[0]), kind)
         return proc
 

@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fabric import switches
-from fabric.cluster import SSH_CONNECT_TIMEOUT_S, ClusterPlan, Server
+from fabric.cluster import (CLOCK_ECHO_PY, CLOCK_SAMPLES, MAX_CLOCK_UNCERTAINTY_S, SSH_CONNECT_TIMEOUT_S, ClockEcho,
+                            ClockOffset, ClusterError, ClusterPlan, Server, check_clocks, clock_offset,
+                            run_command)
 from netkv.repo import REPO_ROOT
 
 # sshd's MaxSessions is 10 by default: the testbed's commands to one server
@@ -45,25 +47,56 @@ SESSIONS_PER_SERVER = 8
 CONTROL_PERSIST_S = 15
 
 
-def control_path(state_dir: Path, server: Server) -> Path:
+def control_path(state_dir: Path, server: Server, group: int = 0) -> Path:
     """The ssh control socket for ``server``, in the prefix's state directory
-    (not its switch directory, whose contents count as the prefix's leftovers)."""
-    return state_dir / f"ssh-{server.name}"
+    (not its switch directory, whose contents count as the prefix's leftovers).
+    Group 0 carries the testbed's own commands; groups 1, 2, ... carry the
+    replay's worker sessions, :data:`SESSIONS_PER_SERVER` to a connection."""
+    return state_dir / (f"ssh-{server.name}" if group == 0 else f"ssh-{server.name}-{group}")
 
 
-def ssh_mux_argv(server: Server, state_dir: Path, remote_argv: Sequence[str], *, tty: bool = False) -> list[str]:
-    """``ssh root@ADDRESS COMMAND`` over the server's shared connection, in
-    batch mode, the host key already known (the preflight checked it), the
-    remote command quoted word by word for the remote shell."""
-    return ["ssh", "-tt" if tty else "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "ControlMaster=auto",
-            "-o", f"ControlPath={control_path(state_dir, server)}", "-o", f"ControlPersist={CONTROL_PERSIST_S}",
+def control_paths(state_dir: Path, server: Server) -> list[Path]:
+    """Every control socket of ``server`` present in the state directory."""
+    return sorted({*state_dir.glob(f"ssh-{server.name}"), *state_dir.glob(f"ssh-{server.name}-*")})
+
+
+def ssh_common(server: Server) -> list[str]:
+    """Batch mode (a key, never a password prompt), a bounded connect, the host
+    key already known (the preflight checked it)."""
+    return ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}",
+            "-o", "StrictHostKeyChecking=yes"]
+
+
+def ssh_mux_argv(server: Server, state_dir: Path, remote_argv: Sequence[str], *, tty: bool = False,
+                 group: int = 0) -> list[str]:
+    """``ssh root@ADDRESS COMMAND`` over the server's shared connection (of
+    ``group``), the remote command quoted word by word for the remote shell."""
+    return ["ssh", "-tt" if tty else "-T", *ssh_common(server), "-o", "ControlMaster=auto",
+            "-o", f"ControlPath={control_path(state_dir, server, group)}", "-o", f"ControlPersist={CONTROL_PERSIST_S}",
             f"root@{server.address}", "--", shlex.join(list(remote_argv))]
 
 
-def ssh_exit_argv(server: Server, state_dir: Path) -> list[str]:
-    """Ask the server's control master, if any, to end."""
-    return ["ssh", "-o", f"ControlPath={control_path(state_dir, server)}", "-O", "exit", f"root@{server.address}"]
+def ssh_exit_argv(server: Server, path: Path) -> list[str]:
+    """Ask the server's control master at ``path``, if any, to end."""
+    return ["ssh", "-o", f"ControlPath={path}", "-O", "exit", f"root@{server.address}"]
+
+
+def forward_argv(server: Server, remote_socket: Path, local_socket: Path) -> list[str]:
+    """An ssh connection of its own that makes ``remote_socket`` on the server a
+    Unix socket whose every connection is carried to ``local_socket`` here (the
+    replay's control socket): the workers there reach the frontend through it,
+    over the management network, with nothing listening on a network address.
+    It exits at once if the forward cannot be made."""
+    return ["ssh", "-N", "-T", *ssh_common(server), "-o", "ControlPath=none", "-o", "ExitOnForwardFailure=yes",
+            "-o", "ServerAliveInterval=5", "-R", f"{remote_socket}:{local_socket}", f"root@{server.address}"]
+
+
+def worker_control_socket(state_dir: Path, tag: str) -> Path:
+    """Where the workers of a replay on another server find the frontend's
+    control socket (forwarded there by :func:`forward_argv`): in the prefix's
+    switch directory, so the prefix's sweep on that server finds the workers
+    by it in their command lines and removes the socket."""
+    return switches.switches_root(state_dir) / f"ctl-{tag}.sock"
 
 
 def with_env(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
@@ -110,6 +143,166 @@ class Sites:
             return with_env(argv, env or {})
         self.state_dir.mkdir(parents=True, exist_ok=True)  # where the control socket goes
         return ssh_mux_argv(server, self.state_dir, with_env(argv, env or {}))
+
+
+# -- a replay's workers on other servers ------------------------------------------------------------
+# The remote side of a worker session: the repository's own tree first on the
+# import path (the same checkout path on every server, the preflight checked the
+# commit) and unbuffered output, as netkv.repo.child_env gives a local worker.
+def worker_env() -> dict[str, str]:
+    return {"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+class WorkerSessions:
+    """Sessions for a replay's worker processes on other servers.
+
+    A worker runs in its GPU host's namespaces there (``mnexec -a PID``, as
+    Mininet's own ``popen`` enters a host) in an ssh session with a terminal
+    (``-tt``): the frontend ends a worker by ending that session's ssh here,
+    which hangs up the terminal there, and the hang-up ends the worker.  The
+    sessions share connections, :data:`SESSIONS_PER_SERVER` to each (sshd's
+    MaxSessions is 10 by default); each connection is opened, one after the
+    other, before its first session, so that many workers starting at once
+    never meet sshd's limit on connections still being authenticated
+    (MaxStartups).  (Mininet Cluster Edition's own ``popen`` joins the argv
+    with spaces for the remote shell and opens no terminal: a JSON argument
+    would be split, and ending the ssh would leave the worker running.)"""
+
+    def __init__(self, state_dir: Path, runner: Any = None) -> None:
+        self.state_dir = state_dir
+        self.run = runner if runner is not None else run_command
+        self.started: dict[str, int] = {}  # server name -> sessions asked for
+        self.opened: set[tuple[str, int]] = set()
+
+    def argv(self, server: Server, host_pid: int, argv: Sequence[str]) -> list[str]:
+        """The local argv of a session that runs ``argv`` in the namespaces of
+        ``host_pid`` on ``server``, from the checkout, as a worker runs here."""
+        n = self.started.get(server.name, 0)
+        self.started[server.name] = n + 1
+        group = 1 + n // SESSIONS_PER_SERVER
+        if (server.name, group) not in self.opened:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            result = self.run(ssh_mux_argv(server, self.state_dir, ["true"], group=group), 60.0)
+            if result.returncode != 0:
+                raise ClusterError(f"{server.label}: cannot open an ssh connection for workers: "
+                                   f"{result.first_line()}")
+            self.opened.add((server.name, group))
+        remote_argv = ["env", "-C", str(REPO_ROOT), *(f"{k}={v}" for k, v in sorted(worker_env().items())),
+                       "mnexec", "-a", str(host_pid), *argv]
+        return ssh_mux_argv(server, self.state_dir, remote_argv, tty=True, group=group)
+
+
+# How often a replay across servers measures every server's clock offset again.
+CLOCK_INTERVAL_S = 5.0
+
+
+class ClockWatch:
+    """Each other server's clock offset to the head, measured when a replay
+    starts and every :data:`CLOCK_INTERVAL_S` while it runs, over one echo
+    session per server (:class:`fabric.cluster.ClockEcho`, kept open).
+
+    A worker's report is put on the head's clock with the latest offset of its
+    server (:meth:`to_head_s`).  The replay is refused when a server's offset
+    is known less well than ``bound_s`` at the start; a later measurement
+    that is known less well, or that moved from the one before by more than
+    ``bound_s`` (a time stamp corrected with the older one may be that far
+    off), is a problem of the run, named in :meth:`stop`'s answer."""
+
+    def __init__(self, servers: Sequence[Server], argv_for: Any, *, interval_s: float = CLOCK_INTERVAL_S,
+                 bound_s: float = MAX_CLOCK_UNCERTAINTY_S, samples: int = CLOCK_SAMPLES) -> None:
+        import threading
+
+        self.servers = list(servers)
+        self.argv_for = argv_for  # (server, argv) -> the local argv that runs argv there
+        self.interval_s = interval_s
+        self.bound_s = bound_s
+        self.count = samples
+        self.echoes: dict[str, ClockEcho] = {}
+        self.latest: dict[str, ClockOffset] = {}
+        self.series: dict[str, list[tuple[float, ClockOffset]]] = {}
+        self.problems: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="clock-watch", daemon=True)
+
+    def start(self) -> None:
+        """The first offsets: ClusterError (one line) when a server cannot be
+        measured or is known less well than the bound (the replay is refused)."""
+        try:
+            for server in self.servers:
+                self.echoes[server.name] = ClockEcho(server, self.argv_for(server, ["python3", "-c", CLOCK_ECHO_PY]))
+                check_clocks([self._measure(server)], self.bound_s)
+        except BaseException:
+            self._close_echoes()
+            raise
+        self._thread.start()
+
+    def _measure(self, server: Server) -> ClockOffset:
+        import time
+
+        off = clock_offset(server.name, self.echoes[server.name].samples(self.count))
+        with self._lock:
+            before = self.latest.get(server.name)
+            self.latest[server.name] = off
+            self.series.setdefault(server.name, []).append((time.time(), off))
+        if before is not None:
+            if off.uncertainty_s > self.bound_s:
+                self.problems.append(f"server {server.name}: clock offset known only to "
+                                     f"+-{off.uncertainty_s * 1e3:.3f} ms during the run (bound "
+                                     f"{self.bound_s * 1e3:g} ms)")
+            elif abs(off.offset_s - before.offset_s) > self.bound_s:
+                self.problems.append(f"server {server.name}: clock offset moved "
+                                     f"{(off.offset_s - before.offset_s) * 1e3:+.3f} ms between two measurements "
+                                     f"{self.interval_s:g} s apart (bound {self.bound_s * 1e3:g} ms)")
+        return off
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for server in self.servers:
+                try:
+                    self._measure(server)
+                except ClusterError as exc:
+                    self.problems.append(str(exc))
+
+    def offset_s(self, server: str) -> float:
+        """The server's clock minus the head's, as last measured."""
+        with self._lock:
+            return self.latest[server].offset_s
+
+    def to_head_s(self, server: str, t_s: float) -> float:
+        return t_s - self.offset_s(server)
+
+    def _close_echoes(self) -> None:
+        for echo in self.echoes.values():
+            echo.close()
+        self.echoes.clear()
+
+    def stop(self) -> dict[str, Any]:
+        """A last measurement, the echoes ended; what ``run.json`` keeps: every
+        server's offsets over the run (``[t_s on the head, offset_s,
+        uncertainty_s]``), the largest uncertainty and how far the offset
+        moved, the bound, and the problems found."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval_s + 30)
+        for server in self.servers:
+            if server.name in self.echoes:
+                try:
+                    self._measure(server)
+                except ClusterError as exc:
+                    self.problems.append(str(exc))
+        self._close_echoes()
+        out: dict[str, Any] = {"bound_s": self.bound_s, "interval_s": self.interval_s, "servers": {},
+                               "problems": list(self.problems)}
+        for name, points in self.series.items():
+            offsets = [o.offset_s for _, o in points]
+            out["servers"][name] = {
+                "offset_s": points[-1][1].offset_s,
+                "uncertainty_s_max": max(o.uncertainty_s for _, o in points),
+                "offset_range_s": max(offsets) - min(offsets),
+                "series": [[round(t, 3), o.offset_s, o.uncertainty_s] for t, o in points],
+            }
+        return out
 
 
 def mce() -> dict[str, Any]:
@@ -177,7 +370,8 @@ def sweep_workers(prefix: str, workers: Sequence[Server], state_dir: Path,
             text = (result.stdout.strip().splitlines() or [""])[-1] or result.first_line()
             out[server.name] = text
     for server in workers:
-        run(ssh_exit_argv(server, state_dir), 10.0)
+        for path in control_paths(state_dir, server) or [control_path(state_dir, server)]:
+            run(ssh_exit_argv(server, path), 10.0)
     return out
 
 

@@ -11,16 +11,21 @@ around it (:mod:`lab.envelope`).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from fabric import cleanup, remote
 from fabric.config import TestbedConfig
 from fabric.net import Testbed
+from fabric.remote import ClockWatch
+from fabric.system import run as run_cmd
+from fabric.system import wait_until
 from lab import scenario as scenario_mod
-from lab.envelope import EmulatorMeter
+from lab.envelope import EmulatorMeter, RemoteMeter
 from lab.faults import FaultRunner
 from lab.rundir import NETWORK_FILE, TELEMETRY_SERIES
 from netkv.oracle import StaleOracle, StaticOracle, TelemetryOracle
@@ -28,6 +33,7 @@ from netkv.repo import REPO_ROOT, child_env
 from netkv.serving.config import ReplayConfig
 from netkv.stats import percentile
 from netkv.telemetry import TelemetrySnapshot
+from workers.driver import ReplayError
 from workers.run import replay
 
 
@@ -37,35 +43,89 @@ def metered_replay(tb: Any, cfg: Any, launcher: Any, run_dir: Path, *,
     around it; the envelope is judged over the replay clock's window (the
     workers' start-up is not part of it).  ``on_start``: called with the
     frontend once the replay clock starts (the fault runner).  Returns
-    (summary, envelope)."""
+    (summary, envelope).
+
+    Across servers, each other server's switch processes are metered there
+    by the same rule (:class:`lab.envelope.RemoteMeter`), over the same window
+    on that server's clock; the replay is inside the envelope only when every
+    server is (``servers`` in the envelope holds each one's)."""
     meter = EmulatorMeter(tb.switch_processes(), pids_source=tb.switch_processes)
     meter.start()
+    remote_meters = start_remote_meters(tb)
     summary: dict[str, Any] = {}
     try:
         summary = replay(cfg, launcher, run_dir, oracle=oracle, topology=tb.topo, status_url=tb.rest_url + "/replay",
                          on_start=on_start)
     finally:
         start = summary.get("run_start_epoch_s")
-        envelope = meter.stop((float(start), time.time()) if start else None,
-                              dispatch_lag_ms=summary.get("max_dispatch_lag_ms"))
+        window = (float(start), time.time()) if start else None
+        lag = summary.get("max_dispatch_lag_ms")
+        envelope = meter.stop(window, dispatch_lag_ms=lag)
+        if remote_meters:
+            offsets = {name: info["offset_s"] for name, info in
+                       ((summary.get("clocks") or {}).get("servers") or {}).items()}
+            envelope["servers"] = {}
+            for name, rm in remote_meters.items():
+                off = offsets.get(name)
+                there = None if window is None or off is None else (window[0] + off, window[1] + off)
+                envelope["servers"][name] = {**rm.stop(there, lag), "clock_offset_s": off}
+            judge_servers(envelope)
     return summary, envelope
+
+
+def start_remote_meters(tb: Any) -> dict[str, RemoteMeter]:
+    """A meter on every other server over the switch processes living there."""
+    meters: dict[str, RemoteMeter] = {}
+    for server in tb.sites.workers:
+        pids = {n: pid for n, pid in tb.switch_pids.items() if tb.sites.server_of(n) == server}
+        argv = [str(REPO_ROOT / ".venv" / "bin" / "python"), "-m", "lab.envelope", "--pids", json.dumps(pids)]
+        meters[server.name] = RemoteMeter(server.name, tb.sites.on_server(server, argv))
+    return meters
+
+
+def judge_servers(envelope: dict[str, Any]) -> None:
+    """The replay's verdict over every server: inside only when the head and
+    each other server are; the first one outside names the resource."""
+    if not envelope.get("within_envelope", False):
+        return  # the head's own verdict stands, with its resource
+    for name, env in sorted(envelope.get("servers", {}).items()):
+        if "error" in env:
+            envelope["within_envelope"] = False
+            envelope["limiting_resource"] = f"server {name}: not measured ({env['error']})"
+            return
+        if not env.get("within_envelope", False):
+            envelope["within_envelope"] = False
+            envelope["limiting_resource"] = f"server {name}: {env.get('limiting_resource')}"
+            return
 
 
 # -- the launcher and the telemetry source the replay uses ------------------------------------
 class MininetLauncher:
     """workers.launch.Launcher over a running Testbed: each worker runs inside
     its GPU host's namespaces, listens on the host's emulated address, and its
-    pid is recorded for the testbed's sweep."""
+    pid is recorded for the testbed's sweep.
+
+    On a testbed across servers a worker of a GPU host on another server runs
+    there (:meth:`fabric.net.Testbed.popen`); it reaches the frontend's control
+    socket through an ssh forward to that server (:meth:`control_path`); its
+    reports carry that server's clock and are put on the head's
+    (:meth:`to_head_s`, :class:`fabric.remote.ClockWatch`, started by
+    :meth:`prepare`, which refuses a replay whose offsets are not known well
+    enough); :meth:`finish` ends the forwards and returns what ``run.json``
+    keeps of the clocks."""
 
     def __init__(self, testbed: Any) -> None:
         self.tb = testbed
+        self.clocks: ClockWatch | None = None
+        self.forwards: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}  # server -> (ssh -R, socket there)
 
     def data_addr(self, host: str) -> tuple[str, int]:
         return self.tb.data_addr(host)  # type: ignore[no-any-return]
 
     def netns_path(self, host: str) -> str | None:
         """The GPU host's network namespace, where a tensor-parallel worker on
-        another rank host of its instance opens this rank's sockets."""
+        another rank host of its instance opens this rank's sockets (on the
+        host's own server: an instance never spans servers)."""
         return f"/proc/{self.tb.host_pid(host)}/ns/net"
 
     def popen(self, host: str, argv: list[str], log_path: Path) -> subprocess.Popen:  # type: ignore[type-arg]
@@ -73,6 +133,73 @@ class MininetLauncher:
             return self.tb.popen(host, argv, kind="worker", marker="workers.", stdin=subprocess.DEVNULL,
                                  stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
                                  env=child_env())  # type: ignore[no-any-return]
+
+    # -- across servers -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Before any worker starts: every other server's clock offset,
+        ClusterError when one is not known to MAX_CLOCK_UNCERTAINTY_S."""
+        sites = self.tb.sites
+        if sites.cluster and self.clocks is None:
+            clocks = ClockWatch(sites.workers, sites.on_server)
+            clocks.start()
+            self.clocks = clocks
+
+    def control_path(self, host: str, local: str) -> str:
+        """Where the worker of ``host`` connects to the frontend: ``local`` on
+        this machine, else the end of an ssh forward to it on the host's server."""
+        server = self.tb.sites.server_of(host)
+        if server is None:
+            return local
+        if server.name not in self.forwards:
+            self.forwards[server.name] = self._forward(server, Path(local))
+        return str(self.forwards[server.name][1])
+
+    def _forward(self, server: Any, local: Path) -> tuple[subprocess.Popen[bytes], Path]:
+        tb = self.tb
+        there = remote.worker_control_socket(tb.run_dir, f"{os.getpid()}-{len(self.forwards)}-{int(time.time())}")
+        run_cmd(tb.sites.on_server(server, ["mkdir", "-p", str(there.parent)]))
+        log = open(tb.run_dir / f"forward-{server.name}.log", "ab")
+        proc = subprocess.Popen(remote.forward_argv(server, there, local), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        cleanup.record_pid(tb.prefix, proc.pid, str(there), "forward")
+
+        def listening() -> bool:
+            return proc.poll() is not None or run_cmd(tb.sites.on_server(server, ["test", "-S", str(there)]),
+                                                      check=False).returncode == 0
+
+        wait_until(listening, timeout_s=30, interval_s=0.2)
+        if proc.poll() is not None or not listening():
+            proc.kill()
+            raise ReplayError(f"the control socket could not be forwarded to {server.label} "
+                              f"(log: {tb.run_dir / f'forward-{server.name}.log'})")
+        return proc, there
+
+    def to_head_s(self, host: str, t_s: float) -> float:
+        """A time stamp of the worker of ``host`` on the head's clock."""
+        server = self.tb.sites.server_of(host)
+        if server is None or self.clocks is None:
+            return t_s
+        return self.clocks.to_head_s(server.name, t_s)
+
+    def finish(self) -> dict[str, Any]:
+        """After the workers have stopped: the forwards ended and their sockets
+        removed; the clocks' record for ``run.json`` (``{}`` on one machine)."""
+        for name, (proc, there) in self.forwards.items():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            server = next(s for s in self.tb.sites.workers if s.name == name)
+            run_cmd(self.tb.sites.on_server(server, ["rm", "-f", str(there)]), check=False)
+        self.forwards.clear()
+        if self.clocks is None:
+            return {}
+        clocks, self.clocks = self.clocks.stop(), None
+        return {"clocks": clocks}
 
 
 class RestTelemetryPoller:
@@ -175,16 +302,34 @@ class RestTelemetryPoller:
 
 def network_counters(tb: Any) -> dict[str, Any]:
     """What the fabric counted so far: every GPU host's TCP segments sent and
-    retransmitted (its namespace's /proc/<pid>/net/snmp, read from outside),
+    retransmitted (its namespace's /proc/<pid>/net/snmp, read from outside,
+    on the host's own server),
     and every directed link's egress-queue drops (the controller's /links,
     the htb qdisc's counter; None when the controller does not answer)."""
     tcp: dict[str, tuple[int, int]] = {}
+    texts: dict[str, str] = {}
+    on_server: dict[Any, list[str]] = {}
     for host in tb.topo.gpu_names():
+        on_server.setdefault(tb.sites.server_of(host), []).append(host)
+    for server, hosts in on_server.items():
         try:
-            lines = Path(f"/proc/{tb.host_pid(host)}/net/snmp").read_text().splitlines()
-        except (OSError, ValueError, AttributeError, KeyError):
+            files = {f"/proc/{tb.host_pid(h)}/net/snmp": h for h in hosts}
+        except (ValueError, AttributeError, KeyError):
             continue
-        rows = [line.split() for line in lines if line.startswith("Tcp:")]
+        if server is None:
+            for path, host in files.items():
+                try:
+                    texts[host] = Path(path).read_text()
+                except OSError:
+                    pass
+        else:  # another server's hosts: their files read there, in one command
+            out = run_cmd(tb.sites.on_server(server, ["head", "-v", "-n", "1000", *files]), check=False).stdout
+            for part in out.split("==> ")[1:]:
+                name, _, body = part.partition(" <==\n")
+                if name in files:
+                    texts[files[name]] = body
+    for host, text in texts.items():
+        rows = [line.split() for line in text.splitlines() if line.startswith("Tcp:")]
         if len(rows) == 2:
             fields = dict(zip(rows[0][1:], rows[1][1:]))
             tcp[host] = (int(fields.get("OutSegs", 0)), int(fields.get("RetransSegs", 0)))

@@ -14,8 +14,12 @@ comparison, the report).  Calibration and history: docs/design.md, "Envelope".
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from array import array
@@ -193,3 +197,86 @@ def _mean(values: list[float]) -> float | None:
 
 def _round1(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+# -- the envelope of another server ------------------------------------------------------------
+# A replay across servers judges each server by the same rule: on each other
+# server, ``python -m lab.envelope --pids JSON`` runs an EmulatorMeter over the
+# switch processes that live there, for the whole replay; one line on its stdin
+# (``{"window_epoch_s": [a, b] | null, "dispatch_lag_ms": x | null}``, the
+# window on that server's clock) stops it, and it answers with its envelope as
+# one JSON line.  Closing its stdin without a line ends it quietly.
+class RemoteMeter:
+    """The head's end of one server's meter (``argv``: the local command that
+    runs ``python -m lab.envelope`` there, e.g. over ssh)."""
+
+    def __init__(self, server: str, argv: list[str], timeout_s: float = 60.0) -> None:
+        self.server = server
+        self.timeout_s = timeout_s
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def stop(self, window_epoch_s: tuple[float, float] | None, dispatch_lag_ms: float | None = None
+             ) -> dict[str, Any]:
+        """The server's envelope over ``window_epoch_s`` (already on that
+        server's clock), or ``{"error": ...}`` when its meter did not answer."""
+        line = json.dumps({"window_epoch_s": list(window_epoch_s) if window_epoch_s else None,
+                           "dispatch_lag_ms": dispatch_lag_ms}) + "\n"
+        try:
+            out, err = self.proc.communicate(line, timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        except (BrokenPipeError, OSError, ValueError):
+            out, err = "", ""
+        try:
+            answer = json.loads(out.strip().splitlines()[-1])
+            if isinstance(answer, dict):
+                return answer
+        except (ValueError, IndexError):
+            pass
+        text = (err or "").strip().splitlines()
+        return {"error": f"the meter on {self.server} did not answer ({text[-1] if text else 'no output'})"}
+
+
+def serve_meter(pids: dict[str, int], interval_s: float = 1.0) -> int:
+    """The remote side: meter ``pids`` until one line on stdin, then print the envelope."""
+    meter = EmulatorMeter(pids, interval_s)
+    meter.start()
+    line = sys.stdin.readline()
+    if not line.strip():
+        meter.stop(None)
+        return 0
+    try:
+        ask = json.loads(line)
+        window = ask.get("window_epoch_s")
+        lag = ask.get("dispatch_lag_ms")
+        envelope = meter.stop((float(window[0]), float(window[1])) if window else None,
+                              dispatch_lag_ms=None if lag is None else float(lag))
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        print(f"lab.envelope: bad request {line.strip()[:80]!r}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(envelope), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lab.envelope",
+                                 description="Meter switch processes on this server until a line on stdin, then "
+                                             "print their envelope as JSON (a replay across servers runs this on "
+                                             "each other server).")
+    ap.add_argument("--pids", required=True, help='JSON object {"switch name": pid, ...}')
+    ap.add_argument("--interval-s", type=float, default=1.0, help="seconds between samples (default 1)")
+    args = ap.parse_args(argv)
+    try:
+        pids = json.loads(args.pids)
+        if not isinstance(pids, dict) or not all(isinstance(v, int) for v in pids.values()):
+            raise ValueError("not an object of integer pids")
+    except ValueError as exc:
+        print(f"lab.envelope: --pids: {exc}", file=sys.stderr)
+        return 2
+    return serve_meter({str(k): int(v) for k, v in pids.items()}, args.interval_s)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -131,7 +131,11 @@ def check_experiment(exp: ExperimentConfig, base: ReplayConfig, scen: scenario_m
     """What the simulator refuses before anything runs (one line each): a
     fault event it cannot represent, a platform too large for the memory here
     (sim.platform.check_fits states the estimate and the bound; ``jobs``
-    replays at once hold that many platforms)."""
+    replays at once hold that many platforms), a testbed across servers."""
+    servers = exp.testbed.get("servers") or []
+    if len(servers) > 1:
+        raise SimulatorRefusal(f"the simulator runs on this machine alone; --servers ({len(servers)} servers) "
+                               f"places the emulated fabric across machines (netkv run, netkv up)")
     check_scenario(scen)
     for label in exp.schedulers:
         cfg = exp.replay_config(base, label)

@@ -116,6 +116,14 @@ class Frontend:
         self.progress: Any = None
         self.sock_path = run_dir.resolve() / CONTROL_SOCKET_NAME
         self.stopping = False
+        # A launcher across servers (lab.emulator.MininetLauncher) puts each
+        # worker's time stamps on this machine's clock; on one machine there is one clock.
+        self.to_head_s: Callable[[str, float], float] | None = self.launcher_hook("to_head_s")
+        self.launcher_info: dict[str, Any] = {}  # what the launcher's finish() returned, for run.json
+
+    def launcher_hook(self, name: str) -> Any:
+        """An optional method of the launcher (workers.launch), or None."""
+        return getattr(self.launcher, name, None)
 
     # -- the serving model's figures ------------------------------------------------
     @property
@@ -176,7 +184,11 @@ class Frontend:
 
     # -- reports ---------------------------------------------------------------
     def on_report(self, host: str, msg: dict[str, Any]) -> None:
-        """One worker report (workers.protocol), handed to the ledger."""
+        """One worker report (workers.protocol), handed to the ledger, its
+        time stamps put on this machine's clock first (a worker on another
+        server reports that server's)."""
+        if self.to_head_s is not None:
+            msg = on_head_clock(msg, host, self.to_head_s)
         kind = msg["t"]
         rid = msg.get("id")
         ledger = self.ledger
@@ -284,7 +296,9 @@ class Frontend:
         return int(proc.pid), time.time()
 
     def _argv(self, host: str, role: str) -> list[str]:
-        argv = [sys.executable, "-m", f"workers.{role}", "--host", host, "--control", str(self.sock_path),
+        control = self.launcher_hook("control_path")
+        sock = str(self.sock_path) if control is None else str(control(host, str(self.sock_path)))
+        argv = [sys.executable, "-m", f"workers.{role}", "--host", host, "--control", sock,
                 "--model", self.cfg.model, "--gpu", self.cfg.gpu, "--perf-json", json.dumps(self.cfg.perf_overrides)]
         if role == "decode":
             ip, port = self.addrs[host]
@@ -478,6 +492,12 @@ class Frontend:
             from tqdm import tqdm
 
             self.progress = tqdm(total=len(requests), unit="req", desc=f"replay {self.cfg.scheduler}")
+        prepare = self.launcher_hook("prepare")
+        if prepare is not None:
+            try:  # across servers: the clocks measured, or the replay refused before any record
+                prepare()
+            except ValueError as exc:
+                raise ReplayError(str(exc)) from None
         self.writer = RecordWriter(records_path)
         if self.decision_priority.refusal:
             print(f"netkv: note: {self.decision_priority.refusal}", file=sys.stderr)
@@ -499,8 +519,13 @@ class Frontend:
                 self.sock_path.unlink()
             if sock_dir is not None:
                 sock_dir.rmdir()
+            finish = self.launcher_hook("finish")
+            if finish is not None:
+                self.launcher_info = dict(finish())
         # One record per replayed request, checked from the file.
         problems = validate_file(records_path, [r.request_id for r in requests])
+        # a timeline across servers that was not kept to its bound makes the records' times doubtful
+        problems += [f"clock: {p}" for p in (self.launcher_info.get("clocks") or {}).get("problems", [])]
         run_info = {
             "run_start_epoch_s": self.t0,
             "placement": self.placement.as_dict(),
@@ -510,6 +535,7 @@ class Frontend:
                             "data_addr": list(self.addrs[h]) if h in self.addrs else None}
                         for h, p in self.procs.items()},
         }
+        run_info.update(self.launcher_info)
         if self.placement.tp > 1:
             run_info["rank_data_addrs"] = {h: [list(a) for a in addrs] for h, addrs in self.rank_addrs.items()}
         (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
@@ -523,8 +549,20 @@ class Frontend:
         )
         if self.status is not None:
             summary["status_report_failures"] = self.status_failures
+        clocks = self.launcher_info.get("clocks")
+        if clocks is not None:  # across servers: each server's offset, and what went wrong with the clocks
+            summary["clocks"] = {"bound_s": clocks["bound_s"], "problems": clocks["problems"],
+                                 "servers": {name: {k: v for k, v in info.items() if k != "series"}
+                                             for name, info in clocks["servers"].items()}}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def on_head_clock(msg: dict[str, Any], host: str, to_head_s: Callable[[str, float], float]) -> dict[str, Any]:
+    """A worker report with every time stamp (a number under a key ending in
+    ``_s``, workers.protocol) put on the head's clock."""
+    return {k: to_head_s(host, float(v)) if k.endswith("_s") and isinstance(v, (int, float))
+            and not isinstance(v, bool) else v for k, v in msg.items()}
 
 
 def _write_skipped(path: Path, skipped: list[TraceIssue]) -> None:

@@ -2,8 +2,9 @@
 
 Control plane (out of band, Unix-domain stream socket ``<run_dir>/ctl.sock``):
 one JSON object per line, key ``"t"`` names the message.  Timestamps are wall
-clock seconds (``time.time()``; all hosts share one clock) under keys ending
-in ``_s``.
+clock seconds (``time.time()``) under keys ending in ``_s``, and only they end
+so: a worker on another server stamps with that server's clock, and the
+frontend puts every such key on its own (:func:`workers.driver.on_head_clock`).
 
 worker -> frontend
     ``hello``       {host, role, pid}: connected and ready (a decode worker

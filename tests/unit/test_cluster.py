@@ -124,13 +124,6 @@ def test_testbed_of_several_servers_runs_each_command_where_its_node_is(tmp_path
     assert tb.parallel == remote.SESSIONS_PER_SERVER
 
 
-def test_a_replay_on_several_servers_is_refused_before_anything() -> None:
-    cfg = TestbedConfig(mtu_bytes=1458, servers=cluster.servers_to_json(cluster.parse_servers(
-        "head=10.0.0.1,s1=10.0.0.2")))
-    with pytest.raises(ConfigError, match=r"a replay on more than one server \(head, s1\) is not built yet"):
-        cfg.require_one_machine()
-
-
 # -- placement ------------------------------------------------------------------------
 def test_256_gpus_on_head_and_four_workers() -> None:
     topo = fattree(4)
@@ -429,12 +422,11 @@ def test_cli_refusals_are_one_line(servers: str, extra: list[str], fragment: str
     assert fragment in proc.stderr and one_line(proc.stderr) and proc.stdout == ""
 
 
-@pytest.mark.parametrize("command", ["run", "simulate"])
-def test_replay_on_several_servers_is_refused_before_anything(command: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "cli.main", command, "--servers", "head=10.0.0.1,s1=10.0.0.2",
+def test_a_simulation_across_servers_is_refused_in_one_line() -> None:
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "--servers", "head=10.0.0.1,s1=10.0.0.2",
                            "--mtu-bytes", "1458", "--quiet"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
-    assert "a replay on more than one server (head, s1) is not built yet" in proc.stderr
+    assert "the simulator runs on this machine alone; --servers (2 servers)" in proc.stderr
     assert one_line(proc.stderr)
 
 
