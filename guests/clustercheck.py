@@ -26,8 +26,11 @@ once the worker answers ssh, runs in its venv: ``netkv up --servers ... --check
 Edition, reachability, teardown), then a probe on a fabric of its own
 (``probe``): every GPU pair pinged, an iperf3 flow across the tunnels and one
 inside the worker against their shaped rates, the clock offset, ``netkv
-down`` through the testbed and nothing left on either guest, then ``netkv
-clean --servers`` with nothing to remove.  Each step's result goes to
+down`` through the testbed and nothing left on either guest; then a short
+``netkv run --servers`` (its workers on the worker guest, the frontend on
+the head; ``run-facts`` reads what it left: requests in and records out,
+transfers that crossed guests and their idle-path ratios, the clocks, each
+server's envelope); then ``netkv clean --servers`` with nothing to remove.  Each step's result goes to
 ``result.json`` in the head's share as soon as it is known.
 """
 
@@ -68,6 +71,9 @@ SCALE = 400000.0
 READY_TIMEOUT_S = 600
 RATE_SECONDS = 20
 RATE_OMIT_S = 3  # TCP's start is left out of the rate (iperf3 -O): the shaped rate is a steady state
+# The replay across both guests: the trace's first requests, two schedulers.
+RUN_SCHEDULERS = "round_robin,netkv"
+RUN_REQUESTS = 24
 
 
 def say(text: str) -> None:
@@ -180,7 +186,7 @@ def host_main(args: argparse.Namespace) -> int:
         out["steps"] = res.get("steps", {})
         out["summary"] = res.get("summary", {})
         out["worker"] = read_json(shares["worker"] / "result.json")
-        names = ("install", "up_check", "probe", "clean")
+        names = ("install", "up_check", "probe", "run", "clean")
         out["steps_passed"] = [n for n in names if (out["steps"].get(n) or {}).get("ok")]
         out["ok"] = len(out["steps_passed"]) == len(names)
         if not out["ok"]:
@@ -273,8 +279,26 @@ def guest_main(share: Path, role: str) -> int:
     probe = last_json(stdout) or {}
     res.data["summary"].update({k: probe.get(k) for k in ("pairs", "rates", "clock", "leftovers")})
     res.step("probe", rc == 0 and bool(probe.get("ok")), s, exit=rc, stderr_tail=stderr.strip().splitlines()[-6:])
-    # 3. netkv clean on both guests: nothing left to remove
-    rc, stdout, stderr, s = timed([str(venv / "netkv"), "clean", "--prefix", "cp", "--servers", SERVERS], 600)
+    # 3. a short replay across both: workers on the worker guest, the frontend on the head
+    run_out = Path("/var/tmp/cluster-check-run")
+    shutil.rmtree(run_out, ignore_errors=True)
+    rc, stdout, stderr, s = timed([str(venv / "netkv"), "run", "--servers", SERVERS, *TOPOLOGY, "--mtu-bytes",
+                                   str(MTU_BYTES), "--scale", repr(SCALE), "--ready-timeout-s", str(READY_TIMEOUT_S),
+                                   "--prefix", "cr", "--scenario", "none", "--schedulers", RUN_SCHEDULERS,
+                                   "--max-requests", str(RUN_REQUESTS), "--set", "startup_timeout_s=600",
+                                   "--set", "drain_timeout_s=600", "--out", str(run_out), "--quiet"],
+                                  3600, share / "run.log")
+    frc, fout, ferr, _ = timed([str(venv / "python"), "-m", "guests.clustercheck", "run-facts", "--out",
+                                str(run_out)], 600)
+    facts = last_json(fout) or {"error": (ferr.strip().splitlines() or ["no output"])[-1]}
+    res.data["summary"]["run"] = facts
+    res.step("run", rc == 0 and frc == 0 and bool(facts.get("ok")), s, exit=rc,
+             stderr_tail=stderr.strip().splitlines()[-6:])
+    # 4. netkv clean on both guests: nothing left to remove
+    for prefix in ("cp", "cr"):
+        rc, stdout, stderr, s = timed([str(venv / "netkv"), "clean", "--prefix", prefix, "--servers", SERVERS], 600)
+        if rc != 0:
+            break
     res.step("clean", rc == 0, s, exit=rc, output=(stdout + stderr).strip().splitlines()[-3:])
     return 0
 
@@ -382,6 +406,70 @@ def trun_many(tb: Any, commands: list[list[str]]) -> list[int]:
     return [r.returncode for r in run_many(commands, workers=tb.parallel)]
 
 
+def run_facts(out: Path) -> dict[str, Any]:
+    """In the head guest's venv: what the replay across both guests left in
+    ``out``: per scheduler, requests in and records out, the transfers that
+    crossed guests and their idle-path ratios (measured over ideal, by the
+    rule of lab.transfers), the clocks (offset, uncertainty, how far the offset
+    moved, problems) and each server's envelope."""
+    from fabric.config import TestbedConfig
+    from lab.transfers import idle_transfers
+    from netkv.records import read_records
+    from netkv.serving.config import ReplayConfig
+    from netkv.stats import percentile
+
+    exp = read_json(out / "experiment.json") or {}
+    cfg = TestbedConfig.from_json(exp.get("testbed") or {})
+    topo = cfg.validate()
+    plan = cfg.cluster_plan(topo)
+    tunnels = {frozenset((c.lower, c.upper)) for c in (plan.crossing if plan else [])}
+    facts: dict[str, Any] = {"schedulers": {}}
+    ok = bool(exp.get("schedulers"))
+    for name in exp.get("schedulers") or []:
+        run_dir = out / name
+        summary = read_json(run_dir / "summary.json") or {}
+        run = read_json(run_dir / "run.json") or {}
+        envelope = read_json(run_dir / "envelope.json") or {}
+        records = read_records(run_dir / "records.jsonl") if (run_dir / "records.jsonl").exists() else []
+        requests_in = len(ReplayConfig.load(run_dir / "config.json").window().requests)
+
+        def crosses(r: dict[str, Any]) -> bool:
+            path = topo.path(str(r["prefill"]), str(r["decode"]))
+            return any(frozenset(hop) in tunnels for hop in zip(path, path[1:]))
+
+        moved = [r for r in records if r.get("status") == "ok" and r.get("prefill") and r.get("decode")]
+        crossing = {str(r["request_id"]) for r in moved if crosses(r)}
+        idle = idle_transfers(topo, cfg.scale, cfg.mtu_bytes, records)
+        idle_crossing = [t.ratio for t in idle if t.request_id in crossing]
+        idle_inside = [t.ratio for t in idle if t.request_id not in crossing]
+        clocks = run.get("clocks") or {}
+        entry = {
+            "requests_in": requests_in, "records_out": len(records), "ok": summary.get("ok"),
+            "problems": summary.get("problems"), "transfers": len(moved), "crossing_guests": len(crossing),
+            "idle_crossing": len(idle_crossing),
+            "idle_crossing_ratio_median": percentile(idle_crossing, 50, method="lower"),
+            "idle_crossing_ratio_max": max(idle_crossing, default=None),
+            "idle_inside": len(idle_inside),
+            "idle_inside_ratio_median": percentile(idle_inside, 50, method="lower"),
+            "ttft_mean_ms": summary.get("ttft_mean_ms"),
+            "clocks": {n: {k: v for k, v in info.items() if k != "series"} | {"measurements": len(info["series"])}
+                       for n, info in (clocks.get("servers") or {}).items()},
+            "clock_problems": clocks.get("problems"),
+            "envelope": {"within": envelope.get("within_envelope"), "limiting": envelope.get("limiting_resource"),
+                         "head_machine_busy_pct_p95": envelope.get("machine_busy_pct_p95"),
+                         "servers": {n: {"within": e.get("within_envelope"),
+                                         "machine_busy_pct_p95": e.get("machine_busy_pct_p95"),
+                                         "switch_cpu_pct_p95": e.get("switch_cpu_pct_p95"),
+                                         "error": e.get("error")}
+                                     for n, e in (envelope.get("servers") or {}).items()}},
+        }
+        facts["schedulers"][name] = entry
+        ok = ok and entry["problems"] == [] and entry["records_out"] == entry["requests_in"] and bool(crossing) \
+            and bool(entry["clocks"]) and not entry["clock_problems"]
+    facts["ok"] = ok
+    return facts
+
+
 # -- command line ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
@@ -389,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Boot two qemu guests from scripts/vm-check's image on a management network of their own and "
                     "check the testbed across them: netkv up --servers (preflight over ssh, Mininet Cluster "
                     "Edition, gretap tunnels shaped at both ends), every GPU pair reachable, iperf3 across the "
-                    "tunnels against the shaped rate, teardown and netkv clean leaving nothing on either guest. "
+                    "tunnels against the shaped rate, a short netkv run across both (requests in = records out, "
+                    "transfers crossing guests, clocks, each server's envelope), teardown and netkv clean "
+                    "leaving nothing on either guest. "
                     "Prints one JSON object. Needs root; opt-in (not CI): long under software emulation.")
     ap.add_argument("--base", required=False, default=str(DEFAULT_CACHE / "provisioned.qcow2"),
                     help="a provisioned guest disk: the overlay `scripts/vm-check --overlay FILE` keeps "
@@ -407,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--role", choices=("head", "worker"), required=True)
     p = sub.add_parser("probe", help="(inside the head guest) the fabric across both guests, checked")
     p.add_argument("--prefix", required=True)
+    r = sub.add_parser("run-facts", help="(inside the head guest) what the replay across both guests left")
+    r.add_argument("--out", required=True)
     return ap
 
 
@@ -419,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
             out = probe(args.prefix)
             print(json.dumps(out))
             return 0 if out["ok"] else 1
+        if args.mode == "run-facts":
+            facts = run_facts(Path(args.out))
+            print(json.dumps(facts))
+            return 0 if facts["ok"] else 1
         return host_main(args)
     except VmCheckError as exc:
         print(f"cluster-check: error: {exc}", file=sys.stderr)
