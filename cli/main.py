@@ -31,6 +31,7 @@ from netkv.serving.config import ReplayConfigError
 from netkv.serving.ledger import LedgerError
 from netkv.traces import TraceError
 from topologies import TopologyError
+from workers.driver import ReplayError
 
 from . import fabric, lab
 from .common import EXIT_FAIL, EXIT_USAGE, CliError
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         # the reader of our output went away (netkv ... | head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAIL
-    except (BringUpError, LedgerError) as exc:  # a failed bring-up; a scheduler that broke its contract
+    except (BringUpError, LedgerError, ReplayError) as exc:  # a failed bring-up; a scheduler that broke its
+        # contract; a replay that could not run (workers that did not start)
         print(f"netkv: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except Exception as exc:  # noqa: BLE001 - one line for the user, details in a file

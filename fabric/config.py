@@ -80,6 +80,12 @@ class TestbedConfig:
                 f"them (Mininet Cluster Edition); a replay runs each worker on its GPU host's server and puts "
                 f"their time stamps on the head's clock"})
 
+    clock_bound_ms: float = field(default=cluster.MAX_CLOCK_UNCERTAINTY_S * 1000, metadata={
+        "help": f"across servers: a replay is refused when a server's clock offset to the head is known less "
+                f"well than this, and a run whose offset later is, or moves by more, says so (default "
+                f"{cluster.MAX_CLOCK_UNCERTAINTY_S * 1000:g}: below one 1,500-byte frame at the slowest link of "
+                f"the default fabric; a fabric at another scale may state its own, docs/design.md)"})
+
     KNOWN_DATAPATHS = ("auto", "kernel", "user")
     __test__ = False  # not a pytest test class, despite its name
 
@@ -137,6 +143,8 @@ class TestbedConfig:
             raise ConfigError(f"link_delay_ms must be 0 .. 1000, got {self.link_delay_ms}")
         if not 1 <= self.ready_timeout_s <= 600:
             raise ConfigError(f"ready_timeout_s must be 1 .. 600, got {self.ready_timeout_s}")
+        if not 0.01 <= self.clock_bound_ms <= 1000:
+            raise ConfigError(f"clock_bound_ms must be 0.01 .. 1000, got {self.clock_bound_ms}")
         try:
             topo = topologies.build(self.topology, self.params)
         except TopologyError as exc:
@@ -170,11 +178,13 @@ class TestbedConfig:
             raise ConfigError(str(exc)) from None
 
     def to_json(self) -> dict[str, Any]:
-        """Every field; ``servers`` only when set, so that a configuration of
-        one machine is written exactly as before the field existed."""
+        """Every field; ``servers`` and ``clock_bound_ms`` only with servers,
+        so that a configuration of one machine is written exactly as before
+        those fields existed."""
         out = asdict(self)
         if not self.servers:
             del out["servers"]
+            del out["clock_bound_ms"]
         return out
 
     @classmethod

@@ -137,10 +137,11 @@ class MininetLauncher:
     # -- across servers -----------------------------------------------------------------------
     def prepare(self) -> None:
         """Before any worker starts: every other server's clock offset,
-        ClusterError when one is not known to MAX_CLOCK_UNCERTAINTY_S."""
+        ClusterError (one line) when one is not known to the testbed's
+        ``clock_bound_ms``."""
         sites = self.tb.sites
         if sites.cluster and self.clocks is None:
-            clocks = ClockWatch(sites.workers, sites.on_server)
+            clocks = ClockWatch(sites.workers, sites.on_server, bound_s=self.tb.config.clock_bound_ms / 1000)
             clocks.start()
             self.clocks = clocks
 

@@ -9,8 +9,21 @@ they fail.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
 
 import pytest
+
+
+@pytest.fixture()
+def short_dir() -> Iterator[Path]:
+    """A directory of a short path, for run directories holding a Unix
+    socket (107 bytes at most), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="nkt-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

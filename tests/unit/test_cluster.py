@@ -124,6 +124,16 @@ def test_testbed_of_several_servers_runs_each_command_where_its_node_is(tmp_path
     assert tb.parallel == remote.SESSIONS_PER_SERVER
 
 
+def test_the_clock_bound_is_checked_and_saved_only_with_servers() -> None:
+    with pytest.raises(ConfigError, match=r"clock_bound_ms must be 0.01 .. 1000, got 0"):
+        TestbedConfig(clock_bound_ms=0).validate()
+    assert TestbedConfig().clock_bound_ms == cluster.MAX_CLOCK_UNCERTAINTY_S * 1000
+    assert "clock_bound_ms" not in TestbedConfig().to_json()  # one machine: written as before
+    two = TestbedConfig(mtu_bytes=1458, clock_bound_ms=20.0,
+                        servers=cluster.servers_to_json(cluster.parse_servers("head=10.0.0.1,s1=10.0.0.2")))
+    assert TestbedConfig.from_json(two.to_json()).clock_bound_ms == 20.0
+
+
 # -- placement ------------------------------------------------------------------------
 def test_256_gpus_on_head_and_four_workers() -> None:
     topo = fattree(4)

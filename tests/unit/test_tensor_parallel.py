@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -210,13 +208,6 @@ def tp_config(**kw: Any) -> ReplayConfig:
     )
     cfg.update(kw)
     return ReplayConfig(**cfg)
-
-
-@pytest.fixture()
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nktp-"))  # Unix socket paths are short
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_tp_replay_moves_every_transfer_as_tp_rank_flows(short_dir: Path) -> None:
