@@ -30,7 +30,9 @@ down`` through the testbed and nothing left on either guest; then a short
 ``netkv run --servers`` (its workers on the worker guest, the frontend on
 the head; ``run-facts`` reads what it left: requests in and records out,
 transfers that crossed guests and their idle-path ratios, the clocks, each
-server's envelope); then ``netkv clean --servers`` with nothing to remove.  Each step's result goes to
+server's envelope), and the same replay on the head alone (transfers of the
+same tiers crossing no machine); then ``netkv clean --servers`` with nothing
+to remove.  Each step's result goes to
 ``result.json`` in the head's share as soon as it is known.
 """
 
@@ -204,7 +206,8 @@ def host_main(args: argparse.Namespace) -> int:
             keep.mkdir(parents=True, exist_ok=True)
             for role in guests:
                 for f in (work / f"{role}-console.log", shares[role] / "job.log", shares[role] / "install.log",
-                          shares[role] / "result.json", shares[role] / "probe.log"):
+                          shares[role] / "result.json", shares[role] / "probe.log",
+                          shares[role] / "run-cluster.log", shares[role] / "run-one_machine.log"):
                     if f.exists():
                         shutil.copy2(f, keep / f"{role}-{f.name}")
     finally:
@@ -285,24 +288,30 @@ def guest_main(share: Path, role: str) -> int:
     probe = last_json(stdout) or {}
     res.data["summary"].update({k: probe.get(k) for k in ("pairs", "rates", "clock", "leftovers")})
     res.step("probe", rc == 0 and bool(probe.get("ok")), s, exit=rc, stderr_tail=stderr.strip().splitlines()[-6:])
-    # 3. a short replay across both: workers on the worker guest, the frontend on the head
-    run_out = Path("/var/tmp/cluster-check-run")
-    shutil.rmtree(run_out, ignore_errors=True)
-    rc, stdout, stderr, s = timed([str(venv / "netkv"), "run", "--servers", SERVERS, *TOPOLOGY, "--mtu-bytes",
-                                   str(MTU_BYTES), "--scale", repr(SCALE), "--ready-timeout-s", str(READY_TIMEOUT_S),
-                                   "--prefix", "cr", "--clock-bound-ms", repr(RUN_CLOCK_BOUND_MS),
-                                   "--scenario", "none", "--schedulers", RUN_SCHEDULERS,
-                                   "--max-requests", str(RUN_REQUESTS), "--set", "startup_timeout_s=600",
-                                   "--set", "drain_timeout_s=600", "--out", str(run_out), "--quiet"],
-                                  3600, share / "run.log")
-    frc, fout, ferr, _ = timed([str(venv / "python"), "-m", "guests.clustercheck", "run-facts", "--out",
-                                str(run_out)], 600)
-    facts = last_json(fout) or {"error": (ferr.strip().splitlines() or ["no output"])[-1]}
-    res.data["summary"]["run"] = facts
-    res.step("run", rc == 0 and frc == 0 and bool(facts.get("ok")), s, exit=rc,
-             stderr_tail=stderr.strip().splitlines()[-6:])
+    # 3. a short replay across both: workers on the worker guest, the frontend on the head; then
+    # the same replay on the head alone, for transfers of the same tier that cross no machine
+    runs: dict[str, Any] = {}
+    for label, where in (("cluster", ["--servers", SERVERS, "--clock-bound-ms", repr(RUN_CLOCK_BOUND_MS),
+                                      "--prefix", "cr"]),
+                         ("one_machine", ["--switch-mode", "per_switch", "--prefix", "co"])):
+        run_out = Path(f"/var/tmp/cluster-check-{label}")
+        shutil.rmtree(run_out, ignore_errors=True)
+        rc, stdout, stderr, s = timed([str(venv / "netkv"), "run", *where, *TOPOLOGY, "--mtu-bytes", str(MTU_BYTES),
+                                       "--scale", repr(SCALE), "--ready-timeout-s", str(READY_TIMEOUT_S),
+                                       "--scenario", "none", "--schedulers", RUN_SCHEDULERS,
+                                       "--max-requests", str(RUN_REQUESTS), "--set", "startup_timeout_s=600",
+                                       "--set", "drain_timeout_s=600", "--out", str(run_out), "--quiet"],
+                                      3600, share / f"run-{label}.log")
+        frc, fout, ferr, _ = timed([str(venv / "python"), "-m", "guests.clustercheck", "run-facts", "--out",
+                                    str(run_out)], 600)
+        facts = last_json(fout) or {"error": (ferr.strip().splitlines() or ["no output"])[-1]}
+        runs[label] = {"exit": rc, "s": round(s, 1), "facts": facts, "stderr_tail": stderr.strip().splitlines()[-6:]}
+    res.data["summary"]["run"] = runs
+    cluster_run, alone = runs["cluster"], runs["one_machine"]
+    res.step("run", cluster_run["exit"] == 0 and bool(cluster_run["facts"].get("ok"))
+             and alone["exit"] == 0 and bool(alone["facts"].get("complete")), cluster_run["s"] + alone["s"])
     # 4. netkv clean on both guests: nothing left to remove
-    for prefix in ("cp", "cr"):
+    for prefix in ("cp", "cr", "co"):
         rc, stdout, stderr, s = timed([str(venv / "netkv"), "clean", "--prefix", prefix, "--servers", SERVERS], 600)
         if rc != 0:
             break
@@ -431,7 +440,7 @@ def run_facts(out: Path) -> dict[str, Any]:
     plan = cfg.cluster_plan(topo)
     tunnels = {frozenset((c.lower, c.upper)) for c in (plan.crossing if plan else [])}
     facts: dict[str, Any] = {"schedulers": {}}
-    ok = bool(exp.get("schedulers"))
+    complete = clocked = bool(exp.get("schedulers"))
     for name in exp.get("schedulers") or []:
         run_dir = out / name
         summary = read_json(run_dir / "summary.json") or {}
@@ -449,6 +458,7 @@ def run_facts(out: Path) -> dict[str, Any]:
         idle = idle_transfers(topo, cfg.scale, cfg.mtu_bytes, records)
         idle_crossing = [t for t in idle if t.request_id in crossing]
         idle_inside = [t for t in idle if t.request_id not in crossing]
+        tiers = sorted({t.tier_distance for t in idle})
 
         def medians(ts: list[Any]) -> dict[str, Any]:
             """How many, and the median ratio, ideal and measured time (ms), with the tiers seen."""
@@ -463,6 +473,7 @@ def run_facts(out: Path) -> dict[str, Any]:
             "requests_in": requests_in, "records_out": len(records), "ok": summary.get("ok"),
             "problems": summary.get("problems"), "transfers": len(moved), "crossing_guests": len(crossing),
             "idle_crossing": medians(idle_crossing), "idle_inside": medians(idle_inside),
+            "idle_by_tier": {str(k): medians([t for t in idle if t.tier_distance == k]) for k in tiers},
             "ttft_mean_ms": summary.get("ttft_mean_ms"),
             "clocks": {n: {k: v for k, v in info.items() if k != "series"} | {"measurements": len(info["series"])}
                        for n, info in (clocks.get("servers") or {}).items()},
@@ -476,11 +487,12 @@ def run_facts(out: Path) -> dict[str, Any]:
                                      for n, e in (envelope.get("servers") or {}).items()}},
         }
         facts["schedulers"][name] = entry
-        ok = ok and entry["problems"] == [] and entry["records_out"] == entry["requests_in"] \
-            and bool(entry["clocks"]) and not entry["clock_problems"]
+        complete = complete and entry["problems"] == [] and entry["records_out"] == entry["requests_in"]
+        clocked = clocked and bool(entry["clocks"]) and not entry["clock_problems"]
     # some transfers crossed guests (round-robin's do; a scheduler that prefers near decodes may send none)
     facts["crossing_guests"] = sum(e["crossing_guests"] for e in facts["schedulers"].values())
-    facts["ok"] = ok and facts["crossing_guests"] > 0
+    facts["complete"] = complete  # every scheduler: requests in = records out, no problem
+    facts["ok"] = complete and clocked and facts["crossing_guests"] > 0  # and, across servers, one timeline
     return facts
 
 
