@@ -16,7 +16,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 LOG = logging.getLogger("netkv.testbed")
 
@@ -141,6 +141,19 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:  #
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+def stop_child(proc: "subprocess.Popen[Any]", grace_s: float) -> None:
+    """End a child this process started: SIGTERM, then SIGKILL after
+    ``grace_s``; reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def process_alive(pid: int) -> bool:

@@ -23,7 +23,7 @@ from fabric.config import TestbedConfig
 from fabric.net import Testbed
 from fabric.remote import ClockWatch
 from fabric.system import run as run_cmd
-from fabric.system import wait_until
+from fabric.system import stop_child, wait_until
 from lab import scenario as scenario_mod
 from lab.envelope import EmulatorMeter, RemoteMeter
 from lab.faults import FaultRunner
@@ -187,13 +187,7 @@ class MininetLauncher:
         """After the workers have stopped: the forwards ended and their sockets
         removed; the clocks' record for ``run.json`` (``{}`` on one machine)."""
         for name, (proc, there) in self.forwards.items():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_child(proc, grace_s=5)
             server = next(s for s in self.tb.sites.workers if s.name == name)
             run_cmd(self.tb.sites.on_server(server, ["rm", "-f", str(there)]), check=False)
         self.forwards.clear()

@@ -36,6 +36,7 @@ import pytest
 
 from bench.telemetry import iperf_result, iperf_server, iperf_udp_client, rest_get, udp_wire_factor
 from fabric.net import Testbed
+from fabric.system import stop_child
 from tests.helpers.fabric import cross_pair, running_testbed
 from tests.helpers.net import free_port
 
@@ -215,12 +216,7 @@ def prometheus(tb: Testbed) -> Iterator[str]:
                 time.sleep(0.3)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_child(proc, grace_s=15)
             log.close()
 
 

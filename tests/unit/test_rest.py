@@ -19,6 +19,7 @@ import pytest
 
 from controller import top
 from controller.rest import Api, require_loopback, serve
+from fabric.system import stop_child
 from tests.helpers.controller import NOW, loaded_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,12 +260,7 @@ def test_controller_process_listens_on_loopback_only() -> None:
         assert connect_result(other, of_port) == "refused"
         assert connect_result(other, rest_port) == "refused"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc, grace_s=10)
 
 
 def test_controller_refuses_non_loopback_listen_address() -> None:
