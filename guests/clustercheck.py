@@ -30,8 +30,9 @@ down`` through the testbed and nothing left on either guest; then a short
 ``netkv run --servers`` (its workers on the worker guest, the frontend on
 the head; ``run-facts`` reads what it left: requests in and records out,
 transfers that crossed guests and their idle-path ratios, the clocks, each
-server's envelope), and the same replay on the head alone (transfers of the
-same tiers crossing no machine); then ``netkv clean --servers`` with nothing
+server's envelope), the same replay on the head alone (transfers of the
+same tiers crossing no machine), and one across both in which a decode worker
+on the worker guest is killed and restarted; then ``netkv clean --servers`` with nothing
 to remove.  Each step's result goes to
 ``result.json`` in the head's share as soon as it is known.
 """
@@ -82,6 +83,10 @@ RUN_REQUESTS = 24
 # below it as 2 ms is below 2.4.  (The first run with the default was refused: over ssh between
 # two software-emulated guests with the fabric up, the best of 16 round trips took 6.6 ms.)
 RUN_CLOCK_BOUND_MS = 20.0
+# A decode worker on the worker guest killed 1 s into the replay (its requests fail) and
+# restarted 1.5 s later; the 24 requests arrive over the first 3 s.
+KILL_SCENARIO = {"name": "cluster-kill", "description": "a decode worker on another server killed and restarted",
+                 "flows": [], "events": [{"kind": "worker_kill", "t_s": 1.0, "host": "g3", "restart_after_s": 1.5}]}
 
 
 def say(text: str) -> None:
@@ -207,7 +212,8 @@ def host_main(args: argparse.Namespace) -> int:
             for role in guests:
                 for f in (work / f"{role}-console.log", shares[role] / "job.log", shares[role] / "install.log",
                           shares[role] / "result.json", shares[role] / "probe.log",
-                          shares[role] / "run-cluster.log", shares[role] / "run-one_machine.log"):
+                          shares[role] / "run-cluster.log", shares[role] / "run-one_machine.log",
+                          shares[role] / "run-cluster_kill.log"):
                     if f.exists():
                         shutil.copy2(f, keep / f"{role}-{f.name}")
     finally:
@@ -290,15 +296,20 @@ def guest_main(share: Path, role: str) -> int:
     res.step("probe", rc == 0 and bool(probe.get("ok")), s, exit=rc, stderr_tail=stderr.strip().splitlines()[-6:])
     # 3. a short replay across both: workers on the worker guest, the frontend on the head; then
     # the same replay on the head alone, for transfers of the same tier that cross no machine
+    # and one more across both in which a decode worker on the worker guest is killed and restarted
+    # (ended by the hang-up of its ssh session; its restart binds the same port only if it is gone)
+    kill_scenario = Path("/var/tmp/cluster-check-kill.json")
+    kill_scenario.write_text(json.dumps(KILL_SCENARIO))
     runs: dict[str, Any] = {}
-    for label, where in (("cluster", ["--servers", SERVERS, "--clock-bound-ms", repr(RUN_CLOCK_BOUND_MS),
-                                      "--prefix", "cr"]),
-                         ("one_machine", ["--switch-mode", "per_switch", "--prefix", "co"])):
+    across = ["--servers", SERVERS, "--clock-bound-ms", repr(RUN_CLOCK_BOUND_MS)]
+    for label, where in (("cluster", [*across, "--prefix", "cr", "--scenario", "none"]),
+                         ("one_machine", ["--switch-mode", "per_switch", "--prefix", "co", "--scenario", "none"]),
+                         ("cluster_kill", [*across, "--prefix", "ck", "--scenario", str(kill_scenario)])):
         run_out = Path(f"/var/tmp/cluster-check-{label}")
         shutil.rmtree(run_out, ignore_errors=True)
         rc, stdout, stderr, s = timed([str(venv / "netkv"), "run", *where, *TOPOLOGY, "--mtu-bytes", str(MTU_BYTES),
                                        "--scale", repr(SCALE), "--ready-timeout-s", str(READY_TIMEOUT_S),
-                                       "--scenario", "none", "--schedulers", RUN_SCHEDULERS,
+                                       "--schedulers", "round_robin" if label == "cluster_kill" else RUN_SCHEDULERS,
                                        "--max-requests", str(RUN_REQUESTS), "--set", "startup_timeout_s=600",
                                        "--set", "drain_timeout_s=600", "--out", str(run_out), "--quiet"],
                                       3600, share / f"run-{label}.log")
@@ -307,11 +318,16 @@ def guest_main(share: Path, role: str) -> int:
         facts = last_json(fout) or {"error": (ferr.strip().splitlines() or ["no output"])[-1]}
         runs[label] = {"exit": rc, "s": round(s, 1), "facts": facts, "stderr_tail": stderr.strip().splitlines()[-6:]}
     res.data["summary"]["run"] = runs
-    cluster_run, alone = runs["cluster"], runs["one_machine"]
+    cluster_run, alone, kill = runs["cluster"], runs["one_machine"], runs["cluster_kill"]
+    events = kill["facts"].get("fault_events") or []
+    killed_and_back = [e.get("kind") for e in events] == ["worker_kill", "worker_restart"] \
+        and all(str(e.get("outcome", "")).startswith("ok") for e in events)
     res.step("run", cluster_run["exit"] == 0 and bool(cluster_run["facts"].get("ok"))
-             and alone["exit"] == 0 and bool(alone["facts"].get("complete")), cluster_run["s"] + alone["s"])
+             and alone["exit"] == 0 and bool(alone["facts"].get("complete"))
+             and kill["exit"] == 0 and bool(kill["facts"].get("complete")) and killed_and_back,
+             cluster_run["s"] + alone["s"] + kill["s"])
     # 4. netkv clean on both guests: nothing left to remove
-    for prefix in ("cp", "cr", "co"):
+    for prefix in ("cp", "cr", "co", "ck"):
         rc, stdout, stderr, s = timed([str(venv / "netkv"), "clean", "--prefix", prefix, "--servers", SERVERS], 600)
         if rc != 0:
             break
@@ -486,6 +502,12 @@ def run_facts(out: Path) -> dict[str, Any]:
                                          "error": e.get("error")}
                                      for n, e in (envelope.get("servers") or {}).items()}},
         }
+        events_path = run_dir / "events.jsonl"
+        if events_path.exists():
+            keep = ("kind", "host", "outcome", "detected_ms", "detected_by", "requests_failed", "back_t_s")
+            facts.setdefault("fault_events", []).extend(
+                {k: e.get(k) for k in keep if k in e}
+                for e in (json.loads(line) for line in events_path.read_text().splitlines() if line.strip()))
         facts["schedulers"][name] = entry
         complete = complete and entry["problems"] == [] and entry["records_out"] == entry["requests_in"]
         clocked = clocked and bool(entry["clocks"]) and not entry["clock_problems"]
