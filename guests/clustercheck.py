@@ -32,7 +32,8 @@ the head; ``run-facts`` reads what it left: requests in and records out,
 transfers that crossed guests and their idle-path ratios, the clocks, each
 server's envelope), the same replay on the head alone (transfers of the
 same tiers crossing no machine), and one across both in which a decode worker
-on the worker guest is killed and restarted; then ``netkv clean --servers`` with nothing
+on the worker guest is killed and restarted while a background flow crosses
+the tunnels; then ``netkv clean --servers`` with nothing
 to remove.  Each step's result goes to
 ``result.json`` in the head's share as soon as it is known.
 """
@@ -84,9 +85,14 @@ RUN_REQUESTS = 24
 # two software-emulated guests with the fabric up, the best of 16 round trips took 6.6 ms.)
 RUN_CLOCK_BOUND_MS = 20.0
 # A decode worker on the worker guest killed 1 s into the replay (its requests fail) and
-# restarted 1.5 s later; the 24 requests arrive over the first 3 s.
-KILL_SCENARIO = {"name": "cluster-kill", "description": "a decode worker on another server killed and restarted",
-                 "flows": [], "events": [{"kind": "worker_kill", "t_s": 1.0, "host": "g3", "restart_after_s": 1.5}]}
+# restarted 1.5 s later (the 24 requests arrive over the first 3 s), with a background TCP flow
+# across both tunnels (g0 -> g2) at half the core links' rate from 2 s after the flows' start
+# (before the replay's first arrival: the workers take longer to start on these guests).
+KILL_SCENARIO = {"name": "cluster-kill",
+                 "description": "a decode worker on another server killed and restarted, a flow across the tunnels",
+                 "flows": [{"src": "g0", "dst": "g2", "start_s": 2, "duration_s": 3600, "rate_gbps": 100,
+                            "protocol": "tcp"}],
+                 "events": [{"kind": "worker_kill", "t_s": 1.0, "host": "g3", "restart_after_s": 1.5}]}
 
 
 def say(text: str) -> None:
@@ -322,9 +328,11 @@ def guest_main(share: Path, role: str) -> int:
     events = kill["facts"].get("fault_events") or []
     killed_and_back = [e.get("kind") for e in events] == ["worker_kill", "worker_restart"] \
         and all(str(e.get("outcome", "")).startswith("ok") for e in events)
+    background = ((kill["facts"].get("schedulers") or {}).get("round_robin") or {}).get("background") or {}
+    flowed = background.get("started") == 1 and int(background.get("intervals") or 0) > 0
     res.step("run", cluster_run["exit"] == 0 and bool(cluster_run["facts"].get("ok"))
              and alone["exit"] == 0 and bool(alone["facts"].get("complete"))
-             and kill["exit"] == 0 and bool(kill["facts"].get("complete")) and killed_and_back,
+             and kill["exit"] == 0 and bool(kill["facts"].get("complete")) and killed_and_back and flowed,
              cluster_run["s"] + alone["s"] + kill["s"])
     # 4. netkv clean on both guests: nothing left to remove
     for prefix in ("cp", "cr", "co", "ck"):
@@ -508,6 +516,11 @@ def run_facts(out: Path) -> dict[str, Any]:
             facts.setdefault("fault_events", []).extend(
                 {k: e.get(k) for k in keep if k in e}
                 for e in (json.loads(line) for line in events_path.read_text().splitlines() if line.strip()))
+        client_log = run_dir / "background" / "flow0-client.log"
+        if client_log.exists():  # the scenario's background flow: started, and its one-second intervals
+            entry["background"] = {"started": envelope.get("background_flows_started"),
+                                   "intervals": sum("bits/sec" in line for line in
+                                                    client_log.read_text(errors="replace").splitlines())}
         facts["schedulers"][name] = entry
         complete = complete and entry["problems"] == [] and entry["records_out"] == entry["requests_in"]
         clocked = clocked and bool(entry["clocks"]) and not entry["clock_problems"]
