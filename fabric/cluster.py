@@ -61,6 +61,10 @@ MAX_CLOCK_UNCERTAINTY_S = 0.002
 CLOCK_SAMPLES = 16  # round trips per server; the one with the smallest round trip is kept
 SSH_CONNECT_TIMEOUT_S = 5
 COMMAND_TIMEOUT_S = 30.0
+# Every ssh the testbed runs: batch mode (a key, never a password prompt), a
+# bounded connect, the host key already known.
+SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}",
+               "-o", "StrictHostKeyChecking=yes")
 
 
 class ClusterError(ValueError):
@@ -423,8 +427,7 @@ def run_command(argv: Sequence[str], timeout_s: float) -> CommandResult:
 def ssh_argv(server: Server, remote_argv: Sequence[str]) -> list[str]:
     """``ssh root@ADDRESS COMMAND`` in batch mode (a key, never a password
     prompt) with the remote command quoted for the remote shell, word by word."""
-    return ["ssh", "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}",
-            "-o", "StrictHostKeyChecking=yes", f"root@{server.address}", "--", shlex.join(remote_argv)]
+    return ["ssh", "-T", *SSH_OPTIONS, f"root@{server.address}", "--", shlex.join(remote_argv)]
 
 
 # The server's side of a clock round trip: for each line the head sends, stamp

@@ -31,11 +31,13 @@ from __future__ import annotations
 import os
 import pwd
 import shlex
+import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fabric import switches
-from fabric.cluster import (CLOCK_ECHO_PY, CLOCK_SAMPLES, MAX_CLOCK_UNCERTAINTY_S, SSH_CONNECT_TIMEOUT_S, ClockEcho,
+from fabric.cluster import (CLOCK_ECHO_PY, CLOCK_SAMPLES, MAX_CLOCK_UNCERTAINTY_S, SSH_OPTIONS, ClockEcho,
                             ClockOffset, ClusterError, ClusterPlan, Server, check_clocks, clock_offset,
                             run_command)
 from netkv.repo import REPO_ROOT
@@ -60,18 +62,11 @@ def control_paths(state_dir: Path, server: Server) -> list[Path]:
     return sorted({*state_dir.glob(f"ssh-{server.name}"), *state_dir.glob(f"ssh-{server.name}-*")})
 
 
-def ssh_common(server: Server) -> list[str]:
-    """Batch mode (a key, never a password prompt), a bounded connect, the host
-    key already known (the preflight checked it)."""
-    return ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}",
-            "-o", "StrictHostKeyChecking=yes"]
-
-
 def ssh_mux_argv(server: Server, state_dir: Path, remote_argv: Sequence[str], *, tty: bool = False,
                  group: int = 0) -> list[str]:
     """``ssh root@ADDRESS COMMAND`` over the server's shared connection (of
     ``group``), the remote command quoted word by word for the remote shell."""
-    return ["ssh", "-tt" if tty else "-T", *ssh_common(server), "-o", "ControlMaster=auto",
+    return ["ssh", "-tt" if tty else "-T", *SSH_OPTIONS, "-o", "ControlMaster=auto",
             "-o", f"ControlPath={control_path(state_dir, server, group)}", "-o", f"ControlPersist={CONTROL_PERSIST_S}",
             f"root@{server.address}", "--", shlex.join(list(remote_argv))]
 
@@ -87,7 +82,7 @@ def forward_argv(server: Server, remote_socket: Path, local_socket: Path) -> lis
     replay's control socket): the workers there reach the frontend through it,
     over the management network, with nothing listening on a network address.
     It exits at once if the forward cannot be made."""
-    return ["ssh", "-N", "-T", *ssh_common(server), "-o", "ControlPath=none", "-o", "ExitOnForwardFailure=yes",
+    return ["ssh", "-N", "-T", *SSH_OPTIONS, "-o", "ControlPath=none", "-o", "ExitOnForwardFailure=yes",
             "-o", "ServerAliveInterval=5", "-R", f"{remote_socket}:{local_socket}", f"root@{server.address}"]
 
 
@@ -210,8 +205,6 @@ class ClockWatch:
 
     def __init__(self, servers: Sequence[Server], argv_for: Any, *, interval_s: float = CLOCK_INTERVAL_S,
                  bound_s: float = MAX_CLOCK_UNCERTAINTY_S, samples: int = CLOCK_SAMPLES) -> None:
-        import threading
-
         self.servers = list(servers)
         self.argv_for = argv_for  # (server, argv) -> the local argv that runs argv there
         self.interval_s = interval_s
@@ -238,8 +231,6 @@ class ClockWatch:
         self._thread.start()
 
     def _measure(self, server: Server) -> ClockOffset:
-        import time
-
         off = clock_offset(server.name, self.echoes[server.name].samples(self.count))
         with self._lock:
             before = self.latest.get(server.name)
